@@ -1,0 +1,15 @@
+"""normlab: normalization layers for deep-network training, and a suite that
+reproduces and compares them.
+
+Example:
+    >>> import normlab
+    >>> normlab.available()[:3]
+    ['none', 'batch', 'layer']
+    >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
+"""
+
+from . import data, models
+from .registry import Method, available, convert, create
+
+__all__ = ["Method", "available", "convert", "create", "data", "models"]
+__version__ = "0.1.0"

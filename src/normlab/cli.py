@@ -1,0 +1,120 @@
+"""The `normlab` command: list | train | bench (reproduce and report join later)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import registry
+from .text import text_table
+
+
+def cmd_list(args) -> int:
+    rows = [(m.name, m.family, m.paper, m.summary)
+            for m in map(registry.get, registry.available())]
+    print(text_table(("name", "family", "paper", "what it does"), rows))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import data, training
+
+    task = args.task
+    if args.fallback_digits and task == "mnist-mlp":
+        try:
+            data.load("mnist", "test", root=args.data_dir)
+        except data.DataError as err:
+            print(f"MNIST unavailable ({err}); falling back to the digits dataset "
+                  f"that ships with scikit-learn.")
+            task = "digits-mlp"
+    results = []
+    for norm in args.norm.split(","):
+        config = training.TrainConfig(task=task, norm=norm, lr=args.lr, epochs=args.epochs,
+                                      batch_size=args.batch_size, seed=args.seed,
+                                      momentum=args.momentum, weight_decay=args.weight_decay)
+        result = training.train(config, data_dir=args.data_dir, progress=not args.quiet)
+        results.append(result)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"{task}-{norm}-seed{args.seed}.json"
+            path.write_text(json.dumps(result.to_dict(), indent=2))
+    print(f"{task}: {args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}, "
+          f"seed {args.seed}")
+    rows = [(r.config.norm, r.status, _fmt(r.final.get("train_loss")),
+             _fmt(r.final.get("test_loss")), _fmt(r.final.get("test_acc"), percent=True),
+             f"{r.wall_time:.1f}") for r in results]
+    print(text_table(("norm", "status", "train loss", "test loss", "test acc", "seconds"), rows))
+    if args.out:
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _fmt(value, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    rows = bench.run(args.case, min_run_time=args.min_run_time)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        print(bench.format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training import TASKS
+
+    parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="print the registered normalization methods").set_defaults(
+        run=cmd_list)
+
+    train = sub.add_parser("train", help="train one task with one or more normalizers")
+    train.add_argument("--task", choices=sorted(TASKS), default="mnist-mlp")
+    train.add_argument("--norm", default="batch",
+                       help="a registered name, or several separated by commas to compare them "
+                            "(a rebalancer joins a layer norm with '+', as in batch+enorm)")
+    train.add_argument("--lr", type=float, default=0.1)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--momentum", type=float, default=0.0)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", default=None,
+                       help="dataset root (default: $NORMLAB_DATA, else ~/.cache/normlab)")
+    train.add_argument("--out", default=None, help="folder for the JSON metrics")
+    train.add_argument("--fallback-digits", action="store_true",
+                       help="train digits-mlp when MNIST is absent and cannot be downloaded")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=cmd_train)
+
+    bench = sub.add_parser("bench", help="micro-benchmarks, as ratios against a baseline")
+    bench.add_argument("--case", action="append", default=None,
+                       help="a case to run (repeatable; default: all)")
+    bench.add_argument("--min-run-time", type=float, default=1.0,
+                       help="seconds of timing per measurement")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"normlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""nn.Module normalizers, one family per file."""

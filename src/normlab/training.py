@@ -1,0 +1,244 @@
+"""The training loop shared by `normlab train` and the experiment runner.
+
+A run is described by a `TrainConfig`; `train` returns a `TrainResult` with
+the metrics at every evaluation point. A loss that becomes NaN or Inf ends
+the run with status ``"diverged"``: for a learning-rate sweep that is a
+result, not a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import data, models, registry
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str
+    build: Callable[..., nn.Module]
+    augment: bool = False  # random crops and flips (the standard CIFAR augmentation)
+
+
+TASKS: dict[str, Task] = {
+    "mnist-mlp": Task("mnist", models.mlp),
+    "digits-mlp": Task("digits", lambda norm, **kw: models.mlp(
+        norm, **{"in_features": 64, "hidden": 256, **kw})),
+    "cifar10-fc": Task("cifar10", lambda norm, **kw: models.fc_cifar(
+        **{"p": 3, "in_features": 3072, **kw}, norm=norm)),
+    "cifar10-resnet": Task("cifar10", models.cifar_resnet, augment=True),
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+LR_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; two equal configs give the same numbers on CPU.
+
+    `norm` names a registered method; ``"batch+enorm"`` combines a layer
+    normalizer with a rebalancer. `eval_every` counts optimizer steps between
+    evaluations (0: at the end of each epoch). `train_limit`/`test_limit`
+    keep the first samples of each split (quick modes). `dtype` is the dtype
+    of the parameters and inputs.
+    """
+
+    task: str = "mnist-mlp"
+    norm: str = "none"
+    lr: float = 0.1
+    epochs: int = 1
+    batch_size: int = 64
+    seed: int = 0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    eval_every: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    dtype: str = "float32"
+    model_kw: dict = field(default_factory=dict)
+    norm_kw: dict = field(default_factory=dict)
+    rebalancer_kw: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {sorted(TASKS)}")
+        split_norm(self.norm)  # rejects unknown names early
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
+                             f"got {self.lr_schedule!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} "
+                             f"and {self.batch_size}")
+        if not (self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """A stable hash of the configuration (the results store's key)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def split_norm(spec: str) -> tuple[str, str | None]:
+    """``"batch+enorm"`` -> ``("batch", "enorm")``; ``"enorm"`` -> ``("none", "enorm")``."""
+    names = spec.split("+")
+    methods = [registry.get(name) for name in names]
+    rebalancers = [m.name for m in methods if m.family == "rebalancer"]
+    layers = [m.name for m in methods if m.family != "rebalancer"]
+    if len(rebalancers) > 1 or len(layers) > 1:
+        raise ValueError(f"norm {spec!r}: expected at most one layer normalizer and one "
+                         f"rebalancer, joined by '+'")
+    return (layers[0] if layers else "none"), (rebalancers[0] if rebalancers else None)
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    status: str  # "done" or "diverged"
+    history: list[dict]  # one entry per evaluation point
+    wall_time: float
+    model: nn.Module | None = None
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "status": self.status,
+                "history": self.history, "wall_time": self.wall_time}
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    layer_norm, _ = split_norm(config.norm)
+    return TASKS[config.task].build(layer_norm, **config.model_kw, **config.norm_kw)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig):
+    layer_norm, _ = split_norm(config.norm)
+    make = registry.get(layer_norm).optimizer or torch.optim.SGD
+    return make(model.parameters(), lr=config.lr, momentum=config.momentum,
+                weight_decay=config.weight_decay)
+
+
+def load_split(config: TrainConfig, split: str, data_dir=None):
+    """The task's split, inputs standardized with the training statistics."""
+    images, labels = data.load(TASKS[config.task].dataset, split, root=data_dir, normalize=True)
+    limit = config.train_limit if split == "train" else config.test_limit
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.to(DTYPES[config.dtype]), labels
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4):
+    """Pad by `pad`, crop back at a random offset, flip half the images horizontally."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
+    cols = torch.arange(w).view(1, 1, w)
+    flip = torch.rand(n, 1, 1, generator=generator) < 0.5
+    cols = torch.where(flip, w - 1 - cols, cols)
+    rows = torch.arange(h).view(1, h, 1) + dy
+    crops = padded[torch.arange(n).view(n, 1, 1), :, rows, cols + dx]  # (n, h, w, C)
+    return crops.permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 1000) -> dict:
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start:start + batch_size]).float()
+        target = labels[start:start + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    model.train(was_training)
+    return {"test_loss": loss_sum / len(labels), "test_acc": correct / len(labels)}
+
+
+def train(config: TrainConfig, data_dir=None, progress: bool = False,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `config` and evaluate on the test split; see `TrainConfig`."""
+    start_time = time.perf_counter()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_x, train_y = load_split(config, "train", data_dir)
+    test_x, test_y = load_split(config, "test", data_dir)
+    model = build_model(config).to(DTYPES[config.dtype])
+    optimizer = build_optimizer(model, config)
+    _, rebalancer_name = split_norm(config.norm)
+    rebalancer = (registry.get(rebalancer_name).build(model, optimizer, **config.rebalancer_kw)
+                  if rebalancer_name else None)
+
+    steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    eval_every = config.eval_every or steps_per_epoch
+    history: list[dict] = []
+    status, step, loss_sum, loss_count = "done", 0, 0.0, 0
+    bar = _progress_bar(total_steps, f"{config.task} {config.norm}", progress)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(train_y), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            index = order[start:start + config.batch_size]
+            inputs, target = train_x[index], train_y[index]
+            if TASKS[config.task].augment:
+                inputs = random_crop_flip(inputs, generator)
+            if config.lr_schedule == "linear":
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * (1 - step / total_steps)
+            loss = F.cross_entropy(model(inputs).float(), target)
+            if not torch.isfinite(loss):
+                status = "diverged"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if rebalancer is not None:
+                rebalancer.step()
+            step += 1
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            bar.update(1)
+            if step % eval_every == 0 or step == total_steps:
+                point = {"step": step, "epoch": step / steps_per_epoch,
+                         "train_loss": loss_sum / loss_count,
+                         "lr": optimizer.param_groups[0]["lr"],
+                         **evaluate(model, test_x, test_y),
+                         "wall_time": time.perf_counter() - start_time}
+                if not math.isfinite(point["test_loss"]):
+                    status = "diverged"
+                history.append(point)
+                loss_sum, loss_count = 0.0, 0
+                bar.set_postfix(acc=f"{point['test_acc']:.4f}")
+                if on_eval is not None:
+                    on_eval(point)
+                if status == "diverged":
+                    break
+        if status == "diverged":
+            break
+    bar.close()
+    return TrainResult(config, status, history, time.perf_counter() - start_time, model)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)

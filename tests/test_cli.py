@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from normlab import bench, cli
+
+
+def test_list_prints_the_registry(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "family" in out and "Ioffe and Szegedy" in out
+    assert all(name in out for name in ["none", "batch", "layer", "group", "instance"])
+
+
+def test_train_compares_norms_and_writes_json(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    code = cli.main(["train", "--task", "digits-mlp", "--norm", "none,batch", "--epochs", "1",
+                     "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "none" in out and "batch" in out and "test acc" in out
+    metrics = json.loads((tmp_path / "digits-mlp-batch-seed0.json").read_text())
+    assert metrics["status"] == "done" and metrics["history"][-1]["test_acc"] > 0.5
+
+
+def test_train_falls_back_to_digits_without_mnist(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.setattr("normlab.data.MNIST_MIRRORS", ("http://127.0.0.1:9/",))
+    code = cli.main(["train", "--norm", "batch", "--data-dir", str(tmp_path),
+                     "--fallback-digits", "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "falling back to the digits dataset" in out and "digits-mlp" in out
+
+
+def test_bad_input_is_one_clear_line(capsys):
+    assert cli.main(["train", "--norm", "bn", "--task", "digits-mlp"]) == 2
+    assert "valid names" in capsys.readouterr().err
+
+
+def test_bench_json(capsys, monkeypatch):
+    monkeypatch.setitem(bench.CASES, "tiny", lambda t: [
+        bench.compare("tiny", "n=10", "sum", lambda: sum(range(10)), "noop", lambda: None, t)])
+    assert cli.main(["bench", "--case", "tiny", "--json", "--min-run-time", "0.03"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["case"] == "tiny" and rows[0]["ratio"] > 0
