@@ -28,6 +28,12 @@ def test_fc_cifar_matches_seed_003():
         models.fc_cifar(p=-1)
 
 
+def test_fc_cifar_biases_start_at_zero():
+    linears = [m for m in models.fc_cifar(p=1, bias=True).modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    assert all(m.bias is not None and not m.bias.any() for m in linears)
+
+
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])
 def test_cifar_resnet(norm):
     model = models.cifar_resnet(depth=8, width=8, norm=norm)

@@ -49,24 +49,27 @@ def mlp(norm: str = "none", hidden: int = 1024, in_features: int = 784,
 
 
 def fc_cifar(p: int, norm: str = "none", width: int = 500, in_features: int = 3072,
-             num_classes: int = 10, **norm_kw) -> nn.Module:
+             num_classes: int = 10, bias: bool = False, **norm_kw) -> nn.Module:
     """The fully-connected CIFAR-10 network of seed 003 (ENorm reproduction).
 
     3072 -> width, then `p` intermediary width -> width layers, then
-    width -> 10; ReLU after every layer but the last, no biases, He
-    initialization. Accepts (N, 3, 32, 32) or (N, 3072).
+    width -> 10; ReLU after every layer but the last, no biases (``bias=True``
+    adds them, initialized to zero: seed 003's Figure 3), He initialization.
+    Accepts (N, 3, 32, 32) or (N, 3072).
     """
     if p < 0:
         raise ValueError(f"p (the number of intermediary layers) must be >= 0, got {p}")
     sizes = [in_features] + [width] * (p + 1)
     layers: list[nn.Module] = [nn.Flatten()]
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out, bias=False), _norm(norm, fan_out, dim=1), nn.ReLU()]
-    layers.append(nn.Linear(width, num_classes, bias=False))
+        layers += [nn.Linear(fan_in, fan_out, bias=bias), _norm(norm, fan_out, dim=1), nn.ReLU()]
+    layers.append(nn.Linear(width, num_classes, bias=bias))
     model = nn.Sequential(*layers)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if bias:
+                nn.init.zeros_(module.bias)
     return _apply_weight_norm(model, norm, **norm_kw)
 
 
