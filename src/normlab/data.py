@@ -80,6 +80,7 @@ def load(name: str, split: str = "train", root: str | os.PathLike | None = None,
     return images, torch.from_numpy(labels).long()
 
 
+@functools.lru_cache(maxsize=8)  # seconds for CIFAR-10, and every run of a sweep needs them
 def channel_stats(name: str, root: str | os.PathLike | None = None,
                   download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation of the training split, in [0, 1] units."""
