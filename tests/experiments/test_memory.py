@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import normlab
 from normlab.experiments import memory
 
 FLOAT32, INT64 = 4, 8
@@ -103,3 +104,19 @@ def test_bad_input_shape_is_refused(shape):
 def test_3d_networks_refuse_other_norms():
     with pytest.raises(ValueError, match="3D networks take norm='batch' only"):
         on_meta(lambda: memory.unet3d("group"))
+
+
+def test_online_norm_stores_per_sample_what_batch_norm_stores():
+    # The table's Online Normalization column counts BatchNorm at batch 1 (OnlineNorm's
+    # float64 statistics do not run on the meta device); check the stand-in on the CPU.
+    if "online" not in normlab.available():
+        pytest.skip("Online Normalization is not registered in this checkout")
+    x = torch.randn(4, 3, 16, 16)
+    stored = {}
+    for norm in ("batch", "online"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                              normlab.create(norm, 8, dim=2), nn.ReLU())
+        stored[norm] = memory.saved_bytes(model, x)
+    per_channel_numbers = 4 * 8 * 8  # a few float64 statistics per sample and channel
+    assert abs(stored["online"] - stored["batch"]) <= per_channel_numbers * 8
