@@ -73,3 +73,12 @@ def test_random_crop_flip_keeps_shape_and_content():
         assert torch.equal(augmented, original) or torch.equal(augmented, original.flip(-1))
     padded = training.random_crop_flip(images, torch.Generator().manual_seed(1), pad=2)
     assert padded.shape == images.shape
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_every_task_builds_with_the_norm_it_is_given(norm):
+    for task in training.TASKS:
+        config = TrainConfig(task=task, norm=norm, model_kw={"depth": 8, "width": 4}
+                             if task == "cifar10-resnet" else {})
+        model = training.build_model(config)
+        assert any(type(m).__name__.lower().startswith(norm) for m in model.modules())

@@ -36,7 +36,8 @@ TASKS: dict[str, Task] = {
         norm, **{"in_features": 64, "hidden": 256, **kw})),
     "cifar10-fc": Task("cifar10", lambda norm, **kw: models.fc_cifar(
         **{"p": 3, "in_features": 3072, **kw}, norm=norm)),
-    "cifar10-resnet": Task("cifar10", models.cifar_resnet, augment=True),
+    "cifar10-resnet": Task("cifar10", lambda norm, **kw: models.cifar_resnet(norm=norm, **kw),
+                           augment=True),
 }
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
