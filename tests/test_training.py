@@ -46,6 +46,12 @@ def test_linear_schedule_decays_to_zero():
         [0.1 * (1 - s / steps) for s in range(steps)])
 
 
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
+    rates = [training.scheduled_lr(0.1, "step", s, 8) for s in range(8)]
+    assert rates == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+    assert training.scheduled_lr(0.1, "constant", 7, 8) == 0.1
+
+
 def test_config_validation_names_the_problem():
     with pytest.raises(ValueError, match="unknown task"):
         TrainConfig(task="imagenet")

@@ -41,7 +41,20 @@ TASKS: dict[str, Task] = {
 }
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-LR_SCHEDULES = ("constant", "linear")
+LR_SCHEDULES = ("constant", "linear", "step")
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate before optimizer step `step` (0-based) of `total_steps`.
+
+    ``linear`` decays to 0; ``step`` divides by 10 at 50% and again at 75% of
+    training (epochs 150 and 225 of 300 in seed 004).
+    """
+    if schedule == "linear":
+        return lr * (1 - step / total_steps)
+    if schedule == "step":
+        return lr * 0.1 ** ((step >= total_steps // 2) + (step >= 3 * total_steps // 4))
+    return lr
 
 
 @dataclass
@@ -203,9 +216,8 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
             inputs, target = train_x[index], train_y[index]
             if TASKS[config.task].augment:
                 inputs = random_crop_flip(inputs, generator)
-            if config.lr_schedule == "linear":
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * (1 - step / total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(config.lr, config.lr_schedule, step, total_steps)
             loss = F.cross_entropy(model(inputs).float(), target)
             if not torch.isfinite(loss):
                 status = "diverged"
