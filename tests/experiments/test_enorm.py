@@ -1,0 +1,63 @@
+import math
+
+import pytest
+
+recipe = pytest.importorskip("normlab.experiments.recipe", reason="the harness has not landed")
+from normlab.experiments.runner import job_config  # noqa: E402
+from normlab.experiments.store import Run  # noqa: E402
+
+from normlab.experiments import enorm  # noqa: E402
+
+QUICK = recipe.Settings("enorm", quick=True, seeds=1, dataset="cifar10")
+
+
+def test_jobs_follow_seed_003():
+    jobs = enorm.jobs(QUICK)
+    assert len(jobs) == 3 * 4 + 3 * 2  # p in {1, 9, 19}: four methods, two with biases
+    job = next(j for j in jobs if j.norm == "enorm" and j.model_kw == {"p": 19})
+    assert (job.lr, job.batch_size, job.weight_decay, job.momentum, job.lr_schedule) == \
+        (0.01, 256, 1e-3, 0.0, "linear")  # Table 1: ENorm at p = 19
+    assert job.rebalancer_kw == {"c": 1.2}
+    biased = next(j for j in jobs if j.norm == "enorm" and j.model_kw.get("bias"))
+    assert biased.rebalancer_kw == {"c": 1.2, "balance_bias": True}
+    full = enorm.jobs(recipe.Settings("enorm", quick=False, seeds=1, dataset="cifar10"))
+    assert {j.epochs for j in full} == {60} and {j.train_limit for j in full} == {None}
+    assert enorm.learning_rate("batch+enorm", 15) == 0.05 and enorm.learning_rate("none", 9) == 0.05
+
+
+def fake_results(accuracy, diverged=lambda method, p, bias: False):
+    runs = []
+    for job in enorm.jobs(QUICK):
+        p, bias = job.model_kw["p"], job.model_kw.get("bias", False)
+        if diverged(job.norm, p, bias):
+            runs.append(Run(job.key(), job_config(job), "diverged", 1.0, []))
+        else:
+            runs.append(Run(job.key(), job_config(job), "done", 1.0,
+                            [{"test_acc": accuracy(job.norm, p)}]))
+    return recipe.Results(runs)
+
+
+RANKED = {"batch+enorm": 0.5, "enorm": 0.45, "batch": 0.4, "none": 0.35}
+
+
+def test_ranking_and_baseline_claims_follow_the_numbers():
+    results = fake_results(lambda method, p: RANKED[method])
+    assert enorm.check_ranking(results, QUICK).verdict == "reproduced"
+    assert enorm.check_enorm_beats_baseline(results, QUICK).verdict == "reproduced"
+    reversed_ = fake_results(lambda method, p: 1 - RANKED[method])
+    assert enorm.check_ranking(reversed_, QUICK).verdict != "reproduced"
+    assert enorm.check_enorm_beats_baseline(reversed_, QUICK).verdict == "not reproduced"
+
+
+def test_bias_instability_claim_reads_the_diverged_runs():
+    deep_enorm = fake_results(lambda m, p: 0.4,
+                              lambda m, p, bias: bias and m == "enorm" and p >= 11)
+    assert enorm.check_bias_instability(deep_enorm, QUICK).verdict == "reproduced"
+    stable = fake_results(lambda m, p: 0.4)
+    assert enorm.check_bias_instability(stable, QUICK).verdict == "not reproduced"
+    assert math.isnan(enorm._median(enorm.accuracies(deep_enorm, "enorm", 19, bias=True)))
+
+
+def test_figure_is_drawn(tmp_path):
+    enorm.draw_depth_sweep(fake_results(lambda m, p: RANKED[m]), QUICK, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
