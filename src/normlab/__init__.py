@@ -9,7 +9,8 @@ Example:
 """
 
 from . import data, models
+from .enorm import ENorm
 from .registry import Method, available, convert, create
 
-__all__ = ["Method", "available", "convert", "create", "data", "models"]
+__all__ = ["ENorm", "Method", "available", "convert", "create", "data", "models"]
 __version__ = "0.1.0"

@@ -123,6 +123,12 @@ register(Method("instance", "activation",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
 
+from .enorm import ENorm  # noqa: E402  (each method registers in one block)
+
+register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
+                "rebalance each hidden unit's in/out weights after every step (function kept)",
+                build=ENorm))
+
 
 def available() -> list[str]:
     """The short names of the registered methods, in registration order."""
