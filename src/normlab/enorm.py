@@ -268,6 +268,7 @@ class ENorm:
         self.pairs = [(a.name, b.name) for chain in self._chains
                       for a, b in zip(chain[:-1], chain[1:])]
         self._state_powers = self._check_optimizer()
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (f"ENorm(c={self.c}, p={self.p:g}, balance_bias={self.balance_bias}, "
@@ -299,20 +300,29 @@ class ENorm:
         for chain in self._chains:
             self._balance(chain)
 
-    def _powered_sums(self, layer: _Layer) -> torch.Tensor:
+    def _buffer(self, slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor kept between cycles: a fresh weight-sized one costs page faults."""
+        key = (slot, tuple(shape), like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = like.new_empty(shape)
+        return self._buffers[key]
+
+    def _powered_sums(self, layer: _Layer, slot: str) -> torch.Tensor:
         """sum over kernel positions of |w|^p, as (units, in_units), in float32 at least."""
         weight = layer.unit_view(layer.weight)
         weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
         if weight.shape[-1] > 1:  # a reduction without a |w|^p temporary as big as w
             return torch.linalg.vector_norm(weight, self.p, dim=-1).pow_(self.p)
         weight = weight.squeeze(-1)
-        return weight.square() if self.p == 2 else weight.abs().pow_(self.p)
+        out = self._buffer(slot, weight.shape, weight)
+        return torch.mul(weight, weight, out=out) if self.p == 2 else \
+            torch.abs(weight, out=out).pow_(self.p)
 
     def _balance(self, chain: list[_Layer]) -> None:
-        current = self._powered_sums(chain[0])
+        current = self._powered_sums(chain[0], "powered 0")
         in_scale = current.new_ones(1)  # the head's columns are not rescaled
-        for layer, nxt in zip(chain[:-1], chain[1:]):
-            following = self._powered_sums(nxt)
+        for k, (layer, nxt) in enumerate(zip(chain[:-1], chain[1:])):
+            following = self._powered_sums(nxt, f"powered {(k + 1) % 2}")
             row = torch.mv(current, in_scale.pow(self.p))  # ||row_i||_p^p after in_scale
             if self.balance_bias and layer.bias is not None:
                 row += layer.bias.to(row.dtype).abs().pow_(self.p)
@@ -326,8 +336,10 @@ class ENorm:
 
     def _rescale(self, layer: _Layer, d: torch.Tensor | None, in_scale: torch.Tensor) -> None:
         """Rows times d (None: 1), columns times in_scale; the optimizer state alike."""
-        factor = in_scale.view(1, -1, 1) if d is None else d.view(-1, 1, 1) * in_scale.view(
-            1, -1, 1)
+        factor = in_scale.view(1, -1, 1)
+        if d is not None:
+            out = self._buffer("factor", (len(d), len(in_scale), 1), d)
+            factor = torch.mul(d.view(-1, 1, 1), factor, out=out)
         self._scale(layer.weight, factor, layer.unit_view)
         if d is not None and layer.bias is not None:
             self._scale(layer.bias, d, lambda t: t)
