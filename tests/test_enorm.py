@@ -21,14 +21,13 @@ class _FunctionalCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.pool1 = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
         self.pool2 = nn.AvgPool2d(2)
         self.fc1 = nn.Linear(5 * 2 * 2, 6)
         self.fc2 = nn.Linear(6, 2)
 
     def forward(self, x):
-        x = self.pool1(F.relu(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = self.pool2(torch.relu(self.conv2(x)))
         return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 

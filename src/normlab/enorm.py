@@ -13,7 +13,7 @@ cycle is block-coordinate descent on the p-norm of the weights, decreasing
 monotonically to its unique minimizer. c > 1 shifts weight towards the
 outputs (seed 003 uses c = 1.2).
 
-The pairs are read from the model's torch.fx graph (`find_pairs`). A cycle
+The pairs are read from the model's torch.fx graph (`_find_chains`). A cycle
 needs only the sums of |w|^p per (unit, input unit): the row norms of W_k
 after the previous pair's column scaling s are (|W_k|^p) s^p, so each weight
 is scaled once per cycle, by d (rows) and s (columns) together.
@@ -167,7 +167,7 @@ class _GraphWalk:
         return (user, units) if ok else None
 
 
-def find_pairs(model: nn.Module, batchnorm: str = "official") -> list[list[_Layer]]:
+def _find_chains(model: nn.Module, batchnorm: str = "official") -> list[list[_Layer]]:
     """The chains of consecutive balanceable layers of `model`, in graph order."""
     walk = _GraphWalk(model, batchnorm)
     nxt: dict[fx.Node, tuple[fx.Node, int]] = {}
@@ -237,8 +237,12 @@ class ENorm:
         pairs: the balanced pairs, as (name of layer k, name of layer k+1).
 
     Dead units (a zero row or column) are left unscaled: no NaN or Inf.
-    Weight decay and Adam's eps are not invariant under rescaling; the
-    optimizer state is rescaled exactly, the optimizer itself is unchanged.
+    The rescaled optimizer state is the state that training in the rescaled
+    weights would hold (the next gradient scales by the inverse factor too),
+    so it stays consistent step after step. The next step itself is not
+    function-equivalent to the unrescaled run's: gradient descent is not
+    invariant to the rescaling (that is why ENorm helps). Weight decay and
+    Adam's eps are not rescaled either.
 
     Example:
         >>> model = normlab.models.fc_cifar(p=3)
@@ -259,7 +263,7 @@ class ENorm:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         self.optimizer, self.c, self.p = optimizer, float(c), float(p)
         self.balance_bias, self.batchnorm = balance_bias, batchnorm
-        self._chains = find_pairs(model, batchnorm)
+        self._chains = _find_chains(model, batchnorm)
         if not self._chains:
             raise ValueError(
                 f"ENorm found no pair of layers to balance in {type(model).__name__}: it needs "
