@@ -70,29 +70,25 @@ class _BatchRenorm(nn.Module):
         self._check_input(x)
         # Low-precision inputs are normalized in float32; the statistics stay float32.
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        axes = [0] + list(range(2, x.dim()))
         view = (1, -1) + (1,) * (x.dim() - 2)
-        running_mean = self.running_mean.to(work.dtype)
-        sigma = (self.running_var.to(work.dtype) + self.eps).sqrt()
+        weight = torch.ones_like(self.running_mean) if self.weight is None else self.weight
+        bias = torch.zeros_like(self.running_mean) if self.bias is None else self.bias
         with torch.autocast(x.device.type, enabled=False):
-            if self.training:
-                self._check_limits()
-                batch_var, batch_mean = torch.var_mean(work, axes, correction=0)
-                batch_sigma = (batch_var + self.eps).sqrt()
-                # r and d are constants of the backward pass (the paper's stop_gradient).
-                r = (batch_sigma.detach() / sigma).clamp(1 / self.r_max, self.r_max)
-                d = ((batch_mean.detach() - running_mean) / sigma).clamp(-self.d_max, self.d_max)
-                scale, shift = r / batch_sigma, d - batch_mean * r / batch_sigma
-                with torch.no_grad():
-                    count = work.numel() // work.shape[1]
-                    unbiased_var = batch_var * count / (count - 1)
-                    self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), self.momentum)
-                    self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), self.momentum)
-            else:
-                scale, shift = 1 / sigma, -running_mean / sigma
-            if self.affine:
-                scale, shift = scale * self.weight, shift * self.weight + self.bias
-            out = work * scale.view(view) + shift.view(view)
+            if not self.training:
+                return nn.functional.batch_norm(work, self.running_mean, self.running_var,
+                                                weight, bias, False, 0.0, self.eps).to(x.dtype)
+            self._check_limits()
+            sigma = (self.running_var + self.eps).sqrt()
+            running_mean = self.running_mean.clone()
+            # torch's batch-norm kernel: x^ with the batch statistics, which it returns
+            # without gradient (r and d are constants of the backward pass, as in the
+            # paper), and the running statistics updated with `momentum`.
+            x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
+                work, None, None, self.running_mean, self.running_var, True, self.momentum,
+                self.eps)
+            r = (1 / (batch_inv_std * sigma)).clamp(1 / self.r_max, self.r_max)
+            d = ((batch_mean - running_mean) / sigma).clamp(-self.d_max, self.d_max)
+            out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
         return out.to(x.dtype)
 
 
