@@ -137,6 +137,18 @@ def test_float32_batch_of_1024_is_stable_against_float64_reference():
         assert_close(got.double(), want, 1e-5)
 
 
+def test_float32_moments_stay_accurate_with_a_large_channel_offset():
+    # The per-sample variance is E[x^2] - E[x]^2: check its cancellation at mean/std = 100.
+    torch.manual_seed(4)
+    x = torch.randn(16, 4, 8, 8, dtype=torch.float64) + 100
+    layer64 = OnlineNorm2d(4, ecm=None, alpha_fwd=0.9).double()
+    layer32 = OnlineNorm2d(4, ecm=None, alpha_fwd=0.9)
+    for _ in range(5):
+        out64, out32 = layer64(x), layer32(x.float())
+    assert_close(out32.double(), out64, 1e-3)
+    assert_close(layer32.running_var.double(), layer64.running_var, 1e-3)
+
+
 def test_linear_scan_matches_sequential_loop_with_zero_and_negative_coefficients():
     torch.manual_seed(3)
     coef = torch.randn(37, 5, dtype=torch.float64)
