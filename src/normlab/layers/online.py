@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 ECM_CHOICES = ("ls", "ac", None)
@@ -103,14 +104,14 @@ class OnlineNormFunction(torch.autograd.Function):
                 clamp_val: float | None):
         mean, var = _sample_moments(x)
         mu0, var0 = running_mean.double(), running_var.double()
-        mus = linear_scan(alpha_fwd, (1 - alpha_fwd) * mean, mu0)
-        mu_before = _before_each(mu0, mus)
+        means_after = linear_scan(alpha_fwd, (1 - alpha_fwd) * mean, mu0)
+        mu_before = _before_each(mu0, means_after)
         deviation = mean - mu_before
         var_drive = (1 - alpha_fwd) * var + alpha_fwd * (1 - alpha_fwd) * deviation ** 2
-        vars_ = linear_scan(alpha_fwd, var_drive, var0)
-        inv_std = (_before_each(var0, vars_) + eps).rsqrt()
-        running_mean.copy_(mus[-1])
-        running_var.copy_(vars_[-1])
+        variances_after = linear_scan(alpha_fwd, var_drive, var0)
+        inv_std = (_before_each(var0, variances_after) + eps).rsqrt()
+        running_mean.copy_(means_after[-1])
+        running_var.copy_(variances_after[-1])
 
         y = scale_shift(x, inv_std, -mu_before * inv_std)
         # mean(y) and mean(y^2) of each sample follow from its moments: no pass over y.
@@ -122,6 +123,7 @@ class OnlineNormFunction(torch.autograd.Function):
         return _affine_ecm(y, weight, bias, clamp_val)
 
     @staticmethod
+    @once_differentiable  # the control process is not a true gradient to differentiate again
     def backward(ctx, grad_out):
         y, weight, bias, inv_std, y_mean, y_square_mean = ctx.saved_tensors
         mean_control, correlation_control = ctx.control
@@ -161,7 +163,7 @@ class OnlineNormFunction(torch.autograd.Function):
 
 
 class _OnlineNorm(nn.Module):
-    _spatial_dims: tuple[int, ...]  # input dims the subclass accepts
+    _input_dims: tuple[int, ...]  # input dims the subclass accepts
 
     def __init__(self, num_features: int, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
                  eps: float = 1e-5, affine: bool = True, ecm: str | None = "ac",
@@ -209,8 +211,8 @@ class _OnlineNorm(nn.Module):
                 f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}")
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() not in self._spatial_dims:
-            dims = " or ".join(map(str, self._spatial_dims))
+        if x.dim() not in self._input_dims:
+            dims = " or ".join(map(str, self._input_dims))
             raise ValueError(f"{type(self).__name__} expects a {dims}-D input (N, C, ...), "
                              f"got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
@@ -286,7 +288,7 @@ class OnlineNorm1d(_OnlineNorm):
         >>> out = norm(torch.randn(1, 64))  # batch size 1 is fine
     """
 
-    _spatial_dims = (2, 3)
+    _input_dims = (2, 3)
 
 
 class OnlineNorm2d(_OnlineNorm):
@@ -305,4 +307,4 @@ class OnlineNorm2d(_OnlineNorm):
         >>> out = norm(torch.randn(8, 64, 32, 32))
     """
 
-    _spatial_dims = (4,)
+    _input_dims = (4,)
