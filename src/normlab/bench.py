@@ -109,4 +109,6 @@ def format_table(rows: list[Row]) -> str:
               f"{r.baseline_s * 1e3:.3f}", f"{r.ratio:.2f}x") for r in rows]
     return text_table(header, lines)
 
+
 from . import bench_online  # noqa: E402, F401  (registers the online and batch_renorm cases)
+from .layers import equinorm as _equinorm  # noqa: E402, F401  (registers the "equinorm" case)
