@@ -9,9 +9,14 @@ Example:
 """
 
 from . import data, models
+from .enorm import ENorm
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
+from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .registry import Method, available, convert, create
 
-__all__ = ["EquiNormConv2d", "EquiNormLinear", "Method", "available", "convert", "create", "data",
-           "models"]
+__all__ = [
+    "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear", "Method",
+    "OnlineNorm1d", "OnlineNorm2d", "available", "convert", "create", "data", "models",
+]
 __version__ = "0.1.0"

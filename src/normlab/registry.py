@@ -131,6 +131,27 @@ register(Method("equinorm", "weight",
                 "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
                 replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
 
+from .enorm import ENorm  # noqa: E402  (each method registers in one block)
+
+register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
+                "rebalance each hidden unit's in/out weights after every step (function kept)",
+                build=ENorm))
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d  # noqa: E402
+from .layers.online import OnlineNorm1d, OnlineNorm2d  # noqa: E402
+
+register(Method("online", "activation",
+                "Chiley et al. (2019), Online Normalization for Training Neural Networks",
+                "normalize each sample with running statistics of the samples before it",
+                build=lambda num_features, dim, **kw:
+                    (OnlineNorm1d if dim == 1 else OnlineNorm2d)(num_features, **kw),
+                dims={OnlineNorm1d: 1, OnlineNorm2d: 2}))
+register(Method("batch_renorm", "activation",
+                "Ioffe (2017), Batch Renormalization",
+                "batch normalization corrected towards the running statistics",
+                build=lambda num_features, dim, **kw:
+                    (BatchRenorm1d if dim == 1 else BatchRenorm2d)(num_features, **kw),
+                dims={BatchRenorm1d: 1, BatchRenorm2d: 2}))
+
 
 def available() -> list[str]:
     """The short names of the registered methods, in registration order."""
