@@ -9,7 +9,17 @@ Example:
 """
 
 from . import data, models
+from .layers.weight_norm import (
+    NormPropConv2d,
+    NormPropLinear,
+    ScaledWeightNormConv2d,
+    ScaledWeightNormLinear,
+    WeightNormConv2d,
+    WeightNormLinear,
+)
 from .registry import Method, available, convert, create
 
-__all__ = ["Method", "available", "convert", "create", "data", "models"]
+__all__ = ["Method", "available", "convert", "create", "data", "models",
+           "WeightNormLinear", "WeightNormConv2d", "ScaledWeightNormLinear",
+           "ScaledWeightNormConv2d", "NormPropLinear", "NormPropConv2d"]
 __version__ = "0.1.0"
