@@ -123,9 +123,9 @@ def test_from_module_keeps_geometry_dtype_and_rejects_other_layers():
     for attr in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(layer, attr) == getattr(conv, attr)
     assert layer.weight.dtype == torch.float64 and layer.nonlinearity == "linear"
-    with pytest.raises(TypeError, match="expects an Linear, got Conv2d"):
+    with pytest.raises(TypeError, match="expects an nn.Linear, got Conv2d"):
         WeightNormLinear.from_module(conv)
-    with pytest.raises(TypeError, match="expects an Conv2d, got Linear"):
+    with pytest.raises(TypeError, match="expects an nn.Conv2d, got Linear"):
         NormPropConv2d.from_module(nn.Linear(3, 4))
 
 
@@ -195,13 +195,16 @@ def test_data_init_leaves_a_constant_unit_finite_and_needs_a_bias():
         WeightNormLinear(4, 3, bias=False).data_init(x.float())
 
 
-def test_scaled_factor_follows_the_lecture():
-    for nonlinearity, k in (("relu", 2), ("linear", 1)):
-        linear = ScaledWeightNormLinear(300, 100, nonlinearity=nonlinearity)
-        assert linear._factor() == pytest.approx(math.sqrt(k * 300 / 100))
-        conv = ScaledWeightNormConv2d(8, 32, 3, nonlinearity=nonlinearity)
-        assert conv._factor() == pytest.approx(math.sqrt(k * 8 * 9 / (32 * 9)))
-    assert WeightNormLinear(300, 100)._factor() == 1.0
+@pytest.mark.parametrize("nonlinearity,k", [("relu", 2), ("linear", 1)])
+def test_scaled_layers_multiply_weight_norm_by_the_lectures_factor(nonlinearity, k):
+    # fan_in / fan_out: 300 / 100 for the linear layer, (8 * 3 * 3) / (32 * 3 * 3) for the conv
+    for scaled, plain, x, fan_ratio in (
+            (ScaledWeightNormLinear(300, 100, nonlinearity=nonlinearity),
+             WeightNormLinear(300, 100), torch.randn(4, 300), 300 / 100),
+            (ScaledWeightNormConv2d(8, 32, 3, nonlinearity=nonlinearity),
+             WeightNormConv2d(8, 32, 3), torch.randn(2, 8, 5, 5), 8 / 32)):
+        plain.load_state_dict(scaled.state_dict())
+        assert torch.allclose(scaled(x), math.sqrt(k * fan_ratio) * plain(x), atol=1e-5)
 
 
 def test_scaled_relu_mlp_preserves_norms_at_initialization():

@@ -128,7 +128,7 @@ class _WeightNormalized:
         """
         torch_type = cls._torch_type()
         if type(module) is not torch_type:
-            raise TypeError(f"{cls.__name__}.from_module expects an {torch_type.__name__}, "
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{torch_type.__name__}, "
                             f"got {type(module).__name__}")
         layer = cls(**cls._torch_args(module), **kw)
         with torch.no_grad():
@@ -200,8 +200,8 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
 
     Example:
         >>> layer = WeightNormLinear(784, 1024)
-        >>> layer.data_init(torch.randn(256, 784)).std(0).mean()  # ~1
-        >>> WeightNormLinear.from_module(nn.Linear(784, 10))  # same function
+        >>> z = layer.data_init(torch.randn(256, 784))  # zero mean, unit variance per unit
+        >>> head = WeightNormLinear.from_module(nn.Linear(1024, 10))  # the same function
     """
 
     _unit_dim = -1
