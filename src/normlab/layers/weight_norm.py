@@ -75,7 +75,7 @@ class _WeightNormalized:
     def _scale_and_bias(self):
         """(gain', inv_norm, bias') such that z = gain' * inv_norm * (w . x) + bias'."""
         weight = self.weight.flatten(1)
-        inv_norm = weight.norm(dim=1).clamp_min(NORM_EPS).reciprocal()
+        inv_norm = functional.row_norms(self.weight, NORM_EPS).reciprocal()
         gain, bias = self.gain * self._factor(), self.bias
         stats = self._input_stats()
         if stats is not None:
