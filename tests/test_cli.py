@@ -44,3 +44,22 @@ def test_bench_json(capsys, monkeypatch):
     assert cli.main(["bench", "--case", "tiny", "--json", "--min-run-time", "0.03"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["case"] == "tiny" and rows[0]["ratio"] > 0
+
+
+def test_rebalancer_keywords_reach_the_rebalancer_only(monkeypatch, capsys):
+    from normlab import training
+
+    configs = []
+
+    def fake_train(config, **kw):
+        configs.append(config)
+        return training.TrainResult(config, "done", [], 0.0)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert cli.main(["train", "--task", "digits-mlp", "--norm", "none,batch+enorm",
+                     "--rebalancer-kw", "c=1.2", "--rebalancer-kw", "batchnorm=affine"]) == 0
+    assert [c.rebalancer_kw for c in configs] == [{}, {"c": 1.2, "batchnorm": "affine"}]
+    assert cli.main(["train", "--norm", "batch", "--rebalancer-kw", "c=1.2"]) == 2
+    assert "needs a rebalancer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--norm", "enorm", "--rebalancer-kw", "c"])

@@ -9,6 +9,8 @@ Example:
 """
 
 from . import data, models
+from .enorm import ENorm
+from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.weight_norm import (
     NormPropConv2d,
     NormPropLinear,
@@ -19,7 +21,8 @@ from .layers.weight_norm import (
 )
 from .registry import Method, available, convert, create
 
-__all__ = ["Method", "available", "convert", "create", "data", "models",
+__all__ = ["ENorm", "EquiNormConv2d", "EquiNormLinear", "Method", "available", "convert",
+           "create", "data", "models",
            "WeightNormLinear", "WeightNormConv2d", "ScaledWeightNormLinear",
            "ScaledWeightNormConv2d", "NormPropLinear", "NormPropConv2d"]
 __version__ = "0.1.0"

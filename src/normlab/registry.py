@@ -149,6 +149,20 @@ register(Method("normprop", "weight",
                 replaces={nn.Linear: NormPropLinear, nn.Conv2d: NormPropConv2d},
                 first_layer_kw={"input_activation": None}))
 
+from .layers.equinorm import EquiNormConv2d, EquiNormLinear  # noqa: E402
+
+register(Method("equinorm", "weight",
+                "Anonymous (2019), Controlling covariate shift using equilibrium normalization "
+                "of weights (ICLR submission)",
+                "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
+                replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
+
+from .enorm import ENorm  # noqa: E402  (each method registers in one block)
+
+register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
+                "rebalance each hidden unit's in/out weights after every step (function kept)",
+                build=ENorm))
+
 
 def available() -> list[str]:
     """The short names of the registered methods, in registration order."""
