@@ -123,6 +123,32 @@ register(Method("instance", "activation",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
 
+from .layers.weight_norm import (  # noqa: E402  (the layers need nothing from here)
+    NormPropConv2d,
+    NormPropLinear,
+    ScaledWeightNormConv2d,
+    ScaledWeightNormLinear,
+    WeightNormConv2d,
+    WeightNormLinear,
+)
+
+register(Method("weight_norm", "weight",
+                "Salimans and Kingma (2016), Weight Normalization: a simple reparameterization "
+                "to accelerate training of deep neural networks",
+                "normalize each weight row, learn its length",
+                replaces={nn.Linear: WeightNormLinear, nn.Conv2d: WeightNormConv2d}))
+register(Method("scaled_weight_norm", "weight",
+                "Arpit and Bengio (2019), The benefits of over-parameterization at "
+                "initialization in deep ReLU networks",
+                "weight norm times sqrt(2 fan_in / fan_out): norm-preserving at init",
+                replaces={nn.Linear: ScaledWeightNormLinear,
+                          nn.Conv2d: ScaledWeightNormConv2d}))
+register(Method("normprop", "weight",
+                "Arpit, Zhou, Kota and Govindaraju (2016), Normalization Propagation",
+                "weight norm on inputs standardized with a ReLU's known statistics",
+                replaces={nn.Linear: NormPropLinear, nn.Conv2d: NormPropConv2d},
+                first_layer_kw={"input_activation": None}))
+
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear  # noqa: E402
 
 register(Method("equinorm", "weight",
