@@ -9,7 +9,9 @@ Example:
 """
 
 from . import data, models
+from .layers.fastnorm import FastNormLinear, FastNormSGD
 from .registry import Method, available, convert, create
 
-__all__ = ["Method", "available", "convert", "create", "data", "models"]
+__all__ = ["FastNormLinear", "FastNormSGD", "Method", "available", "convert", "create", "data",
+           "models"]
 __version__ = "0.1.0"

@@ -123,6 +123,13 @@ register(Method("instance", "activation",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
 
+from .layers.fastnorm import FastNormLinear, FastNormSGD  # noqa: E402
+
+register(Method("fastnorm", "weight",
+                "FastNorm (seed 000), implicit weight normalization with O(n) norm tracking",
+                "weight normalization whose row norms are tracked, not computed",
+                replaces={nn.Linear: FastNormLinear}, optimizer=FastNormSGD))
+
 
 def available() -> list[str]:
     """The short names of the registered methods, in registration order."""
