@@ -158,13 +158,13 @@ def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.
         effective = layer.weight * (layer.gain * layer.inv_norm)[:, None]
         assert relative(effective, explicit[index].weight) < 1e-9
         assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-9
-        assert (layer.explicit_norms() - 1).abs().max() > 2e-3  # the norms moved from 1
+        assert (layer.explicit_norms() - 1).abs().max() > 1e-3  # the norms moved from 1
 
 
 @pytest.mark.parametrize("batch_size", [1, 16])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
 def test_equivalent_to_explicit_weight_norm(batch_size, weight_decay, step_modes):
-    train_twins_and_compare(40, batch_size, weight_decay)
+    train_twins_and_compare(25, batch_size, weight_decay)
     assert all(step_modes)  # every step tracked, none computed
 
 
@@ -259,12 +259,13 @@ def train_bfloat16_and_check_drift(steps, **kw):
                 drift = (layer.tracked_norms().double() / explicit - 1).abs().max()
                 assert drift <= RENORM_DRIFT_BOUND
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert FastNormLinear(3, 2, dtype=torch.bfloat16).inv_norm.dtype == torch.float32
     return model
 
 
 def test_bfloat16_training_stays_finite_and_within_the_drift_bound():
-    model = train_bfloat16_and_check_drift(150, renorm_every=60)
-    assert int(model[0].steps_since_renorm) == 30  # renormalized at 60 and 120
+    model = train_bfloat16_and_check_drift(100, renorm_every=40)
+    assert int(model[0].steps_since_renorm) == 20  # renormalized at 40 and 80
 
 
 @pytest.mark.slow
@@ -352,4 +353,4 @@ def test_registered_and_built_by_the_training_loop():
     model = training.build_model(config)
     assert [type(m) for m in model if isinstance(m, FastNormLinear)] == [FastNormLinear] * 2
     assert isinstance(training.build_optimizer(model, config), FastNormSGD)
-    assert "renorm_every=1000" in repr(model[1])
+    assert f"renorm_every={DEFAULT_RENORM_EVERY}" in repr(model[1])
