@@ -31,8 +31,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..functional import weight_normalized_linear
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
-# the tracked update costs 0.43x an explicit norm pass at batch 1, 0.90x at
-# 16 and 1.76x at 32, so the hybrid mode takes over above 16.
+# over two runs the tracked update cost 0.79-0.90x an explicit norm pass at
+# batch 16 and 1.25-1.76x at 32, so the hybrid mode takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
 # Measured with tools/fastnorm_drift.py (seed MLP, batch 16, lr 0.05): the
 # tracked norms drift from the explicit ones by 1.7e-5 (relative, max over
