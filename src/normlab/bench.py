@@ -113,3 +113,4 @@ def format_table(rows: list[Row]) -> str:
 from . import bench_online  # noqa: E402, F401  (registers the online and batch_renorm cases)
 from . import enorm as _enorm  # noqa: E402, F401  (registers the "enorm" case)
 from .layers import equinorm as _equinorm  # noqa: E402, F401  (registers the "equinorm" case)
+from .layers import fastnorm_bench  # noqa: E402,F401  (registers the fastnorm cases)

@@ -177,6 +177,12 @@ register(Method("batch_renorm", "activation",
                 build=lambda num_features, dim, **kw:
                     (BatchRenorm1d if dim == 1 else BatchRenorm2d)(num_features, **kw),
                 dims={BatchRenorm1d: 1, BatchRenorm2d: 2}))
+from .layers.fastnorm import FastNormLinear, FastNormSGD  # noqa: E402
+
+register(Method("fastnorm", "weight",
+                "FastNorm (seed 000), implicit weight normalization with O(n) norm tracking",
+                "weight normalization whose row norms are tracked, not computed",
+                replaces={nn.Linear: FastNormLinear}, optimizer=FastNormSGD))
 
 
 def available() -> list[str]:
