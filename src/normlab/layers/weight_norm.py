@@ -23,15 +23,13 @@ replaces, so it takes the same constructor arguments and keeps torch's
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrizations
 
-from .. import bench, functional
+from .. import functional
 
 RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
 RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
@@ -375,19 +373,3 @@ class NormPropConv2d(_NormProp, WeightNormConv2d):
     Example:
         >>> conv = NormPropConv2d(16, 32, 3, padding=1)  # after a ReLU
     """
-
-
-@bench.case("weight_norm")
-def bench_weight_norm(min_run_time: float) -> list[bench.Row]:
-    """WeightNormLinear against torch's weight_norm parametrization, forward+backward."""
-    torch.manual_seed(0)
-    linear = nn.Linear(784, 1024)
-    ours = WeightNormLinear.from_module(linear)
-    theirs = parametrizations.weight_norm(copy.deepcopy(linear))
-    rows = []
-    for batch in (1, 16, 128):
-        x = torch.randn(batch, 784)
-        rows.append(bench.compare("weight_norm", f"784->1024 batch {batch}", "WeightNormLinear",
-                                  bench.forward_backward(ours, x), "torch weight_norm",
-                                  bench.forward_backward(theirs, x), min_run_time))
-    return rows
