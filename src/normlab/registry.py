@@ -20,6 +20,20 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .enorm import ENorm
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
+from .layers.equinorm import EquiNormConv2d, EquiNormLinear
+from .layers.fastnorm import FastNormLinear, FastNormSGD
+from .layers.online import OnlineNorm1d, OnlineNorm2d
+from .layers.weight_norm import (
+    NormPropConv2d,
+    NormPropLinear,
+    ScaledWeightNormConv2d,
+    ScaledWeightNormLinear,
+    WeightNormConv2d,
+    WeightNormLinear,
+)
+
 FAMILIES = ("activation", "weight", "rebalancer")
 
 
@@ -95,10 +109,6 @@ def _instance_norm(num_features: int, dim: int, **kw) -> nn.Module:
     return nn.InstanceNorm2d(num_features, **kw)
 
 
-def _batch_norm(num_features: int, dim: int, **kw) -> nn.Module:
-    return (nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(num_features, **kw)
-
-
 _REGISTRY: dict[str, Method] = {}
 
 
@@ -110,10 +120,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def _by_dim(one_d: type, two_d: type) -> Callable[..., nn.Module]:
+    """A `build` that picks the 1d or 2d class of a normalizer."""
+    return lambda num_features, dim, **kw: (one_d if dim == 1 else two_d)(num_features, **kw)
+
+
+# -- activation normalizers ----------------------------------------------------
 register(Method("none", "activation", "-", "no normalization (identity)",
                 build=lambda num_features, dim, **kw: nn.Identity()))
 register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normalization",
-                "normalize each channel with batch statistics (torch)", build=_batch_norm))
+                "normalize each channel with batch statistics (torch)",
+                build=_by_dim(nn.BatchNorm1d, nn.BatchNorm2d)))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
                 "normalize each sample over all its channels (torch)", build=_layer_norm))
 register(Method("group", "activation", "Wu and He (2018), Group Normalization",
@@ -122,35 +139,48 @@ register(Method("instance", "activation",
                 "Ulyanov, Vedaldi and Lempitsky (2016), Instance Normalization",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
+register(Method("batch_renorm", "activation", "Ioffe (2017), Batch Renormalization",
+                "batch normalization corrected towards the running statistics",
+                build=_by_dim(BatchRenorm1d, BatchRenorm2d),
+                dims={BatchRenorm1d: 1, BatchRenorm2d: 2}))
+register(Method("online", "activation",
+                "Chiley et al. (2019), Online Normalization for Training Neural Networks",
+                "normalize each sample with running statistics of the samples before it",
+                build=_by_dim(OnlineNorm1d, OnlineNorm2d),
+                dims={OnlineNorm1d: 1, OnlineNorm2d: 2}))
 
-from .layers.equinorm import EquiNormConv2d, EquiNormLinear  # noqa: E402
-
+# -- weight normalizers ----------------------------------------------------------
+register(Method("weight_norm", "weight",
+                "Salimans and Kingma (2016), Weight Normalization: a simple reparameterization "
+                "to accelerate training of deep neural networks",
+                "normalize each weight row, learn its length",
+                replaces={nn.Linear: WeightNormLinear, nn.Conv2d: WeightNormConv2d}))
+register(Method("scaled_weight_norm", "weight",
+                "Arpit and Bengio (2019), The benefits of over-parameterization at "
+                "initialization in deep ReLU networks",
+                "weight norm times sqrt(2 fan_in / fan_out): norm-preserving at init",
+                replaces={nn.Linear: ScaledWeightNormLinear,
+                          nn.Conv2d: ScaledWeightNormConv2d}))
+register(Method("normprop", "weight",
+                "Arpit, Zhou, Kota and Govindaraju (2016), Normalization Propagation",
+                "weight norm on inputs standardized with a ReLU's known statistics",
+                replaces={nn.Linear: NormPropLinear, nn.Conv2d: NormPropConv2d},
+                first_layer_kw={"input_activation": None}))
+register(Method("fastnorm", "weight",
+                "Anonymous (2019), FastNorm: improving numerical stability of neural network "
+                "training with efficient normalization (ICLR submission)",
+                "weight normalization whose row norms are tracked, not computed",
+                replaces={nn.Linear: FastNormLinear}, optimizer=FastNormSGD))
 register(Method("equinorm", "weight",
                 "Anonymous (2019), Controlling covariate shift using equilibrium normalization "
                 "of weights (ICLR submission)",
                 "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
                 replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
 
-from .enorm import ENorm  # noqa: E402  (each method registers in one block)
-
+# -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
                 "rebalance each hidden unit's in/out weights after every step (function kept)",
                 build=ENorm))
-from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d  # noqa: E402
-from .layers.online import OnlineNorm1d, OnlineNorm2d  # noqa: E402
-
-register(Method("online", "activation",
-                "Chiley et al. (2019), Online Normalization for Training Neural Networks",
-                "normalize each sample with running statistics of the samples before it",
-                build=lambda num_features, dim, **kw:
-                    (OnlineNorm1d if dim == 1 else OnlineNorm2d)(num_features, **kw),
-                dims={OnlineNorm1d: 1, OnlineNorm2d: 2}))
-register(Method("batch_renorm", "activation",
-                "Ioffe (2017), Batch Renormalization",
-                "batch normalization corrected towards the running statistics",
-                build=lambda num_features, dim, **kw:
-                    (BatchRenorm1d if dim == 1 else BatchRenorm2d)(num_features, **kw),
-                dims={BatchRenorm1d: 1, BatchRenorm2d: 2}))
 
 
 def available() -> list[str]:
