@@ -22,8 +22,8 @@ METHODS = ("none", "batch", "enorm", "batch+enorm")
 LABELS = {"none": "baseline", "batch": "BN", "enorm": "ENorm", "batch+enorm": "ENorm + BN"}
 BIAS_METHODS = ("none", "enorm")  # Figure 3: baseline and ENorm with biases
 DEPTHS = {False: tuple(range(1, 20, 2)), True: (1, 9, 19)}  # by quick mode
-EPOCHS = {False: 60, True: 2}
-QUICK_LIMITS = (5_000, 2_000)  # quick mode: the first training and test samples
+EPOCHS = {False: 60, True: 3}
+QUICK_LIMITS = (10_000, 2_000)  # quick mode: the first training and test samples
 C = 1.2
 
 # Seed 003, Table 1: initial learning rate by p and method (the reproduction's 0.05 for
