@@ -28,11 +28,40 @@ def jobs(count: int, seconds: float, pid_dir: str | None = None) -> list[Probe]:
             for seed in range(count)]
 
 
-if __name__ == "__main__":  # python sweep_helper.py FOLDER COUNT SECONDS [PID_DIR]
-    folder, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    pid_dir = sys.argv[4] if len(sys.argv) > 4 else None
+def main(folder: str, count: int, seconds: float, pid_dir: str | None = None) -> None:
+    """A sweep as a program: exit status 130 when interrupted."""
     with Store.in_folder(folder) as store:
         try:
             run_sweep(jobs(count, seconds, pid_dir), store, workers=2)
         except Interrupted:
             sys.exit(130)
+
+
+def tiny_jobs(settings, norms=("none", "batch")):
+    from normlab import training
+
+    return [training.TrainConfig(task="digits-mlp", norm=norm, lr=0.1, batch_size=32, seed=seed,
+                                 eval_every=10, model_kw={"hidden": 16}, train_limit=320)
+            for norm in norms for seed in range(settings.seeds)] + jobs(settings.seeds, 0.0)
+
+
+def tiny_recipe(name: str = "tiny", norms=("none", "batch")):
+    """A recipe of seconds: two norms on digits, one probe, one claim, one figure."""
+    from normlab.experiments import Claim, Figure, Recipe, Verdict
+    from normlab.experiments.plots import band_panels
+    from normlab.experiments.recipe import final, median_iqr
+
+    def check(results, settings):
+        accs = [final(r, "test_acc") for r in results.select(norm="batch")]
+        return Verdict(median_iqr(accs), "reproduced" if min(accs) > 0.5 else "not reproduced",
+                       "above chance")
+
+    def draw(results, settings, path):
+        band_panels(path, [("acc", [(n, [[p["test_acc"] for p in r.history]
+                                         for r in results.select(norm=n)]) for n in norms])],
+                    None, "evaluation", "accuracy")
+
+    return Recipe(name, "A tiny recipe", "none.txt", lambda s: tiny_jobs(s, norms),
+                  [Claim("batch learns", "batch norm beats chance", "> 10%", check)],
+                  [Figure("tiny.png", "accuracy", draw)],
+                  lambda s: [f"{s.seeds} seeds, 320 digits"], seeds=(2, 3), dataset="digits")

@@ -61,10 +61,9 @@ def test_nan_loss_is_recorded_as_diverged():
     assert all(math.isfinite(p["test_loss"]) for p in run.history[:-1])
 
 
-def _start_sweep(folder: Path, count: int, seconds: float, pid_dir: Path | None = None):
-    args = [sys.executable, str(HELPER), str(folder), str(count), str(seconds)]
-    if pid_dir:
-        args.append(str(pid_dir))
+def _start_sweep(folder: Path, count: int, seconds: float, pid_dir: Path):
+    call = f"sweep_helper.main({str(folder)!r}, {count}, {seconds}, {str(pid_dir)!r})"
+    args = [sys.executable, "-c", f"import sweep_helper; {call}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
     return subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
 
@@ -90,7 +89,10 @@ def _check_complete(folder: Path, count: int) -> None:
             run.config["seed"] * 100 + i for i in range(sweep_helper.POINTS)]
 
 
-@pytest.mark.parametrize("interruption", ["ctrl-c", "sigterm", "killed worker"])
+# Each case starts two sweeps of fresh interpreters (~10 s); one runs by default.
+@pytest.mark.parametrize("interruption", [
+    "sigterm", pytest.param("ctrl-c", marks=pytest.mark.slow),
+    pytest.param("killed worker", marks=pytest.mark.slow)])
 def test_an_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, interruption):
     count, pid_dir = 8, tmp_path / "pids"
     pid_dir.mkdir()

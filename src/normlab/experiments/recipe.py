@@ -89,11 +89,18 @@ class Results:
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile); NaNs when `values` is empty."""
+    """(25th percentile, median, 75th percentile); NaNs when `values` is empty.
+
+    An infinite value (a diverged run's loss) stays infinite, and so does a
+    quartile that interpolates towards it (numpy would give inf - inf = NaN).
+    """
     if len(values) == 0:
         return (float("nan"),) * 3
-    q1, median, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(q1), float(median), float(q3)
+    huge = np.finfo(float).max
+    finite = np.nan_to_num(np.asarray(values, dtype=float), posinf=huge, neginf=-huge)
+    quarts = np.percentile(finite, [25, 50, 75])
+    quarts = np.where(np.abs(quarts) >= huge / 4, np.sign(quarts) * np.inf, quarts)
+    return float(quarts[0]), float(quarts[1]), float(quarts[2])
 
 
 def median_iqr(values: Sequence[float], fmt: str = "{:.3g}") -> str:

@@ -10,8 +10,10 @@ where it stopped when the same command runs again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -106,14 +108,21 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
         progress.finish()
         return counts
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
-    executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(threads,))
+    # spawn, not fork: a child forked from a parent whose OpenMP pool has run
+    # (any earlier torch work) can hang in its first parallel region.
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads,))
     log = open(log_path, "a") if log_path else None
     try:
-        running = {executor.submit(execute, job, data_dir) for job in pending}
+        jobs_of = {executor.submit(execute, job, data_dir): job for job in pending}
+        running = set(jobs_of)
         while running:
             completed, running = wait(running, return_when=FIRST_COMPLETED)
             for future in completed:
-                run = future.result()
+                # key and config as the parent sees them: a worker may name a
+                # job's module differently (__main__ is __mp_main__ there)
+                job = jobs_of[future]
+                run = dataclasses.replace(future.result(), key=job.key(), config=job_config(job))
                 store.record(run)
                 counts[run.status] += 1
                 progress.update(run.status)
