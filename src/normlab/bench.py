@@ -108,3 +108,6 @@ def format_table(rows: list[Row]) -> str:
     lines = [(r.case, r.variant, r.method, r.baseline, f"{r.method_s * 1e3:.3f}",
               f"{r.baseline_s * 1e3:.3f}", f"{r.ratio:.2f}x") for r in rows]
     return text_table(header, lines)
+
+
+from .layers import equinorm as _equinorm  # noqa: E402, F401  (registers the "equinorm" case)

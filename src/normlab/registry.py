@@ -123,6 +123,14 @@ register(Method("instance", "activation",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
 
+from .layers.equinorm import EquiNormConv2d, EquiNormLinear  # noqa: E402
+
+register(Method("equinorm", "weight",
+                "Anonymous (2019), Controlling covariate shift using equilibrium normalization "
+                "of weights (ICLR submission)",
+                "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
+                replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
+
 
 def available() -> list[str]:
     """The short names of the registered methods, in registration order."""

@@ -1,0 +1,303 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import normlab
+from normlab import bench, models
+from normlab.layers.equinorm import (
+    EquiNormConv2d,
+    EquiNormLinear,
+    balance_signs_,
+    equilibrium_shift_scale,
+)
+
+
+def reference_weight(x, w, stride, out_hw, single_pass):
+    """w'' of seed 004 section 4, term by term with loops (groups = 1)."""
+    batch, channels_in = x.shape[:2]
+    channels_out, kernel_positions = w.shape[0], w.shape[2] * w.shape[3]
+    v = [x[:, c].sum() for c in range(channels_in)]
+    r = batch * out_hw[0] * out_hw[1] * stride**2
+    result = torch.empty_like(w)
+    for d in range(channels_out):
+        w_dc = [w[d, c].sum() for c in range(channels_in)]
+        b = -sum(v[c] * w_dc[c] for c in range(channels_in)) / (kernel_positions * sum(v))
+        if single_pass:
+            w_prime = [w[d, c][w[d, c] > 0].sum() + b * (w[d, c] > 0).sum()
+                       for c in range(channels_in)]
+        else:
+            w_prime = [(w[d, c] + b)[w[d, c] + b > 0].sum() for c in range(channels_in)]
+        s = r / sum(v[c] * w_prime[c] for c in range(channels_in))
+        result[d] = s * (w[d] + b)
+    return result
+
+
+def conv_with(layer, x, weight):
+    return layer._apply_weight(x, weight)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("stride,padding,padding_mode", [
+    (1, 1, "circular"), (1, 1, "zeros"), (2, 1, "zeros"), (1, 0, "zeros"), (2, 0, "reflect")])
+def test_conv_matches_the_papers_equations(single_pass, stride, padding, padding_mode):
+    torch.manual_seed(0)
+    layer = EquiNormConv2d(3, 5, 3, stride, padding, padding_mode=padding_mode,
+                           single_pass=single_pass, dtype=torch.float64)
+    with torch.no_grad():
+        layer.gain.uniform_(0.5, 2)
+        layer.bias.normal_()
+    x = torch.rand(4, 3, 9, 9, dtype=torch.float64)
+    y = layer(x)
+    reference = reference_weight(x, layer.weight.detach(), stride, y.shape[2:], single_pass)
+    expected = conv_with(layer, x, layer.gain.detach().view(-1, 1, 1, 1) * reference)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_linear_is_the_single_position_case(single_pass):
+    torch.manual_seed(0)
+    linear = EquiNormLinear(6, 4, single_pass=single_pass, dtype=torch.float64)
+    x = torch.rand(10, 6, dtype=torch.float64)
+    reference = reference_weight(x.view(10, 6, 1, 1), linear.weight.detach().view(4, 6, 1, 1),
+                                 1, (1, 1), single_pass)
+    torch.testing.assert_close(linear(x), x @ reference.view(4, 6).T + linear.bias.detach())
+    # extra leading dims are more positions of the same batch
+    x3 = torch.rand(5, 2, 6, dtype=torch.float64)
+    torch.testing.assert_close(linear(x3).reshape(10, 4), linear(x3.reshape(10, 6)))
+
+
+def test_circular_two_pass_constraints_hold_to_float64_precision():
+    """Each output channel: mean 0 over batch and positions; positive weights contribute r."""
+    torch.manual_seed(1)
+    layer = EquiNormConv2d(4, 6, 3, padding=1, padding_mode="circular", single_pass=False,
+                           dtype=torch.float64)
+    x = torch.rand(8, 4, 10, 10, dtype=torch.float64)
+    y = layer(x)  # gain 1 and bias 0: the output before the affine
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(6, dtype=torch.float64),
+                               rtol=0, atol=1e-14)
+    shift, scale = equilibrium_shift_scale(layer.weight, x.mean((0, 2, 3)), 1.0,
+                                           single_pass=False)
+    w2 = scale.view(-1, 1, 1, 1) * (layer.weight + shift.view(-1, 1, 1, 1))
+    r = 8 * 10 * 10
+    positive = conv_with(layer, x, w2.clamp(min=0)).sum((0, 2, 3))
+    negative = conv_with(layer, x, w2.clamp(max=0)).sum((0, 2, 3))
+    torch.testing.assert_close(positive, torch.full((6,), float(r), dtype=torch.float64),
+                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(negative, -positive, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("cls,shape", [(EquiNormConv2d, (6, 4, 8, 8)), (EquiNormLinear, (6, 4))])
+def test_invariant_to_scaling_a_channel_kernel_and_the_input(single_pass, cls, shape):
+    torch.manual_seed(2)
+    args = (4, 5, 3) if cls is EquiNormConv2d else (4, 5)
+    layer = cls(*args, single_pass=single_pass, dtype=torch.float64)
+    x = torch.rand(shape, dtype=torch.float64)
+    y = layer(x)
+    with torch.no_grad():
+        layer.weight[2] *= 7.5
+    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(layer(0.01 * x), y)
+
+
+@pytest.mark.parametrize("cls,shape", [(EquiNormConv2d, (5, 3, 6, 6)), (EquiNormLinear, (5, 3))])
+def test_eval_is_independent_of_the_other_samples_and_deterministic(cls, shape):
+    torch.manual_seed(3)
+    layer = cls(*((3, 4, 3) if cls is EquiNormConv2d else (3, 4)))
+    layer(torch.rand(shape) * 3)  # a training step moves running_mean
+    layer.eval()
+    x = torch.rand(shape)
+    other = torch.cat([x[:1], 10 * torch.rand(shape)[1:]])
+    torch.testing.assert_close(layer(x)[:1], layer(other)[:1])
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1])
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_running_mean_follows_momentum_and_replaces_the_batch_in_eval():
+    layer = EquiNormConv2d(3, 4, 3, padding=1, momentum=0.25, dtype=torch.float64)
+    x = torch.rand(6, 3, 5, 5, dtype=torch.float64)
+    y_train = layer(x)
+    torch.testing.assert_close(layer.running_mean, 0.75 + 0.25 * x.mean((0, 2, 3)))
+    layer.running_mean.copy_(x.mean((0, 2, 3)))
+    torch.testing.assert_close(layer.eval()(x), y_train)
+
+
+def test_stat_fraction_takes_the_statistics_from_the_start_of_the_batch():
+    torch.manual_seed(4)
+    layer = EquiNormConv2d(3, 4, 3, padding=1, stat_fraction=0.25, dtype=torch.float64)
+    x = torch.rand(8, 3, 5, 5, dtype=torch.float64)
+    changed = torch.cat([x[:2], 5 * torch.rand(6, 3, 5, 5, dtype=torch.float64)])
+    torch.testing.assert_close(layer(x)[:2], layer(changed)[:2])
+    full = EquiNormConv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    full.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x)[:2], full(x[:2]))
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_gradcheck_float64(single_pass):
+    torch.manual_seed(5)
+    conv = EquiNormConv2d(2, 2, 3, stride=2, padding=1, single_pass=single_pass,
+                          dtype=torch.float64)
+    linear = EquiNormLinear(3, 2, single_pass=single_pass, dtype=torch.float64)
+    for layer, shape in [(conv, (2, 2, 4, 4)), (linear, (3, 3))]:
+        x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+        params = (layer.weight, layer.gain, layer.bias)
+
+        def fn(x, weight, gain, bias, layer=layer):
+            return torch.func.functional_call(
+                layer, {"weight": weight, "gain": gain, "bias": bias}, (x,))
+        assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_init_mixes_signs_in_every_output_channel():
+    torch.manual_seed(6)
+    weight = torch.randn(50, 2)
+    weight[:20] = weight[:20].abs()
+    weight[20:40] = -weight[20:40].abs()
+    magnitudes = weight.abs().clone()
+    balance_signs_(weight)
+    assert ((weight > 0).any(1) & (weight < 0).any(1)).all()
+    torch.testing.assert_close(weight.abs(), magnitudes)
+    layer = EquiNormConv2d(1, 64, (1, 2))  # 2 weights per channel: half would be one-signed
+    flat = layer.weight.detach().flatten(1)
+    assert ((flat > 0).any(1) & (flat < 0).any(1)).all()
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_degenerate_channel_warns_and_stays_finite(single_pass):
+    layer = EquiNormConv2d(2, 3, 3, padding=1, single_pass=single_pass)
+    with torch.no_grad():
+        layer.weight[1] = 0.3  # constant kernel: w + b = 0, no positive weights
+    x = torch.rand(4, 2, 5, 5, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"output channel\(s\) \[1\]"):
+        y = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.weight.grad).all()
+    with pytest.warns(RuntimeWarning, match="input sum"):
+        y_zero = layer(torch.zeros(4, 2, 5, 5))
+    torch.testing.assert_close(y_zero, layer.bias.detach().view(1, 3, 1, 1).expand_as(y_zero))
+
+
+def test_healthy_layer_does_not_warn():
+    layer = EquiNormConv2d(4, 8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.rand(2, 4, 6, 6))
+
+
+def test_bad_arguments_and_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"stat_fraction must be in \(0, 1\]"):
+        EquiNormConv2d(3, 4, 3, stat_fraction=0)
+    with pytest.raises(ValueError, match=r"stat_fraction must be in \(0, 1\]"):
+        EquiNormLinear(3, 4, stat_fraction=1.5)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        EquiNormLinear(3, 4, momentum=-0.1)
+    with pytest.raises(ValueError, match="at least 2 weights per output channel"):
+        EquiNormLinear(1, 4)
+    with pytest.raises(ValueError, match="groups must divide"):
+        EquiNormConv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="padding must be an int or a pair"):
+        EquiNormConv2d(3, 4, 3, padding="same")
+    with pytest.raises(ValueError, match="padding_mode must be"):
+        EquiNormConv2d(3, 4, 3, padding_mode="mirror")
+    with pytest.raises(ValueError, match=r"expected input \(N, 3, H, W\), got \(2, 4, 5, 5\)"):
+        EquiNormConv2d(3, 4, 3)(torch.rand(2, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"expected input \(N, \*, 3\), got \(3,\)"):
+        EquiNormLinear(3, 4)(torch.rand(3))
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match"):
+        EquiNormLinear(3, 4)(torch.rand(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point input"):
+        EquiNormLinear(3, 4)(torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("source", [
+    nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(4, 6, 1, stride=2), nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Linear(5, 3)])
+def test_from_module_computes_the_source_minus_its_kernel_means_in_eval(source):
+    """The documented choice: in eval mode at the initial running means, EquiNorm computes
+    the source with each output channel's kernel mean removed (exact for zero-mean kernels)."""
+    is_conv = isinstance(source, nn.Conv2d)
+    cls = EquiNormConv2d if is_conv else EquiNormLinear
+    source = source.double()
+    x = (torch.rand(3, 4, 8, 8) if is_conv else torch.rand(7, 5)).double()
+
+    def without_bias(weight):
+        return source._conv_forward(x, weight, None) if is_conv else F.linear(x, weight)
+
+    layer = cls.from_module(source)
+    assert layer.training and (layer.bias is None) == (source.bias is None)
+    kernel_means = source.weight.detach().flatten(1).mean(1)
+    kernel_means = kernel_means.view(-1, *[1] * (source.weight.dim() - 1))
+    mean_part = without_bias(kernel_means.expand_as(source.weight))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), source(x) - mean_part)
+        source.weight -= kernel_means
+        torch.testing.assert_close(cls.from_module(source).eval()(x), source(x))
+
+
+def test_state_dict_round_trips_and_repr():
+    layer = EquiNormConv2d(3, 4, 3, padding=1, stat_fraction=0.5, single_pass=False)
+    layer(torch.rand(4, 3, 6, 6))
+    assert set(layer.state_dict()) == {"weight", "gain", "bias", "running_mean"}
+    copy = EquiNormConv2d(3, 4, 3, padding=1, stat_fraction=0.5, single_pass=False)
+    copy.load_state_dict(layer.state_dict())
+    x = torch.rand(2, 3, 6, 6)
+    assert torch.equal(copy.eval()(x), layer.eval()(x))
+    assert "stat_fraction=0.5" in repr(layer) and "single_pass=False" in repr(layer)
+    assert "in_features=3, out_features=4" in repr(EquiNormLinear(3, 4))
+    layer.reset_parameters()
+    assert torch.equal(layer.running_mean, torch.ones(3)) and torch.equal(layer.gain,
+                                                                           torch.ones(4))
+
+
+def test_float32_and_bfloat16_autocast_agree_with_float64():
+    torch.manual_seed(7)
+    layer = EquiNormConv2d(8, 8, 3, padding=1, dtype=torch.float64)
+    x = torch.rand(4, 8, 8, 8, dtype=torch.float64)
+    expected = layer(x)
+    layer32 = layer.float()
+    torch.testing.assert_close(layer32(x.float()), expected.float(), rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer32(x.float().bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - expected.float()).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_converted_cifar_resnet_trains(single_pass):
+    torch.manual_seed(0)
+    # Non-negative inputs, as seed 004 (5.2) recommends for the first layer.
+    images, labels = torch.rand(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    model = normlab.convert(models.cifar_resnet(depth=8, width=8, norm="batch"), "equinorm",
+                            single_pass=single_pass)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, (EquiNormConv2d, EquiNormLinear)) for m in model.modules()) == 10
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0]
+
+
+def test_registered_and_exported():
+    method = normlab.registry.get("equinorm")
+    assert method.family == "weight"
+    assert method.replaces == {nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}
+    assert normlab.EquiNormConv2d is EquiNormConv2d and normlab.EquiNormLinear is EquiNormLinear
+
+
+@pytest.mark.slow
+def test_bench_case_compares_an_sgd_step_with_batch_norm():
+    [row] = bench.run(["equinorm"], min_run_time=0.05)
+    assert (row.case, row.method, row.baseline) == ("equinorm", "equinorm", "batch")
+    assert row.method_s > 0 and row.baseline_s > 0
