@@ -75,7 +75,7 @@ def test_jobs_refuse_methods_that_are_not_registered():
 
     if "normprop" in registry.available() and "fastnorm" in registry.available():
         jobs = recipe.jobs(QUICK)
-        assert {j.norm for j in jobs} == set(recipe.NORMS) and len(jobs) == 3 * (8 + 4 + 4)
+        assert {j.norm for j in jobs} == set(recipe.NORMS) and len(jobs) == 3 * (8 + 2 + 2)
         assert {(j.dtype, j.batch_size) for j in jobs} == {
             ("float32", 1), ("bfloat16", 1), ("float32", 16)}
     else:
