@@ -74,3 +74,22 @@ def test_reproduce_writes_a_report_and_report_rerenders_it(tmp_path, capsys, mon
 def test_reproduce_unknown_recipe_is_one_clear_line(capsys):
     assert cli.main(["reproduce", "nope", "--quick"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
+
+
+def test_rebalancer_keywords_reach_the_rebalancer_only(monkeypatch, capsys):
+    from normlab import training
+
+    configs = []
+
+    def fake_train(config, **kw):
+        configs.append(config)
+        return training.TrainResult(config, "done", [], 0.0)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert cli.main(["train", "--task", "digits-mlp", "--norm", "none,batch+enorm",
+                     "--rebalancer-kw", "c=1.2", "--rebalancer-kw", "batchnorm=affine"]) == 0
+    assert [c.rebalancer_kw for c in configs] == [{}, {"c": 1.2, "batchnorm": "affine"}]
+    assert cli.main(["train", "--norm", "batch", "--rebalancer-kw", "c=1.2"]) == 2
+    assert "needs a rebalancer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--norm", "enorm", "--rebalancer-kw", "c"])

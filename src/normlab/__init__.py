@@ -9,9 +9,10 @@ Example:
 """
 
 from . import data, models
+from .enorm import ENorm
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .registry import Method, available, convert, create
 
-__all__ = ["EquiNormConv2d", "EquiNormLinear", "Method", "available", "convert", "create", "data",
-           "models"]
+__all__ = ["ENorm", "EquiNormConv2d", "EquiNormLinear", "Method", "available", "convert",
+           "create", "data", "models"]
 __version__ = "0.1.0"

@@ -110,4 +110,5 @@ def format_table(rows: list[Row]) -> str:
     return text_table(header, lines)
 
 
+from . import enorm as _enorm  # noqa: E402, F401  (registers the "enorm" case)
 from .layers import equinorm as _equinorm  # noqa: E402, F401  (registers the "equinorm" case)

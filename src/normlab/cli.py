@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -29,11 +30,16 @@ def cmd_train(args) -> int:
             print(f"MNIST unavailable ({err}); falling back to the digits dataset "
                   f"that ships with scikit-learn.")
             task = "digits-mlp"
+    norms = args.norm.split(",")
+    if args.rebalancer_kw and not any(training.split_norm(norm)[1] for norm in norms):
+        raise ValueError("--rebalancer-kw needs a rebalancer in --norm, e.g. enorm or batch+enorm")
     results = []
-    for norm in args.norm.split(","):
+    for norm in norms:
+        rebalancer_kw = dict(args.rebalancer_kw) if training.split_norm(norm)[1] else {}
         config = training.TrainConfig(task=task, norm=norm, lr=args.lr, epochs=args.epochs,
                                       batch_size=args.batch_size, seed=args.seed,
-                                      momentum=args.momentum, weight_decay=args.weight_decay)
+                                      momentum=args.momentum, weight_decay=args.weight_decay,
+                                      rebalancer_kw=rebalancer_kw)
         result = training.train(config, data_dir=args.data_dir, progress=not args.quiet)
         results.append(result)
         if args.out:
@@ -83,6 +89,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def keyword(text: str) -> tuple[str, object]:
+    """``"c=1.2"`` -> ``("c", 1.2)``: the value as a Python literal, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -114,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--momentum", type=float, default=0.0)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--rebalancer-kw", type=keyword, action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="a keyword for the rebalancer (repeatable), e.g. c=1.2 for enorm")
     train.add_argument("--data-dir", default=None,
                        help="dataset root (default: $NORMLAB_DATA, else ~/.cache/normlab)")
     train.add_argument("--out", default=None, help="folder for the JSON metrics")

@@ -131,6 +131,12 @@ register(Method("equinorm", "weight",
                 "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
                 replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
 
+from .enorm import ENorm  # noqa: E402  (each method registers in one block)
+
+register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
+                "rebalance each hidden unit's in/out weights after every step (function kept)",
+                build=ENorm))
+
 
 def available() -> list[str]:
     """The short names of the registered methods, in registration order."""

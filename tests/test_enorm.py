@@ -1,0 +1,309 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from normlab import ENorm, bench, models, registry
+from normlab.enorm import bench_enorm
+from normlab.training import TrainConfig, train
+
+
+def _mlp(bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 8, bias=bias), nn.ReLU(), nn.Linear(8, 7, bias=bias),
+                         nn.LeakyReLU(0.1), nn.Dropout(0.5), nn.Linear(7, 3, bias=bias))
+
+
+class _FunctionalCNN(nn.Module):
+    """Max and average pooling, functional relu/flatten: pairs must come from the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.pool2 = nn.AvgPool2d(2)
+        self.fc1 = nn.Linear(5 * 2 * 2, 6)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = self.pool2(torch.relu(self.conv2(x)))
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _cnn_adaptive() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Unbalanced weights, so that a cycle moves them far from where they were."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            scale = torch.rand(param.shape[0], generator=generator) * 4 + 0.1
+            param.copy_(torch.randn(param.shape, generator=generator)
+                        * scale.view(-1, *[1] * (param.dim() - 1)))
+    return model
+
+
+def _reference_cycle(linears, c: float, p: float, balance_bias: bool) -> None:
+    """One ENorm cycle on a chain of nn.Linear, unit by unit, from the formula."""
+    with torch.no_grad():
+        for first, second in zip(linears[:-1], linears[1:]):
+            for i in range(first.out_features):
+                row = first.weight[i]
+                if balance_bias:
+                    row = torch.cat([row, first.bias[i:i + 1]])
+                column = second.weight[:, i]
+                d = torch.sqrt(torch.linalg.vector_norm(column, p)
+                               / (c * torch.linalg.vector_norm(row, p)))
+                first.weight[i] *= d
+                if first.bias is not None:
+                    first.bias[i] *= d
+                second.weight[:, i] /= d
+
+
+@pytest.mark.parametrize("c, p, balance_bias", [(1.0, 2, False), (1.2, 2, True), (0.8, 3, True)])
+def test_one_cycle_equals_the_formula_on_a_fully_connected_chain(c, p, balance_bias):
+    model = _randomize(_mlp()).double()
+    expected = _randomize(_mlp()).double()
+    ENorm(model, c=c, p=p, balance_bias=balance_bias).step()
+    _reference_cycle([expected[0], expected[2], expected[5]], c, p, balance_bias)
+    for got, want in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the cycle did move the weights: the comparison is not between unchanged copies
+    assert not torch.allclose(model[0].weight, _randomize(_mlp()).double()[0].weight)
+
+
+@pytest.mark.parametrize("build, shape", [(_mlp, (16, 6)), (_FunctionalCNN, (4, 3, 8, 8)),
+                                          (_cnn_adaptive, (4, 3, 8, 8))])
+@pytest.mark.parametrize("balance_bias", [False, True])
+def test_the_function_is_unchanged_in_float64(build, shape, balance_bias):
+    model = _randomize(build()).double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    before = model(x)
+    weights = [param.clone() for param in model.parameters()]
+    ENorm(model, c=1.2, balance_bias=balance_bias).step()
+    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6 * before.abs().max().item())
+    assert any(not torch.allclose(w, param) for w, param in zip(weights, model.parameters()))
+
+
+def test_pairs_come_from_the_graph():
+    assert ENorm(_FunctionalCNN()).pairs == [("conv1", "conv2"), ("conv2", "fc1"), ("fc1", "fc2")]
+    assert ENorm(models.fc_cifar(p=2)).pairs == [("1", "4"), ("4", "7"), ("7", "10")]
+    # a residual addition ends a chain; the layers inside the branch still pair
+    resnet = models.cifar_resnet(depth=8, norm="none")
+    assert ENorm(resnet).pairs == [("3.conv1", "3.conv2"), ("4.conv1", "4.conv2"),
+                                   ("5.conv1", "5.conv2")]
+
+
+@pytest.mark.parametrize("between", [nn.Tanh(), nn.Softmax(dim=1), nn.ReLU6()])
+def test_a_non_homogeneous_operation_ends_the_chain(between):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), between, nn.Linear(4, 2))
+    assert ENorm(model).pairs == [("0", "2")]
+
+
+def test_units_must_line_up_with_the_next_layer():
+    # conv -> linear without a flatten acts on the width, not on the channels
+    no_flatten = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Linear(4, 2), nn.ReLU(),
+                               nn.Linear(2, 2))
+    assert ENorm(no_flatten).pairs == [("2", "4")]
+    # pooling after a Linear would mix its units
+    pooled = nn.Sequential(nn.Linear(4, 4), nn.MaxPool1d(2), nn.Linear(2, 2), nn.ReLU(),
+                           nn.Linear(2, 2))
+    assert ENorm(pooled).pairs == [("2", "4")]
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            x = x * 2
+        return self.fc2(self.fc1(x).relu())
+
+
+def test_untraceable_and_pairless_models_raise_clear_errors():
+    with pytest.raises(ValueError, match="cannot be traced"):
+        ENorm(_Untraceable())
+    with pytest.raises(ValueError, match="no pair"):
+        ENorm(nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="c must be > 0"):
+        ENorm(_mlp(), c=0)
+    with pytest.raises(ValueError, match="p must be"):
+        ENorm(_mlp(), p=float("inf"))
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        ENorm(_mlp(), batchnorm="keep")
+
+
+def _squared_weights(model: nn.Module) -> float:
+    return sum(float(m.weight.detach().square().sum()) for m in model.modules()
+               if isinstance(m, nn.Linear))
+
+
+def test_c1_decreases_the_sum_of_squares_monotonically_and_converges():
+    model = _randomize(_mlp(bias=False)).double()
+    enorm = ENorm(model, c=1.0)
+    costs = [_squared_weights(model)]
+    for _ in range(50):
+        enorm.step()
+        costs.append(_squared_weights(model))
+    changes = [before - after for before, after in zip(costs[:-1], costs[1:])]
+    assert all(change >= -1e-12 * costs[0] for change in changes)
+    assert changes[0] > 0.01 * costs[0]
+    assert changes[-1] < 1e-6 * changes[0]
+
+
+def _factors(before, after):
+    return [a / b for a, b in zip(after, before)]
+
+
+@pytest.mark.parametrize("make_optimizer, keys", [
+    (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), {"momentum_buffer": -1}),
+    (lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True),
+     {"exp_avg": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2}),
+    (lambda params: torch.optim.AdamW(params, lr=0.01), {"exp_avg": -1, "exp_avg_sq": -2}),
+])
+def test_optimizer_state_stays_consistent_with_the_rescaled_weights(make_optimizer, keys):
+    """The rescaled run's state after its next step equals the unrescaled run's, mapped by
+    the same factors: the rescaled state is what training in the new weights would hold."""
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    runs = []
+    for rescale in (False, True):
+        model = _randomize(_mlp(bias=False)).double().eval()  # no dropout: same gradients
+        optimizer = make_optimizer(model.parameters())
+        for step in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if rescale and step == 0:
+                before = [p.detach().clone() for p in model.parameters()]
+                ENorm(model, optimizer).step()
+                factors = _factors(before, [p.detach() for p in model.parameters()])
+        runs.append((model, optimizer))
+    (plain, plain_opt), (balanced, balanced_opt) = runs
+    for param, ref, factor in zip(balanced.parameters(), plain.parameters(), factors):
+        for key, power in keys.items():
+            torch.testing.assert_close(balanced_opt.state[param][key] * factor ** -power,
+                                       plain_opt.state[ref][key], rtol=1e-6, atol=1e-12)
+    assert any(not torch.allclose(f, torch.ones_like(f)) for f in factors)
+
+
+def test_without_the_optimizer_its_state_is_inconsistent():
+    model = _randomize(_mlp(bias=False)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(torch.randn(8, 6, dtype=torch.float64)),
+                    torch.randint(0, 3, (8,))).backward()
+    optimizer.step()
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    ENorm(model).step()
+    assert all(torch.equal(b, optimizer.state[p]["momentum_buffer"])
+               for b, p in zip(buffers, model.parameters()))
+    ENorm(model, optimizer).step()  # now the buffers follow the (second) rescaling
+    assert any(not torch.equal(b, optimizer.state[p]["momentum_buffer"])
+               for b, p in zip(buffers, model.parameters()))
+
+
+def test_other_stateful_optimizers_raise():
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"cannot rescale the state \['sum'\] that Adagrad"):
+        ENorm(model, torch.optim.Adagrad(model.parameters()))
+    optimizer = torch.optim.RMSprop(model.parameters())
+    enorm = ENorm(model, optimizer)  # RMSprop creates its state at its first step
+    model(torch.randn(2, 6)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="supported optimizers: SGD, Adam, AdamW"):
+        enorm.step()
+
+
+def test_dead_units_stay_finite_and_unscaled():
+    model = _randomize(_mlp()).double()
+    with torch.no_grad():
+        model[0].weight[2] = 0  # unit 2 receives nothing
+        model[0].bias[2] = 0
+        model[2].weight[:, 5] = 0  # unit 5 sends nothing
+        model[2].weight[4] = 0  # a unit of the second pair, dead both ways
+        model[2].bias[4] = 0
+        model[5].weight[:, 4] = 0
+    x = torch.randn(16, 6, dtype=torch.float64)
+    before = model.eval()(x)
+    ENorm(model, balance_bias=True).step()
+    assert all(torch.isfinite(param).all() for param in model.parameters())
+    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-9)
+    # one pair: the dead units' columns and rows are left as they were (d = 1)
+    pair = _randomize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))).double()
+    with torch.no_grad():
+        pair[0].weight[0], pair[0].bias[0], pair[2].weight[:, 1] = 0, 0, 0
+    row, column = pair[0].weight[1].clone(), pair[2].weight[:, 0].clone()
+    ENorm(pair, balance_bias=True).step()
+    assert torch.equal(pair[0].weight[1], row) and torch.equal(pair[2].weight[:, 0], column)
+    assert not torch.equal(pair[0].weight[2], _randomize(
+        nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))).double()[0].weight[2])
+
+
+def _bn_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                         nn.Linear(8, 5, bias=False), nn.BatchNorm1d(5), nn.ReLU(),
+                         nn.Linear(5, 3, bias=False))
+
+
+def test_batchnorm_official_mode_balances_the_weights_as_if_it_were_absent():
+    model = _randomize(_bn_mlp()).double()
+    reference = [copy.deepcopy(model[i]) for i in (0, 3, 6)]
+    enorm = ENorm(model)
+    assert enorm.pairs == [("0", "3"), ("3", "6")]
+    enorm.step()
+    _reference_cycle(reference, 1.0, 2, False)
+    for i, ref in zip((0, 3, 6), reference):
+        torch.testing.assert_close(model[i].weight, ref.weight)
+
+
+def test_batchnorm_affine_mode_keeps_the_function():
+    model = _randomize(_bn_mlp()).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    model.train()(x)  # running statistics that differ from the defaults
+    model.eval()
+    before, first = model(x), model[0].weight.clone()
+    enorm = ENorm(model, c=1.2, balance_bias=True, batchnorm="affine")
+    assert enorm.pairs == [("1", "3"), ("4", "6")]
+    enorm.step()
+    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-9)
+    assert torch.equal(model[0].weight, first)  # BatchNorm holds the scale instead
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_weights(dtype):
+    model = _randomize(_FunctionalCNN()).to(dtype).eval()
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    before = model(x).float()
+    ENorm(model, c=1.2).step()
+    after = model(x).float()
+    assert torch.isfinite(after).all()
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(after, before, rtol=tolerance,
+                               atol=tolerance * before.abs().max().item())
+
+
+def test_registered_as_a_rebalancer_and_trains_with_and_without_batchnorm():
+    pytest.importorskip("sklearn")
+    method = registry.get("enorm")
+    assert method.family == "rebalancer" and method.build is ENorm
+    for norm in ("enorm", "batch+enorm"):
+        result = train(TrainConfig(task="digits-mlp", norm=norm, lr=0.05, batch_size=64,
+                                   momentum=0.9, rebalancer_kw={"c": 1.2}))
+        assert result.status == "done" and result.final["test_acc"] > 0.8
+
+
+def test_bench_case_is_registered():
+    assert bench.CASES["enorm"] is bench_enorm
+
+
+@pytest.mark.slow
+def test_bench_case_times_a_cycle_against_an_sgd_step():
+    (row,) = bench.run(["enorm"], min_run_time=0.01)
+    assert (row.method, row.baseline) == ("enorm cycle", "sgd step")
+    assert row.method_s > 0 and row.baseline_s > 0
