@@ -23,3 +23,37 @@ def test_compare_alternates_and_keeps_medians():
     row = bench.compare("c", "v", "m", lambda: calls.append("m"), "b",
                         lambda: calls.append("b"), min_run_time=0.01, rounds=2)
     assert {"m", "b"} <= set(calls) and row.ratio > 0
+
+
+def test_online_case_times_the_three_shapes_against_batch_norm():
+    rows = bench.run(["online"], min_run_time=0.05)
+    assert [r.variant for r in rows] == ["x".join(map(str, s)) for s in bench.ONLINE_SHAPES]
+    assert all((r.method, r.baseline) == ("online", "batch") for r in rows)
+
+
+def test_every_case_is_registered():
+    assert list(bench.CASES) == ["torch_norms", "online", "batch_renorm", "weight_norm",
+                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover"]
+
+
+@pytest.mark.slow
+def test_fastnorm_cases_report_every_variant_against_its_baseline():
+    rows = bench.run(["fastnorm", "fastnorm_crossover"], min_run_time=0.01)
+    steps = [r for r in rows if r.case == "fastnorm" and r.variant.startswith("mlp")]
+    assert [(r.method, r.baseline) for r in steps] == \
+        [("fastnorm", "linear"), ("weight_norm (torch)", "linear")] * 3
+    updates = [r.variant for r in rows if r.case == "fastnorm" and r.method == "tracked"]
+    assert updates == [f"norm update {w}x{w}, batch 1" for w in (256, 1024, 4096)]
+    crossover = [r for r in rows if r.case == "fastnorm_crossover"]
+    assert [r.variant.split()[-1] for r in crossover] == ["1", "8", "16", "32", "64", "128", "256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method,baseline", [
+    ("enorm", "enorm cycle", "sgd step"), ("equinorm", "equinorm", "batch"),
+    ("weight_norm", "WeightNormLinear", "torch weight_norm"),
+    ("batch_renorm", "batch_renorm", "batch")])
+def test_model_cases_compare_against_their_baseline(name, method, baseline):
+    rows = bench.run([name], min_run_time=0.01)
+    assert all((r.case, r.method, r.baseline) == (name, method, baseline) for r in rows)
+    assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from normlab import ENorm, bench, models, registry
-from normlab.enorm import bench_enorm
+from normlab import ENorm, models, registry
 from normlab.training import TrainConfig, train
 
 
@@ -296,14 +295,3 @@ def test_registered_as_a_rebalancer_and_trains_with_and_without_batchnorm():
         result = train(TrainConfig(task="digits-mlp", norm=norm, lr=0.05, batch_size=64,
                                    momentum=0.9, rebalancer_kw={"c": 1.2}))
         assert result.status == "done" and result.final["test_acc"] > 0.8
-
-
-def test_bench_case_is_registered():
-    assert bench.CASES["enorm"] is bench_enorm
-
-
-@pytest.mark.slow
-def test_bench_case_times_a_cycle_against_an_sgd_step():
-    (row,) = bench.run(["enorm"], min_run_time=0.01)
-    assert (row.method, row.baseline) == ("enorm cycle", "sgd step")
-    assert row.method_s > 0 and row.baseline_s > 0

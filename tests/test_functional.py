@@ -1,6 +1,7 @@
 import torch
+from torch.nn import functional as F
 
-from normlab.functional import weight_normalized_linear
+from normlab.functional import row_norms, weight_normalized_conv2d, weight_normalized_linear
 
 
 def test_weight_normalized_linear_matches_normalized_rows_and_its_gradient():
@@ -19,3 +20,40 @@ def test_weight_normalized_linear_matches_normalized_rows_and_its_gradient():
     z.sum().backward()
     assert torch.allclose((weight.grad * weight).sum(1), torch.zeros(4, dtype=torch.float64),
                           atol=1e-12)
+
+
+def test_weight_normalized_conv2d_matches_normalized_kernels_and_its_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    weight = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    gain = torch.rand(4, dtype=torch.float64) + 0.5
+    bias = torch.randn(4, dtype=torch.float64)
+    geometry = dict(stride=2, padding=1, dilation=1, groups=2)
+
+    def normalized(w):
+        return weight_normalized_conv2d(x, w, gain, w.flatten(1).norm(dim=1).reciprocal(),
+                                        bias, **geometry)
+
+    kernels = torch.stack([g * w / w.norm() for g, w in zip(gain, weight)])
+    assert torch.allclose(normalized(weight), F.conv2d(x, kernels, bias, **geometry))
+    assert torch.autograd.gradcheck(normalized, (weight,))
+    normalized(weight).sum().backward()
+    assert torch.allclose((weight.grad * weight).sum((1, 2, 3)),
+                          torch.zeros(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_row_norms_value_gradient_and_zero_rows():
+    torch.manual_seed(0)
+    for shape in ((5, 7), (4, 2, 3, 3)):
+        weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        reference = torch.stack([torch.sqrt((w * w).sum()) for w in weight])
+        assert torch.allclose(row_norms(weight), reference)
+        assert torch.autograd.gradcheck(row_norms, (weight,))
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    weight[1] = 0
+    weight.requires_grad_(True)
+    norms = row_norms(weight, eps=1e-12)
+    assert norms[1] == 1e-12
+    norms.sum().backward()
+    assert torch.equal(weight.grad[1], torch.zeros(4, dtype=torch.float64))
+    assert torch.allclose(weight.grad[0], weight[0] / weight[0].norm())

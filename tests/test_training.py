@@ -55,6 +55,8 @@ def test_config_validation_names_the_problem():
         TrainConfig(lr_schedule="cosine")
     with pytest.raises(ValueError, match="at most one layer normalizer"):
         TrainConfig(norm="batch+layer")
+    with pytest.raises(ValueError, match="a weight normalizer makes scale-free"):
+        TrainConfig(norm="weight_norm+enorm")
 
 
 def test_config_key_is_stable_and_distinguishes_configs():

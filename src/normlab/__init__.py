@@ -10,9 +10,24 @@ Example:
 
 from . import data, models
 from .enorm import ENorm
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
+from .layers.fastnorm import FastNormLinear, FastNormSGD
+from .layers.online import OnlineNorm1d, OnlineNorm2d
+from .layers.weight_norm import (
+    NormPropConv2d,
+    NormPropLinear,
+    ScaledWeightNormConv2d,
+    ScaledWeightNormLinear,
+    WeightNormConv2d,
+    WeightNormLinear,
+)
 from .registry import Method, available, convert, create
 
-__all__ = ["ENorm", "EquiNormConv2d", "EquiNormLinear", "Method", "available", "convert",
-           "create", "data", "models"]
+__all__ = [
+    "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
+    "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
+    "OnlineNorm1d", "OnlineNorm2d", "ScaledWeightNormConv2d", "ScaledWeightNormLinear",
+    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "models",
+]
 __version__ = "0.1.0"

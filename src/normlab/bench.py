@@ -8,14 +8,23 @@ the medians beside it. Cases register themselves with `@case("name")`.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrizations
 from torch.utils import benchmark
 
+from . import models
+from .enorm import ENorm
+from .layers.batch_renorm import BatchRenorm2d
+from .layers.fastnorm import FastNormSGD, tracked_sq_norms
+from .layers.online import OnlineNorm2d
+from .layers.weight_norm import WeightNormLinear
 from .text import text_table
 
 
@@ -76,24 +85,176 @@ def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+def sgd_step(model: nn.Module, optimizer, inputs: torch.Tensor,
+             labels: torch.Tensor) -> Callable[[], None]:
+    """A closure running one training step: forward, cross-entropy, backward, update."""
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    return run
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# -- cases -------------------------------------------------------------------
+
 @case("torch_norms")
 def torch_norms(min_run_time: float) -> list[Row]:
     """torch's normalizers, forward+backward, against a copy of the same tensor."""
     torch.manual_seed(0)
-    shape = (32, 64, 32, 32)
-    x = torch.randn(shape)
+    x = torch.randn(32, 64, 32, 32)
     copy = forward_backward(_Copy(), x)
-    variant = "x".join(map(str, shape))
     norms = {"batch": nn.BatchNorm2d(64), "layer": nn.GroupNorm(1, 64),
              "group": nn.GroupNorm(32, 64), "instance": nn.InstanceNorm2d(64, affine=True)}
-    return [compare("torch_norms", variant, name, forward_backward(norm, x), "copy", copy,
-                    min_run_time) for name, norm in norms.items()]
+    return [compare("torch_norms", _shape(x.shape), name, forward_backward(norm, x), "copy",
+                    copy, min_run_time) for name, norm in norms.items()]
 
 
 class _Copy(nn.Module):
     def forward(self, x):
         return x.clone()
 
+
+ONLINE_SHAPES = ((32, 64, 32, 32), (128, 256, 8, 8), (8, 64, 56, 56))
+
+
+def _against_batch_norm(case_name: str, make, shapes, min_run_time: float) -> list[Row]:
+    torch.manual_seed(0)
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape)
+        rows.append(compare(case_name, _shape(shape), case_name,
+                            forward_backward(make(shape[1]), x), "batch",
+                            forward_backward(nn.BatchNorm2d(shape[1]), x), min_run_time))
+    return rows
+
+
+@case("online")
+def online(min_run_time: float) -> list[Row]:
+    """OnlineNorm2d (default ecm "ac"), forward+backward, float32; target <= 1.5x BatchNorm2d."""
+    return _against_batch_norm("online", OnlineNorm2d, ONLINE_SHAPES, min_run_time)
+
+
+@case("batch_renorm")
+def batch_renorm(min_run_time: float) -> list[Row]:
+    """BatchRenorm2d, forward+backward, float32, against BatchNorm2d."""
+    return _against_batch_norm("batch_renorm", BatchRenorm2d, ONLINE_SHAPES[:1], min_run_time)
+
+
+@case("weight_norm")
+def weight_norm(min_run_time: float) -> list[Row]:
+    """WeightNormLinear against torch's weight_norm parametrization, forward+backward;
+    target <= 1.0x."""
+    torch.manual_seed(0)
+    linear = nn.Linear(784, 1024)
+    ours = WeightNormLinear.from_module(linear)
+    theirs = parametrizations.weight_norm(copy.deepcopy(linear))
+    rows = []
+    for batch in (1, 16, 128):
+        x = torch.randn(batch, 784)
+        rows.append(compare("weight_norm", f"784->1024 batch {batch}", "WeightNormLinear",
+                            forward_backward(ours, x), "torch weight_norm",
+                            forward_backward(theirs, x), min_run_time))
+    return rows
+
+
+@case("equinorm")
+def equinorm(min_run_time: float) -> list[Row]:
+    """One SGD step of cifar_resnet(depth=20), EquiNorm against BatchNorm2d, batch 64, float32;
+    target <= 0.95x."""
+    torch.manual_seed(0)
+    images, labels = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+    def step(norm: str):
+        model = models.cifar_resnet(depth=20, norm=norm)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return sgd_step(model, optimizer, images, labels)
+
+    return [compare("equinorm", "cifar_resnet20 64x3x32x32", "equinorm", step("equinorm"),
+                    "batch", step("batch"), min_run_time)]
+
+
+@case("enorm")
+def enorm(min_run_time: float) -> list[Row]:
+    """One ENorm cycle against one SGD step of fc_cifar(p=15) at batch 256 (seed 003);
+    target <= 0.05x."""
+    torch.manual_seed(0)
+    model = models.fc_cifar(p=15)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(256, 3072), torch.randint(0, 10, (256,))
+    rebalancer = ENorm(model, optimizer, c=1.2)
+    return [compare("enorm", "fc_cifar(p=15), batch 256", "enorm cycle", rebalancer.step,
+                    "sgd step", sgd_step(model, optimizer, x, y), min_run_time)]
+
+
+def _explicit_weight_norm_mlp() -> nn.Module:
+    model = models.mlp("none")
+    for module in model:
+        if isinstance(module, nn.Linear):
+            parametrizations.weight_norm(module)
+    return model
+
+
+def _norm_updates(in_features: int, out_features: int, batch_size: int):
+    """FastNorm's tracked norm update and an explicit norm pass, on the same layer."""
+    weight = torch.randn(out_features, in_features)
+    inv_norm = weight.norm(dim=1).reciprocal()
+    inputs = torch.randn(batch_size, in_features)
+    outputs = inputs @ weight.T * inv_norm
+    grads = torch.randn(batch_size, out_features)
+    gain = torch.ones(out_features)
+
+    def tracked():
+        tracked_sq_norms(inv_norm.pow(-2), inv_norm, gain, inputs, outputs, grads, 0.1, 0.0)
+
+    def explicit():
+        torch.linalg.vector_norm(weight, dim=1)
+    return tracked, explicit
+
+
+@case("fastnorm")
+def fastnorm(min_run_time: float) -> list[Row]:
+    """The seed's 784-1024-10 MLP, one SGD step, against plain nn.Linear (target at batch 1:
+    <= 1.15x), torch's explicit weight_norm beside it; then the norm update alone (batch 1)
+    against an explicit norm pass, by width."""
+    torch.manual_seed(0)
+    rows = []
+    for batch_size in (1, 16, 128):
+        x, y = torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,))
+        plain, fast, explicit = models.mlp("none"), models.mlp("fastnorm"), \
+            _explicit_weight_norm_mlp()
+        baseline = sgd_step(plain, torch.optim.SGD(plain.parameters(), lr=0.01), x, y)
+        variant = f"mlp 784-1024-10 step, batch {batch_size}"
+        rows.append(compare("fastnorm", variant, "fastnorm",
+                            sgd_step(fast, FastNormSGD(fast.parameters(), lr=0.01), x, y),
+                            "linear", baseline, min_run_time))
+        rows.append(compare("fastnorm", variant, "weight_norm (torch)",
+                            sgd_step(explicit, torch.optim.SGD(explicit.parameters(), lr=0.01),
+                                     x, y), "linear", baseline, min_run_time))
+    for width in (256, 1024, 4096):
+        tracked, explicit_norms = _norm_updates(width, width, 1)
+        rows.append(compare("fastnorm", f"norm update {width}x{width}, batch 1", "tracked",
+                            tracked, "explicit norms", explicit_norms, min_run_time))
+    return rows
+
+
+@case("fastnorm_crossover")
+def fastnorm_crossover(min_run_time: float) -> list[Row]:
+    """FastNorm's tracked update against an explicit norm pass for the 784 -> 1024 layer, by
+    batch: where the hybrid mode should take over."""
+    torch.manual_seed(0)
+    rows = []
+    for batch_size in (1, 8, 16, 32, 64, 128, 256):
+        tracked, explicit_norms = _norm_updates(784, 1024, batch_size)
+        rows.append(compare("fastnorm_crossover", f"784->1024, batch {batch_size}", "tracked",
+                            tracked, "explicit norms", explicit_norms, min_run_time))
+    return rows
+
+
+# -- running -----------------------------------------------------------------
 
 def run(names: list[str] | None = None, min_run_time: float = 1.0) -> list[Row]:
     names = names or list(CASES)
@@ -109,6 +270,3 @@ def format_table(rows: list[Row]) -> str:
               f"{r.baseline_s * 1e3:.3f}", f"{r.ratio:.2f}x") for r in rows]
     return text_table(header, lines)
 
-
-from . import enorm as _enorm  # noqa: E402, F401  (registers the "enorm" case)
-from .layers import equinorm as _equinorm  # noqa: E402, F401  (registers the "equinorm" case)

@@ -27,8 +27,6 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from . import bench, models
-
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                         nn.Identity)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -354,21 +352,3 @@ class ENorm:
         for key, power in self._state_powers.items():
             if isinstance(state.get(key), torch.Tensor):
                 view(state[key]).mul_(factor.pow(power).to(state[key].dtype))
-
-
-@bench.case("enorm")
-def bench_enorm(min_run_time: float) -> list[bench.Row]:
-    """One ENorm cycle against one SGD step of fc_cifar(p=15) at batch 256 (seed 003)."""
-    torch.manual_seed(0)
-    model = models.fc_cifar(p=15)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = torch.randn(256, 3072), torch.randint(0, 10, (256,))
-    enorm = ENorm(model, optimizer, c=1.2)
-
-    def sgd_step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return [bench.compare("enorm", "fc_cifar(p=15), batch 256", "enorm cycle", enorm.step,
-                          "sgd step", sgd_step, min_run_time)]

@@ -123,6 +123,32 @@ register(Method("instance", "activation",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
 
+from .layers.weight_norm import (  # noqa: E402  (the layers need nothing from here)
+    NormPropConv2d,
+    NormPropLinear,
+    ScaledWeightNormConv2d,
+    ScaledWeightNormLinear,
+    WeightNormConv2d,
+    WeightNormLinear,
+)
+
+register(Method("weight_norm", "weight",
+                "Salimans and Kingma (2016), Weight Normalization: a simple reparameterization "
+                "to accelerate training of deep neural networks",
+                "normalize each weight row, learn its length",
+                replaces={nn.Linear: WeightNormLinear, nn.Conv2d: WeightNormConv2d}))
+register(Method("scaled_weight_norm", "weight",
+                "Arpit and Bengio (2019), The benefits of over-parameterization at "
+                "initialization in deep ReLU networks",
+                "weight norm times sqrt(2 fan_in / fan_out): norm-preserving at init",
+                replaces={nn.Linear: ScaledWeightNormLinear,
+                          nn.Conv2d: ScaledWeightNormConv2d}))
+register(Method("normprop", "weight",
+                "Arpit, Zhou, Kota and Govindaraju (2016), Normalization Propagation",
+                "weight norm on inputs standardized with a ReLU's known statistics",
+                replaces={nn.Linear: NormPropLinear, nn.Conv2d: NormPropConv2d},
+                first_layer_kw={"input_activation": None}))
+
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear  # noqa: E402
 
 register(Method("equinorm", "weight",
@@ -136,6 +162,27 @@ from .enorm import ENorm  # noqa: E402  (each method registers in one block)
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
                 "rebalance each hidden unit's in/out weights after every step (function kept)",
                 build=ENorm))
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d  # noqa: E402
+from .layers.online import OnlineNorm1d, OnlineNorm2d  # noqa: E402
+
+register(Method("online", "activation",
+                "Chiley et al. (2019), Online Normalization for Training Neural Networks",
+                "normalize each sample with running statistics of the samples before it",
+                build=lambda num_features, dim, **kw:
+                    (OnlineNorm1d if dim == 1 else OnlineNorm2d)(num_features, **kw),
+                dims={OnlineNorm1d: 1, OnlineNorm2d: 2}))
+register(Method("batch_renorm", "activation",
+                "Ioffe (2017), Batch Renormalization",
+                "batch normalization corrected towards the running statistics",
+                build=lambda num_features, dim, **kw:
+                    (BatchRenorm1d if dim == 1 else BatchRenorm2d)(num_features, **kw),
+                dims={BatchRenorm1d: 1, BatchRenorm2d: 2}))
+from .layers.fastnorm import FastNormLinear, FastNormSGD  # noqa: E402
+
+register(Method("fastnorm", "weight",
+                "FastNorm (seed 000), implicit weight normalization with O(n) norm tracking",
+                "weight normalization whose row norms are tracked, not computed",
+                replaces={nn.Linear: FastNormLinear}, optimizer=FastNormSGD))
 
 
 def available() -> list[str]:

@@ -104,6 +104,9 @@ def split_norm(spec: str) -> tuple[str, str | None]:
     if len(rebalancers) > 1 or len(layers) > 1:
         raise ValueError(f"norm {spec!r}: expected at most one layer normalizer and one "
                          f"rebalancer, joined by '+'")
+    if rebalancers and any(m.family == "weight" for m in methods):
+        raise ValueError(f"norm {spec!r}: a rebalancer rescales plain Linear/Conv2d weights, "
+                         f"which a weight normalizer makes scale-free; use one or the other")
     return (layers[0] if layers else "none"), (rebalancers[0] if rebalancers else None)
 
 

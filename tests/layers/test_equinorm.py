@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import normlab
-from normlab import bench, models
+from normlab import models
 from normlab.layers.equinorm import (
     EquiNormConv2d,
     EquiNormLinear,
@@ -294,10 +294,3 @@ def test_registered_and_exported():
     assert method.family == "weight"
     assert method.replaces == {nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}
     assert normlab.EquiNormConv2d is EquiNormConv2d and normlab.EquiNormLinear is EquiNormLinear
-
-
-@pytest.mark.slow
-def test_bench_case_compares_an_sgd_step_with_batch_norm():
-    [row] = bench.run(["equinorm"], min_run_time=0.05)
-    assert (row.case, row.method, row.baseline) == ("equinorm", "equinorm", "batch")
-    assert row.method_s > 0 and row.baseline_s > 0

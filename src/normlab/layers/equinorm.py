@@ -23,8 +23,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from .. import bench
-
 
 def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
                             positions_ratio: float, groups: int = 1, single_pass: bool = True
@@ -363,26 +361,3 @@ class EquiNormConv2d(_EquiNorm):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, padding_mode={self.padding_mode!r}, "
                 + self._extra_repr_tail())
-
-
-@bench.case("equinorm")
-def sgd_step_against_batch_norm(min_run_time: float) -> list[bench.Row]:
-    """One SGD step of cifar_resnet(depth=20), EquiNorm against BatchNorm2d, batch 64, float32."""
-    from .. import models  # here: models builds on the registry, which imports this module
-
-    torch.manual_seed(0)
-    images, labels = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
-
-    def sgd_step(model: nn.Module):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-        return step
-
-    return [bench.compare(
-        "equinorm", "cifar_resnet20 64x3x32x32", "equinorm",
-        sgd_step(models.cifar_resnet(depth=20, norm="equinorm")), "batch",
-        sgd_step(models.cifar_resnet(depth=20, norm="batch")), min_run_time)]

@@ -1,0 +1,146 @@
+"""Batch Renormalization (Ioffe 2017): batch norm corrected towards its running statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _BatchRenorm(nn.Module):
+    _input_dims: tuple[int, ...]  # input dims the subclass accepts
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
+                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True):
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine = affine
+        self.r_max, self.d_max = r_max, d_max  # plain attributes: training loops ramp them
+        self._check_limits()
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features))
+            self.bias = nn.Parameter(torch.empty(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.reset_parameters()
+
+    def _check_limits(self) -> None:
+        if self.r_max < 1 or self.d_max < 0:
+            raise ValueError(f"r_max must be >= 1 and d_max >= 0, got r_max={self.r_max}, "
+                             f"d_max={self.d_max}")
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() not in self._input_dims:
+            dims = " or ".join(map(str, self._input_dims))
+            raise ValueError(f"{name} expects a {dims}-D input (N, C, ...), "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{name} expects {self.num_features} channels (dim 1), "
+                             f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} expects a floating-point input, got {x.dtype}")
+        if self.training and x.numel() // x.shape[1] < 2:
+            raise ValueError(f"{name} needs more than 1 value per channel in training, "
+                             f"got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        # Low-precision inputs are normalized in float32; the statistics stay float32.
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        weight = torch.ones_like(self.running_mean) if self.weight is None else self.weight
+        bias = torch.zeros_like(self.running_mean) if self.bias is None else self.bias
+        with torch.autocast(x.device.type, enabled=False):
+            if not self.training:
+                return nn.functional.batch_norm(work, self.running_mean, self.running_var,
+                                                weight, bias, False, 0.0, self.eps).to(x.dtype)
+            self._check_limits()
+            sigma = (self.running_var + self.eps).sqrt()
+            running_mean = self.running_mean.clone()
+            # torch's batch-norm kernel: x^ with the batch statistics, which it returns
+            # without gradient (r and d are constants of the backward pass, as in the
+            # paper), and the running statistics updated with `momentum`.
+            x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
+                work, None, None, self.running_mean, self.running_var, True, self.momentum,
+                self.eps)
+            r = (1 / (batch_inv_std * sigma)).clamp(1 / self.r_max, self.r_max)
+            d = ((batch_mean - running_mean) / sigma).clamp(-self.d_max, self.d_max)
+            out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
+        return out.to(x.dtype)
+
+
+class BatchRenorm1d(_BatchRenorm):
+    r"""Batch Renormalization over (N, C) or (N, C, L) inputs (Ioffe 2017).
+
+    In training, with mu_B, var_B the batch statistics of a channel,
+    sigma_B = sqrt(var_B + eps) and sigma = sqrt(running_var + eps):
+
+    .. math::
+        r = \mathrm{clip}(\sigma_B / \sigma, 1 / r_{max}, r_{max}), \quad
+        d = \mathrm{clip}((\mu_B - \mu) / \sigma, -d_{max}, d_{max}) \\
+        y = \mathrm{weight} \cdot ((x - \mu_B) / \sigma_B \cdot r + d) + \mathrm{bias}
+
+    with r and d constants in the backward pass, then the running statistics
+    move towards the batch ones by `momentum` (the variance unbiased, as in
+    torch's BatchNorm). Evaluation uses the running statistics. ``r_max = 1``
+    and ``d_max = 0`` give batch normalization; `r_max` and `d_max` are plain
+    attributes so a training loop can ramp them, as the paper does.
+
+    Args:
+        num_features: C.
+        eps: added to the variances. Default: 1e-5.
+        momentum: the running statistics' update rate. Default: 0.01.
+        r_max, d_max: the clipping limits. Defaults: 3.0, 5.0.
+        affine: learnable per-channel ``weight`` and ``bias``. Default: True.
+
+    Shape:
+        - Input: (N, C) or (N, C, L)
+        - Output: same shape as the input
+
+    Example:
+        >>> norm = BatchRenorm1d(64, r_max=1.0, d_max=0.0)  # start as batch norm
+        >>> out = norm(torch.randn(16, 64))
+        >>> norm.r_max, norm.d_max = 3.0, 5.0  # relax later in training
+    """
+
+    _input_dims = (2, 3)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    r"""Batch Renormalization over (N, C, H, W) inputs (Ioffe 2017).
+
+    The math of :class:`BatchRenorm1d`, with the statistics over N, H and W.
+
+    Shape:
+        - Input: (N, C, H, W)
+        - Output: (N, C, H, W)
+
+    Example:
+        >>> norm = BatchRenorm2d(64)
+        >>> out = norm(torch.randn(8, 64, 32, 32))
+    """
+
+    _input_dims = (4,)

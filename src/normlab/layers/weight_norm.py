@@ -1,0 +1,375 @@
+"""Weight normalization and two relatives, as drop-in nn.Linear / nn.Conv2d.
+
+All three compute, for the output unit i with weight row (or kernel) w_i,
+
+    z_i = factor * gain_i * (w_i . x~) / ||w_i|| + bias_i
+
+and differ only in `factor` and in the input standardization x~:
+
+* WeightNorm (Salimans and Kingma 2016): factor = 1, x~ = x.
+* Scaled WeightNorm (Arpit and Bengio 2019; lecture, section 5):
+  factor = sqrt(2 fan_in / fan_out) before a ReLU, sqrt(fan_in / fan_out)
+  before nothing; with gain 1 a deep ReLU network keeps the norm of its
+  signal and of its gradients at initialization.
+* NormProp (Arpit et al. 2016): factor = 1 and, when the input is a ReLU
+  output, x~ = (x - mu) / sigma with mu = sqrt(1 / (2 pi)) and
+  sigma = sqrt((1 - 1/pi) / 2), the mean and std of ReLU(N(0, 1)).
+
+Autograd differentiates through ||w_i||: the true weight-normalization
+gradient, orthogonal to w_i. Each class subclasses the torch layer it
+replaces, so it takes the same constructor arguments and keeps torch's
+`weight` (now the direction), `bias` and geometry; `gain` is the length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import functional
+
+RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
+RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
+NORM_EPS = 1e-12  # floor of ||w_i||: a zero row gives a zero output, not NaN
+_NONLINEARITY_GAIN = {"relu": 2.0, "linear": 1.0}
+_INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
+
+
+def _require_positive_ints(layer: str, **sizes) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
+
+
+class _WeightNormalized:
+    """The shared part, mixed in before nn.Linear / nn.Conv2d.
+
+    A geometry class provides `_map(x, gain, inv_norm, bias)`, `_check_input`,
+    `fan_in`/`fan_out`, `_unit_dim` and `_torch_args`; a method mixin
+    overrides `_factor` and `_input_stats`.
+    """
+
+    def _add_gain(self) -> None:
+        self.gain = nn.Parameter(torch.ones(self.weight.shape[0], device=self.weight.device,
+                                            dtype=self.weight.dtype))
+
+    def reset_parameters(self) -> None:
+        """The direction as torch initializes the layer; gain 1 and bias 0."""
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if "gain" in self._parameters:  # torch's __init__ calls this before gain exists
+            nn.init.ones_(self.gain)
+
+    def _factor(self) -> float:
+        return 1.0
+
+    def _input_stats(self) -> tuple[float, float] | None:
+        return None
+
+    def _scale_and_bias(self):
+        """(gain', inv_norm, bias') such that z = gain' * inv_norm * (w . x) + bias'."""
+        weight = self.weight.flatten(1)
+        inv_norm = functional.row_norms(self.weight, NORM_EPS).reciprocal()
+        gain, bias = self.gain * self._factor(), self.bias
+        stats = self._input_stats()
+        if stats is not None:
+            mean, std = stats
+            gain = gain / std
+            # w . (x - mean) = w . x - mean * sum(w): folded into the bias, so no
+            # pass over x. A convolution's zero padding counts as a ReLU output of
+            # 0, standardized like the rest; from_module stays exact with padding.
+            shift = -mean * gain * inv_norm * weight.sum(1)
+            bias = shift if bias is None else bias + shift
+        return gain, inv_norm, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: expected a floating-point input, "
+                             f"got {x.dtype}")
+        self._check_input(x)
+        return self._map(x, *self._scale_and_bias())
+
+    @torch.no_grad()
+    def data_init(self, x: torch.Tensor) -> torch.Tensor:
+        """Salimans and Kingma's data-dependent initialization on the batch `x`.
+
+        Rescales gain and sets bias so that the outputs on `x` have zero mean
+        and unit variance per unit (over the batch, and the positions of a
+        convolution); a unit whose output is constant on `x` keeps its gain.
+        Returns the new outputs (the next layer's input for a layer-by-layer
+        initialization).
+        """
+        if self.bias is None:
+            raise ValueError(f"{type(self).__name__}.data_init needs a bias (bias=True) to "
+                             f"center the outputs")
+        z = self(x)
+        units = z.movedim(self._unit_dim, -1).reshape(-1, z.shape[self._unit_dim])
+        mean, std = units.mean(0), units.std(0, correction=0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        self.gain.div_(std)
+        self.bias.sub_(mean).div_(std)
+        return self(x)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kw):
+        """A layer computing the same function as `module` (an nn.Linear or nn.Conv2d).
+
+        The direction is `module.weight`; gain is chosen so that the constant
+        factor and the input standardization are undone, and bias so that the
+        standardization's shift is undone. A NormProp layer that standardizes
+        its input gets a bias even if `module` has none. Keywords go to the
+        constructor (``nonlinearity``, ``input_activation``).
+        """
+        torch_type = cls._torch_type()
+        if type(module) is not torch_type:
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{torch_type.__name__}, "
+                            f"got {type(module).__name__}")
+        layer = cls(**cls._torch_args(module), **kw)
+        with torch.no_grad():
+            if layer.bias is None and layer._input_stats() is not None:
+                layer.bias = nn.Parameter(torch.zeros_like(layer.gain))
+            layer.weight.copy_(module.weight)
+            gain, inv_norm, _ = layer._scale_and_bias()
+            layer.gain.div_(gain * inv_norm)  # the effective scale becomes 1
+            if layer.bias is not None:
+                layer.bias.zero_()
+                _, _, shift = layer._scale_and_bias()
+                target = module.bias if module.bias is not None else torch.zeros_like(shift)
+                layer.bias.copy_(target - shift)
+        return layer
+
+    @classmethod
+    def _torch_type(cls) -> type:
+        return next(c for c in cls.__mro__ if c in (nn.Linear, nn.Conv2d))
+
+
+class _Scaled:
+    """Scaled WeightNorm's constant factor; mixed in before a WeightNorm class."""
+
+    def __init__(self, *args, nonlinearity: str = "relu", **kw):
+        if nonlinearity not in _NONLINEARITY_GAIN:
+            raise ValueError(f"nonlinearity must be one of {sorted(_NONLINEARITY_GAIN)} (the "
+                             f"activation after the layer), got {nonlinearity!r}")
+        super().__init__(*args, **kw)
+        self.nonlinearity = nonlinearity
+
+    def _factor(self) -> float:
+        return math.sqrt(_NONLINEARITY_GAIN[self.nonlinearity] * self.fan_in / self.fan_out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nonlinearity={self.nonlinearity!r}"
+
+
+class _NormProp:
+    """NormProp's input standardization; mixed in before a WeightNorm class."""
+
+    def __init__(self, *args, input_activation: str | None = "relu", **kw):
+        if input_activation not in _INPUT_STATS:
+            raise ValueError(f"input_activation must be 'relu' (the input is a ReLU output) "
+                             f"or None (the input is standardized data), "
+                             f"got {input_activation!r}")
+        super().__init__(*args, **kw)
+        self.input_activation = input_activation
+
+    def _input_stats(self) -> tuple[float, float] | None:
+        return _INPUT_STATS[self.input_activation]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_activation={self.input_activation!r}"
+
+
+class WeightNormLinear(_WeightNormalized, nn.Linear):
+    r"""A linear layer with weight normalization (Salimans and Kingma 2016).
+
+    .. math:: z_i = \gamma_i \frac{w_i \cdot x}{\|w_i\|} + b_i
+
+    `weight` (w) holds the directions, `gain` (gamma, shape (out,)) their
+    lengths, `bias` (b) the shift; gradients flow through the norm, so the
+    gradient of each w_i is orthogonal to it. Initialization: torch's for w,
+    gamma = 1, b = 0; `data_init(x)` is the paper's data-dependent one.
+
+    Shape:
+        - Input: (*, in_features)
+        - Output: (*, out_features)
+
+    Example:
+        >>> layer = WeightNormLinear(784, 1024)
+        >>> z = layer.data_init(torch.randn(256, 784))  # zero mean, unit variance per unit
+        >>> head = WeightNormLinear.from_module(nn.Linear(1024, 10))  # the same function
+    """
+
+    _unit_dim = -1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None):
+        _require_positive_ints(type(self).__name__, in_features=in_features,
+                               out_features=out_features)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._add_gain()
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+    @property
+    def fan_out(self) -> int:
+        return self.out_features
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: expected input of shape "
+                             f"(*, {self.in_features}), got {tuple(x.shape)}")
+
+    def _map(self, x, gain, inv_norm, bias):
+        return functional.weight_normalized_linear(x, self.weight, gain, inv_norm, bias)
+
+    @staticmethod
+    def _torch_args(module: nn.Linear) -> dict:
+        return dict(in_features=module.in_features, out_features=module.out_features,
+                    bias=module.bias is not None, device=module.weight.device,
+                    dtype=module.weight.dtype)
+
+
+class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
+    r"""A 2d convolution with weight normalization (Salimans and Kingma 2016).
+
+    .. math:: z_c = \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
+
+    with w_c the kernel of output channel c, of shape
+    (in_channels / groups, kH, kW), normalized as a whole. Arguments,
+    padding modes and initialization as in nn.Conv2d, then gamma = 1, b = 0.
+
+    Shape:
+        - Input: (N, C_in, H, W) or (C_in, H, W)
+        - Output: (N, C_out, H_out, W_out) or (C_out, H_out, W_out), as nn.Conv2d
+
+    Example:
+        >>> layer = WeightNormConv2d(3, 16, 3, padding=1)
+        >>> layer(torch.randn(8, 3, 32, 32)).shape
+        torch.Size([8, 16, 32, 32])
+    """
+
+    _unit_dim = -3
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None):
+        _require_positive_ints(type(self).__name__, in_channels=in_channels,
+                               out_channels=out_channels)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self._add_gain()
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * math.prod(self.kernel_size)
+
+    @property
+    def fan_out(self) -> int:
+        return self.out_channels * math.prod(self.kernel_size)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected input of shape "
+                             f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+
+    def _map(self, x, gain, inv_norm, bias):
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, then convolve
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return functional.weight_normalized_conv2d(x, self.weight, gain, inv_norm, bias,
+                                                   self.stride, padding, self.dilation,
+                                                   self.groups)
+
+    @staticmethod
+    def _torch_args(module: nn.Conv2d) -> dict:
+        return dict(in_channels=module.in_channels, out_channels=module.out_channels,
+                    kernel_size=module.kernel_size, stride=module.stride,
+                    padding=module.padding, dilation=module.dilation, groups=module.groups,
+                    bias=module.bias is not None, padding_mode=module.padding_mode,
+                    device=module.weight.device, dtype=module.weight.dtype)
+
+
+class ScaledWeightNormLinear(_Scaled, WeightNormLinear):
+    r"""A linear layer with scaled weight normalization (Arpit and Bengio 2019).
+
+    .. math:: z_i = \sqrt{k \cdot \mathrm{fan\_in} / \mathrm{fan\_out}}
+              \cdot \gamma_i \frac{w_i \cdot x}{\|w_i\|} + b_i
+
+    with k = 2 for a layer followed by a ReLU (``nonlinearity="relu"``, the
+    default) and k = 1 for a linear one (``nonlinearity="linear"``);
+    gamma = 1 and b = 0 at initialization, where the factor keeps
+    E||ReLU(z)||^2 = ||x||^2. Arguments otherwise as `WeightNormLinear`.
+
+    Shape:
+        - Input: (*, in_features)
+        - Output: (*, out_features)
+
+    Example:
+        >>> layers = [ScaledWeightNormLinear(1000, 1000) for _ in range(20)]
+        >>> head = ScaledWeightNormLinear(1000, 10, nonlinearity="linear")
+    """
+
+
+class ScaledWeightNormConv2d(_Scaled, WeightNormConv2d):
+    r"""A 2d convolution with scaled weight normalization (Arpit and Bengio 2019).
+
+    .. math:: z_c = \sqrt{k \cdot \mathrm{fan\_in} / \mathrm{fan\_out}}
+              \cdot \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
+
+    k as in `ScaledWeightNormLinear`; fan_in = in_channels * kH * kW and
+    fan_out = out_channels * kH * kW. Arguments otherwise as `WeightNormConv2d`.
+
+    Shape:
+        - Input: (N, C_in, H, W) or (C_in, H, W)
+        - Output: (N, C_out, H_out, W_out) or (C_out, H_out, W_out)
+
+    Example:
+        >>> conv = ScaledWeightNormConv2d(16, 32, 3, padding=1, nonlinearity="relu")
+    """
+
+
+class NormPropLinear(_NormProp, WeightNormLinear):
+    r"""A linear layer of Normalization Propagation (Arpit et al. 2016).
+
+    .. math:: z_i = \gamma_i \frac{w_i \cdot \tilde x}{\|w_i\|} + b_i, \quad
+              \tilde x = (x - \sqrt{1/(2\pi)}) / \sqrt{(1 - 1/\pi)/2}
+
+    for ``input_activation="relu"`` (the default: x is a ReLU output, whose
+    mean and std for a unit Gaussian pre-activation are those constants), and
+    x~ = x for ``input_activation=None`` (the first layer, on standardized
+    data). No batch statistics: training and evaluation compute the same.
+
+    Shape:
+        - Input: (*, in_features)
+        - Output: (*, out_features)
+
+    Example:
+        >>> first = NormPropLinear(784, 1024, input_activation=None)
+        >>> second = NormPropLinear(1024, 10)
+        >>> second(torch.relu(first(torch.randn(8, 784)))).shape
+        torch.Size([8, 10])
+    """
+
+
+class NormPropConv2d(_NormProp, WeightNormConv2d):
+    r"""A 2d convolution of Normalization Propagation (Arpit et al. 2016).
+
+    .. math:: z_c = \gamma_c \frac{w_c \star \tilde x}{\|w_c\|} + b_c
+
+    x~ as in `NormPropLinear`; zero padding counts as a ReLU output of 0 and
+    is standardized too. Arguments otherwise as `WeightNormConv2d`.
+
+    Shape:
+        - Input: (N, C_in, H, W) or (C_in, H, W)
+        - Output: (N, C_out, H_out, W_out) or (C_out, H_out, W_out)
+
+    Example:
+        >>> conv = NormPropConv2d(16, 32, 3, padding=1)  # after a ReLU
+    """

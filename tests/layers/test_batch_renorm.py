@@ -1,0 +1,137 @@
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
+
+
+def reference_renorm(x, running_mean, running_var, weight, bias, eps, r_max, d_max):
+    """The paper's training-mode equations, channel by channel, r and d as constants."""
+    outs = []
+    for c in range(x.shape[1]):
+        xc = x[:, c]
+        mean_b, var_b = xc.mean(), xc.var(unbiased=False)
+        sigma_b, sigma = (var_b + eps).sqrt(), (running_var[c] + eps).sqrt()
+        r = (sigma_b / sigma).detach().clamp(1 / r_max, r_max)
+        d = ((mean_b - running_mean[c]) / sigma).detach().clamp(-d_max, d_max)
+        outs.append(weight[c] * ((xc - mean_b) / sigma_b * r + d) + bias[c])
+    return torch.stack(outs, 1)
+
+
+def make(cls, c, **kw):
+    torch.manual_seed(0)
+    layer = cls(c, **kw).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    return layer
+
+
+@pytest.mark.parametrize("cls,shape", [(BatchRenorm2d, (6, 3, 4, 4)), (BatchRenorm1d, (8, 3)),
+                                       (BatchRenorm1d, (5, 3, 7))])
+def test_matches_reference_in_output_gradients_and_running_stats(cls, shape):
+    layer = make(cls, shape[1], r_max=1.5, d_max=0.5, momentum=0.1)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.3).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    mean0, var0 = layer.running_mean.clone(), layer.running_var.clone()
+    expected = reference_renorm(x_ref, mean0, var0, layer.weight, layer.bias, layer.eps,
+                                1.5, 0.5)
+    out = layer(x)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    axes = [0] + list(range(2, x.dim()))
+    assert torch.allclose(layer.running_mean, 0.9 * mean0 + 0.1 * x.detach().mean(axes))
+    assert torch.allclose(layer.running_var, 0.9 * var0 + 0.1 * x.detach().var(axes))
+
+
+def test_clipping_is_active_in_the_reference_case():
+    # r and d of the case above hit their limits for some channels, so both branches are tested.
+    layer = make(BatchRenorm2d, 3)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 2 + 0.3
+    sigma_b = x.var((0, 2, 3), unbiased=False).add(layer.eps).sqrt()
+    r = sigma_b / (layer.running_var + layer.eps).sqrt()
+    assert (r > 1.5).any()
+
+
+def test_gradcheck_where_r_and_d_are_clipped():
+    # r and d sit at their limits (running statistics far from the batch), so treating them
+    # as constants is the true gradient; momentum=0 keeps the statistics fixed between calls.
+    layer = make(BatchRenorm2d, 3, momentum=0.0, r_max=2.0, d_max=1.0)
+    with torch.no_grad():
+        layer.running_mean.fill_(50.0)
+        layer.running_var.fill_(100.0)
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_limits_one_and_zero_give_batch_norm():
+    torch.manual_seed(1)
+    renorm, batch_norm = BatchRenorm2d(4, r_max=1.0, d_max=0.0), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        renorm.running_mean.uniform_(-1, 1)
+        renorm.running_var.uniform_(0.5, 2)
+        renorm.weight.uniform_(0.5, 1.5)
+        batch_norm.weight.copy_(renorm.weight)
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    x_bn = x.detach().clone().requires_grad_(True)
+    out, out_bn = renorm(x), batch_norm(x_bn)
+    assert torch.allclose(out, out_bn, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_bn.backward(grad)
+    assert torch.allclose(x.grad, x_bn.grad, atol=1e-5)
+
+
+def test_eval_uses_running_stats_and_is_deterministic():
+    layer = make(BatchRenorm2d, 3).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    mean, var = layer.running_mean.clone(), layer.running_var.clone()
+    expected = ((x - mean[:, None, None]) / (var[:, None, None] + layer.eps).sqrt()
+                * layer.weight[:, None, None] + layer.bias[:, None, None])
+    assert torch.allclose(layer(x), expected) and torch.equal(layer(x), layer(x))
+    assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+
+
+def test_limits_are_plain_attributes_that_can_be_ramped():
+    layer = BatchRenorm1d(3, r_max=1.0, d_max=0.0)
+    layer.r_max, layer.d_max = 3.0, 5.0
+    assert "r_max=3.0, d_max=5.0" in repr(layer)
+    layer.r_max = 0.5
+    with pytest.raises(ValueError, match="r_max must be >= 1"):
+        layer(torch.randn(4, 3))
+
+
+def test_state_dict_dtypes_and_autocast():
+    layer = BatchRenorm2d(3)
+    layer(torch.randn(4, 3, 2, 2))
+    restored = BatchRenorm2d(3)
+    restored.load_state_dict(layer.state_dict())
+    assert torch.equal(restored.running_var, layer.running_var)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(4, 3, 2, 2).bfloat16())
+    assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="4-D input"):
+        BatchRenorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="expects 3 channels"):
+        BatchRenorm1d(3)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchRenorm1d(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="momentum must be in"):
+        BatchRenorm1d(3, momentum=2.0)
+
+
+def test_registry_and_convert():
+    assert isinstance(normlab.create("batch_renorm", 5, dim=1), BatchRenorm1d)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    converted = normlab.convert(model, "batch_renorm", r_max=1.0)
+    assert isinstance(converted[1], BatchRenorm2d) and converted[1].r_max == 1.0
+    assert converted(torch.randn(2, 3, 5, 5)).shape == (2, 4, 3, 3)

@@ -1,0 +1,298 @@
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab.layers.online import OnlineNorm1d, OnlineNorm2d, linear_scan
+
+
+def reference_stream(layer, batches, grads):
+    """A per-sample loop written from the issue's equations, float64, state carried over.
+
+    Returns per batch: output, input gradient; and the final (mu, var, u, v) and weight grad.
+    The error compensation (ac/ls) is differentiated by autograd: its gradient is a true one.
+    """
+    a_f, a_b, eps = layer.alpha_fwd, layer.alpha_bkw, layer.eps
+    c = layer.num_features
+    mu, var = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    u, v = torch.zeros_like(mu), torch.zeros_like(mu)
+    gamma = layer.weight.detach() if layer.affine else torch.ones_like(mu)
+    beta = layer.bias.detach() if layer.affine else torch.zeros_like(mu)
+    outs, grads_x, grad_weight = [], [], torch.zeros_like(mu)
+    for x, grad in zip(batches, grads):
+        x, grad = x.reshape(x.shape[0], c, -1), grad.reshape(x.shape[0], c, -1)
+        out_b, grad_x_b = [], []
+        for xt, gt in zip(x, grad):
+            m, s2 = xt.mean(-1), xt.var(-1, unbiased=False)
+            sigma = (var + eps).sqrt()
+            y = (xt - mu[:, None]) / sigma[:, None]
+            var = a_f * var + (1 - a_f) * s2 + a_f * (1 - a_f) * (m - mu) ** 2
+            mu = a_f * mu + (1 - a_f) * m
+            z = (gamma[:, None] * y + beta[:, None]).requires_grad_(True)
+            if layer.ecm == "ac":
+                out = z.clamp(-layer.clamp_val, layer.clamp_val)
+            elif layer.ecm == "ls":
+                out = z / (z.square().mean() + layer.ls_eps).sqrt()
+            else:
+                out = z * 1
+            (grad_z,) = torch.autograd.grad(out, z, gt)
+            grad_weight += (grad_z * y).sum(-1)
+            g = grad_z * gamma[:, None]
+            g_tilde = g - (1 - a_b) * v[:, None] * y
+            v = v + (g_tilde * y).mean(-1)
+            x_prime = g_tilde / sigma[:, None] - (1 - a_b) * u[:, None]
+            u = u + x_prime.mean(-1)
+            out_b.append(out.detach())
+            grad_x_b.append(x_prime)
+        outs.append(torch.stack(out_b))
+        grads_x.append(torch.stack(grad_x_b))
+    return outs, grads_x, (mu, var, u, v), grad_weight
+
+
+def run_layer(layer, batches, grads):
+    outs, grads_x = [], []
+    for x, grad in zip(batches, grads):
+        x = x.clone().requires_grad_(True)
+        out = layer(x)
+        out.backward(grad)
+        outs.append(out.detach().reshape(x.shape[0], layer.num_features, -1))
+        grads_x.append(x.grad.reshape(x.shape[0], layer.num_features, -1))
+    state = (layer.running_mean, layer.running_var, layer.mean_control, layer.correlation_control)
+    return outs, grads_x, state
+
+
+def assert_close(actual, expected, rtol):
+    scale = expected.abs().max().clamp(min=1e-300)
+    assert (actual - expected).abs().max() <= rtol * scale, (actual - expected).abs().max()
+
+
+def random_layer(cls, c, dtype=torch.float64, **kw):
+    layer = cls(c, **kw).to(dtype)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("cls,shape,kw", [
+    (OnlineNorm2d, (7, 3, 4, 5), {}),
+    (OnlineNorm2d, (7, 3, 4, 5), {"ecm": "ac", "clamp_val": 1.5}),
+    (OnlineNorm2d, (7, 3, 4, 5), {"ecm": "ls", "affine": False}),
+    (OnlineNorm1d, (9, 4), {"ecm": None, "alpha_fwd": 0.8, "alpha_bkw": 0.7}),
+    (OnlineNorm1d, (5, 4, 6), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.9}),
+])
+def test_matches_per_sample_reference_over_consecutive_batches(cls, shape, kw):
+    torch.manual_seed(0)
+    layer = random_layer(cls, shape[1], **kw)
+    batches = [torch.randn(shape, dtype=torch.float64) * 2 + 1 for _ in range(3)]
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
+    ref_out, ref_grad, ref_state, ref_weight_grad = reference_stream(layer, batches, grads)
+    outs, grads_x, state = run_layer(layer, batches, grads)
+    for got, want in zip(outs + grads_x + list(state), ref_out + ref_grad + list(ref_state)):
+        assert_close(got, want, 1e-10)
+    if layer.affine:
+        assert_close(layer.weight.grad, ref_weight_grad, 1e-10)
+
+
+def test_clamp_is_active_in_the_reference_case():
+    # The "ac" case above must exercise the clamp, or it would test nothing.
+    torch.manual_seed(0)
+    layer = random_layer(OnlineNorm2d, 3, clamp_val=1.5)
+    out = layer(torch.randn(7, 3, 4, 5, dtype=torch.float64) * 2 + 1)
+    assert (out.abs() == 1.5).float().mean() > 0.05
+
+
+def test_one_batch_of_n_equals_n_batches_of_one():
+    torch.manual_seed(1)
+    x, grad = torch.randn(6, 3, 4, 4, dtype=torch.float64) + 2, torch.randn(6, 3, 4, 4,
+                                                                            dtype=torch.float64)
+    whole = random_layer(OnlineNorm2d, 3, clamp_val=2.0)
+    single = OnlineNorm2d(3, clamp_val=2.0).double()
+    single.load_state_dict(whole.state_dict())
+    out_whole, grad_whole, state_whole = run_layer(whole, [x], [grad])
+    out_single, grad_single, state_single = run_layer(single, list(x.split(1)),
+                                                      list(grad.split(1)))
+    assert_close(torch.cat(out_single), out_whole[0], 1e-12)
+    assert_close(torch.cat(grad_single), grad_whole[0], 1e-12)
+    for got, want in zip(state_single, state_whole):
+        assert_close(got, want, 1e-12)
+    assert_close(single.weight.grad, whole.weight.grad, 1e-12)
+    assert_close(single.bias.grad, whole.bias.grad, 1e-12)
+
+
+def test_float32_batch_of_1024_is_stable_against_float64_reference():
+    torch.manual_seed(2)
+    shape = (1024, 4, 3, 3)
+    layer64 = random_layer(OnlineNorm2d, 4, alpha_fwd=0.99, alpha_bkw=0.9)
+    layer32 = OnlineNorm2d(4, alpha_fwd=0.99, alpha_bkw=0.9)
+    layer32.load_state_dict(layer64.state_dict())
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 5
+    grad = torch.randn(shape, dtype=torch.float64)
+    ref_out, ref_grad, ref_state, _ = reference_stream(layer64, [x], [grad])
+    outs, grads_x, state = run_layer(layer32, [x.float()], [grad.float()])
+    assert_close(outs[0].double(), ref_out[0], 1e-5)
+    assert_close(grads_x[0].double(), ref_grad[0], 1e-5)
+    for got, want in zip(state, ref_state):
+        assert_close(got.double(), want, 1e-5)
+
+
+def test_float32_moments_stay_accurate_with_a_large_channel_offset():
+    # The per-sample variance is E[x^2] - E[x]^2: check its cancellation at mean/std = 100.
+    torch.manual_seed(4)
+    x = torch.randn(16, 4, 8, 8, dtype=torch.float64) + 100
+    layer64 = OnlineNorm2d(4, ecm=None, alpha_fwd=0.9).double()
+    layer32 = OnlineNorm2d(4, ecm=None, alpha_fwd=0.9)
+    for _ in range(5):
+        out64, out32 = layer64(x), layer32(x.float())
+    assert_close(out32.double(), out64, 1e-3)
+    assert_close(layer32.running_var.double(), layer64.running_var, 1e-3)
+
+
+def test_linear_scan_matches_sequential_loop_with_zero_and_negative_coefficients():
+    torch.manual_seed(3)
+    coef = torch.randn(37, 5, dtype=torch.float64)
+    coef[10] = 0
+    drive, init = torch.randn(37, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    h, expected = init, []
+    for c, d in zip(coef, drive):
+        h = c * h + d
+        expected.append(h)
+    assert_close(linear_scan(coef, drive, init), torch.stack(expected), 1e-12)
+
+
+def test_batch_size_one_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), OnlineNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(32, 10)
+    target = (x[:, :5].sum(1) > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    epoch_losses = []
+    for _ in range(5):
+        total = 0.0
+        for xi, ti in zip(x.split(1), target.split(1)):
+            loss = nn.functional.cross_entropy(model(xi), ti)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        epoch_losses.append(total / len(x))
+    assert epoch_losses[-1] < 0.7 * epoch_losses[0]
+
+
+def test_eval_is_deterministic_and_leaves_state_unchanged():
+    torch.manual_seed(0)
+    layer = OnlineNorm2d(3)
+    layer(torch.randn(8, 3, 4, 4) * 2 + 1)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    x = torch.randn(4, 3, 4, 4)
+    out = layer(x)
+    assert torch.equal(out, layer(x))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key])
+    expected = (x - layer.running_mean[:, None, None]) / (
+        layer.running_var[:, None, None] + layer.eps).sqrt()
+    assert torch.allclose(out, expected.clamp(-5, 5), atol=1e-6)
+
+
+def test_state_dict_round_trips():
+    torch.manual_seed(0)
+    layer = OnlineNorm1d(5)
+    x = torch.randn(4, 5, requires_grad=True)
+    layer(x).sum().backward()
+    restored = OnlineNorm1d(5)
+    restored.load_state_dict(layer.state_dict())
+    assert set(layer.state_dict()) == {"weight", "bias", "running_mean", "running_var",
+                                       "mean_control", "correlation_control"}
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, layer.state_dict()[key])
+    assert layer.mean_control.abs().sum() > 0 and layer.running_mean.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ecm", ["ac", "ls", None])
+def test_bfloat16_autocast_keeps_float32_state_and_input_dtype(ecm):
+    torch.manual_seed(0)
+    layer, ref = OnlineNorm2d(4, ecm=ecm), OnlineNorm2d(4, ecm=ecm)
+    x = torch.randn(6, 4, 5, 5) + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf16 = layer(x.bfloat16())
+        out_f32 = OnlineNorm2d(4, ecm=ecm)(x)
+    assert out_bf16.dtype == torch.bfloat16 and out_f32.dtype == torch.float32
+    assert all(b.dtype == torch.float32 for b in layer.buffers())
+    expected = ref(x.bfloat16().float())
+    assert torch.allclose(out_bf16.float(), expected, atol=3e-2)
+    assert torch.allclose(layer.running_var, ref.running_var, rtol=1e-5)
+
+
+def test_zero_variance_input_stays_finite():
+    layer = OnlineNorm2d(2, alpha_fwd=0.5)
+    for _ in range(30):  # running variance decays towards 0 on constant input
+        x = torch.zeros(4, 2, 3, 3, requires_grad=True)
+        layer(x).sum().backward()
+        assert torch.isfinite(x.grad).all()
+    assert layer.running_var.max() < 1e-8
+    assert torch.isfinite(layer(torch.ones(1, 2, 3, 3))).all()
+
+
+def test_bad_input_and_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="4-D input"):
+        OnlineNorm2d(3)(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="2 or 3-D input"):
+        OnlineNorm1d(3)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="expects 3 channels"):
+        OnlineNorm2d(3)(torch.randn(2, 4, 4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        OnlineNorm1d(3)(torch.ones(2, 3, dtype=torch.long))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"alpha_fwd must be in \(0, 1\)"):
+            OnlineNorm2d(3, alpha_fwd=bad)
+        with pytest.raises(ValueError, match=r"alpha_bkw must be in \(0, 1\)"):
+            OnlineNorm2d(3, alpha_bkw=bad)
+    with pytest.raises(ValueError, match="ecm must be one of"):
+        OnlineNorm2d(3, ecm="bn")
+
+
+def test_repr_and_reset():
+    layer = OnlineNorm2d(3, ecm="ls")
+    assert repr(layer) == ("OnlineNorm2d(3, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-05, "
+                           "affine=True, ecm='ls')")
+    layer(torch.randn(2, 3, 2, 2) + 3)
+    layer.reset_parameters()
+    assert layer.running_mean.abs().sum() == 0 and torch.equal(layer.running_var, torch.ones(3))
+
+
+def test_registry_create_and_convert_cnn():
+    assert isinstance(normlab.create("online", 8, dim=1), OnlineNorm1d)
+    assert isinstance(normlab.create("online", 8, dim=2, ecm="ls"), OnlineNorm2d)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    online = normlab.convert(model, "online")
+    assert isinstance(online[1], OnlineNorm2d)
+    assert online(torch.randn(1, 3, 6, 6)).shape == (1, 2)
+    assert isinstance(normlab.convert(online, "batch")[1], nn.BatchNorm2d)
+    assert normlab.OnlineNorm1d is OnlineNorm1d
+
+
+def saved_tensor_bytes(module, x):
+    """Bytes of the distinct tensors autograd keeps for the backward of module(x)."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return sum(saved.values())
+
+
+def test_backward_keeps_one_activation_sized_tensor_like_batch_norm():
+    x = torch.randn(8, 16, 16, 16)
+    online, batch_norm = saved_tensor_bytes(OnlineNorm2d(16), x), saved_tensor_bytes(
+        nn.BatchNorm2d(16), x)
+    activation = x.numel() * x.element_size()
+    assert activation <= batch_norm < 1.1 * activation
+    # the normalized output, plus three float64 scalars per (sample, channel)
+    assert online <= batch_norm + 3 * 8 * 8 * 16
