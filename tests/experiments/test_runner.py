@@ -111,3 +111,17 @@ def test_an_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, inter
     _check_complete(tmp_path, count)
     runs_after, _ = _db_rows(tmp_path)
     assert set(runs_before) <= set(runs_after)  # runs finished before are kept as they were
+
+
+def test_an_interrupted_sweep_stops_its_busy_workers_at_once(tmp_path):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    sweep = _start_sweep(tmp_path, 2, 120.0, pid_dir)  # runs far longer than the test
+    deadline = time.monotonic() + 60
+    while not any(pid_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=20) == 130
+    for pid in (int(p.name) for p in pid_dir.iterdir()):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

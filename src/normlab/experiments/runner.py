@@ -141,10 +141,12 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
 
 
 def _stop(executor: ProcessPoolExecutor) -> None:
+    # Unfinished runs are simply rerun later. No public way to stop busy
+    # workers exists before Python 3.14 (terminate_workers), and shutdown
+    # forgets them, so they are collected first.
+    workers = list((getattr(executor, "_processes", None) or {}).values())
     executor.shutdown(wait=False, cancel_futures=True)
-    # Unfinished runs are simply rerun later; no public way to stop busy
-    # workers exists before Python 3.14 (terminate_workers).
-    for process in list((getattr(executor, "_processes", None) or {}).values()):
+    for process in workers:
         process.terminate()
     executor.shutdown(wait=True)
 
