@@ -39,3 +39,9 @@ def test_report_renders_from_the_database_alone_and_says_what_is_missing(tmp_pat
 def test_a_folder_without_results_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no results database .*`normlab reproduce"):
         render(tmp_path)
+
+
+def test_norm_bars_in_claims_do_not_split_table_cells(tmp_path):
+    text = render(_folder_with_runs(tmp_path)).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| **")]
+    assert all(line.replace("\\|", "").count("|") == 6 for line in rows)

@@ -80,7 +80,7 @@ def check_stability(results: Results, settings: Settings) -> Verdict:
     ratios = std_ratios(results, settings, lr=0.03)
     # "about five times": we accept half of it, decided before any run.
     verdict, why = _ratio_verdict(ratios, target=2.5)
-    return Verdict(f"{median_iqr(ratios)}x at lr 0.03", verdict, why)
+    return Verdict(f"{median_iqr(ratios, '{:.3g}x')} at lr 0.03", verdict, why)
 
 
 def _count(results: Results, status: str, **where) -> tuple[int, int]:
@@ -135,7 +135,8 @@ def check_accuracy(results: Results, settings: Settings) -> Verdict:
 def check_bfloat16(results: Results, settings: Settings) -> Verdict:
     fp32 = std_ratios(results, settings, lr=0.03)
     bf16 = std_ratios(results, settings, lr=0.03, dtype="bfloat16")
-    ours = f"std ratio bfloat16 {median_iqr(bf16)}x vs float32 {median_iqr(fp32)}x"
+    ours = (f"std ratio bfloat16 {median_iqr(bf16, '{:.3g}x')} vs float32 "
+            f"{median_iqr(fp32, '{:.3g}x')}")
     if not fp32 or not bf16:
         return Verdict(ours, "inconclusive", "no seed where both runs finished")
     (_, _, fp32_q3), (bf16_q1, _, bf16_q3) = quartiles(fp32), quartiles(bf16)
@@ -149,7 +150,7 @@ def check_bfloat16(results: Results, settings: Settings) -> Verdict:
 def check_minibatch(results: Results, settings: Settings) -> Verdict:
     ratios = std_ratios(results, settings, lr=0.03, batch=16)
     verdict, why = _ratio_verdict(ratios, target=1.0)
-    return Verdict(f"{median_iqr(ratios)}x at lr 0.03, batch 16", verdict, why)
+    return Verdict(f"{median_iqr(ratios, '{:.3g}x')} at lr 0.03, batch 16", verdict, why)
 
 
 def _curves(results: Results, settings: Settings, dtype: str, batch: int, lrs, series):

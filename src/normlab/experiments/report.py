@@ -31,8 +31,10 @@ def render(folder: str | Path) -> Path:
              "| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
     for claim in recipe.claims:
         verdict = _checked(claim, results, settings)
-        lines.append(f"| **{claim.name}**: {claim.statement} | {claim.paper} | {verdict.ours} "
-                     f"| {verdict.verdict} | {verdict.why} |")
+        cells = [f"**{claim.name}**: {claim.statement}", claim.paper, verdict.ours,
+                 verdict.verdict, verdict.why]
+        # norms are written |x|: escaped so they do not split the table's cells
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "## Protocol used", ""] + [f"- {line}" for line in recipe.protocol(settings)]
     lines += ["", "## Figures", ""]
     for figure in recipe.figures:
