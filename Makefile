@@ -26,8 +26,7 @@ ifneq ($(SHARED_DATA),)
 endif
 
 demo: setup data
-	$(BIN)/normlab train --task mnist-mlp --norm none,batch,layer --epochs 1 \
-		--data-dir $(DATA_DIR) --fallback-digits --quiet
+	$(BIN)/normlab reproduce fastnorm --quick --data-dir $(DATA_DIR) --out runs/fastnorm-quick
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,7 @@
+import csv
+import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +47,33 @@ def test_bench_json(capsys, monkeypatch):
     assert cli.main(["bench", "--case", "tiny", "--json", "--min-run-time", "0.03"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["case"] == "tiny" and rows[0]["ratio"] > 0
+
+
+def test_reproduce_writes_a_report_and_report_rerenders_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.syspath_prepend(Path(__file__).parent / "experiments")
+    import sweep_helper
+
+    from normlab import experiments
+
+    monkeypatch.setitem(experiments.RECIPES, "tiny", sweep_helper.tiny_recipe())
+    out = tmp_path / "tiny"
+    assert cli.main(["reproduce", "tiny", "--quick", "--seeds", "1", "--workers", "1",
+                     "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {out / 'report.md'}")
+    (out / "report.md").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "report.md").exists() and "report:" in capsys.readouterr().out
+    assert cli.main(["report", str(out), "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted((r["kind"], r["norm"], r["status"]) for r in rows) == [
+        ("probe", "", "done")] * sweep_helper.POINTS + [("train", "batch", "done"),
+                                                        ("train", "none", "done")]
+
+
+def test_reproduce_unknown_recipe_is_one_clear_line(capsys):
+    assert cli.main(["reproduce", "nope", "--quick"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
 
 
 def test_rebalancer_keywords_reach_the_rebalancer_only(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The `normlab` command: list | train | bench (reproduce and report join later)."""
+"""The `normlab` command: list | train | reproduce | report | bench."""
 
 from __future__ import annotations
 
@@ -64,6 +64,31 @@ def _fmt(value, percent: bool = False) -> str:
     return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
 
 
+def cmd_reproduce(args) -> int:
+    from . import experiments
+
+    out = args.out or f"runs/{args.recipe}{'-quick' if args.quick else ''}"
+    try:
+        path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
+                                     workers=args.workers, data_dir=args.data_dir)
+    except experiments.Interrupted as err:
+        print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import experiments
+
+    if args.csv:
+        sys.stdout.write(experiments.runs_csv(args.dir))
+        return 0
+    print(f"report: {experiments.render(args.dir)}")
+    return 0
+
+
 def keyword(text: str) -> tuple[str, object]:
     """``"c=1.2"`` -> ``("c", 1.2)``: the value as a Python literal, else as a string."""
     key, sep, value = text.partition("=")
@@ -116,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train digits-mlp when MNIST is absent and cannot be downloaded")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
+
+    reproduce = sub.add_parser("reproduce", help="rerun a paper's experiment and report it, "
+                                                 "claim by claim")
+    reproduce.add_argument("recipe", help="fastnorm or lecture")
+    reproduce.add_argument("--quick", action="store_true",
+                           help="a cut-down protocol that finishes in minutes")
+    reproduce.add_argument("--seeds", type=int, default=None,
+                           help="seeds per configuration (default: the recipe's)")
+    reproduce.add_argument("--workers", type=int, default=None,
+                           help="parallel runs (default: the number of cores)")
+    reproduce.add_argument("--out", default=None,
+                           help="folder for results.db, log.txt and report.md "
+                                "(default: runs/RECIPE[-quick]); rerunning resumes it")
+    reproduce.add_argument("--data-dir", default=None,
+                           help="dataset root (default: $NORMLAB_DATA, else ~/.cache/normlab)")
+    reproduce.set_defaults(run=cmd_reproduce)
+
+    report = sub.add_parser("report", help="re-render report.md from a results folder")
+    report.add_argument("dir", help="the --out folder of `normlab reproduce`")
+    report.add_argument("--csv", action="store_true", help="print every run as CSV instead")
+    report.set_defaults(run=cmd_report)
 
     bench = sub.add_parser("bench", help="micro-benchmarks, as ratios against a baseline")
     bench.add_argument("--case", action="append", default=None,

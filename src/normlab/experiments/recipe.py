@@ -1,0 +1,119 @@
+"""Recipes: the runs a paper's experiment needs and the claims it checks.
+
+A `Recipe` declares its jobs for a `Settings` (quick or full mode, number of
+seeds, the task actually used), its claims (each with the paper's figure and
+a `check` that turns the stored runs into our figure and a verdict), its
+figures and the protocol it follows. Statistics over seeds are the median and
+interquartile range (seed 004, section 6.5), never a single run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .runner import Job
+from .store import Run
+
+VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a recipe is run: mode, seeds and the task actually used (after any fallback)."""
+
+    recipe: str
+    quick: bool
+    seeds: int
+    dataset: str = "mnist"  # "digits" when MNIST was unavailable
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ours: str  # our figure: median [IQR] over seeds, or counts
+    verdict: str  # one of VERDICTS
+    why: str
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    statement: str
+    paper: str  # the paper's figure, as the paper states it
+    check: Callable[[Results, Settings], Verdict]
+
+
+@dataclass(frozen=True)
+class Figure:
+    filename: str
+    caption: str
+    draw: Callable[[Results, Settings, Path], None]  # writes the PNG at the given path
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    title: str
+    seed_doc: str  # the seed file it reproduces
+    jobs: Callable[[Settings], list[Job]]
+    claims: Sequence[Claim]
+    figures: Sequence[Figure]
+    protocol: Callable[[Settings], list[str]]  # lines: what was run, what quick mode cut
+    seeds: tuple[int, int] = (3, 5)  # default number of seeds: (quick, full)
+    dataset: str = "mnist"  # the dataset its training runs need (digits is the fallback)
+
+
+class Results:
+    """The stored runs of a recipe, selectable by configuration values."""
+
+    def __init__(self, runs: Sequence[Run]):
+        self.runs = list(runs)
+
+    def select(self, **where) -> list[Run]:
+        """Runs whose configuration has every given value, ordered by seed."""
+        chosen = [r for r in self.runs if all(r.config.get(k) == v for k, v in where.items())]
+        return sorted(chosen, key=lambda r: r.config.get("seed", 0))
+
+    def by_seed(self, **where) -> dict[int, Run]:
+        return {r.config["seed"]: r for r in self.select(**where)}
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile); NaNs when `values` is empty.
+
+    An infinite value (a diverged run's loss) stays infinite, and so does a
+    quartile that interpolates towards it (numpy would give inf - inf = NaN).
+    """
+    if len(values) == 0:
+        return (float("nan"),) * 3
+    huge = np.finfo(float).max
+    finite = np.nan_to_num(np.asarray(values, dtype=float), posinf=huge, neginf=-huge)
+    quarts = np.percentile(finite, [25, 50, 75])
+    quarts = np.where(np.abs(quarts) >= huge / 4, np.sign(quarts) * np.inf, quarts)
+    return float(quarts[0]), float(quarts[1]), float(quarts[2])
+
+
+def median_iqr(values: Sequence[float], fmt: str = "{:.3g}") -> str:
+    """"median [q1, q3] (n=...)", the way every comparison is reported."""
+    if len(values) == 0:
+        return "no runs"
+    q1, median, q3 = quartiles(values)
+    return (f"{fmt.format(median)} [IQR {fmt.format(q1)}, {fmt.format(q3)}] "
+            f"(n={len(values)})")
+
+
+def final(run: Run, metric: str) -> float | None:
+    """The metric at the last evaluation of a finished run; None if it diverged or failed."""
+    if run.status != "done" or not run.history:
+        return None
+    return run.history[-1].get(metric)

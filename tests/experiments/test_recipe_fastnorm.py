@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from normlab.experiments import Results, Settings
+from normlab.experiments import fastnorm as recipe
+from normlab.experiments.store import Run
+
+QUICK = Settings("fastnorm", quick=True, seeds=3)
+
+
+def _run(norm, lr, seed, accs, status="done", dtype="float32", batch=1):
+    config = {"kind": "train", "norm": norm, "lr": lr, "seed": seed, "dtype": dtype,
+              "batch_size": batch}
+    return Run(f"{norm}{lr}{seed}{dtype}{batch}", config, status, 1.0,
+               [{"test_acc": a} for a in accs])
+
+
+def _noisy(amplitude, seed, n=120):
+    rng = np.random.default_rng(seed)
+    return list(0.9 + amplitude * rng.standard_normal(n))
+
+
+def test_sliding_std_matches_a_loop():
+    values = np.random.default_rng(0).random(30)
+    expected = [np.std(values[i:i + 7]) for i in range(30 - 7 + 1)]
+    np.testing.assert_allclose(recipe.sliding_std(values, 7), expected)
+    assert len(recipe.sliding_std(values[:5], 7)) == 1  # shorter than the window: all of it
+    assert len(recipe.sliding_std(values[:1], 7)) == 0
+
+
+def test_std_ratio_is_paired_by_seed_and_skips_diverged_runs():
+    runs = [_run("normprop", 0.03, s, _noisy(0.05, s)) for s in range(3)]
+    runs += [_run("fastnorm", 0.03, s, _noisy(0.01, 10 + s)) for s in range(2)]
+    runs.append(_run("fastnorm", 0.03, 2, [0.5], status="diverged"))
+    ratios = recipe.std_ratios(Results(runs), QUICK, lr=0.03)
+    assert len(ratios) == 2 and all(4 < r < 6 for r in ratios)
+    verdict = recipe.check_stability(Results(runs), QUICK)
+    assert verdict.verdict == "reproduced" and "(n=2)" in verdict.ours
+
+
+def test_equal_noise_is_not_a_reproduction():
+    runs = [_run(n, 0.03, s, _noisy(0.02, 7 * s + i)) for i, n in enumerate(recipe.NORMS)
+            for s in range(5)]
+    assert recipe.check_stability(Results(runs), QUICK).verdict == "not reproduced"
+
+
+@pytest.mark.parametrize("normprop_status, fastnorm_status, verdict", [
+    ("diverged", "done", "reproduced"),
+    ("done", "done", "not reproduced"),
+    ("diverged", "diverged", "not reproduced"),
+])
+def test_divergence_claim(normprop_status, fastnorm_status, verdict):
+    runs = [_run("normprop", 0.07, s, [0.1], normprop_status) for s in range(3)]
+    runs += [_run("fastnorm", 0.075, s, [0.9], fastnorm_status) for s in range(3)]
+    result = recipe.check_divergence(Results(runs), QUICK)
+    assert result.verdict == verdict
+    assert ("in 3/3 seeds" in result.ours) == (normprop_status == "diverged")
+
+
+def test_accuracy_claim_compares_medians_and_same_rate_gaps():
+    runs = [_run("normprop", 0.06, s, [0.86 + s / 100]) for s in range(3)]
+    runs += [_run("fastnorm", 0.075, s, [0.91]) for s in range(3)]
+    runs += [_run("normprop", 0.03, s, [0.88]) for s in range(3)]
+    runs += [_run("fastnorm", 0.03, s, [0.885]) for s in range(3)]
+    verdict = recipe.check_accuracy(Results(runs), QUICK)
+    assert verdict.verdict == "reproduced" and "87.00%" in verdict.ours
+    assert "not comparable" in verdict.why  # quick mode says so
+    runs[-1] = _run("fastnorm", 0.03, 2, [0.5])
+    runs[-2] = _run("fastnorm", 0.03, 1, [0.5])
+    assert recipe.check_accuracy(Results(runs), QUICK).verdict == "inconclusive"
+
+
+def test_jobs_refuse_methods_that_are_not_registered():
+    from normlab import registry
+
+    if "normprop" in registry.available() and "fastnorm" in registry.available():
+        jobs = recipe.jobs(QUICK)
+        assert {j.norm for j in jobs} == set(recipe.NORMS) and len(jobs) == 3 * (8 + 2 + 2)
+        assert {(j.dtype, j.batch_size) for j in jobs} == {
+            ("float32", 1), ("bfloat16", 1), ("float32", 16)}
+    else:
+        with pytest.raises(ValueError, match="unknown normalization"):
+            recipe.jobs(QUICK)

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from normlab import registry
+from normlab.experiments import Results, Settings
+from normlab.experiments import lecture as recipe
+from normlab.experiments.runner import execute, job_config
+from normlab.experiments.store import Run
+
+QUICK = Settings("lecture", quick=True, seeds=2)
+
+
+def test_residual_ratio_matches_a_per_sample_loop_with_the_same_weights():
+    generator = torch.Generator().manual_seed(3)
+    ratio = recipe.residual_output_ratio("scaled_weight_norm", 3, 8, generator, samples=5)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    weights = [torch.randn(8, 8, generator=generator, dtype=torch.float64) for _ in range(6)]
+    ratios = []
+    for sample in x:
+        u = sample.clone()
+        for b in range(3):
+            w1, w2 = weights[2 * b], weights[2 * b + 1]
+            hidden = [max(0.0, math.sqrt(2) * float(w1[i] @ u) / float(w1[i].norm()))
+                      for i in range(8)]
+            branch = [float(w2[i] @ torch.tensor(hidden, dtype=torch.float64)) /
+                      float(w2[i].norm()) for i in range(8)]
+            u = u + torch.tensor(branch, dtype=torch.float64) / 3
+        ratios.append(float(u.norm() / sample.norm()))
+    assert ratio == pytest.approx(sorted(ratios)[2], rel=1e-12)
+
+
+def test_propagation_probe_covers_the_grid():
+    depth = recipe.propagation_probe(0, "depth", "he")
+    assert [p["blocks"] for p in depth] == list(recipe.DEPTHS)
+    width = recipe.propagation_probe(0, "width", "weight_norm")
+    assert [p["width"] for p in width] == list(recipe.WIDTHS)
+
+
+def test_batch_norm_probe_measures_the_identity_and_the_eps_departure():
+    points = recipe.batch_norm_scale_probe(0)
+    assert [p["c"] for p in points] == list(recipe.SCALES)
+    assert max(p["output_diff"] for p in points) < 1e-12
+    small = points[0]  # c = 0.01: BN's fixed eps is no longer negligible
+    assert small["output_diff_fixed_eps"] > 1e-4 > points[-1]["output_diff_fixed_eps"]
+
+
+def test_weight_norm_probe_sees_an_orthogonal_update_and_growing_norm():
+    points = recipe.weight_norm_update_probe(0, steps=5)
+    assert all(p["max_abs_cos"] < 1e-9 and p["max_growth_error"] < 1e-9 for p in points)
+    assert points[-1]["norm"] > points[0]["norm"]
+
+
+def test_probe_claims_from_stored_probes():
+    one_seed = Settings("lecture", quick=True, seeds=1)
+    results = Results([execute(job) for job in _probes(one_seed)])
+    assert all(r.status == "done" for r in results.runs)
+    for check in (recipe.check_propagation, recipe.check_batch_norm, recipe.check_weight_norm):
+        assert check(results, one_seed).verdict == "reproduced"
+
+
+def _probes(settings):
+    if "weight_norm" in registry.available():
+        return [job for job in recipe.jobs(settings) if job_config(job)["kind"] == "probe"]
+    with pytest.raises(ValueError, match="unknown normalization 'weight_norm'"):
+        recipe.jobs(settings)
+    from normlab.experiments import Probe
+    seeds = range(settings.seeds)
+    return ([Probe(recipe.propagation_probe, s, {"sweep": w, "scheme": k})
+             for w in ("depth", "width") for k in recipe.SCHEMES for s in seeds]
+            + [Probe(recipe.batch_norm_scale_probe, s) for s in seeds]
+            + [Probe(recipe.weight_norm_update_probe, s) for s in seeds])
+
+
+def _loss_run(norm, lr, seed, loss, status="done"):
+    config = {"kind": "train", "norm": norm, "lr": lr, "seed": seed}
+    return Run(f"{norm}{lr}{seed}", config, status, 1.0, [{"train_loss": loss}])
+
+
+def test_learning_rate_claim_counts_divergence_as_infinite_loss():
+    top = recipe.LR_GRID[True][-1]
+    runs = [_loss_run("none", top, s, 9.0, "diverged") for s in range(2)]
+    runs += [_loss_run(n, top, s, 0.3) for n in recipe.SWEEP_NORMS[1:] for s in range(2)]
+    verdict = recipe.check_learning_rate(Results(runs), QUICK)
+    assert verdict.verdict == "reproduced" and "none inf" in verdict.ours
+    runs += [_loss_run("none", top, s, 0.1) for s in range(2, 5)]
+    verdict = recipe.check_learning_rate(Results(runs), QUICK)
+    assert verdict.verdict == "not reproduced"
+
