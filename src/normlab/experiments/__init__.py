@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data
-from . import fastnorm, lecture
+from . import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
 from .report import render, runs_csv
 from .runner import Interrupted, Probe, run_sweep
 from .store import Store
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (fastnorm.RECIPE, lecture.RECIPE)}
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    fastnorm.RECIPE, lecture.RECIPE, enorm.RECIPE, equinorm.RECIPE, onlinenorm.RECIPE)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -87,7 +87,7 @@ def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
 def jobs(settings: Settings) -> list[Probe]:
     probes = [Probe(memory_probe)]
     probes += [Probe(batch_probe, seed, {"task": task, "norm": norm, "batch": batch,
-                                         "quick": settings.quick})
+                                         "quick": settings.quick}, uses_data=True)
                for task in TASKS for norm in NORMS for batch in BATCHES[settings.quick]
                if not cannot_train(norm, task, batch) for seed in range(settings.seeds)]
     return probes

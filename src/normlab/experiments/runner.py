@@ -34,12 +34,15 @@ from .store import Run, Store
 class Probe:
     """A measurement job: ``fn(seed=seed, **params)`` returns its points (dicts of numbers).
 
-    `fn` must be a module-level function so that workers can find it.
+    `fn` must be a module-level function so that workers can find it. A probe
+    that reads a dataset says so with `uses_data`; it then also gets the
+    sweep's ``data_dir`` (which is not part of its key: results do not depend on it).
     """
 
     fn: Callable[..., list[dict]]
     seed: int = 0
     params: dict = field(default_factory=dict)
+    uses_data: bool = False
 
     def to_dict(self) -> dict:
         return {"probe": f"{self.fn.__module__}.{self.fn.__qualname__}", "seed": self.seed,
@@ -63,7 +66,8 @@ def execute(job: Job, data_dir=None) -> Run:
     start = time.perf_counter()
     try:
         if isinstance(job, Probe):
-            status, history = "done", job.fn(seed=job.seed, **job.params)
+            data_kw = {"data_dir": data_dir} if job.uses_data else {}
+            status, history = "done", job.fn(seed=job.seed, **job.params, **data_kw)
         else:
             result = training.train(job, data_dir=data_dir)
             status, history = result.status, result.history

@@ -1,10 +1,7 @@
-import pytest
 
-recipe = pytest.importorskip("normlab.experiments.recipe", reason="the harness has not landed")
-from normlab.experiments.runner import job_config  # noqa: E402
-from normlab.experiments.store import Run  # noqa: E402
-
-from normlab.experiments import equinorm  # noqa: E402
+from normlab.experiments import equinorm, recipe
+from normlab.experiments.runner import job_config
+from normlab.experiments.store import Run
 
 QUICK = recipe.Settings("equinorm", quick=True, seeds=2, dataset="cifar10")
 

@@ -1,12 +1,9 @@
-import pytest
 import torch
 from torch import nn
 
-recipe = pytest.importorskip("normlab.experiments.recipe", reason="the harness has not landed")
-from normlab.experiments.runner import job_config  # noqa: E402
-from normlab.experiments.store import Run  # noqa: E402
-
-from normlab.experiments import onlinenorm  # noqa: E402
+from normlab.experiments import onlinenorm, recipe
+from normlab.experiments.runner import job_config
+from normlab.experiments.store import Run
 
 QUICK = recipe.Settings("onlinenorm", quick=True, seeds=1, dataset="mnist")
 

@@ -1,12 +1,8 @@
 import math
 
-import pytest
-
-recipe = pytest.importorskip("normlab.experiments.recipe", reason="the harness has not landed")
-from normlab.experiments.runner import job_config  # noqa: E402
-from normlab.experiments.store import Run  # noqa: E402
-
-from normlab.experiments import enorm  # noqa: E402
+from normlab.experiments import enorm, recipe
+from normlab.experiments.runner import job_config
+from normlab.experiments.store import Run
 
 QUICK = recipe.Settings("enorm", quick=True, seeds=1, dataset="cifar10")
 
