@@ -90,3 +90,11 @@ def test_every_task_builds_with_the_norm_it_is_given(norm):
                              if task == "cifar10-resnet" else {})
         model = training.build_model(config)
         assert any(type(m).__name__.lower().startswith(norm) for m in model.modules())
+
+
+def test_standardize_off_keeps_raw_pixels():
+    config = TrainConfig(task="digits-mlp", standardize=False)
+    images, _ = training.load_split(config, "train")
+    assert images.min() >= 0 and images.max() <= 1
+    standardized, _ = training.load_split(TrainConfig(task="digits-mlp"), "train")
+    assert standardized.min() < 0

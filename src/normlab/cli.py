@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = sub.add_parser("reproduce", help="rerun a paper's experiment and report it, "
                                                  "claim by claim")
-    reproduce.add_argument("recipe", help="fastnorm or lecture")
+    reproduce.add_argument("recipe",
+                           help="fastnorm, lecture, enorm, equinorm or onlinenorm")
     reproduce.add_argument("--quick", action="store_true",
                            help="a cut-down protocol that finishes in minutes")
     reproduce.add_argument("--seeds", type=int, default=None,

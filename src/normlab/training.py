@@ -65,7 +65,9 @@ class TrainConfig:
     normalizer with a rebalancer. `eval_every` counts optimizer steps between
     evaluations (0: at the end of each epoch). `train_limit`/`test_limit`
     keep the first samples of each split (quick modes). `dtype` is the dtype
-    of the parameters and inputs.
+    of the parameters and inputs. `standardize` shifts and scales each input
+    channel by the training split's statistics; EquiNorm's paper (seed 004
+    section 5.2) recommends against it, its first layer assuming positive inputs.
     """
 
     task: str = "mnist-mlp"
@@ -81,6 +83,7 @@ class TrainConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     dtype: str = "float32"
+    standardize: bool = True
     model_kw: dict = field(default_factory=dict)
     norm_kw: dict = field(default_factory=dict)
     rebalancer_kw: dict = field(default_factory=dict)
@@ -154,8 +157,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig):
 
 
 def load_split(config: TrainConfig, split: str, data_dir=None):
-    """The task's split, inputs standardized with the training statistics."""
-    images, labels = data.load(TASKS[config.task].dataset, split, root=data_dir, normalize=True)
+    """The task's split, standardized with the training statistics unless the config says not."""
+    images, labels = data.load(TASKS[config.task].dataset, split, root=data_dir,
+                               normalize=config.standardize)
     limit = config.train_limit if split == "train" else config.test_limit
     if limit is not None:
         images, labels = images[:limit], labels[:limit]

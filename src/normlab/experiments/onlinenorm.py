@@ -28,13 +28,13 @@ NORMS = ("batch", "group", "batch_renorm", "online")
 LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "batch_renorm": "Batch Renorm",
           "online": "Online Norm"}
 BATCH_DEPENDENT = ("batch", "batch_renorm")
-BATCHES = {False: (1, 2, 8, 32, 128), True: (1, 8, 128)}  # by quick mode
+BATCHES = (1, 2, 8, 32, 128)
 TASKS = ("mnist-mlp", "cifar10-resnet")
 BASE_LR = {"mnist-mlp": 0.1, "cifar10-resnet": 0.1}  # at batch 128, scaled linearly
 MODEL_KW = {"mnist-mlp": {}, "cifar10-resnet": {"depth": 8, "width": 8}}
 EPOCHS = {False: {"mnist-mlp": 5, "cifar10-resnet": 15}, True: {"mnist-mlp": 1,
                                                                "cifar10-resnet": 1}}
-QUICK_LIMITS = {"mnist-mlp": (1_000, 1_000), "cifar10-resnet": (500, 500)}  # train, test
+QUICK_LIMITS = {"mnist-mlp": (3_000, 1_000), "cifar10-resnet": (1_000, 1_000)}  # train, test
 GAP_SAMPLES = 1_000  # held-out samples for the train/eval gap
 
 
@@ -88,7 +88,7 @@ def jobs(settings: Settings) -> list[Probe]:
     probes = [Probe(memory_probe)]
     probes += [Probe(batch_probe, seed, {"task": task, "norm": norm, "batch": batch,
                                          "quick": settings.quick}, uses_data=True)
-               for task in TASKS for norm in NORMS for batch in BATCHES[settings.quick]
+               for task in TASKS for norm in NORMS for batch in BATCHES
                if not cannot_train(norm, task, batch) for seed in range(settings.seeds)]
     return probes
 
@@ -134,7 +134,7 @@ def check_memory(results: Results, settings: Settings) -> Verdict:
 
 def _common_batches(task: str, settings: Settings) -> list[int]:
     """The batch sizes every method trains at on `task` (a fair range comparison)."""
-    return [b for b in BATCHES[settings.quick] if not any(cannot_train(n, task, b) for n in NORMS)]
+    return [b for b in BATCHES if not any(cannot_train(n, task, b) for n in NORMS)]
 
 
 def _spread(results: Results, task: str, norm: str, settings: Settings) -> float:
@@ -160,8 +160,7 @@ def check_batch_dependency(results: Results, settings: Settings) -> Verdict:
 
 
 def check_symmetry(results: Results, settings: Settings) -> Verdict:
-    batches = BATCHES[settings.quick]
-    small = batches[1]  # the smallest batch BatchNorm trains at on both tasks
+    small = BATCHES[1]  # the smallest batch BatchNorm trains at on both tasks
     gaps = {(t, n): metric(results, t, n, small, "gap") for t in TASKS for n in NORMS}
     ours = f"relative train/eval output gap at batch {small}: " + "; ".join(
         f"{t}: " + ", ".join(f"{LABELS[n]} {median_iqr(gaps[t, n], '{:.2g}')}" for n in NORMS)
@@ -179,11 +178,10 @@ def check_symmetry(results: Results, settings: Settings) -> Verdict:
 # -- figures -----------------------------------------------------------------
 
 def _lines(results: Results, settings: Settings, task: str, name: str, scale: float):
-    batches = BATCHES[settings.quick]
     lines = []
     for norm in NORMS:
         per_batch = [metric(results, task, norm, b, name) if not cannot_train(norm, task, b)
-                     else [] for b in batches]
+                     else [] for b in BATCHES]
         seeds = max(map(len, per_batch))
         lines.append((LABELS[norm], [[scale * v[s] if s < len(v) else math.nan
                                       for v in per_batch] for s in range(seeds)]))
@@ -193,22 +191,21 @@ def _lines(results: Results, settings: Settings, task: str, name: str, scale: fl
 def draw_batch_dependency(results: Results, settings: Settings, path) -> None:
     band_panels(path, [(f"{task} (no point: cannot train)",
                         _lines(results, settings, task, "test_acc", 100)) for task in TASKS],
-                BATCHES[settings.quick], "batch size", "test accuracy (%)", logx=True)
+                BATCHES, "batch size", "test accuracy (%)", logx=True)
 
 
 def draw_symmetry(results: Results, settings: Settings, path) -> None:
     band_panels(path, [(task, _lines(results, settings, task, "gap", 1)) for task in TASKS],
-                BATCHES[settings.quick], "batch size",
+                BATCHES, "batch size",
                 "||f_train(x) - f_eval(x)|| / ||f_eval(x)||", logx=True, logy=True)
 
 
 def protocol(settings: Settings) -> list[str]:
-    batches = BATCHES[settings.quick]
     lines = [
         "(a) " + memory.assumptions() + " Networks: ResNet-50 (He et al. 2016); 2D U-Net "
         "(Ronneberger et al. 2015, 64-1024 channels, padded convolutions); 3D U-Net "
         "(Cicek et al. 2016, 32/64-256/512 channels, padded); BatchNorm after every conv.",
-        f"(b) Batch sizes {batches}; MNIST MLP 784-1024-10 (SGD) and CIFAR-10 (JPEG q75 copy "
+        f"(b) Batch sizes {BATCHES}; MNIST MLP 784-1024-10 (SGD) and CIFAR-10 (JPEG q75 copy "
         f"from ../shared/data) ResNet-8 width 8 with flips and crops (SGD, momentum 0.9, "
         f"weight decay 5e-4); learning rate 0.1 x batch / 128 (linear scaling), decayed "
         f"linearly to 0; epochs {EPOCHS[settings.quick]}. BatchNorm and Batch Renorm are not "
@@ -219,7 +216,7 @@ def protocol(settings: Settings) -> list[str]:
         f"Seeds: {settings.seeds} per configuration; medians and IQRs over them.",
     ]
     if settings.quick:
-        lines.append(f"Quick mode: batch sizes {batches}, one epoch on the first "
+        lines.append(f"Quick mode: one epoch on the first "
                      f"{QUICK_LIMITS['mnist-mlp'][0]} MNIST / {QUICK_LIMITS['cifar10-resnet'][0]}"
                      f" CIFAR-10 training images, accuracy on the first "
                      f"{QUICK_LIMITS['mnist-mlp'][1]} / {QUICK_LIMITS['cifar10-resnet'][1]} "
