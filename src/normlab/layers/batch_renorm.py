@@ -5,31 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .channel_norm import ChannelNorm
 
-class _BatchRenorm(nn.Module):
-    _input_dims: tuple[int, ...]  # input dims the subclass accepts
 
+class _BatchRenorm(ChannelNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
                  r_max: float = 3.0, d_max: float = 5.0, affine: bool = True):
-        super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        super().__init__(num_features, affine)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.affine = affine
+        self.eps, self.momentum = eps, momentum
         self.r_max, self.d_max = r_max, d_max  # plain attributes: training loops ramp them
         self._check_limits()
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
         self.reset_parameters()
 
     def _check_limits(self) -> None:
@@ -37,34 +26,15 @@ class _BatchRenorm(nn.Module):
             raise ValueError(f"r_max must be >= 1 and d_max >= 0, got r_max={self.r_max}, "
                              f"d_max={self.d_max}")
 
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}")
 
     def _check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
-        if x.dim() not in self._input_dims:
-            dims = " or ".join(map(str, self._input_dims))
-            raise ValueError(f"{name} expects a {dims}-D input (N, C, ...), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{name} expects {self.num_features} channels (dim 1), "
-                             f"got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} expects a floating-point input, got {x.dtype}")
+        super()._check_input(x)
         if self.training and x.numel() // x.shape[1] < 2:
-            raise ValueError(f"{name} needs more than 1 value per channel in training, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
+                             f"training, got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -11,9 +11,10 @@ the samples, so a whole batch is computed at once with prefix scans.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+
+from .channel_norm import ChannelNorm
 
 ECM_CHOICES = ("ls", "ac", None)
 
@@ -162,15 +163,11 @@ class OnlineNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-class _OnlineNorm(nn.Module):
-    _input_dims: tuple[int, ...]  # input dims the subclass accepts
-
+class _OnlineNorm(ChannelNorm):
     def __init__(self, num_features: int, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
                  eps: float = 1e-5, affine: bool = True, ecm: str | None = "ac",
                  ls_eps: float = 1e-5, clamp_val: float = 5.0):
-        super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        super().__init__(num_features, affine)
         for name, alpha in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
             if not 0 < alpha < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {alpha}")
@@ -179,47 +176,21 @@ class _OnlineNorm(nn.Module):
         if eps <= 0 or ls_eps <= 0 or clamp_val <= 0:
             raise ValueError(f"eps, ls_eps and clamp_val must be > 0, got {eps}, {ls_eps}, "
                              f"{clamp_val}")
-        self.num_features, self.alpha_fwd, self.alpha_bkw = num_features, alpha_fwd, alpha_bkw
-        self.eps, self.affine, self.ecm = eps, affine, ecm
+        self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
+        self.eps, self.ecm = eps, ecm
         self.ls_eps, self.clamp_val = ls_eps, clamp_val
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("mean_control", torch.zeros(num_features))  # u
         self.register_buffer("correlation_control", torch.zeros(num_features))  # v
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
+        super().reset_running_stats()
         self.mean_control.zero_()
         self.correlation_control.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
                 f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}")
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() not in self._input_dims:
-            dims = " or ".join(map(str, self._input_dims))
-            raise ValueError(f"{type(self).__name__} expects a {dims}-D input (N, C, ...), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__} expects {self.num_features} channels "
-                             f"(dim 1), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
