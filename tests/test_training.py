@@ -63,6 +63,10 @@ def test_config_validation_names_the_problem():
         TrainConfig(norm="batch+layer")
     with pytest.raises(ValueError, match="a weight normalizer makes scale-free"):
         TrainConfig(norm="weight_norm+enorm")
+    with pytest.raises(ValueError, match=r"enorm takes no keyword\(s\) \['k'\]"):
+        TrainConfig(norm="enorm", rebalancer_kw={"k": 1.2})
+    with pytest.raises(ValueError, match="has no rebalancer"):
+        TrainConfig(norm="batch", rebalancer_kw={"c": 1.2})
 
 
 def test_config_key_is_stable_and_distinguishes_configs():

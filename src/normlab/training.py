@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -91,7 +92,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {sorted(TASKS)}")
-        split_norm(self.norm)  # rejects unknown names early
+        _, rebalancer = split_norm(self.norm)  # rejects unknown names early
+        if self.rebalancer_kw:
+            if rebalancer is None:
+                raise ValueError(f"rebalancer_kw {self.rebalancer_kw} given, but norm "
+                                 f"{self.norm!r} has no rebalancer")
+            accepted = inspect.signature(registry.get(rebalancer).build).parameters
+            unknown = sorted(set(self.rebalancer_kw) - set(accepted) - {"model", "optimizer"})
+            if unknown:
+                raise ValueError(f"{rebalancer} takes no keyword(s) {unknown}; expected some "
+                                 f"of {[p for p in accepted if p not in ('model', 'optimizer')]}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
                              f"got {self.lr_schedule!r}")
