@@ -36,7 +36,6 @@ def test_every_case_is_registered():
                                  "equinorm", "enorm", "fastnorm", "fastnorm_crossover"]
 
 
-@pytest.mark.slow
 def test_fastnorm_cases_report_every_variant_against_its_baseline():
     rows = bench.run(["fastnorm", "fastnorm_crossover"], min_run_time=0.01)
     steps = [r for r in rows if r.case == "fastnorm" and r.variant.startswith("mlp")]
@@ -48,7 +47,6 @@ def test_fastnorm_cases_report_every_variant_against_its_baseline():
     assert [r.variant.split()[-1] for r in crossover] == ["1", "8", "16", "32", "64", "128", "256"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,method,baseline", [
     ("enorm", "enorm cycle", "sgd step"), ("equinorm", "equinorm", "batch"),
     ("weight_norm", "WeightNormLinear", "torch weight_norm"),

@@ -89,10 +89,8 @@ def _check_complete(folder: Path, count: int) -> None:
             run.config["seed"] * 100 + i for i in range(sweep_helper.POINTS)]
 
 
-# Each case starts two sweeps of fresh interpreters (~10 s); one runs by default.
-@pytest.mark.parametrize("interruption", [
-    "sigterm", pytest.param("ctrl-c", marks=pytest.mark.slow),
-    pytest.param("killed worker", marks=pytest.mark.slow)])
+# Each case starts two sweeps of fresh interpreters (~10 s).
+@pytest.mark.parametrize("interruption", ["sigterm", "ctrl-c", "killed worker"])
 def test_an_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, interruption):
     count, pid_dir = 8, tmp_path / "pids"
     pid_dir.mkdir()
