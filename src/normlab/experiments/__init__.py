@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data
-from . import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
+from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .report import render, runs_csv
 from .runner import Interrupted, Probe, run_sweep
 from .store import Store

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from normlab.experiments import Results, Settings
-from normlab.experiments import fastnorm as recipe
+from normlab.experiments.recipes import fastnorm as recipe
 from normlab.experiments.store import Run
 
 QUICK = Settings("fastnorm", quick=True, seeds=3)

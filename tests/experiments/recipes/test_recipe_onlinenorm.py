@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from normlab.experiments import onlinenorm, recipe
+from normlab.experiments import recipe
+from normlab.experiments.recipes import onlinenorm
 from normlab.experiments.runner import job_config
 from normlab.experiments.store import Run
 
@@ -29,7 +30,7 @@ def test_train_eval_gap_is_zero_without_batch_statistics_and_not_with_them():
 
 
 def fake_results(acc, gap):
-    runs = [Run("memory", {"kind": "probe", "probe": "normlab.experiments.onlinenorm."
+    runs = [Run("memory", {"kind": "probe", "probe": "normlab.experiments.recipes.onlinenorm."
                            "memory_probe", "seed": 0, "params": {}}, "done", 1.0,
                 [{"network": i, "batch": b, "gb": b * 0.5}
                  for i in range(len(onlinenorm.memory.NETWORKS)) for b in (1, 32, 128)])]

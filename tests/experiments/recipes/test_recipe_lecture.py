@@ -5,7 +5,7 @@ import torch
 
 from normlab import registry
 from normlab.experiments import Results, Settings
-from normlab.experiments import lecture as recipe
+from normlab.experiments.recipes import lecture as recipe
 from normlab.experiments.runner import execute, job_config
 from normlab.experiments.store import Run
 

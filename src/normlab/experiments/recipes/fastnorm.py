@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import training
-from .plots import band_panels
-from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
+from ... import training
+from ..plots import band_panels
+from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
 
 NORMS = ("normprop", "fastnorm")
 LRS = (0.03, 0.06, 0.07, 0.075)

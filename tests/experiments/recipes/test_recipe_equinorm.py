@@ -1,5 +1,6 @@
 
-from normlab.experiments import equinorm, recipe
+from normlab.experiments import recipe
+from normlab.experiments.recipes import equinorm
 from normlab.experiments.runner import job_config
 from normlab.experiments.store import Run
 

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import registry, training
-from .plots import band_panels
-from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
-from .runner import Probe
+from ... import registry, training
+from ..plots import band_panels
+from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
+from ..runner import Probe
 
 SCHEMES = ("he", "weight_norm", "scaled_weight_norm")
 DEPTHS = (1, 2, 5, 10, 20, 50, 100)  # residual blocks, width 100 ("vary the number of blocks")

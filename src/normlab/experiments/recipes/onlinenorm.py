@@ -18,11 +18,11 @@ import math
 import torch
 from torch import nn
 
-from .. import training
-from . import memory
-from .plots import band_panels
-from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict, median_iqr, quartiles
-from .runner import Probe
+from ... import training
+from .. import memory
+from ..plots import band_panels
+from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, median_iqr, quartiles
+from ..runner import Probe
 
 NORMS = ("batch", "group", "batch_renorm", "online")
 LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "batch_renorm": "Batch Renorm",

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-from .. import training
-from .plots import band_panels
-from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
+from ... import training
+from ..plots import band_panels
+from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
 
 VARIANTS = {  # label -> (norm, norm keywords)
     "BatchNorm": ("batch", {}),

@@ -1,6 +1,7 @@
 import math
 
-from normlab.experiments import enorm, recipe
+from normlab.experiments import recipe
+from normlab.experiments.recipes import enorm
 from normlab.experiments.runner import job_config
 from normlab.experiments.store import Run
 
