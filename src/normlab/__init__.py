@@ -23,11 +23,13 @@ from .layers.weight_norm import (
     WeightNormLinear,
 )
 from .registry import Method, available, convert, create
+from .renorm import Renormalize
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
     "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
-    "OnlineNorm1d", "OnlineNorm2d", "ScaledWeightNormConv2d", "ScaledWeightNormLinear",
-    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "models",
+    "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
+    "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
+    "create", "data", "models",
 ]
 __version__ = "0.1.0"

@@ -33,6 +33,7 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .renorm import Renormalize
 
 FAMILIES = ("activation", "weight", "rebalancer")
 
@@ -58,6 +59,10 @@ class Method:
         optimizer: builds the optimizer the method needs, called like
             ``torch.optim.SGD(params, lr=..., momentum=..., weight_decay=...)``;
             None means plain SGD.
+        pairs_with: rebalancer family: the family of the layer normalizers it
+            runs beside (``"activation"``, which includes ``none``: it rescales
+            plain Linear/Conv2d weights; ``"weight"``: it rescales the rows of
+            weight-normalized layers).
     """
 
     name: str
@@ -69,10 +74,14 @@ class Method:
     first_layer_kw: dict[str, object] = field(default_factory=dict)
     dims: dict[type, int] = field(default_factory=dict)
     optimizer: Callable[..., object] | None = None
+    pairs_with: str = "activation"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.pairs_with not in ("activation", "weight"):
+            raise ValueError(f"pairs_with must be 'activation' or 'weight', "
+                             f"got {self.pairs_with!r}")
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -181,6 +190,11 @@ register(Method("equinorm", "weight",
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
                 "rebalance each hidden unit's in/out weights after every step (function kept)",
                 build=ENorm))
+register(Method("renorm", "rebalancer",
+                "Anonymous (2019), FastNorm: improving numerical stability of neural network "
+                "training with efficient normalization (ICLR submission), section 3.1",
+                "rescale weight-normalized rows to unit norm after every step (explicit "
+                "normalization)", build=Renormalize, pairs_with="weight"))
 
 
 def available() -> list[str]:

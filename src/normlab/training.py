@@ -131,10 +131,19 @@ def split_norm(spec: str) -> tuple[str, str | None]:
     if len(rebalancers) > 1 or len(layers) > 1:
         raise ValueError(f"norm {spec!r}: expected at most one layer normalizer and one "
                          f"rebalancer, joined by '+'")
-    if rebalancers and any(m.family == "weight" for m in methods):
-        raise ValueError(f"norm {spec!r}: a rebalancer rescales plain Linear/Conv2d weights, "
-                         f"which a weight normalizer makes scale-free; use one or the other")
-    return (layers[0] if layers else "none"), (rebalancers[0] if rebalancers else None)
+    layer = layers[0] if layers else "none"
+    if rebalancers:
+        rebalancer = registry.get(rebalancers[0])
+        layer_family = registry.get(layer).family
+        if layer_family != rebalancer.pairs_with and rebalancer.pairs_with == "activation":
+            raise ValueError(f"norm {spec!r}: {rebalancer.name} rescales plain Linear/Conv2d "
+                             f"weights, which a weight normalizer makes scale-free; use one "
+                             f"or the other")
+        if layer_family != rebalancer.pairs_with:
+            raise ValueError(f"norm {spec!r}: {rebalancer.name} rescales the rows of "
+                             f"weight-normalized layers; join it to a weight normalizer, "
+                             f"as in normprop+{rebalancer.name}")
+    return layer, (rebalancers[0] if rebalancers else None)
 
 
 @dataclass
