@@ -9,13 +9,14 @@ interquartile range (seed 004, section 6.5), never a single run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .runner import Job
+from .runner import Job, Probe
 from .store import Run
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
@@ -73,15 +74,43 @@ class Recipe:
     dataset: str = "mnist"  # the dataset its training runs need (digits is the fallback)
 
 
+def grid(**axes: Sequence) -> list[dict]:
+    """Every combination of the axes' values, as dicts, the last axis varying fastest.
+
+    A recipe declares its runs as grids of parameters (``grid(norm=NORMS,
+    lr=LRS, seed=range(3))``), concatenated when its variants differ.
+    """
+    for name, values in axes.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ValueError(f"grid axis {name!r} must be a sequence of values, got {values!r}")
+    names = list(axes)
+    return [dict(zip(names, point)) for point in itertools.product(*axes.values())]
+
+
+def parameters(run: Run) -> dict:
+    """A run's parameters, flat: a training run's configuration, or a probe's name, seed and
+    keyword parameters."""
+    return {**run.config, **run.config.get("params", {})}
+
+
 class Results:
-    """The stored runs of a recipe, selectable by configuration values."""
+    """The stored runs of a recipe, selectable by their parameters."""
 
     def __init__(self, runs: Sequence[Run]):
         self.runs = list(runs)
 
     def select(self, **where) -> list[Run]:
-        """Runs whose configuration has every given value, ordered by seed."""
-        chosen = [r for r in self.runs if all(r.config.get(k) == v for k, v in where.items())]
+        """Runs whose parameters (see `parameters`) have every given value, ordered by seed.
+
+        ``probe=fn`` selects the runs of the probe function `fn`.
+        """
+        if callable(where.get("probe")):
+            where["probe"] = Probe(where["probe"]).to_dict()["probe"]
+        chosen = []
+        for run in self.runs:
+            params = parameters(run)
+            if all(params.get(k) == v for k, v in where.items()):
+                chosen.append(run)
         return sorted(chosen, key=lambda r: r.config.get("seed", 0))
 
     def by_seed(self, **where) -> dict[int, Run]:
@@ -101,6 +130,11 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     quarts = np.percentile(finite, [25, 50, 75])
     quarts = np.where(np.abs(quarts) >= huge / 4, np.sign(quarts) * np.inf, quarts)
     return float(quarts[0]), float(quarts[1]), float(quarts[2])
+
+
+def median(values: Sequence[float]) -> float:
+    """The median (NaN when `values` is empty; a diverged run's infinite loss stays infinite)."""
+    return quartiles(values)[1]
 
 
 def median_iqr(values: Sequence[float], fmt: str = "{:.3g}") -> str:

@@ -29,7 +29,7 @@ def test_sliding_std_matches_a_loop():
 
 
 def test_std_ratio_is_paired_by_seed_and_skips_diverged_runs():
-    runs = [_run("normprop", 0.03, s, _noisy(0.05, s)) for s in range(3)]
+    runs = [_run("normprop+renorm", 0.03, s, _noisy(0.05, s)) for s in range(3)]
     runs += [_run("fastnorm", 0.03, s, _noisy(0.01, 10 + s)) for s in range(2)]
     runs.append(_run("fastnorm", 0.03, 2, [0.5], status="diverged"))
     ratios = recipe.std_ratios(Results(runs), QUICK, lr=0.03)
@@ -39,7 +39,7 @@ def test_std_ratio_is_paired_by_seed_and_skips_diverged_runs():
 
 
 def test_equal_noise_is_not_a_reproduction():
-    runs = [_run(n, 0.03, s, _noisy(0.02, 7 * s + i)) for i, n in enumerate(recipe.NORMS)
+    runs = [_run(n, 0.03, s, _noisy(0.02, 7 * s + i)) for i, n in enumerate(recipe.ARMS)
             for s in range(5)]
     assert recipe.check_stability(Results(runs), QUICK).verdict == "not reproduced"
 
@@ -50,17 +50,17 @@ def test_equal_noise_is_not_a_reproduction():
     ("diverged", "diverged", "not reproduced"),
 ])
 def test_divergence_claim(normprop_status, fastnorm_status, verdict):
-    runs = [_run("normprop", 0.07, s, [0.1], normprop_status) for s in range(3)]
+    runs = [_run("normprop+renorm", 0.07, s, [0.1], normprop_status) for s in range(3)]
     runs += [_run("fastnorm", 0.075, s, [0.9], fastnorm_status) for s in range(3)]
     result = recipe.check_divergence(Results(runs), QUICK)
     assert result.verdict == verdict
-    assert ("in 3/3 seeds" in result.ours) == (normprop_status == "diverged")
+    assert ("NormProp, explicit (seed's) 3/3" in result.ours) == (normprop_status == "diverged")
 
 
 def test_accuracy_claim_compares_medians_and_same_rate_gaps():
-    runs = [_run("normprop", 0.06, s, [0.86 + s / 100]) for s in range(3)]
+    runs = [_run("normprop+renorm", 0.06, s, [0.86 + s / 100]) for s in range(3)]
     runs += [_run("fastnorm", 0.075, s, [0.91]) for s in range(3)]
-    runs += [_run("normprop", 0.03, s, [0.88]) for s in range(3)]
+    runs += [_run("normprop+renorm", 0.03, s, [0.88]) for s in range(3)]
     runs += [_run("fastnorm", 0.03, s, [0.885]) for s in range(3)]
     verdict = recipe.check_accuracy(Results(runs), QUICK)
     assert verdict.verdict == "reproduced" and "87.00%" in verdict.ours
@@ -70,14 +70,27 @@ def test_accuracy_claim_compares_medians_and_same_rate_gaps():
     assert recipe.check_accuracy(Results(runs), QUICK).verdict == "inconclusive"
 
 
-def test_jobs_refuse_methods_that_are_not_registered():
-    from normlab import registry
+def test_jobs_expand_the_declared_grids_over_every_arm():
+    jobs = recipe.jobs(QUICK)
+    assert {j.norm for j in jobs} == set(recipe.ARMS) and len(jobs) == 3 * 4 * (4 + 1 + 1)
+    assert {(j.dtype, j.batch_size) for j in jobs} == {
+        ("float32", 1), ("bfloat16", 1), ("float32", 16)}
+    assert len({j.key() for j in jobs}) == len(jobs)
 
-    if "normprop" in registry.available() and "fastnorm" in registry.available():
-        jobs = recipe.jobs(QUICK)
-        assert {j.norm for j in jobs} == set(recipe.NORMS) and len(jobs) == 3 * (8 + 2 + 2)
-        assert {(j.dtype, j.batch_size) for j in jobs} == {
-            ("float32", 1), ("bfloat16", 1), ("float32", 16)}
-    else:
-        with pytest.raises(ValueError, match="unknown normalization"):
-            recipe.jobs(QUICK)
+
+def test_mechanism_names_the_pair_whose_ratio_is_above_one():
+    """Explicit NormProp noisy, every parametrized arm quiet: the renormalization is the
+    mechanism, not the tracking (WN and FastNorm equally quiet)."""
+    amplitude = {"normprop+renorm": 0.05, "normprop": 0.01, "fastnorm": 0.01,
+                 "weight_norm": 0.01}
+    runs = [_run(n, 0.03, s, _noisy(a, 11 * s + i)) for i, (n, a) in
+            enumerate(amplitude.items()) for s in range(5)]
+    verdict = recipe.check_mechanism(Results(runs), QUICK)
+    assert verdict.verdict == "not reproduced"
+    assert "support the explicit renormalization" in verdict.why
+    assert "tracked arithmetic as" not in verdict.why
+    amplitude["weight_norm"] = 0.05  # now tracking alone makes FastNorm steadier too
+    runs = [_run(n, 0.03, s, _noisy(a, 11 * s + i)) for i, (n, a) in
+            enumerate(amplitude.items()) for s in range(5)]
+    verdict = recipe.check_mechanism(Results(runs), QUICK)
+    assert verdict.verdict == "reproduced" and "and the tracked arithmetic" in verdict.why
