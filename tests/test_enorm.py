@@ -76,6 +76,54 @@ def test_one_cycle_equals_the_formula_on_a_fully_connected_chain(c, p, balance_b
     assert not torch.allclose(model[0].weight, _randomize(_mlp()).double()[0].weight)
 
 
+def _official_reference(weights, c: float, p: float) -> list[torch.Tensor]:
+    """The official schedule, from its description: d_k for the pairs (k, k+1) with
+    k = 0 .. L-3 (the last pair is skipped), each from the norms as they were before the
+    cycle; then W_k <- diag(d_k) W_k diag(1 / d_{k-1})."""
+    d = [torch.sqrt(torch.linalg.vector_norm(weights[k + 1], p, dim=0)
+                    / (c * torch.linalg.vector_norm(weights[k], p, dim=1)))
+         for k in range(len(weights) - 2)]
+    out = []
+    for k, weight in enumerate(weights):
+        rows = d[k] if k < len(d) else torch.ones(len(weight), dtype=weight.dtype)
+        columns = 1 / d[k - 1] if 0 < k <= len(d) else torch.ones(weight.shape[1],
+                                                                   dtype=weight.dtype)
+        out.append(rows[:, None] * weight * columns[None, :])
+    return out
+
+
+@pytest.mark.parametrize("c, p", [(1.0, 2), (1.2, 3)])
+def test_official_schedule_equals_its_description_and_differs_from_the_paper(c, p):
+    model = _randomize(_mlp(bias=False)).double()
+    linears = [model[0], model[2], model[5]]
+    weights = [layer.weight.detach().clone() for layer in linears]
+    official = ENorm(model, c=c, p=p, schedule="official")
+    assert official.pairs == [("0", "2")]  # the last hidden layer (2, 5) is left alone
+    official.step()
+    for layer, want in zip(linears, _official_reference(weights, c, p)):
+        torch.testing.assert_close(layer.weight, want, rtol=1e-12, atol=1e-12)
+    deep = _randomize(models.fc_cifar(3, width=9, in_features=12)).double()
+    paper = copy.deepcopy(deep)
+    weights = [m.weight.detach().clone() for m in deep.modules() if isinstance(m, nn.Linear)]
+    ENorm(deep, c=c, p=p, schedule="official").step()
+    ENorm(paper, c=c, p=p).step()
+    got = [m.weight for m in deep.modules() if isinstance(m, nn.Linear)]
+    for layer, want in zip(got, _official_reference(weights, c, p)):
+        torch.testing.assert_close(layer, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[-1], weights[-1])  # the classifier is untouched
+    paper_weights = [m.weight for m in paper.modules() if isinstance(m, nn.Linear)]
+    assert not torch.allclose(got[1], paper_weights[1])  # later pairs read other norms
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(deep(x), paper(x))  # both keep the function
+
+
+def test_official_schedule_needs_two_pairs_in_a_chain():
+    with pytest.raises(ValueError, match="nothing to balance"):
+        ENorm(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), schedule="official")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        ENorm(_mlp(), schedule="authors")
+
+
 @pytest.mark.parametrize("build, shape", [(_mlp, (16, 6)), (_FunctionalCNN, (4, 3, 8, 8)),
                                           (_cnn_adaptive, (4, 3, 8, 8))])
 @pytest.mark.parametrize("balance_bias", [False, True])

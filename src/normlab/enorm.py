@@ -17,6 +17,14 @@ The pairs are read from the model's torch.fx graph (`_find_chains`). A cycle
 needs only the sums of |w|^p per (unit, input unit): the row norms of W_k
 after the previous pair's column scaling s are (|W_k|^p) s^p, so each weight
 is scaled once per cycle, by d (rows) and s (columns) together.
+
+Two schedules. ``"paper"`` is Algorithm 1 of Stock et al.: every pair of a
+chain, in order, each reading the row norms of W_k after the previous pair
+has scaled its columns. ``"official"`` is the authors' code
+(facebookresearch/enorm): the last pair of each chain (the last hidden layer
+and the classifier) is left alone, and every d is computed from the norms as
+they were at the start of the cycle (the code reads W_k's row norms before
+applying the previous pair's column scaling).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ _ELEMENTWISE_FUNCTIONS = (torch.relu, F.relu, F.leaky_relu, F.dropout)
 _POOL_FUNCTIONS = (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 BATCHNORM_MODES = ("official", "affine")
+SCHEDULES = ("paper", "official")
 
 # Optimizer state that ENorm rescales, as the power of the weight's factor:
 # gradients scale by the inverse factor, so first moments do too, second
@@ -230,6 +239,12 @@ class ENorm:
             the network's function then changes. ``"affine"`` keeps the
             function: BatchNorm's (weight, bias) become the unit's row and the
             layer before the BatchNorm is left alone.
+        schedule: ``"paper"`` (Algorithm 1: every pair, each reading the row
+            norms after the previous pair's column scaling) or ``"official"``
+            (the authors' code: the last pair of each chain is skipped, and the
+            row norms are read before the previous pair's column scaling). The
+            official code also leaves biases and, for fully-connected networks,
+            SGD momentum unscaled; here both schedules rescale them alike.
 
     Attributes:
         pairs: the balanced pairs, as (name of layer k, name of layer k+1).
@@ -252,29 +267,39 @@ class ENorm:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  c: float = 1.0, p: float = 2, balance_bias: bool = False,
-                 batchnorm: str = "official"):
+                 batchnorm: str = "official", schedule: str = "paper"):
         if not c > 0:
             raise ValueError(f"c must be > 0, got {c!r}")
         if not 0 < p < float("inf"):
             raise ValueError(f"p must be a positive finite number, got {p!r}")
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.optimizer, self.c, self.p = optimizer, float(c), float(p)
-        self.balance_bias, self.batchnorm = balance_bias, batchnorm
+        self.balance_bias, self.batchnorm, self.schedule = balance_bias, batchnorm, schedule
         self._chains = _find_chains(model, batchnorm)
         if not self._chains:
             raise ValueError(
                 f"ENorm found no pair of layers to balance in {type(model).__name__}: it needs "
                 f"a Linear/Conv2d whose output reaches another only through ReLU, LeakyReLU, "
                 f"pooling, Flatten, Dropout or Identity")
+        # pairs of a chain left alone at its end: none (paper) or the last one (official)
+        self._skipped = {"paper": 0, "official": 1}[schedule]
+        self._chains = [chain for chain in self._chains if len(chain) > 1 + self._skipped]
+        if not self._chains:
+            raise ValueError(f"ENorm(schedule='official') leaves the last pair of each chain "
+                             f"alone, and every chain of {type(model).__name__} has one pair "
+                             f"only (one hidden layer): nothing to balance")
         self.pairs = [(a.name, b.name) for chain in self._chains
-                      for a, b in zip(chain[:-1], chain[1:])]
+                      for a, b in zip(chain[:-1 - self._skipped], chain[1:])]
         self._state_powers = self._check_optimizer()
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return (f"ENorm(c={self.c}, p={self.p:g}, balance_bias={self.balance_bias}, "
-                f"batchnorm={self.batchnorm!r}, pairs={len(self.pairs)})")
+                f"batchnorm={self.batchnorm!r}, schedule={self.schedule!r}, "
+                f"pairs={len(self.pairs)})")
 
     def _check_optimizer(self) -> dict[str, int]:
         """The rescaling powers of the optimizer's state; ValueError if it has unknown state."""
@@ -323,9 +348,12 @@ class ENorm:
     def _balance(self, chain: list[_Layer]) -> None:
         current = self._powered_sums(chain[0], "powered 0")
         in_scale = current.new_ones(1)  # the head's columns are not rescaled
-        for k, (layer, nxt) in enumerate(zip(chain[:-1], chain[1:])):
+        last = len(chain) - 1 - self._skipped  # the last layer whose columns are rescaled
+        for k, (layer, nxt) in enumerate(zip(chain[:last], chain[1:])):
             following = self._powered_sums(nxt, f"powered {(k + 1) % 2}")
-            row = torch.mv(current, in_scale.pow(self.p))  # ||row_i||_p^p after in_scale
+            # ||row_i||_p^p after the previous pair's column scaling (paper) or before it
+            row = (torch.mv(current, in_scale.pow(self.p)) if self.schedule == "paper"
+                   else current.sum(1))
             if self.balance_bias and layer.bias is not None:
                 row += layer.bias.to(row.dtype).abs().pow_(self.p)
             col = following.sum(0)  # ||col_i||_p^p
@@ -334,7 +362,7 @@ class ENorm:
             d = torch.where((d > 0) & (d < float("inf")), d, 1.0)
             self._rescale(layer, d, in_scale)
             in_scale, current = d.reciprocal(), following
-        self._rescale(chain[-1], None, in_scale)
+        self._rescale(chain[last], None, in_scale)
 
     def _rescale(self, layer: _Layer, d: torch.Tensor | None, in_scale: torch.Tensor) -> None:
         """Rows times d (None: 1), columns times in_scale; the optimizer state alike."""
