@@ -3,7 +3,7 @@ import math
 import pytest
 
 from normlab.experiments import Results, Verdict
-from normlab.experiments.recipe import final, median_iqr, quartiles
+from normlab.experiments.recipe import final, grid, median, median_iqr, quartiles
 from normlab.experiments.store import Run
 
 
@@ -26,6 +26,40 @@ def test_results_select_by_config_and_final_metric():
     assert [r.config["seed"] for r in results.select(norm="a")] == [0, 2]
     assert set(results.by_seed(norm="a")) == {0, 2}
     assert [final(r, "acc") for r in results.select(norm="a")] == [None, 2.5]
+
+
+def test_grid_expands_every_combination_in_declared_order():
+    assert grid(norm=("a", "b"), lr=(0.1, 0.2), seed=range(1)) == [
+        {"norm": "a", "lr": 0.1, "seed": 0}, {"norm": "a", "lr": 0.2, "seed": 0},
+        {"norm": "b", "lr": 0.1, "seed": 0}, {"norm": "b", "lr": 0.2, "seed": 0}]
+    assert grid(norm=("a",), lr=()) == []
+    with pytest.raises(ValueError, match="axis 'norm' must be a sequence"):
+        grid(norm="batch")  # a string would expand letter by letter
+
+
+def sample_probe(seed, width):
+    return [{"ratio": width / 10}]
+
+
+def test_select_reads_probe_parameters_and_train_configurations_alike():
+    from normlab.experiments import Probe
+    from normlab.experiments.runner import job_config
+
+    probes = [Probe(sample_probe, s, {"width": w}) for s in (1, 0) for w in (10, 20)]
+    runs = [Run(p.key(), job_config(p), "done", 1.0, p.fn(p.seed, **p.params)) for p in probes]
+    runs.append(Run("t", {"kind": "train", "norm": "batch", "width": 20, "seed": 0}, "done",
+                    1.0, []))
+    results = Results(runs)
+    chosen = results.select(probe=sample_probe, width=20)
+    assert [(r.config["seed"], r.history[0]["ratio"]) for r in chosen] == [(0, 2.0), (1, 2.0)]
+    assert [r.key for r in results.select(kind="train", width=20)] == ["t"]
+    assert len(results.select(width=20)) == 3
+
+
+def test_median_is_the_middle_quartile():
+    assert median([3.0, 1.0, 2.0, 10.0]) == 2.5
+    assert median([1.0, math.inf, math.inf]) == math.inf
+    assert math.isnan(median([]))
 
 
 def test_verdicts_are_one_of_three():

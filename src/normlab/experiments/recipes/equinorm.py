@@ -16,7 +16,18 @@ import math
 
 from ... import training
 from ..plots import band_panels
-from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
+from ..recipe import (
+    Claim,
+    Figure,
+    Recipe,
+    Results,
+    Settings,
+    Verdict,
+    final,
+    grid,
+    median,
+    median_iqr,
+)
 
 VARIANTS = {  # label -> (norm, norm keywords)
     "BatchNorm": ("batch", {}),
@@ -42,15 +53,15 @@ def _config(settings: Settings, label: str, seed: int, short: bool) -> training.
 
 
 def jobs(settings: Settings) -> list[training.TrainConfig]:
-    return [_config(settings, label, seed, short) for short in (False, True)
-            for label in VARIANTS for seed in range(settings.seeds)]
+    return [_config(settings, **point)
+            for point in grid(short=(False, True), label=VARIANTS, seed=range(settings.seeds))]
 
 
 def runs(results: Results, label: str, short: bool = False):
     norm, norm_kw = VARIANTS[label]
     schedule = "linear" if short else "step"
-    return [r for r in results.select(kind="train", norm=norm, lr_schedule=schedule)
-            if r.config["norm_kw"] == norm_kw and r.status != "failed"]
+    return [r for r in results.select(kind="train", norm=norm, norm_kw=norm_kw,
+                                      lr_schedule=schedule) if r.status != "failed"]
 
 
 def curves(results: Results, label: str, metric: str, short: bool = False) -> list[list[float]]:
@@ -68,7 +79,7 @@ def check_early_convergence(results: Results, settings: Settings) -> Verdict:
         return Verdict("-", "inconclusive", "runs missing")
     epochs = max(1, round(EARLY * EPOCHS[settings.quick]))
     ahead = [e for e in range(epochs)
-             if quartiles(_at(eq, e))[1] > quartiles(_at(bn, e))[1]]
+             if median(_at(eq, e)) > median(_at(bn, e))]
     ours = "; ".join(f"epoch {e + 1}: EquiNorm {median_iqr(_at(eq, e), '{:.3f}')} vs BatchNorm "
                      f"{median_iqr(_at(bn, e), '{:.3f}')}" for e in range(epochs))
     why = f"EquiNorm's median test accuracy ahead at {len(ahead)} of the first {epochs} epochs"
@@ -86,7 +97,7 @@ def check_overfitting(results: Results, settings: Settings) -> Verdict:
              for label in VARIANTS}
     ours = "test-loss rise after the first drop: " + "; ".join(
         f"{label} {median_iqr(r, '{:.3f}')}" for label, r in rises.items())
-    medians = {label: quartiles(r)[1] for label, r in rises.items()}
+    medians = {label: median(r) for label, r in rises.items()}
     if any(math.isnan(m) for m in medians.values()):
         return Verdict(ours, "inconclusive", "runs missing or diverged")
     more = medians["EquiNorm"] > medians["BatchNorm"]
@@ -102,7 +113,7 @@ def check_short_schedule(results: Results, settings: Settings) -> Verdict:
     ours = "; ".join(f"{label} {median_iqr(a, '{:.3f}')}" for label, a in acc.items())
     if not all(acc.values()):
         return Verdict(ours, "inconclusive", "runs missing or diverged")
-    eq, bn = (quartiles(acc[label])[1] for label in ("EquiNorm", "BatchNorm"))
+    eq, bn = (median(acc[label]) for label in ("EquiNorm", "BatchNorm"))
     return Verdict(ours, "reproduced" if eq > bn else "not reproduced",
                    f"median final accuracy EquiNorm {100 * eq:.1f}% vs BatchNorm "
                    f"{100 * bn:.1f}% (linear decay, no mixup)")

@@ -25,7 +25,18 @@ from torch.nn import functional as F
 
 from ... import registry, training
 from ..plots import band_panels
-from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, final, median_iqr, quartiles
+from ..recipe import (
+    Claim,
+    Figure,
+    Recipe,
+    Results,
+    Settings,
+    Verdict,
+    final,
+    grid,
+    median,
+    median_iqr,
+)
 from ..runner import Probe
 
 SCHEMES = ("he", "weight_norm", "scaled_weight_norm")
@@ -139,23 +150,21 @@ def weight_norm_update_probe(seed: int, lr: float = 0.5, steps: int = 20) -> lis
 
 def jobs(settings: Settings) -> list:
     seeds = range(settings.seeds)
-    probes = [Probe(propagation_probe, seed, {"sweep": sweep, "scheme": scheme})
-              for sweep in ("depth", "width") for scheme in SCHEMES for seed in seeds]
-    probes += [Probe(batch_norm_scale_probe, seed) for seed in seeds]
-    probes += [Probe(weight_norm_update_probe, seed) for seed in seeds]
+    probes = [Probe(propagation_probe, point.pop("seed"), point)
+              for point in grid(sweep=("depth", "width"), scheme=SCHEMES, seed=seeds)]
+    probes += [Probe(fn, seed) for fn in (batch_norm_scale_probe, weight_norm_update_probe)
+               for seed in seeds]
     limits = dict(train_limit=QUICK_TRAIN, test_limit=QUICK_TEST) if settings.quick else {}
-    sweep = [training.TrainConfig(task=f"{settings.dataset}-mlp", norm=norm, lr=lr, epochs=1,
-                                  batch_size=64, seed=seed, eval_every=25, **limits)
-             for norm in SWEEP_NORMS for lr in LR_GRID[settings.quick] for seed in seeds]
+    sweep = [training.TrainConfig(task=f"{settings.dataset}-mlp", epochs=1, batch_size=64,
+                                  eval_every=25, **limits, **point)
+             for point in grid(norm=SWEEP_NORMS, lr=LR_GRID[settings.quick], seed=seeds)]
     return probes + sweep
 
 
 # -- claims ------------------------------------------------------------------
 
 def _probe_points(results: Results, fn, **params) -> list[list[dict]]:
-    name = f"{fn.__module__}.{fn.__qualname__}"
-    return [r.history for r in results.select(kind="probe", probe=name)
-            if all(r.config["params"].get(k) == v for k, v in params.items())]
+    return [r.history for r in results.select(probe=fn, **params)]
 
 
 def _ratios_at(results: Results, scheme: str, sweep: str, index: int) -> list[float]:
@@ -222,8 +231,7 @@ def final_losses(results: Results, settings: Settings, norm: str, lr: float) -> 
 
 def check_learning_rate(results: Results, settings: Settings) -> Verdict:
     top = LR_GRID[settings.quick][-1]
-    medians = {norm: quartiles(final_losses(results, settings, norm, top))[1]
-               for norm in SWEEP_NORMS}
+    medians = {norm: median(final_losses(results, settings, norm, top)) for norm in SWEEP_NORMS}
     ours = f"final train loss at lr {top}: " + ", ".join(
         f"{norm} {loss:.3g}" for norm, loss in medians.items())
     if any(math.isnan(v) for v in medians.values()):

@@ -21,7 +21,7 @@ from torch import nn
 from ... import training
 from .. import memory
 from ..plots import band_panels
-from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, median_iqr, quartiles
+from ..recipe import Claim, Figure, Recipe, Results, Settings, Verdict, grid, median, median_iqr
 from ..runner import Probe
 
 NORMS = ("batch", "group", "batch_renorm", "online")
@@ -85,35 +85,24 @@ def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
 
 
 def jobs(settings: Settings) -> list[Probe]:
-    probes = [Probe(memory_probe)]
-    probes += [Probe(batch_probe, seed, {"task": task, "norm": norm, "batch": batch,
-                                         "quick": settings.quick}, uses_data=True)
-               for task in TASKS for norm in NORMS for batch in BATCHES
-               if not cannot_train(norm, task, batch) for seed in range(settings.seeds)]
-    return probes
+    points = grid(task=TASKS, norm=NORMS, batch=BATCHES, quick=(settings.quick,),
+                  seed=range(settings.seeds))
+    return [Probe(memory_probe)] + [
+        Probe(batch_probe, point.pop("seed"), point, uses_data=True) for point in points
+        if not cannot_train(point["norm"], point["task"], point["batch"])]
 
 
 # -- claims ------------------------------------------------------------------
 
-def _probe_runs(results: Results, fn, **params):
-    name = f"{fn.__module__}.{fn.__qualname__}"
-    return [r for r in results.select(kind="probe", probe=name)
-            if r.history and all(r.config["params"].get(k) == v for k, v in params.items())]
-
-
-def _points(results: Results, fn, **params) -> list[dict]:
-    """The last point of each matching probe run (one per seed)."""
-    return [r.history[-1] for r in _probe_runs(results, fn, **params)]
-
-
 def metric(results: Results, task: str, norm: str, batch: int, name: str) -> list[float]:
     """Per seed; a diverged run counts as NaN."""
-    return [p.get(name, math.nan) for p in _points(results, batch_probe, task=task, norm=norm,
-                                                   batch=batch)]
+    return [r.history[-1].get(name, math.nan)
+            for r in results.select(probe=batch_probe, task=task, norm=norm, batch=batch)
+            if r.history]
 
 
 def check_memory(results: Results, settings: Settings) -> Verdict:
-    runs = _probe_runs(results, memory_probe)
+    runs = results.select(probe=memory_probe)
     points = runs[0].history if runs else []
     if not points:
         return Verdict("-", "inconclusive", "memory probe missing")
@@ -139,7 +128,7 @@ def _common_batches(task: str, settings: Settings) -> list[int]:
 
 def _spread(results: Results, task: str, norm: str, settings: Settings) -> float:
     """Max minus min over the common batch sizes of the median test accuracy."""
-    medians = [quartiles(metric(results, task, norm, b, "test_acc"))[1]
+    medians = [median(metric(results, task, norm, b, "test_acc"))
                for b in _common_batches(task, settings)]
     return max(medians) - min(medians) if medians else math.nan
 
@@ -165,7 +154,7 @@ def check_symmetry(results: Results, settings: Settings) -> Verdict:
     ours = f"relative train/eval output gap at batch {small}: " + "; ".join(
         f"{t}: " + ", ".join(f"{LABELS[n]} {median_iqr(gaps[t, n], '{:.2g}')}" for n in NORMS)
         for t in TASKS)
-    medians = {k: quartiles(v)[1] for k, v in gaps.items()}
+    medians = {k: median(v) for k, v in gaps.items()}
     if any(math.isnan(v) for v in medians.values()):
         return Verdict(ours, "inconclusive", "runs missing or diverged")
     holds = [t for t in TASKS if all(medians[t, "online"] < medians[t, n]
