@@ -85,6 +85,13 @@ def cmd_report(args) -> int:
     if args.csv:
         sys.stdout.write(experiments.runs_csv(args.dir))
         return 0
+    if args.export:
+        if not args.commit or not args.machine:
+            raise ValueError("--export needs --commit (the code the runs ran on) and "
+                             "--machine (where they ran)")
+        path = experiments.export(args.dir, args.export, args.commit, args.machine, args.date)
+        print(f"report: {path}")
+        return 0
     print(f"report: {experiments.render(args.dir)}")
     return 0
 
@@ -160,8 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(run=cmd_reproduce)
 
     report = sub.add_parser("report", help="re-render report.md from a results folder")
-    report.add_argument("dir", help="the --out folder of `normlab reproduce`")
+    report.add_argument("dir", help="the --out folder of `normlab reproduce`, or an exported "
+                                    "results folder")
     report.add_argument("--csv", action="store_true", help="print every run as CSV instead")
+    report.add_argument("--export", metavar="DEST", default=None,
+                        help="write the runs as runs.csv and meta.json to DEST (a results/ "
+                             "folder) and render the report there, from them alone")
+    report.add_argument("--commit", default=None, help="with --export: the commit the runs "
+                                                       "ran on")
+    report.add_argument("--machine", default=None, help="with --export: where they ran")
+    report.add_argument("--date", default=None,
+                        help="with --export: when they ran (default: today, UTC)")
     report.set_defaults(run=cmd_report)
 
     bench = sub.add_parser("bench", help="micro-benchmarks, as ratios against a baseline")

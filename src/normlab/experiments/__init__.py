@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import data
 from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
 from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
-from .report import render, runs_csv
+from .report import export, render, runs_csv
 from .runner import Interrupted, Probe, run_sweep
 from .store import Store
 
@@ -62,5 +62,5 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
 
 
 __all__ = ["RECIPES", "Claim", "Figure", "Interrupted", "Probe", "Recipe", "Results",
-           "Settings", "Store", "Verdict", "get_recipe", "render", "reproduce", "run_sweep",
-           "runs_csv"]
+           "Settings", "Store", "Verdict", "export", "get_recipe", "render", "reproduce",
+           "run_sweep", "runs_csv"]

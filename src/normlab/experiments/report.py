@@ -1,13 +1,23 @@
-"""report.md and its figures, rendered from the results database alone."""
+"""report.md and its figures, rendered from the results database alone.
+
+A results folder is either the ``--out`` folder of `normlab reproduce`
+(``results.db``) or an exported one (``runs.csv`` and ``meta.json``: what
+the repository's ``results/`` folders hold, the database being a binary
+that would not diff); `render` reads either.
+"""
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
+import json
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .recipe import Results, Settings, Verdict
-from .store import Store
+from .store import Run, Store
 
 
 def render(folder: str | Path) -> Path:
@@ -15,8 +25,7 @@ def render(folder: str | Path) -> Path:
     from . import get_recipe
 
     folder = Path(folder)
-    with _open(folder) as store:
-        meta, runs = store.meta(), store.runs()
+    meta, runs = _load(folder)
     settings = Settings(**meta["settings"])
     recipe = get_recipe(settings.recipe)
     results = Results(runs)
@@ -27,7 +36,13 @@ def render(folder: str | Path) -> Path:
              f"{len(runs)} ({counts['done']} done, {counts['diverged']} diverged, "
              f"{counts['failed']} failed); compute time {sum(r.wall_time for r in runs):.0f} s "
              f"summed over runs. Figures over seeds are the median and the interquartile "
-             f"range (IQR).", "", "## Claims", "",
+             f"range (IQR).", ""]
+    if "provenance" in meta:
+        where = meta["provenance"]
+        lines += [f"Ran on {where['machine']}, {where['date']}, code at commit "
+                  f"`{where['commit']}`; exported from `results.db` to `{CSV_NAME}`, from which "
+                  f"`normlab report` re-renders this page.", ""]
+    lines += ["## Claims", "",
              "| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
     for claim in recipe.claims:
         verdict = _checked(claim, results, settings)
@@ -58,9 +73,12 @@ def _checked(claim, results: Results, settings: Settings) -> Verdict:
 
 
 def runs_csv(folder: str | Path) -> str:
-    """One row per run and evaluation point: configuration, status, wall time, metrics."""
-    with _open(Path(folder)) as store:
-        runs = store.runs()
+    """One row per run and evaluation point: configuration, status, wall time, metrics.
+
+    Configuration values are written as Python literals (strings bare), so that
+    `runs_from_csv` reads the runs back.
+    """
+    _, runs = _load(Path(folder))
     config_names = sorted({k for r in runs for k in r.config})
     metric_names = sorted({k for r in runs for point in r.history for k in point})
     out = io.StringIO()
@@ -74,10 +92,63 @@ def runs_csv(folder: str | Path) -> str:
     return out.getvalue()
 
 
-def _open(folder: Path) -> Store:
+def runs_from_csv(text: str) -> list[Run]:
+    """The runs written by `runs_csv`, in their order (a failed run's traceback is not kept)."""
+    reader = csv.DictReader(io.StringIO(text))
+    names = reader.fieldnames or []
+    config_names = names[1:names.index("status")]
+    metric_names = names[names.index("point") + 1:]
+    runs: dict[str, Run] = {}
+    for row in reader:
+        run = runs.get(row["key"])
+        if run is None:
+            config = {name: _literal(row[name]) for name in config_names if row[name] != ""}
+            error = "(traceback not exported)" if row["status"] == "failed" else None
+            run = runs[row["key"]] = Run(row["key"], config, row["status"],
+                                         float(row["wall_time"]), [], error)
+        if row["point"] != "":
+            run.history.append({name: float(row[name]) for name in metric_names
+                                if row[name] != ""})
+    return list(runs.values())
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string: a norm, task or dtype name
+
+
+def export(source: str | Path, dest: str | Path, commit: str, machine: str,
+           date: str | None = None) -> Path:
+    """Copy the runs of results folder `source` to `dest` as ``runs.csv`` and ``meta.json``
+    (settings, and where and when they ran), render the report there; returns its path."""
+    source, dest = Path(source), Path(dest)
+    meta, _ = _load(source)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / CSV_NAME).write_text(runs_csv(source))
+    date = date or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    meta = {"settings": meta["settings"],
+            "provenance": {"date": date, "machine": machine, "commit": commit}}
+    (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if (source / LOG_NAME).exists():
+        shutil.copyfile(source / LOG_NAME, dest / LOG_NAME)
+    return render(dest)
+
+
+CSV_NAME, META_NAME, LOG_NAME = "runs.csv", "meta.json", "log.txt"
+
+
+def _load(folder: Path) -> tuple[dict, list[Run]]:
+    """(meta, runs) of a results folder: its database, else its exported CSV."""
     from .store import DB_NAME
 
-    if not (folder / DB_NAME).exists():
-        raise ValueError(f"no results database at {folder / DB_NAME}; "
-                         f"run `normlab reproduce RECIPE --out {folder}` first")
-    return Store.in_folder(folder)
+    if (folder / DB_NAME).exists():
+        with Store.in_folder(folder) as store:
+            return store.meta(), store.runs()
+    if (folder / CSV_NAME).exists() and (folder / META_NAME).exists():
+        return (json.loads((folder / META_NAME).read_text()),
+                runs_from_csv((folder / CSV_NAME).read_text()))
+    raise ValueError(f"no results database at {folder / DB_NAME} (nor an exported "
+                     f"{CSV_NAME} and {META_NAME}); run `normlab reproduce RECIPE --out "
+                     f"{folder}` first")
