@@ -69,6 +69,12 @@ def test_reproduce_writes_a_report_and_report_rerenders_it(tmp_path, capsys, mon
     assert sorted((r["kind"], r["norm"], r["status"]) for r in rows) == [
         ("probe", "", "done")] * sweep_helper.POINTS + [("train", "batch", "done"),
                                                         ("train", "none", "done")]
+    assert cli.main(["report", str(out), "--export", str(tmp_path / "results")]) == 2
+    assert "--export needs --commit" in capsys.readouterr().err
+    assert cli.main(["report", str(out), "--export", str(tmp_path / "results"), "--commit",
+                     "abc", "--machine", "here", "--date", "2026-12-02"]) == 0
+    assert "Ran on here, 2026-12-02, code at commit `abc`" in \
+        (tmp_path / "results" / "report.md").read_text()
 
 
 def test_reproduce_unknown_recipe_is_one_clear_line(capsys):

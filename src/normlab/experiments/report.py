@@ -94,21 +94,24 @@ def runs_csv(folder: str | Path) -> str:
 
 def runs_from_csv(text: str) -> list[Run]:
     """The runs written by `runs_csv`, in their order (a failed run's traceback is not kept)."""
-    reader = csv.DictReader(io.StringIO(text))
-    names = reader.fieldnames or []
-    config_names = names[1:names.index("status")]
-    metric_names = names[names.index("point") + 1:]
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows, [])
+    # by position: a metric may share its name with a fixed column ("point")
+    status = header.index("status")
+    config_names, metric_names = header[1:status], header[status + 3:]
     runs: dict[str, Run] = {}
-    for row in reader:
-        run = runs.get(row["key"])
+    for row in rows:
+        key, config_cells, (state, wall_time, point) = row[0], row[1:status], \
+            row[status:status + 3]
+        run = runs.get(key)
         if run is None:
-            config = {name: _literal(row[name]) for name in config_names if row[name] != ""}
-            error = "(traceback not exported)" if row["status"] == "failed" else None
-            run = runs[row["key"]] = Run(row["key"], config, row["status"],
-                                         float(row["wall_time"]), [], error)
-        if row["point"] != "":
-            run.history.append({name: float(row[name]) for name in metric_names
-                                if row[name] != ""})
+            config = {name: _literal(cell) for name, cell in zip(config_names, config_cells)
+                      if cell != ""}
+            error = "(traceback not exported)" if state == "failed" else None
+            run = runs[key] = Run(key, config, state, float(wall_time), [], error)
+        if point != "":
+            run.history.append({name: float(cell) for name, cell in
+                                zip(metric_names, row[status + 3:]) if cell != ""})
     return list(runs.values())
 
 
