@@ -68,9 +68,21 @@ def cmd_reproduce(args) -> int:
     from . import experiments
 
     out = args.out or f"runs/{args.recipe}{'-quick' if args.quick else ''}"
+    if args.executor == "ray":
+        local = args.address is None
+        if args.workers is not None and not local:
+            raise ValueError("--workers sizes the local pool or a local Ray instance; a Ray "
+                             "cluster runs as many jobs as its CPUs allow")
+        executor = experiments.RayCluster(
+            args.address, cpus_per_job=args.cpus_per_job,
+            num_cpus=args.workers * args.cpus_per_job if args.workers and local else None)
+    elif args.address is not None or args.cpus_per_job != 1:
+        raise ValueError("--address and --cpus-per-job apply to --executor ray")
+    else:
+        executor = experiments.LocalPool(args.workers)
     try:
         path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
-                                     workers=args.workers, data_dir=args.data_dir)
+                                     data_dir=args.data_dir, executor=executor)
     except experiments.Interrupted as err:
         print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
@@ -152,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seeds per configuration (default: the recipe's)")
     reproduce.add_argument("--workers", type=int, default=None,
                            help="parallel runs (default: the number of cores)")
+    reproduce.add_argument("--executor", choices=("local", "ray"), default="local",
+                           help="where the runs go: a process pool on this machine (default) "
+                                "or Ray tasks (pip install 'normlab[ray]')")
+    reproduce.add_argument("--address", default=None,
+                           help="with --executor ray: the cluster to join ('auto': the one "
+                                "`ray start` made on this node); default: a local Ray instance")
+    reproduce.add_argument("--cpus-per-job", type=int, default=1,
+                           help="with --executor ray: CPUs (torch threads) each run asks Ray for")
     reproduce.add_argument("--out", default=None,
                            help="folder for results.db, log.txt and report.md "
                                 "(default: runs/RECIPE[-quick]); rerunning resumes it")
@@ -175,12 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .experiments.store import OutputError
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"normlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OutputError as err:  # a results folder that is busy, unwritable or damaged
+        print(f"normlab {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
