@@ -26,6 +26,15 @@ def test_train_compares_norms_and_writes_json(tmp_path, capsys):
     assert metrics["status"] == "done" and metrics["history"][-1]["test_acc"] > 0.5
 
 
+def test_train_progress_off_a_terminal_is_a_line_per_evaluation(capsys):
+    pytest.importorskip("sklearn")
+    assert cli.main(["train", "--task", "digits-mlp", "--norm", "none", "--epochs", "2"]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("digits-mlp none: step")]
+    assert len(lines) == 2 and "(epoch 2.00)" in lines[1] and "test acc" in lines[1]
+
+
 def test_train_falls_back_to_digits_without_mnist(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sklearn")
     monkeypatch.setattr("normlab.data.MNIST_MIRRORS", ("http://127.0.0.1:9/",))

@@ -40,7 +40,12 @@ def cmd_train(args) -> int:
                                       batch_size=args.batch_size, seed=args.seed,
                                       momentum=args.momentum, weight_decay=args.weight_decay,
                                       rebalancer_kw=rebalancer_kw)
-        result = training.train(config, data_dir=args.data_dir, progress=not args.quiet)
+        # a bar on a terminal; elsewhere (a cluster job's log, | tee) a line per evaluation
+        on_terminal = sys.stderr.isatty()
+        result = training.train(config, data_dir=args.data_dir,
+                                progress=not args.quiet and on_terminal,
+                                on_eval=None if args.quiet or on_terminal else
+                                _print_eval(f"{task} {norm}"))
         results.append(result)
         if args.out:
             out = Path(args.out)
@@ -56,6 +61,14 @@ def cmd_train(args) -> int:
     if args.out:
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _print_eval(label: str):
+    def print_point(point: dict) -> None:
+        print(f"{label}: step {point['step']} (epoch {point['epoch']:.2f}), train loss "
+              f"{point['train_loss']:.4f}, test loss {point['test_loss']:.4f}, test acc "
+              f"{100 * point['test_acc']:.2f}%", file=sys.stderr, flush=True)
+    return print_point
 
 
 def _fmt(value, percent: bool = False) -> str:
@@ -151,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="folder for the JSON metrics")
     train.add_argument("--fallback-digits", action="store_true",
                        help="train digits-mlp when MNIST is absent and cannot be downloaded")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress (a bar on a terminal, else a line per evaluation)")
     train.set_defaults(run=cmd_train)
 
     reproduce = sub.add_parser("reproduce", help="rerun a paper's experiment and report it, "
