@@ -81,6 +81,24 @@ def reproduce_main(out: str, fast: int, gated: int, gate: str, pid_dir: str, *op
     sys.exit(cli.main(["reproduce", "probes", "--out", out, *options]))
 
 
+def full_disk_main(folder: str, count: int, spare_bytes: int) -> None:
+    """A sweep on a disk that fills up: no file may grow past the database's size at the
+    start plus `spare_bytes` (RLIMIT_FSIZE, which binds root too). Exit status 1 on
+    `OutputError`, whose message goes to stderr."""
+    import resource
+
+    from normlab.experiments import OutputError
+
+    with Store.in_folder(folder) as store:
+        limit = store.path.stat().st_size + spare_bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            run_sweep(jobs(count, 0.0), store, workers=1, log_path=Path(folder) / "log.txt")
+        except OutputError as err:
+            print(err, file=sys.stderr)
+            sys.exit(1)
+
+
 def tiny_jobs(settings, norms=("none", "batch")):
     from normlab import training
 

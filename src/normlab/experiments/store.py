@@ -152,7 +152,10 @@ class Store:
             raise OutputError(_corrupted(self.path, str(err))) from err
         if problems != ["ok"]:
             self._db.close()
-            raise OutputError(_corrupted(self.path, "; ".join(problems[:3])))
+            lines = [line for text in problems for line in text.splitlines()
+                     if not line.startswith("***")]  # "*** in database main ***"
+            more = f" and {len(lines) - 2} more problems" if len(lines) > 2 else ""
+            raise OutputError(_corrupted(self.path, "; ".join(lines[:2]) + more))
 
     @classmethod
     def in_folder(cls, folder: str | Path) -> Store:
