@@ -80,6 +80,17 @@ def test_reproduce_writes_a_report_and_report_rerenders_it(tmp_path, capsys, mon
                                                         ("train", "none", "done")]
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--address", "auto"], "--address and --cpus-per-job apply to --executor ray"),
+    (["--executor", "ray", "--address", "auto", "--workers", "2"],
+     "a Ray cluster runs as many jobs as its CPUs allow"),
+    (["--executor", "ray", "--cpus-per-job", "0"], "cpus_per_job must be >= 1, got 0")])
+def test_reproduce_executor_options_are_checked_before_any_run(tmp_path, capsys, options,
+                                                                 message):
+    assert cli.main(["reproduce", "fastnorm", "--out", str(tmp_path), *options]) == 2
+    assert message in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_reproduce_unknown_recipe_is_one_clear_line(capsys):
     assert cli.main(["reproduce", "nope", "--quick"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err

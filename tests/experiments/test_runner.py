@@ -12,7 +12,7 @@ import pytest
 import sweep_helper
 
 from normlab import training
-from normlab.experiments import Probe, Store, run_sweep
+from normlab.experiments import Probe, RayCluster, Store, run_sweep
 from normlab.experiments.runner import execute, job_config
 
 HELPER = Path(sweep_helper.__file__)
@@ -70,6 +70,12 @@ def test_progress_is_a_line_per_run_off_a_terminal_and_one_line_on_it(tmp_path, 
         assert "\r" not in text and len(lines) == 5 and text.endswith("\n")
         assert lines[0].startswith("demo: 0/4 runs, elapsed")
         assert lines[-1].startswith("demo: 4/4 runs, 1 failed, elapsed")
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    with pytest.raises(ValueError, match=r"needs Ray: pip install 'normlab\[ray\]'"):
+        RayCluster().start(1)
 
 
 def test_nan_loss_is_recorded_as_diverged():
