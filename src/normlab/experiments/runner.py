@@ -10,6 +10,7 @@ where it stopped when the same command runs again.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -91,19 +92,21 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(f"received signal {signum}")
 
 
-class Executor:
+class Executor(abc.ABC):
     """Where a sweep's jobs run. `run_sweep` calls ``start``, iterates ``completed``
     and always calls ``stop``, which cancels whatever has not finished."""
 
+    @abc.abstractmethod
     def start(self, job_count: int) -> None:
-        raise NotImplementedError
+        """Get ready to run `job_count` jobs."""
 
+    @abc.abstractmethod
     def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
         """Submit `jobs`; yield each with its run as it finishes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Cancel what has not finished and release the workers; safe to call twice."""
 
 
 class LocalPool(Executor):
@@ -190,8 +193,11 @@ class RayCluster(Executor):
         self._ray = ray
         if not ray.is_initialized():
             # "local" always starts a new instance; None would join any cluster found
-            ray.init(address=self.address or "local",
-                     **({} if self.address else {"num_cpus": self.num_cpus}))
+            try:
+                ray.init(address=self.address or "local",
+                         **({} if self.address else {"num_cpus": self.num_cpus}))
+            except ConnectionError as err:  # no cluster there: Ray's message says what to do
+                raise ValueError(f"cannot join a Ray cluster at {self.address!r}: {err}") from None
             self._started_ray = True
         self._task = ray.remote(execute_with_threads).options(
             num_cpus=self.cpus_per_job, max_retries=0)
