@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -187,18 +188,42 @@ def test_an_unwritable_folder_fails_before_any_run(tmp_path, monkeypatch, capsys
     assert not any(pid_dir.iterdir())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits; "
-                    "test_an_unwritable_folder_fails_before_any_run covers the error")
-def test_a_read_only_folder_fails_before_any_run(tmp_path, monkeypatch, capsys):
-    pid_dir = tmp_path / "pids"
+def _where_permissions_bind() -> list[str]:
+    """A command prefix under which permission bits bind: none for a user; for root,
+    setpriv without the capabilities that let root write anywhere."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"]).returncode:
+        pytest.skip("running as root, and setpriv cannot drop root's power to write anywhere")
+    return prefix
+
+
+@pytest.mark.parametrize("read_only", ["the folder", "the database"])
+def test_a_read_only_output_fails_before_any_run_and_changes_nothing(tmp_path, read_only):
+    prefix = _where_permissions_bind()
+    out, gate, pid_dir = tmp_path / "out", tmp_path / "gate", tmp_path / "pids"
     pid_dir.mkdir()
-    recipe = sweep_helper.probe_recipe(sweep_helper.jobs(2, 0.0, str(pid_dir)))
-    monkeypatch.setitem(experiments.RECIPES, "probes", recipe)
-    out = tmp_path / "out"
-    out.mkdir(mode=0o555)
-    assert cli.main(["reproduce", "probes", "--out", str(out)]) == 1
-    assert f"cannot write to the output folder {out}" in capsys.readouterr().err
-    assert not any(pid_dir.iterdir()) and not any(out.iterdir())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
+
+    def reproduce(count: int) -> subprocess.CompletedProcess:
+        call = f"sweep_helper.reproduce_main({str(out)!r}, {count}, 0, {str(gate)!r}, " \
+               f"{str(pid_dir)!r})"
+        return subprocess.run([*prefix, sys.executable, "-c", f"import sweep_helper; {call}"],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    if read_only == "the folder":
+        out.mkdir(mode=0o555)
+        expected = f"cannot write to the output folder {out}: [Errno 13]"
+    else:
+        assert reproduce(1).returncode == 0  # a finished sweep of one probe, then one more
+        (out / DB_NAME).chmod(0o444)
+        expected = f"cannot write to {out / DB_NAME}: attempt to write a readonly database"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    child = reproduce(2)
+    assert child.returncode == 1 and expected in child.stderr, child.stderr
+    assert "Traceback" not in child.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_full_disk_stops_the_sweep_at_the_first_failed_write_with_every_run_whole(tmp_path):
