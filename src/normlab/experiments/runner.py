@@ -1,11 +1,12 @@
-"""Run a sweep of jobs on a local process pool, recording each in the store.
+"""Run a sweep of jobs on an executor, recording each in the store.
 
 A job is a `training.TrainConfig` (a training run) or a `Probe` (a
 measurement that trains nothing, such as the lecture's forward-pass claims).
-Workers only compute; the parent process writes each finished run to the
-database in one transaction. Jobs already finished in the database are
-skipped, so an interrupted sweep (Ctrl-C, SIGTERM, a killed worker) resumes
-where it stopped when the same command runs again.
+The executor is a `LocalPool` of processes on this machine (the default) or
+a `RayCluster` of Ray tasks. Workers only compute; the driver process writes
+each finished run to the database in one transaction. Jobs already finished
+in the database are skipped, so an interrupted sweep (Ctrl-C, SIGTERM, a
+killed worker) resumes where it stopped when the same command runs again.
 """
 
 from __future__ import annotations
