@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn import functional as distributed_functional
+from torch.autograd.function import once_differentiable
 
 
 class Syncable:
@@ -64,10 +64,28 @@ def sync_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGr
     return group if dist.get_world_size(group) > 1 else None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank's loss depends on the sum, so each input's gradient is the sum of the
+        # ranks' output gradients.
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """The sum of `tensor` over the group, differentiable: the backward pass sums the ranks'
     gradients, the true gradient of the sum of their losses."""
-    return distributed_functional.all_reduce(tensor, group=group)
+    return _AllReduceSum.apply(tensor, group)
 
 
 @dataclass
