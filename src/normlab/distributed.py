@@ -13,11 +13,12 @@ initialized with more than one process in the group; otherwise, and always
 when ``sync=False`` (the default), it computes the statistics of the batch
 it is given, with no collective call.
 
-Gradient convention: every rank's loss is the mean over the global batch
-scaled by P, which is what DDP assumes when it averages the ranks'
-gradients (with an even split, the mean over the local batch is exactly
-that). Layers whose backward pass keeps state (Online Normalization's
-control process) divide by P so that their state equals the single-process one.
+Gradient convention: each rank's loss is its samples' share of the global
+batch's mean loss, times P (with an even split, simply the mean over its own
+samples); DDP's averaging of the ranks' gradients then gives the global mean
+loss's gradient. Online Normalization's control process, whose state is
+linear in the gradients, divides them by P so that its state equals the
+one-process state.
 """
 
 from __future__ import annotations
