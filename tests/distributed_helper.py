@@ -46,7 +46,7 @@ def cnn(norm: nn.Module | None = None) -> nn.Module:
 
 VECTOR, IMAGE = (6,), (2, 4, 4)
 ONLINE = {"alpha_fwd": 0.9, "alpha_bkw": 0.8}  # fast decays: the state matters in 5 steps
-RENORM = {"momentum": 0.1, "r_max": 1.2, "d_max": 0.2}  # clipping active
+RENORM = {"momentum": 0.1, "r_max": 1.2, "d_max": 0.2}  # tight limits: r and d clip
 
 CASES = {
     "batch (SyncBatchNorm)": Case(lambda: mlp(nn.BatchNorm1d(5)), VECTOR),
