@@ -55,6 +55,9 @@ CASES = {
     "batch_renorm 2d": Case(lambda: cnn(normlab.BatchRenorm2d(4, **RENORM)), IMAGE),
     "batch_renorm uneven 5+3": Case(lambda: mlp(normlab.BatchRenorm1d(5, **RENORM)), VECTOR,
                                     split=(5, 3)),
+    "batch_renorm 7+1": Case(lambda: mlp(normlab.BatchRenorm1d(5, **RENORM)), VECTOR,
+                             split=(7, 1)),
+    "batch (SyncBatchNorm) 8+0": Case(lambda: mlp(nn.BatchNorm1d(5)), VECTOR, split=(8, 0)),
     "online 1d ecm=ac": Case(lambda: mlp(normlab.OnlineNorm1d(5, **ONLINE)), VECTOR),
     "online 2d ecm=ls": Case(lambda: cnn(normlab.OnlineNorm2d(4, ecm="ls", **ONLINE)), IMAGE),
     "online uneven 3+5": Case(lambda: mlp(normlab.OnlineNorm1d(5, **ONLINE)), VECTOR,
@@ -64,6 +67,7 @@ CASES = {
     "equinorm linear stat_fraction=0.75": Case(
         lambda: normlab.convert(mlp(), "equinorm", stat_fraction=0.75), VECTOR),
     "equinorm conv": Case(lambda: normlab.convert(cnn(), "equinorm"), IMAGE),
+    "equinorm 0+8": Case(lambda: normlab.convert(mlp(), "equinorm"), VECTOR, split=(0, 8)),
     "equinorm uneven 5+3 stat_fraction=0.75": Case(
         lambda: normlab.convert(mlp(), "equinorm", stat_fraction=0.75), VECTOR, split=(5, 3)),
     "enorm": Case(mlp, VECTOR, rebalance=True),
@@ -116,7 +120,18 @@ def train(case: Case, rank: int | None = None) -> dict:
     return {"outputs": outputs, "states": states}
 
 
+def empty_share_error(rank: int) -> str:
+    """The error of a synced OnlineNorm1d whose global batch of 2 splits 2 + 0."""
+    norm = normlab.OnlineNorm1d(3, sync=True)
+    try:
+        norm(torch.rand(2 if rank == 0 else 0, 3))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
 def worker(rank: int, world_size: int, out_dir: str) -> None:
     """Every case under DDP, in sequence, results saved to OUT_DIR/rank{rank}.pt."""
     results = {name: train(case, rank) for name, case in CASES.items()}
+    results["empty share error"] = empty_share_error(rank)
     torch.save(results, f"{out_dir}/rank{rank}.pt")

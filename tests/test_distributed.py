@@ -47,6 +47,14 @@ def test_ranks_stay_bit_identical(name, ddp_runs):
         assert not differ, f"{name}, step {step}: ranks differ in {differ}"
 
 
+def test_a_process_without_samples_is_an_error_on_every_process_for_online_norm(ddp_runs):
+    """Online Normalization's kernels cannot take an empty share; every rank must raise
+    (a rank that raised alone would leave the others waiting in a collective call)."""
+    for runs in ddp_runs:
+        assert "needs at least one sample on every process" in runs["empty share error"]
+        assert "split as [2, 0]" in runs["empty share error"]
+
+
 def test_convert_sync_turns_batch_dependent_layers_synced_in_place():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), normlab.OnlineNorm1d(6),
                           normlab.BatchRenorm1d(6), nn.LayerNorm(6),

@@ -129,6 +129,13 @@ class RankSlice:
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[:size] for part, size in zip(parts, self.sizes)])
 
+    def require_rows(self, what: str) -> None:
+        """ValueError on every rank alike (no rank left waiting in a collective) when one has
+        no rows."""
+        if min(self.sizes) == 0:
+            raise ValueError(f"{what}, synced, needs at least one sample on every process; the "
+                             f"global batch of {self.total} split as {self.sizes}")
+
     def mine(self, global_tensor: torch.Tensor) -> torch.Tensor:
         return global_tensor[self.start:self.stop]
 
@@ -151,6 +158,9 @@ def global_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
     sums = all_reduce_sum(torch.cat([x.sum(dims, dtype=torch.float64),
                                      (x * x).sum(dims, dtype=torch.float64), count]), group)
     total = sums[-1]
+    if total < 2:  # every rank sees the same total: all raise together
+        raise ValueError(f"batch normalization in training needs more than 1 value per channel "
+                         f"over the global batch, got {int(total)}")
     mean = sums[:channels] / total
     var = (sums[channels:-1] / total - mean * mean).clamp(min=0)
     inv_std = (var + eps).rsqrt()
@@ -160,7 +170,7 @@ def global_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
         if running_mean is not None:
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         if running_var is not None:
-            unbiased = var * (total / (total - 1).clamp(min=1))
+            unbiased = var * (total / (total - 1))
             running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return x_hat, mean.detach().to(x.dtype), inv_std.detach().to(x.dtype)
 

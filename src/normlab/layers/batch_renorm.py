@@ -33,12 +33,6 @@ class _BatchRenorm(ChannelNorm):
                 f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}"
                 + self._sync_repr())
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        super()._check_input(x)
-        if self.training and x.numel() // x.shape[1] < 2:
-            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
-                             f"training, got shape {tuple(x.shape)}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         # Low-precision inputs are normalized in float32; the statistics stay float32.
@@ -58,6 +52,9 @@ class _BatchRenorm(ChannelNorm):
             # paper), and the running statistics updated with `momentum`.
             group = self.sync_group() if self.sync else None
             if group is None:
+                if x.numel() // x.shape[1] < 2:
+                    raise ValueError(f"{type(self).__name__} needs more than 1 value per channel "
+                                     f"in training, got shape {tuple(x.shape)}")
                 x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
                     work, None, None, self.running_mean, self.running_var, True, self.momentum,
                     self.eps)

@@ -10,6 +10,8 @@ the samples, so a whole batch is computed at once with prefix scans.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
@@ -219,7 +221,8 @@ class _OnlineNorm(ChannelNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
+        flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
         # Low-precision inputs are normalized in float32; the state stays in its own dtype.
         work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
         weight = None if self.weight is None else self.weight.to(work.dtype)
@@ -228,7 +231,10 @@ class _OnlineNorm(ChannelNorm):
         with torch.autocast(x.device.type, enabled=False):
             if self.training:
                 group = self.sync_group() if self.sync else None
-                ranks = None if group is None else RankSlice.of(work.shape[0], group, x.device)
+                ranks = None
+                if group is not None:
+                    ranks = RankSlice.of(work.shape[0], group, x.device)
+                    ranks.require_rows(type(self).__name__)
                 out = OnlineNormFunction.apply(
                     work, weight, bias, self.running_mean, self.running_var, self.mean_control,
                     self.correlation_control, self.alpha_fwd, self.alpha_bkw, self.eps, clamp_val,
