@@ -9,6 +9,7 @@ Example:
 """
 
 from . import data, models
+from .distributed import convert_sync
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
@@ -28,6 +29,7 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
     "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
     "OnlineNorm1d", "OnlineNorm2d", "ScaledWeightNormConv2d", "ScaledWeightNormLinear",
-    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "models",
+    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "convert_sync", "create",
+    "data", "models",
 ]
 __version__ = "0.1.0"
