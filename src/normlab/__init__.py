@@ -9,6 +9,7 @@ Example:
 """
 
 from . import data, models
+from .distributed import convert_sync
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
@@ -30,6 +31,6 @@ __all__ = [
     "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
     "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
     "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "create", "data", "models",
+    "convert_sync", "create", "data", "models",
 ]
 __version__ = "0.1.0"
