@@ -94,3 +94,14 @@ def test_mechanism_names_the_pair_whose_ratio_is_above_one():
             enumerate(amplitude.items()) for s in range(5)]
     verdict = recipe.check_mechanism(Results(runs), QUICK)
     assert verdict.verdict == "reproduced" and "and the tracked arithmetic" in verdict.why
+
+
+def test_mechanism_counts_an_accuracy_gap_as_an_effect():
+    """Equally noisy arms, but explicit NormProp ends 10 points lower: the renormalization
+    separates the arms through accuracy, the tracking does not."""
+    runs = [_run(n, 0.03, s, _noisy(0.01, 13 * s + i) + [0.8 if n == "normprop+renorm" else 0.9])
+            for i, n in enumerate(recipe.ARMS) for s in range(5)]
+    verdict = recipe.check_mechanism(Results(runs), QUICK)
+    assert "support the explicit renormalization" in verdict.why
+    assert "tracked arithmetic as" not in verdict.why
+    assert "NormProp, parametrized @0.03 +10.0%" in verdict.ours
