@@ -67,15 +67,21 @@ def train_eval_gap(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             "eval_mode_acc": (evaluated.argmax(1) == labels).float().mean().item()}
 
 
-def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
-                data_dir=None) -> list[dict]:
-    """(b) and (c): train `task` with `norm` at `batch`, then measure the gap."""
+def train_config(seed: int, task: str, norm: str, batch: int, quick: bool
+                 ) -> training.TrainConfig:
+    """The training run of `batch_probe`."""
     train_limit, test_limit = QUICK_LIMITS[task] if quick else (None, None)
-    config = training.TrainConfig(
+    return training.TrainConfig(
         task=task, norm=norm, lr=BASE_LR[task] * batch / 128, epochs=EPOCHS[quick][task],
         batch_size=batch, seed=seed, momentum=0.9 if task == "cifar10-resnet" else 0.0,
         weight_decay=5e-4 if task == "cifar10-resnet" else 0.0, lr_schedule="linear",
         train_limit=train_limit, test_limit=test_limit, model_kw=MODEL_KW[task])
+
+
+def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
+                data_dir=None) -> list[dict]:
+    """(b) and (c): train `task` with `norm` at `batch`, then measure the gap."""
+    config = train_config(seed, task, norm, batch, quick)
     result = training.train(config, data_dir=data_dir)
     if result.status != "done":
         return [{"diverged": 1.0}]
