@@ -62,9 +62,9 @@ def learning_rate(method: str, p: int) -> float:
 def grids(settings: Settings) -> list[dict]:
     """The runs, as grids of (method, p, biases, ENorm schedule, seed)."""
     common = dict(p=DEPTHS[settings.quick], seed=range(settings.seeds))
-    return [*grid(norm=("none", "batch"), bias=(False,), schedule=(None,), **common),
-            *grid(norm=("enorm", "batch+enorm"), bias=(False,),
-                  schedule=SCHEDULES[settings.quick], **common),
+    return [*grid(p=DEPTHS[settings.quick], norm=("enorm", "batch+enorm"),
+                  schedule=SCHEDULES[settings.quick], bias=(False,), seed=range(settings.seeds)),
+            *grid(norm=("none", "batch"), bias=(False,), schedule=(None,), **common),
             *grid(norm=("none",), bias=(True,), schedule=(None,), **common),
             *grid(norm=("enorm",), bias=(True,), schedule=("paper",), **common)]
 
