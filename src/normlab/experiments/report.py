@@ -37,6 +37,12 @@ def render(folder: str | Path) -> Path:
              f"{counts['failed']} failed); compute time {sum(r.wall_time for r in runs):.0f} s "
              f"summed over runs. Figures over seeds are the median and the interquartile "
              f"range (IQR).", ""]
+    protocol_keys = {job.key() for job in recipe.jobs(settings)}
+    missing = protocol_keys - {r.key for r in runs if r.status in ("done", "diverged")}
+    if missing:
+        lines += [f"**Partial: {len(missing)} of the protocol's {len(protocol_keys)} runs are "
+                  f"missing** (the sweep stopped before them); the claims that need them "
+                  f"say so.", ""]
     if "provenance" in meta:
         where = meta["provenance"]
         lines += [f"Ran on {where['machine']}, {where['date']}, code at commit "
