@@ -9,7 +9,7 @@ from normlab.experiments import render
 from normlab.experiments.recipe import VERDICTS
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-FOLDERS = sorted(p.parent for p in RESULTS.glob("*/meta.json"))
+FOLDERS = sorted(p.parent for p in RESULTS.glob("*/*/meta.json"))  # results/RECIPE/MODE
 
 
 def _claim_rows(text: str) -> list[str]:
@@ -20,7 +20,7 @@ def test_results_are_committed():
     assert FOLDERS, f"no exported results under {RESULTS}"
 
 
-@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_report_renders_from_its_csv(folder, tmp_path):
     for name in ("runs.csv", "meta.json"):
         shutil.copyfile(folder / name, tmp_path / name)
