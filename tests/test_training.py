@@ -35,8 +35,8 @@ def test_eval_every_records_each_evaluation_point():
 
 def test_nan_loss_ends_run_as_diverged():
     result = train(TrainConfig(task="digits-mlp", norm="none", lr=1e6, batch_size=16))
-    assert result.status == "diverged"
-    assert len(result.history) < math.ceil(1438 / 16)
+    # The training loss stops the run within the first epoch, before its evaluation point.
+    assert result.status == "diverged" and result.history == []
 
 
 def test_linear_schedule_decays_to_zero():

@@ -54,10 +54,12 @@ def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
 def test_nan_loss_is_recorded_as_diverged():
     pytest.importorskip("sklearn")
     config = training.TrainConfig(task="digits-mlp", norm="none", lr=1e12, batch_size=32,
-                                  model_kw={"hidden": 16})
+                                  eval_every=1, model_kw={"hidden": 16})
     run = execute(config)
     assert run.status == "diverged" and run.key == config.key()
     assert run.config == job_config(config) and run.config["kind"] == "train"
+    # recorded up to the first non-finite test loss, and no further
+    assert len(run.history) >= 2 and not math.isfinite(run.history[-1]["test_loss"])
     assert all(math.isfinite(p["test_loss"]) for p in run.history[:-1])
 
 
