@@ -15,8 +15,8 @@ def test_list_prints_the_registry(capsys):
     assert all(name in out for name in ["none", "batch", "layer", "group", "instance"])
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_train_compares_norms_and_writes_json(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     code = cli.main(["train", "--task", "digits-mlp", "--norm", "none,batch", "--epochs", "1",
                      "--out", str(tmp_path), "--quiet"])
     assert code == 0
@@ -26,8 +26,8 @@ def test_train_compares_norms_and_writes_json(tmp_path, capsys):
     assert metrics["status"] == "done" and metrics["history"][-1]["test_acc"] > 0.5
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_train_falls_back_to_digits_without_mnist(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("sklearn")
     monkeypatch.setattr("normlab.data.MNIST_MIRRORS", ("http://127.0.0.1:9/",))
     code = cli.main(["train", "--norm", "batch", "--data-dir", str(tmp_path),
                      "--fallback-digits", "--quiet"])
@@ -49,8 +49,8 @@ def test_bench_json(capsys, monkeypatch):
     assert rows[0]["case"] == "tiny" and rows[0]["ratio"] > 0
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_reproduce_writes_a_report_and_report_rerenders_it(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("sklearn")
     monkeypatch.syspath_prepend(Path(__file__).parent / "experiments")
     import sweep_helper
 

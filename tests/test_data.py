@@ -37,8 +37,8 @@ def test_normalize_uses_training_statistics(data_root):
     assert torch.allclose(test, (raw_test - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_digits_ships_with_scikit_learn():
-    pytest.importorskip("sklearn")
     x_train, y_train = data.load("digits", "train")
     x_test, _ = data.load("digits", "test")
     assert x_train.shape[1:] == (1, 8, 8) and len(x_train) + len(x_test) == 1797

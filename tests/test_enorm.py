@@ -316,8 +316,8 @@ def test_low_precision_weights(dtype):
                                atol=tolerance * before.abs().max().item())
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_registered_as_a_rebalancer_and_trains_with_and_without_batchnorm():
-    pytest.importorskip("sklearn")
     method = registry.get("enorm")
     assert method.family == "rebalancer" and method.build is ENorm
     for norm in ("enorm", "batch+enorm"):

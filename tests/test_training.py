@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from normlab import models, training
 from normlab.training import TrainConfig, split_norm, train
 
-pytest.importorskip("sklearn")  # the digits task is the fast dataset for these tests
+pytestmark = pytest.mark.usefixtures("needs_sklearn")  # digits: the fast dataset for these tests
 
 
 def test_same_seed_same_numbers():

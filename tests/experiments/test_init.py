@@ -7,8 +7,7 @@ from normlab import experiments
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    pytest.importorskip("sklearn")
+def tiny(monkeypatch, needs_sklearn):
     recipe = sweep_helper.tiny_recipe()
     monkeypatch.setitem(experiments.RECIPES, recipe.name, recipe)
     return recipe

@@ -51,8 +51,8 @@ def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
     assert "demo: 3/3 runs" in err and "ETA 0m00s" in err and "demo: 0/3 runs" in err
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_nan_loss_is_recorded_as_diverged():
-    pytest.importorskip("sklearn")
     config = training.TrainConfig(task="digits-mlp", norm="none", lr=1e12, batch_size=32,
                                   eval_every=1, model_kw={"hidden": 16})
     run = execute(config)
