@@ -1,4 +1,5 @@
 import gzip
+import pickle
 import shutil
 
 import pytest
@@ -91,3 +92,47 @@ def test_bad_names_are_rejected():
         data.load("imagenet")
     with pytest.raises(ValueError, match="split"):
         data.load("mnist", "validation")
+
+
+def test_mnist_pixels_follow_the_idx_layout(data_root):
+    # IDX: a 16-byte header, then each image's 28 rows of 28 bytes, row by row.
+    raw = gzip.decompress((data_root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    labels = gzip.decompress((data_root / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    x, y = data.load("mnist", "test", root=data_root)
+    for k, row, col in [(0, 10, 20), (1, 5, 14), (123, 20, 9), (9999, 14, 3)]:
+        assert x[k, 0, row, col] * 255 == raw[16 + 784 * k + 28 * row + col]
+    torch.testing.assert_close(x[7, 0] * 255, torch.tensor(
+        list(raw[16 + 784 * 7:16 + 784 * 8]), dtype=torch.float32).view(28, 28), rtol=0, atol=0)
+    assert y[:10].tolist() == list(labels[8:18]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    # The digits stand upright: a 1 is a vertical stroke, taller than it is wide.
+    ones = x[y == 1, 0]
+    rows, cols = torch.arange(28.0).view(28, 1), torch.arange(28.0).view(1, 28)
+
+    def spread(index):
+        mass = ones.sum((1, 2))
+        mean = (ones * index).sum((1, 2)) / mass
+        return ((ones * (index - mean.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass).mean()
+    assert spread(rows) > 3 * spread(cols)
+
+
+def test_cifar10_pixels_follow_the_batch_layout(data_root):
+    # Each row of a batch: 1024 red, 1024 green, 1024 blue bytes, each plane row by row.
+    with open(data_root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    x, y = data.load("cifar10", "test", root=data_root)
+    for k, channel, row, col in [(0, 0, 3, 29), (1, 2, 30, 1), (5000, 1, 16, 8)]:
+        assert x[k, channel, row, col] * 255 == batch[b"data"][k][1024 * channel + 32 * row + col]
+    assert y[:5].tolist() == list(batch[b"labels"][:5])
+
+
+@pytest.mark.usefixtures("needs_sklearn")
+def test_digits_keep_scikit_learns_image_layout():
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images).float() / 16
+    x, _ = data.load("digits", "train")
+    x_test, _ = data.load("digits", "test")
+    # every loaded image is one of scikit-learn's images as they are, not transposed
+    found = (x[:20, 0].reshape(20, 1, 64) == images.reshape(1, -1, 64)).all(-1).any(-1)
+    assert found.all()
+    assert len(x) + len(x_test) == len(images)
