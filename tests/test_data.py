@@ -1,6 +1,9 @@
 import gzip
+import hashlib
+import http.server
 import pickle
 import shutil
+import threading
 
 import pytest
 import torch
@@ -136,3 +139,97 @@ def test_digits_keep_scikit_learns_image_layout():
     found = (x[:20, 0].reshape(20, 1, 64) == images.reshape(1, -1, 64)).all(-1).any(-1)
     assert found.all()
     assert len(x) + len(x_test) == len(images)
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves `routes`: path -> (status, body, declared length); a body shorter than its
+    declared length is a connection dropped mid-transfer."""
+
+    routes: dict = {}
+
+    def do_GET(self):
+        status, body, length = self.routes.get(self.path, (404, b"", 0))
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on the loopback address; returns (base URL, routes to fill)."""
+    routes = {}
+    handler = type("Handler", (_Files,), {"routes": routes})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", routes
+        httpd.shutdown()
+
+
+def _serve(routes, path, body, status=200, length=None):
+    routes[path] = (status, body, len(body) if length is None else length)
+
+
+def test_download_checks_the_md5_and_renames_the_part_file_only_when_complete(server,
+                                                                              tmp_path):
+    base, routes = server
+    body = bytes(range(256)) * 4000
+    _serve(routes, "/good", body)
+    _serve(routes, "/cut", body[:1000], length=len(body))  # the connection drops
+    md5 = hashlib.md5(body).hexdigest()
+    dest = tmp_path / "file.bin"
+    data._download(f"{base}/good", dest, md5=md5)
+    assert dest.read_bytes() == body and not dest.with_name("file.bin.part").exists()
+    for path, expected_md5 in (("/good", "0" * 32), ("/cut", md5), ("/cut", None)):
+        target = tmp_path / f"again{path.replace('/', '-')}-{expected_md5}.bin"
+        with pytest.raises(OSError):
+            data._download(f"{base}{path}", target, md5=expected_md5)
+        assert not target.exists()  # nothing incomplete or corrupted under the final name
+
+
+def test_mnist_download_falls_back_to_the_second_mirror(server, tmp_path, monkeypatch,
+                                                        data_root):
+    base, routes = server
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        content = (data_root / "mnist" / name).read_bytes()
+        _serve(routes, f"/cut/{name}", content[:len(content) // 2], length=len(content))
+        _serve(routes, f"/good/{name}", content)
+    for first in ("missing", "cut"):  # a 404, then a transfer that stops half-way
+        monkeypatch.setattr(data, "MNIST_MIRRORS", (f"{base}/{first}/", f"{base}/good/"))
+        root = tmp_path / first
+        x, y = data.load("mnist", "test", root=root)
+        expected_x, expected_y = data.load("mnist", "test", root=data_root)
+        assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+        assert sorted(p.name for p in (root / "mnist").iterdir()) == [
+            "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_downloaded_mnist_is_checked_and_failures_name_every_mirror(server, tmp_path,
+                                                                    monkeypatch, data_root):
+    base, routes = server
+    name = "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress((data_root / "mnist" / name).read_bytes()))
+    content[100] ^= 0xFF
+    _serve(routes, f"/altered/{name}", gzip.compress(bytes(content)))
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (f"{base}/altered/",))
+    with pytest.raises(data.DataError, match=f"corrupted.*{name}|{name}.*corrupted"):
+        data._read_idx(tmp_path / "mnist", name, download=True)
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (f"{base}/a/", f"{base}/b/"))
+    with pytest.raises(data.DataError, match=f"could not download.*{base}/a/.*{base}/b/"):
+        data._read_idx(tmp_path / "elsewhere", name, download=True)
+
+
+def test_cifar10_download_with_a_wrong_checksum_leaves_nothing_behind(server, tmp_path,
+                                                                      monkeypatch):
+    base, routes = server
+    _serve(routes, "/cifar.tar.gz", b"not the archive" * 100)
+    monkeypatch.setattr(data, "CIFAR10_URL", f"{base}/cifar.tar.gz")
+    with pytest.raises(data.DataError, match="arrived corrupted"):
+        data.load("cifar10", "test", root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
