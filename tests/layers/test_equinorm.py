@@ -60,7 +60,6 @@ def test_conv_matches_the_papers_equations(single_pass, stride, padding, padding
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("single_pass", [True, False])
 def unequal_channel_means(shape):
     """Non-negative input whose channels have clearly different means (1/4 to 4)."""
     scale = torch.logspace(-0.6, 0.6, shape[1], dtype=torch.float64).flip(0)
@@ -101,6 +100,7 @@ def test_gradcheck_grouped_dilated_conv_with_unequal_channel_means(single_pass):
     assert torch.autograd.gradcheck(fn, (x, layer.weight, layer.gain, layer.bias))
 
 
+@pytest.mark.parametrize("single_pass", [True, False])
 def test_linear_is_the_single_position_case(single_pass):
     torch.manual_seed(0)
     linear = EquiNormLinear(6, 4, single_pass=single_pass, dtype=torch.float64)
