@@ -13,7 +13,7 @@ from .distributed import convert_sync
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
     NormPropConv2d,
@@ -28,8 +28,8 @@ from .renorm import Renormalize
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
-    "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
-    "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
+    "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
+    "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
     "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
     "convert_sync", "create", "data", "models",
 ]
