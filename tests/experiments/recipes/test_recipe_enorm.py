@@ -83,6 +83,14 @@ def test_schedule_claim_compares_the_official_schedule_with_the_paper(monkeypatc
     assert enorm.check_schedule(same, full).verdict == "inconclusive"
 
 
+def test_baseline_claim_waits_for_every_depth():
+    """One exception is allowed among all depths: one depth measured proves nothing."""
+    below = fake_results(lambda m, p: 0.4 if m == "enorm" else 0.45)
+    partial = recipe.Results([r for r in below.runs if r.config["model_kw"]["p"] == 1])
+    verdict = enorm.check_enorm_beats_baseline(partial, QUICK)
+    assert verdict.verdict == "inconclusive" and "missing at 2 of 3 depths" in verdict.why
+
+
 def test_figure_is_drawn(tmp_path):
     enorm.draw_depth_sweep(fake_results(lambda m, p: RANKED[m]), QUICK, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
