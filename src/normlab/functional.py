@@ -1,9 +1,34 @@
-"""Stateless math shared by the modules (the module <-> functional split of torch.nn)."""
+"""The normalizers' math as functions of tensors: the module <-> functional split of torch.nn.
+
+Each module in :mod:`normlab.layers` checks its arguments, owns its
+parameters and buffers, and calls one function here, as torch.nn.BatchNorm2d
+calls torch.nn.functional.batch_norm:
+
+* :func:`weight_normalized_linear`, :func:`weight_normalized_conv2d` and
+  :func:`row_norms`: weight normalization (WeightNorm, scaled WeightNorm,
+  NormProp, FastNorm).
+* :func:`batch_renorm`: Batch Renormalization.
+* :func:`online_norm`: Online Normalization, forward and its control-process
+  backward.
+* :func:`equi_norm`: the effective kernel of Equilibrium Normalization.
+
+Running statistics passed in are updated in place, as in
+torch.nn.functional.batch_norm. Helpers built on torch's private kernels
+live in :mod:`normlab.kernels`.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+
+from .kernels import batch_norm_training, clamp_backward, row_sums, scale_shift
+
+ONLINE_NORM_ECMS = ("ls", "ac", None)
 
 
 class _RowNorms(torch.autograd.Function):
@@ -64,3 +89,303 @@ def weight_normalized_conv2d(x: torch.Tensor, weight: torch.Tensor, gain: torch.
     z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     z = z * (gain * inv_norm)[:, None, None]
     return z if bias is None else z + bias[:, None, None]
+
+
+# -- Batch Renormalization --------------------------------------------------------------
+
+
+def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 training: bool = False, momentum: float = 0.01, eps: float = 1e-5,
+                 r_max: float = 3.0, d_max: float = 5.0) -> torch.Tensor:
+    r"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275) of (N, C, *) `x`.
+
+    In training, with mu_B, var_B the batch statistics of a channel,
+    sigma_B = sqrt(var_B + eps) and sigma = sqrt(running_var + eps):
+
+    .. math::
+        r = \mathrm{clip}(\sigma_B / \sigma, 1 / r_{max}, r_{max}), \quad
+        d = \mathrm{clip}((\mu_B - \mu) / \sigma, -d_{max}, d_{max}) \\
+        y = \mathrm{weight} \cdot ((x - \mu_B) / \sigma_B \cdot r + d) + \mathrm{bias}
+
+    r and d are constants of the backward pass; the running statistics then
+    move towards the batch ones by `momentum` (in place; the variance
+    unbiased, as in torch's BatchNorm). Out of training it is batch_norm with
+    the running statistics. Low-precision inputs are normalized in float32.
+    """
+    # Low-precision inputs are normalized in float32; the statistics stay float32.
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    weight = torch.ones_like(running_mean) if weight is None else weight
+    bias = torch.zeros_like(running_mean) if bias is None else bias
+    with torch.autocast(x.device.type, enabled=False):
+        if not training:
+            return F.batch_norm(work, running_mean, running_var, weight, bias, False, 0.0,
+                                eps).to(x.dtype)
+        sigma = (running_var + eps).sqrt()
+        previous_mean = running_mean.clone()
+        x_hat, batch_mean, batch_inv_std = batch_norm_training(work, running_mean, running_var,
+                                                               momentum, eps)
+        r = (1 / (batch_inv_std * sigma)).clamp(1 / r_max, r_max)
+        d = ((batch_mean - previous_mean) / sigma).clamp(-d_max, d_max)
+        out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
+    return out.to(x.dtype)
+
+
+# -- Online Normalization ---------------------------------------------------------------
+
+
+def linear_scan(coef: torch.Tensor | float, drive: torch.Tensor, init: torch.Tensor
+                ) -> torch.Tensor:
+    """h_t = coef_t * h_{t-1} + drive_t along dim 0, with h_{-1} = init; returns all h_t.
+
+    A Hillis-Steele scan of the affine maps h -> coef_t h + drive_t: log2(N)
+    steps of tensor operations, no division, so it stays as stable as the
+    sequential loop (callers pass float64).
+    """
+    coef = torch.as_tensor(coef, dtype=drive.dtype).expand_as(drive)
+    step = 1
+    while step < drive.shape[0]:
+        # Compose each map with the one `step` places earlier (computed before either changes).
+        drive = torch.cat([drive[:step], torch.addcmul(drive[step:], coef[step:], drive[:-step])])
+        coef = torch.cat([coef[:step], coef[step:] * coef[:-step]])
+        step *= 2
+    return torch.addcmul(drive, coef, init)
+
+
+def _before_each(init: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """The state each sample sees: init for the first, then the state after the previous one."""
+    return torch.cat([init.unsqueeze(0), states[:-1]])
+
+
+def _affine_clamp(y: torch.Tensor, weight, bias, clamp_val: float | None) -> torch.Tensor:
+    """gamma * y + beta (per channel of an (N, C, S) tensor), clamped to +-clamp_val if given."""
+    rows = y.shape[:2]
+    out = y if weight is None else scale_shift(y, weight.expand(rows), bias.expand(rows))
+    if clamp_val is not None:
+        out = out.clamp(-clamp_val, clamp_val) if out is y else out.clamp_(-clamp_val, clamp_val)
+    return out
+
+
+def _sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over positions of each (sample, channel) row of (N, C, S), float64.
+
+    Sum and sum of squares in one fused pass (torch.var_mean is several times
+    slower on CPU); the variance is then E[x^2] - E[x]^2, exact in float64 and
+    accurate in float32 while |mean| / std stays below ~1e3.
+    """
+    positions = x.shape[-1]
+    square_sum, total = row_sums(x, x)
+    mean, second = total.double() / positions, square_sum.double() / positions
+    return mean, (second - mean * mean).clamp_(min=0)
+
+
+class OnlineNormFunction(torch.autograd.Function):
+    """Online normalization of an (N, C, S) tensor, its affine map and its "ac" clamp.
+
+    Forward updates `running_mean`/`running_var` in place; backward runs the
+    control process and updates `mean_control`/`correlation_control` in place.
+    Saved for backward: the normalized output y and per-(sample, channel) scalars.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, mean_control,
+                correlation_control, alpha_fwd: float, alpha_bkw: float, eps: float,
+                clamp_val: float | None):
+        mean, var = _sample_moments(x)
+        mu0, var0 = running_mean.double(), running_var.double()
+        means_after = linear_scan(alpha_fwd, (1 - alpha_fwd) * mean, mu0)
+        mu_before = _before_each(mu0, means_after)
+        deviation = mean - mu_before
+        var_drive = (1 - alpha_fwd) * var + alpha_fwd * (1 - alpha_fwd) * deviation ** 2
+        variances_after = linear_scan(alpha_fwd, var_drive, var0)
+        inv_std = (_before_each(var0, variances_after) + eps).rsqrt()
+        running_mean.copy_(means_after[-1])
+        running_var.copy_(variances_after[-1])
+
+        y = scale_shift(x, inv_std, -mu_before * inv_std)
+        # mean(y) and mean(y^2) of each sample follow from its moments: no pass over y.
+        y_mean = deviation * inv_std
+        y_square_mean = (var + deviation ** 2) * inv_std ** 2
+        ctx.save_for_backward(y, weight, bias, inv_std, y_mean, y_square_mean)
+        ctx.control = (mean_control, correlation_control)
+        ctx.alpha_bkw, ctx.clamp_val = alpha_bkw, clamp_val
+        return _affine_clamp(y, weight, bias, clamp_val)
+
+    @staticmethod
+    @once_differentiable  # the control process is not a true gradient to differentiate again
+    def backward(ctx, grad_out):
+        y, weight, bias, inv_std, y_mean, y_square_mean = ctx.saved_tensors
+        mean_control, correlation_control = ctx.control
+        leak = 1 - ctx.alpha_bkw
+        grad_z = grad_out
+        if ctx.clamp_val is not None:
+            grad_z = clamp_backward(grad_out, _affine_clamp(y, weight, bias, None), ctx.clamp_val)
+        # One fused reduction pass; the gradient w.r.t. y is weight * grad_z, never materialized.
+        grad_z_dot_y, grad_z_sum = (t.double() for t in row_sums(grad_z, y))
+        gamma = 1.0 if weight is None else weight.double()
+        positions = y.shape[-1]
+        grad_y_dot_y_mean = gamma * grad_z_dot_y / positions
+        grad_y_mean = gamma * grad_z_sum / positions
+
+        # v_t = v_{t-1} + mean(g~_t y_t) = (1 - leak mean(y_t^2)) v_{t-1} + mean(g_t y_t)
+        v0 = correlation_control.double()
+        vs = linear_scan(1 - leak * y_square_mean, grad_y_dot_y_mean, v0)
+        v_before = _before_each(v0, vs)
+        # u_t = u_{t-1} + mean(x'_t) = alpha_bkw u_{t-1} + inv_std_t mean(g~_t)
+        u0 = mean_control.double()
+        u_drive = inv_std * (grad_y_mean - leak * v_before * y_mean)
+        us = linear_scan(ctx.alpha_bkw, u_drive, u0)
+        u_before = _before_each(u0, us)
+        correlation_control.copy_(vs[-1])
+        mean_control.copy_(us[-1])
+
+        # x'_t = (g_t - leak v_{t-1} y_t) inv_std_t - leak u_{t-1}
+        grad_x = scale_shift(grad_z, gamma * inv_std, -leak * u_before)
+        grad_x.addcmul_(y, (-leak * v_before * inv_std)[..., None].to(y.dtype))
+        grad_weight = grad_bias = None
+        if weight is not None:
+            grad_weight = grad_z_dot_y.sum(0).to(weight.dtype)
+            grad_bias = grad_z_sum.sum(0).to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                mean_control: torch.Tensor, correlation_control: torch.Tensor,
+                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                training: bool = False, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
+                eps: float = 1e-5, ecm: str | None = "ac", ls_eps: float = 1e-5,
+                clamp_val: float = 5.0) -> torch.Tensor:
+    r"""Online Normalization (Chiley et al. 2019, arXiv:1905.05894) of (N, C, *) `x`.
+
+    Per channel the samples form one stream. With m_t, s2_t the mean and biased
+    variance of sample t over its positions (m_t = x_t, s2_t = 0 for (N, C)):
+
+    .. math::
+        y_t = (x_t - \mu_{t-1}) / \sqrt{\sigma^2_{t-1} + \epsilon} \\
+        \sigma^2_t = a_f \sigma^2_{t-1} + (1 - a_f) s2_t + a_f (1 - a_f)(m_t - \mu_{t-1})^2 \\
+        \mu_t = a_f \mu_{t-1} + (1 - a_f) m_t
+
+    and the output is ``ECM(weight * y + bias)``: ``"ac"`` clamps to
+    +-clamp_val, ``"ls"`` divides each sample by sqrt(mean of its squares +
+    ls_eps), None is the identity. In training, mu and sigma^2 start from
+    (and end in) `running_mean`/`running_var`, and the backward pass, with
+    g_t the gradient of y_t, runs the control process (u, v start from and
+    end in `mean_control`/`correlation_control`):
+
+    .. math::
+        \tilde g_t = g_t - (1 - a_b) v_{t-1} y_t, \quad
+        v_t = v_{t-1} + \mathrm{mean}(\tilde g_t y_t) \\
+        x'_t = \tilde g_t / \sqrt{\sigma^2_{t-1} + \epsilon} - (1 - a_b) u_{t-1}, \quad
+        u_t = u_{t-1} + \mathrm{mean}(x'_t)
+
+    Both are linear recurrences, computed for the whole batch at once with
+    prefix scans in float64. Out of training y uses the running statistics,
+    which stay unchanged. Low-precision inputs are normalized in float32.
+    """
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    weight = None if weight is None else weight.to(work.dtype)
+    bias = None if bias is None else bias.to(work.dtype)
+    clamp = clamp_val if ecm == "ac" else None
+    with torch.autocast(x.device.type, enabled=False):
+        if training:
+            out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
+                                           mean_control, correlation_control, alpha_fwd,
+                                           alpha_bkw, eps, clamp)
+        else:
+            inv_std = (running_var.to(work.dtype) + eps).rsqrt()[:, None]
+            y = (work - running_mean.to(work.dtype)[:, None]) * inv_std
+            out = _affine_clamp(y, weight, bias, clamp)
+        if ecm == "ls":
+            second_moment = out.square().mean((1, 2), keepdim=True)
+            out = out / (second_moment + ls_eps).sqrt()
+    return out.to(x.dtype).reshape(x.shape)
+
+
+# -- Equilibrium Normalization ----------------------------------------------------------
+
+
+def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
+                            positions_ratio: float = 1.0, groups: int = 1,
+                            single_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """b and s of Equilibrium Normalization (w'' = s (w + b)), with v_c = N H W m_c,
+    r = N H W r_bar (Defazio and Bottou, arXiv:1812.04549, section 4).
+
+    With w_dc = sum_jk w_dcjk and K the kernel size (kh kw)::
+
+        b_d   = -sum_c m_c w_dc / (K sum_c m_c)
+        w'_dc = sum_jk (w_dcjk + b_d) [w_dcjk + b_d > 0]              (two-pass)
+              = sum_jk w_dcjk [w_dcjk > 0] + b_d #{jk: w_dcjk > 0}     (single-pass)
+        s_d   = r_bar / sum_c m_c w'_dc
+
+    Args:
+        weight: (out, in / groups, *kernel); a Linear weight (out, in) is the 1x1 case.
+        input_mean: (in,), m_c, the mean of each input channel.
+        positions_ratio: r_bar = H_out W_out stride_h stride_w / (H W); 1 for a Linear.
+        groups: output channel d sees the input channels of its group only.
+        single_pass: the one-pass approximation (signs assumed unchanged by b).
+
+    Returns:
+        (b, s), each of shape (out,).
+
+    A denominator that is (near) zero, which the paper excludes by assumption,
+    is replaced by a small one of the same sign: finite, never NaN. Run
+    eagerly, that warns; under torch.compile or torch.export the check,
+    which needs the values on the host, is skipped.
+    """
+    out_channels = weight.shape[0]
+    kernel = weight.reshape(out_channels, weight.shape[1], -1)  # (d, c, jk)
+    mean = input_mean.to(weight.dtype).reshape(groups, 1, -1)
+    mean = mean.expand(-1, out_channels // groups, -1).reshape(out_channels, -1)  # (d, c)
+    # A denominator is degenerate when it is tiny next to the same sum taken
+    # over absolute values: a threshold with the method's scale invariances.
+    floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
+    with torch.no_grad():
+        input_floor = floor_scale * mean.abs().sum(1)
+        contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
+    input_sum = _guarded(mean.sum(1), input_floor, "the input sum sum_c v_c")
+    shift = -(mean * kernel.sum(2)).sum(1) / (kernel.shape[2] * input_sum)
+    if single_pass:
+        positive = kernel > 0
+        positive_sum = (kernel * positive).sum(2) + shift[:, None] * positive.sum(2)
+    else:
+        positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
+    contribution = _guarded((mean * positive_sum).sum(1), contribution_floor,
+                            "the positive weights' contribution sum_c v_c w'_dc")
+    return shift, positions_ratio / contribution
+
+
+def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
+    degenerate = denominator.abs() <= floor
+    if not torch.compiler.is_compiling():  # a host sync: a graph break in a compiled graph
+        _warn_degenerate(degenerate, what)
+    fallback = torch.where(denominator < 0, -floor, floor)
+    # A zero floor means zero inputs or zero weights: the numerator is zero too.
+    fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
+    return torch.where(degenerate, fallback, denominator)
+
+
+def _warn_degenerate(degenerate: torch.Tensor, what: str) -> None:
+    if degenerate.device.type != "meta" and degenerate.any():
+        warnings.warn(
+            f"EquiNorm: {what} is (near) zero for output channel(s) "
+            f"{degenerate.nonzero().flatten().tolist()}: the channel's weights all share one "
+            f"sign after the shift, or its inputs are zero or cancel (Equilibrium "
+            f"Normalization assumes non-negative inputs and mixed-sign kernels); using a small "
+            f"denominator instead", RuntimeWarning, stacklevel=4)
+
+
+def equi_norm(weight: torch.Tensor, input_mean: torch.Tensor, gain: torch.Tensor,
+              positions_ratio: float = 1.0, groups: int = 1, single_pass: bool = True
+              ) -> torch.Tensor:
+    """The kernel Equilibrium Normalization applies: gain_d s_d (w_d + b_d) for each output d.
+
+    b and s are those of :func:`equilibrium_shift_scale` (same arguments),
+    differentiable in `weight` and `input_mean`; `gain` (out,) is the learned
+    length. A conv2d (or linear) with this kernel is the EquiNorm layer.
+    """
+    shift, scale = equilibrium_shift_scale(weight, input_mean, positions_ratio, groups,
+                                           single_pass)
+    per_channel = (-1,) + (1,) * (weight.dim() - 1)
+    return (gain * scale).view(per_channel) * (weight + shift.view(per_channel))

@@ -8,12 +8,8 @@ from torch.nn import functional as F
 
 import normlab
 from normlab import models
-from normlab.layers.equinorm import (
-    EquiNormConv2d,
-    EquiNormLinear,
-    balance_signs_,
-    equilibrium_shift_scale,
-)
+from normlab.functional import equilibrium_shift_scale
+from normlab.layers.equinorm import EquiNormConv2d, EquiNormLinear, balance_signs_
 
 
 def reference_weight(x, w, stride, out_hw, single_pass):

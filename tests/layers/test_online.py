@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.layers.online import OnlineNorm1d, OnlineNorm2d, linear_scan
+from normlab.functional import linear_scan
+from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
 
 
 def reference_stream(layer, batches, grads):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from .. import functional
 from .channel_norm import ChannelNorm
 
 
@@ -38,28 +38,11 @@ class _BatchRenorm(ChannelNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        # Low-precision inputs are normalized in float32; the statistics stay float32.
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        weight = torch.ones_like(self.running_mean) if self.weight is None else self.weight
-        bias = torch.zeros_like(self.running_mean) if self.bias is None else self.bias
-        with torch.autocast(x.device.type, enabled=False):
-            if not self.training:
-                return nn.functional.batch_norm(work, self.running_mean, self.running_var,
-                                                weight, bias, False, 0.0, self.eps).to(x.dtype)
+        if self.training:
             self._check_limits()
-            sigma = (self.running_var + self.eps).sqrt()
-            running_mean = self.running_mean.clone()
-            # torch's batch-norm kernel: x^ with the batch statistics, which it returns
-            # without gradient (r and d are constants of the backward pass, as in the
-            # paper), and the running statistics updated with `momentum`.
-            x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
-                work, None, None, self.running_mean, self.running_var, True, self.momentum,
-                self.eps)
-            r = (1 / (batch_inv_std * sigma)).clamp(1 / self.r_max, self.r_max)
-            d = ((batch_mean - running_mean) / sigma).clamp(-self.d_max, self.d_max)
-            out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
-        return out.to(x.dtype)
+        return functional.batch_renorm(x, self.running_mean, self.running_var, self.weight,
+                                       self.bias, self.training, self.momentum, self.eps,
+                                       self.r_max, self.d_max)
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -16,74 +16,13 @@ size and image size.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-
-def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
-                            positions_ratio: float, groups: int = 1, single_pass: bool = True
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """b and s of seed 004 section 4 (w'' = s (w + b)), with v_c = N H W m_c, r = N H W r_bar.
-
-    With w_dc = sum_jk w_dcjk and K the kernel size (kh kw)::
-
-        b_d   = -sum_c m_c w_dc / (K sum_c m_c)
-        w'_dc = sum_jk (w_dcjk + b_d) [w_dcjk + b_d > 0]              (two-pass)
-              = sum_jk w_dcjk [w_dcjk > 0] + b_d #{jk: w_dcjk > 0}     (single-pass)
-        s_d   = r_bar / sum_c m_c w'_dc
-
-    Args:
-        weight: (out, in / groups, *kernel); a Linear weight (out, in) is the 1x1 case.
-        input_mean: (in,), m_c, the mean of each input channel.
-        positions_ratio: r_bar = H_out W_out stride_h stride_w / (H W); 1 for a Linear.
-        groups: output channel d sees the input channels of its group only.
-        single_pass: the one-pass approximation (signs assumed unchanged by b).
-
-    Returns:
-        (b, s), each of shape (out,).
-
-    A denominator that is (near) zero, which the paper excludes by assumption,
-    is replaced by a small one of the same sign with a warning: finite, never NaN.
-    """
-    out_channels = weight.shape[0]
-    kernel = weight.reshape(out_channels, weight.shape[1], -1)  # (d, c, jk)
-    mean = input_mean.to(weight.dtype).reshape(groups, 1, -1)
-    mean = mean.expand(-1, out_channels // groups, -1).reshape(out_channels, -1)  # (d, c)
-    # A denominator is degenerate when it is tiny next to the same sum taken
-    # over absolute values: a threshold with the method's scale invariances.
-    floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
-    with torch.no_grad():
-        input_floor = floor_scale * mean.abs().sum(1)
-        contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
-    input_sum = _guarded(mean.sum(1), input_floor, "the input sum sum_c v_c")
-    shift = -(mean * kernel.sum(2)).sum(1) / (kernel.shape[2] * input_sum)
-    if single_pass:
-        positive = kernel > 0
-        positive_sum = (kernel * positive).sum(2) + shift[:, None] * positive.sum(2)
-    else:
-        positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
-    contribution = _guarded((mean * positive_sum).sum(1), contribution_floor,
-                            "the positive weights' contribution sum_c v_c w'_dc")
-    return shift, positions_ratio / contribution
-
-
-def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
-    degenerate = denominator.abs() <= floor
-    if degenerate.any():
-        warnings.warn(
-            f"EquiNorm: {what} is (near) zero for output channel(s) "
-            f"{degenerate.nonzero().flatten().tolist()}: the channel's weights all share one "
-            f"sign after the shift, or its inputs are zero or cancel (seed 004 assumes "
-            f"non-negative inputs and mixed-sign kernels); using a small denominator instead",
-            RuntimeWarning, stacklevel=2)
-    fallback = torch.where(denominator < 0, -floor, floor)
-    # A zero floor means zero inputs or zero weights: the numerator is zero too.
-    fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
-    return torch.where(degenerate, fallback, denominator)
+from .. import functional
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -158,11 +97,9 @@ class _EquiNorm(nn.Module):
                 self.running_mean.lerp_(input_mean.to(self.running_mean.dtype), self.momentum)
         else:
             input_mean = self.running_mean
-        shift, scale = equilibrium_shift_scale(self.weight, input_mean, self._positions_ratio(x),
-                                               self.groups, self.single_pass)
         # The gain folds into the weight: the affine costs nothing per activation.
-        per_channel = (-1,) + (1,) * (self.weight.dim() - 1)
-        weight = (self.gain * scale).view(per_channel) * (self.weight + shift.view(per_channel))
+        weight = functional.equi_norm(self.weight, input_mean, self.gain,
+                                      self._positions_ratio(x), self.groups, self.single_pass)
         return self._apply_weight(x, weight)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -191,8 +128,8 @@ class _EquiNorm(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(module.bias)
             self.reset_running_stats()
-            _, scale = equilibrium_shift_scale(self.weight, self.running_mean, 1.0, self.groups,
-                                               self.single_pass)
+            _, scale = functional.equilibrium_shift_scale(self.weight, self.running_mean, 1.0,
+                                                          self.groups, self.single_pass)
             self.gain.copy_(1 / scale)
         return self.train(module.training)
 

@@ -1,0 +1,65 @@
+"""torch's batch-norm and clamp kernels, borrowed for other reductions: the one place.
+
+Online Normalization and Batch Renormalization need per-row scales, two fused
+sums per row, a clamp's gradient and batch statistics. torch's batch-norm
+kernels compute exactly these in one vectorized pass each, several times
+faster on CPU than the broadcasting expressions; some of them are reached
+only through undocumented aten ops (``native_batch_norm``,
+``native_batch_norm_backward``, ``hardtanh_backward``). Each helper states
+the plain-torch expression it equals; ``tests/test_kernels.py`` compares
+them, so a torch release that changes one of these ops fails there, loudly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale[..., None] + shift[..., None] for (N, C, S) x and (N, C) scale and shift.
+
+    Runs on the batch-norm inference kernel (mean 0, variance 1, eps 0), with
+    each (sample, channel) row as one channel.
+    """
+    rows = x.shape[0] * x.shape[1]
+    zeros = x.new_zeros(rows)
+    out = F.batch_norm(x.reshape(1, rows, -1), zeros, zeros + 1, scale.reshape(rows).to(x.dtype),
+                       shift.reshape(rows).to(x.dtype), training=False, momentum=0.0, eps=0.0)
+    return out.view_as(x)
+
+
+def row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((a * b).sum(-1), a.sum(-1)) for (N, C, S) tensors, each of shape (N, C).
+
+    One fused pass over both tensors, on the batch-norm backward kernel (mean
+    0, inverse std 1), whose weight and bias gradients are these two sums.
+    """
+    rows = a.shape[0] * a.shape[1]
+    zeros = a.new_zeros(rows)
+    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+        a.reshape(1, rows, -1), b.reshape(1, rows, -1), None, None, None, zeros, zeros + 1,
+        True, 0.0, [False, True, True])
+    return dot.view(a.shape[:2]), total.view(a.shape[:2])
+
+
+def clamp_backward(grad: torch.Tensor, x: torch.Tensor, limit: float) -> torch.Tensor:
+    """The gradient of x.clamp(-limit, limit): grad where -limit < x < limit, else 0.
+
+    aten's hardtanh backward, one pass; the gradient is 0 at the limits themselves.
+    """
+    return torch.ops.aten.hardtanh_backward(grad, x, -limit, limit)
+
+
+def batch_norm_training(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                        momentum: float, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch normalization's training step on (N, C, *) x: (x_hat, mean, inv_std).
+
+    mean and biased var over all dims but 1, inv_std = 1 / sqrt(var + eps),
+    x_hat = (x - mean) * inv_std. x_hat carries batch normalization's gradient
+    (through the batch statistics); mean and inv_std come without gradient.
+    The running statistics are updated in place as BatchNorm does:
+    running <- (1 - momentum) running + momentum batch, the variance unbiased.
+    """
+    return torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)

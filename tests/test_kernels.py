@@ -1,0 +1,58 @@
+"""normlab.kernels against the plain-torch expressions they stand for.
+
+These helpers borrow torch's batch-norm and clamp kernels, some through
+undocumented aten ops; a torch release that changes one fails here.
+"""
+
+import torch
+
+from normlab.kernels import batch_norm_training, clamp_backward, row_sums, scale_shift
+
+
+def test_scale_shift_is_a_per_row_affine_map():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    scale, shift = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(scale_shift(x, scale, shift),
+                               x * scale[..., None] + shift[..., None])
+
+
+def test_row_sums_are_the_dot_product_and_the_sum_of_each_row():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    dot, total = row_sums(a, b)
+    torch.testing.assert_close(dot, (a * b).sum(-1))
+    torch.testing.assert_close(total, a.sum(-1))
+
+
+def test_clamp_backward_passes_the_gradient_strictly_inside_the_limits():
+    x = torch.tensor([-3.0, -2.0, -1.5, 0.0, 1.999, 2.0, 2.5], dtype=torch.float64)
+    grad = torch.arange(1.0, 8.0, dtype=torch.float64)
+    inside = (x > -2.0) & (x < 2.0)
+    torch.testing.assert_close(clamp_backward(grad, x, 2.0), torch.where(inside, grad, 0.0))
+
+
+def test_batch_norm_training_statistics_gradient_and_running_update():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    running_mean = torch.randn(3, dtype=torch.float64)
+    running_var = torch.rand(3, dtype=torch.float64) + 0.5
+    momentum, eps = 0.1, 1e-3
+    expected_running = ((1 - momentum) * running_mean + momentum * x.mean((0, 2, 3)),
+                        (1 - momentum) * running_var + momentum * x.var((0, 2, 3)))
+
+    x_hat, mean, inv_std = batch_norm_training(x, running_mean, running_var, momentum, eps)
+
+    reference_mean = x.mean((0, 2, 3))
+    reference_inv_std = (x.var((0, 2, 3), unbiased=False) + eps).rsqrt()
+    reference = (x - reference_mean[:, None, None]) * reference_inv_std[:, None, None]
+    torch.testing.assert_close(x_hat, reference)
+    torch.testing.assert_close(mean, reference_mean.detach())
+    torch.testing.assert_close(inv_std, reference_inv_std.detach())
+    assert not mean.requires_grad and not inv_std.requires_grad
+    torch.testing.assert_close((running_mean, running_var),
+                               tuple(t.detach() for t in expected_running))
+    # x_hat's gradient is batch normalization's, through the batch statistics
+    grad = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(x_hat, x, grad),
+                               torch.autograd.grad(reference, x, grad))
