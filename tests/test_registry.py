@@ -108,3 +108,28 @@ def test_convert_back_and_forth_keeps_dims():
     back = normlab.convert(as_layer, "batch")
     assert isinstance(back[1], nn.BatchNorm1d)
     assert back(torch.randn(4, 5)).shape == (4, 2)
+
+
+CONVERTIBLE = [name for name in normlab.available() if registry.get(name).family != "rebalancer"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("target", CONVERTIBLE)
+def test_convert_keeps_the_models_dtype_and_mode(target, training, dtype):
+    torch.manual_seed(0)
+    model = small_cnn().to(dtype).train(training)
+    converted = normlab.convert(model, target)
+    assert all(m.training == training for m in converted.modules())
+    assert {p.dtype for p in converted.parameters()} == {dtype}
+    x = torch.rand(4, 3, 8, 8, dtype=dtype)
+    out = converted(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_convert_keeps_the_device_of_a_meta_model():
+    model = small_cnn().to("meta")
+    for target in ("batch_renorm", "online", "group", "weight_norm", "equinorm"):
+        converted = normlab.convert(model, target)
+        assert {t.device.type for t in (*converted.parameters(), *converted.buffers())} == {
+            "meta"}, target

@@ -118,6 +118,7 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     view = (1, -1) + (1,) * (x.dim() - 2)
     weight = torch.ones_like(running_mean) if weight is None else weight
     bias = torch.zeros_like(running_mean) if bias is None else bias
+    weight, bias = weight.to(work.dtype), bias.to(work.dtype)
     with torch.autocast(x.device.type, enabled=False):
         if not training:
             return F.batch_norm(work, running_mean, running_var, weight, bias, False, 0.0,

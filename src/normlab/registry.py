@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import checks
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
@@ -218,8 +219,7 @@ def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
     if dim not in (1, 2):
         raise ValueError(f"dim must be 1 (for (N, C[, L]) inputs) or 2 (for (N, C, H, W)); "
                          f"got {dim!r}")
-    if not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    checks.positive_int(f"create({name!r})", "num_features", num_features)
     return method.build(num_features, dim, **kw)
 
 
@@ -241,6 +241,14 @@ def _num_features(norm: nn.Module) -> int:
         if hasattr(norm, attr):
             return getattr(norm, attr)
     return norm.normalized_shape[0]
+
+
+def _factory_kw(module: nn.Module) -> dict:
+    """The device and dtype of `module`'s first floating-point tensor ({} if it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
 
 
 def _copy_affine(source: nn.Module, target: nn.Module) -> None:
@@ -265,7 +273,10 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
       moment) and the activation normalizers become nn.Identity, unless
       ``keep_activation_norm=True``.
 
-    Extra keywords go to the new layers. The input model is not modified.
+    Each new layer is built on the device and in the dtype of the layer it
+    replaces (of the model, for a layer without parameters or buffers) and
+    takes its training mode. Extra keywords go to the new layers. The input
+    model is not modified.
 
     Example:
         >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
@@ -277,6 +288,7 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
             f"layer; use normlab.{getattr(method.build, '__name__', name)}(model, optimizer)"
         )
     model = copy.deepcopy(model)
+    model_factory = _factory_kw(model)
     norm_dims = _activation_norm_dims()
     first_weight_layer = True
 
@@ -288,7 +300,8 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
                 if method.family == "activation":
                     child_dim = dim if isinstance(child, nn.GroupNorm) and dim else \
                         norm_dims[type(child)]
-                    new = create(name, _num_features(child), child_dim, **kw)
+                    factory = _factory_kw(child) or model_factory
+                    new = create(name, _num_features(child), child_dim, **{**factory, **kw})
                     _copy_affine(child, new)
                 elif not keep_activation_norm:
                     new = nn.Identity()
@@ -300,7 +313,7 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
             if method.family == "weight" and isinstance(child, (nn.Linear, nn.Conv2d)):
                 first_weight_layer = False
             if new is not None:
-                setattr(parent, child_name, new)
+                setattr(parent, child_name, new.train(child.training))
             else:
                 swap(child)
 

@@ -257,7 +257,7 @@ def test_bad_input_and_arguments_raise_clear_errors():
 def test_repr_and_reset():
     layer = OnlineNorm2d(3, ecm="ls")
     assert repr(layer) == ("OnlineNorm2d(3, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-05, "
-                           "affine=True, ecm='ls')")
+                           "affine=True, ecm='ls', ls_eps=1e-05, clamp_val=5.0)")
     layer(torch.randn(2, 3, 2, 2) + 3)
     layer.reset_parameters()
     assert layer.running_mean.abs().sum() == 0 and torch.equal(layer.running_var, torch.ones(3))

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional
+from .. import checks, functional
 from .channel_norm import ChannelNorm
 
 
 class _BatchRenorm(ChannelNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
-                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True):
-        super().__init__(num_features, affine)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, device=None,
+                 dtype=None):
+        super().__init__(num_features, affine, device, dtype)
+        checks.in_interval(type(self).__name__, "eps", eps, "(0, inf)")
+        checks.in_interval(type(self).__name__, "momentum", momentum, "[0, 1]")
         self.eps, self.momentum = eps, momentum
         self.r_max, self.d_max = r_max, d_max  # plain attributes: training loops ramp them
         self._check_limits()
         self.reset_parameters()
 
     def _check_limits(self) -> None:
-        if self.r_max < 1 or self.d_max < 0:
-            raise ValueError(f"r_max must be >= 1 and d_max >= 0, got r_max={self.r_max}, "
-                             f"d_max={self.d_max}")
+        checks.in_interval(type(self).__name__, "r_max", self.r_max, "[1, inf)")
+        checks.in_interval(type(self).__name__, "d_max", self.d_max, "[0, inf)")
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

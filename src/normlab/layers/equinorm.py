@@ -1,4 +1,7 @@
-"""Equilibrium Normalization (EquiNorm, seed 004): drop-in Linear and Conv2d layers.
+"""Equilibrium Normalization (EquiNorm): drop-in Linear and Conv2d layers.
+
+Defazio and Bottou, "Controlling covariate shift using equilibrium
+normalization of weights", arXiv:1812.04549 (ICLR 2019 submission).
 
 EquiNorm normalizes the *weights* with statistics of the *input*: per output
 channel d it shifts the kernel by b_d and scales it by s_d so that, over the
@@ -22,16 +25,19 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from .. import functional
+from .. import checks, functional
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Resample the signs of each output channel whose weights all share one sign, in place.
 
-    Seed 004 section 5.2: the denominator of s vanishes when a channel's weights
-    are all positive (or all negative); starting every channel with both signs
-    avoids it. Magnitudes are kept.
+    The paper's section 5.2: the denominator of s vanishes when a channel's
+    weights are all positive (or all negative); starting every channel with
+    both signs avoids it. Magnitudes are kept. A meta tensor has no values:
+    it is left alone (``reset_parameters`` after ``to_empty`` balances it).
     """
+    if weight.is_meta:
+        return weight
     rows = weight.detach().view(weight.shape[0], -1)
     if rows.shape[1] < 2:
         raise ValueError(f"EquiNorm needs at least 2 weights per output channel to mix signs; "
@@ -57,10 +63,9 @@ class _EquiNorm(nn.Module):
                  momentum: float, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if not 0 < stat_fraction <= 1:
-            raise ValueError(f"stat_fraction must be in (0, 1], got {stat_fraction!r}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        owner = type(self).__name__
+        checks.in_interval(owner, "stat_fraction", stat_fraction, "(0, 1]")
+        checks.in_interval(owner, "momentum", momentum, "[0, 1]")
         if math.prod(weight_shape[1:]) < 2:
             raise ValueError(f"EquiNorm needs at least 2 weights per output channel "
                              f"(in_channels / groups x kernel size >= 2); got weight shape "
@@ -103,9 +108,7 @@ class _EquiNorm(nn.Module):
         return self._apply_weight(x, weight)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__}: expected a floating-point input, "
-                            f"got dtype {x.dtype}")
+        checks.floating_point_input(type(self).__name__, x)
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the "
                             f"weight dtype {self.weight.dtype} (convert one, or use autocast)")
@@ -139,7 +142,7 @@ class _EquiNorm(nn.Module):
 
 
 class EquiNormLinear(_EquiNorm):
-    r"""A Linear layer with Equilibrium Normalization of its weights (seed 004).
+    r"""A Linear layer with Equilibrium Normalization of its weights.
 
     The 1x1, single-position case of :class:`EquiNormConv2d`: with m_c the
     mean of input feature c over the batch (or its first `stat_fraction`)::
@@ -172,6 +175,8 @@ class EquiNormLinear(_EquiNorm):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
                  device=None, dtype=None):
+        checks.positive_int(type(self).__name__, "in_features", in_features)
+        checks.positive_int(type(self).__name__, "out_features", out_features)
         super().__init__(in_features, out_features, (out_features, in_features), 1, bias,
                          single_pass, stat_fraction, momentum, device, dtype)
         self.in_features, self.out_features = in_features, out_features
@@ -204,7 +209,7 @@ class EquiNormLinear(_EquiNorm):
 
 
 class EquiNormConv2d(_EquiNorm):
-    r"""A Conv2d layer with Equilibrium Normalization of its weights (seed 004, section 4).
+    r"""A Conv2d layer with Equilibrium Normalization of its weights.
 
     For output channel d, with m_c the mean of input channel c over the batch
     (or its first `stat_fraction`) and positions, w_dc = sum_jk w_dcjk and
@@ -243,15 +248,18 @@ class EquiNormConv2d(_EquiNorm):
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
                  device=None, dtype=None):
-        if groups < 1 or in_channels % groups or out_channels % groups:
+        owner = type(self).__name__
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            checks.positive_int(owner, name, value)
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels}); got groups={groups}")
         if isinstance(padding, str):
             raise ValueError(f"EquiNormConv2d: padding must be an int or a pair of ints, "
                              f"got {padding!r}")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or "
-                             f"'circular', got {padding_mode!r}")
+        checks.one_of(owner, "padding_mode", padding_mode,
+                      ("zeros", "reflect", "replicate", "circular"))
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.padding_mode = padding_mode

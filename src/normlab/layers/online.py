@@ -12,28 +12,26 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional
+from .. import checks, functional
 from .channel_norm import ChannelNorm
 
 
 class _OnlineNorm(ChannelNorm):
     def __init__(self, num_features: int, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
                  eps: float = 1e-5, affine: bool = True, ecm: str | None = "ac",
-                 ls_eps: float = 1e-5, clamp_val: float = 5.0):
-        super().__init__(num_features, affine)
-        for name, alpha in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
-            if not 0 < alpha < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {alpha}")
-        if ecm not in functional.ONLINE_NORM_ECMS:
-            raise ValueError(f"ecm must be one of {functional.ONLINE_NORM_ECMS}, got {ecm!r}")
-        if eps <= 0 or ls_eps <= 0 or clamp_val <= 0:
-            raise ValueError(f"eps, ls_eps and clamp_val must be > 0, got {eps}, {ls_eps}, "
-                             f"{clamp_val}")
+                 ls_eps: float = 1e-5, clamp_val: float = 5.0, device=None, dtype=None):
+        super().__init__(num_features, affine, device, dtype)
+        owner = type(self).__name__
+        checks.in_interval(owner, "alpha_fwd", alpha_fwd, "(0, 1)")
+        checks.in_interval(owner, "alpha_bkw", alpha_bkw, "(0, 1)")
+        checks.one_of(owner, "ecm", ecm, functional.ONLINE_NORM_ECMS)
+        for name, value in (("eps", eps), ("ls_eps", ls_eps), ("clamp_val", clamp_val)):
+            checks.in_interval(owner, name, value, "(0, inf)")
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
         self.eps, self.ecm = eps, ecm
         self.ls_eps, self.clamp_val = ls_eps, clamp_val
-        self.register_buffer("mean_control", torch.zeros(num_features))  # u
-        self.register_buffer("correlation_control", torch.zeros(num_features))  # v
+        self._statistics_buffer("mean_control", device, dtype)  # u
+        self._statistics_buffer("correlation_control", device, dtype)  # v
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -43,7 +41,8 @@ class _OnlineNorm(ChannelNorm):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-                f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}")
+                f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}, "
+                f"ls_eps={self.ls_eps}, clamp_val={self.clamp_val}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

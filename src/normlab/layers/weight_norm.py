@@ -29,19 +29,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import functional
+from .. import checks, functional
 
 RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
 RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
 NORM_EPS = 1e-12  # floor of ||w_i||: a zero row gives a zero output, not NaN
 _NONLINEARITY_GAIN = {"relu": 2.0, "linear": 1.0}
 _INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
-
-
-def _require_positive_ints(layer: str, **sizes) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
 
 
 class _WeightNormalized:
@@ -87,9 +81,7 @@ class _WeightNormalized:
         return gain, inv_norm, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: expected a floating-point input, "
-                             f"got {x.dtype}")
+        checks.floating_point_input(type(self).__name__, x)
         self._check_input(x)
         return self._map(x, *self._scale_and_bias())
 
@@ -151,9 +143,8 @@ class _Scaled:
     """Scaled WeightNorm's constant factor; mixed in before a WeightNorm class."""
 
     def __init__(self, *args, nonlinearity: str = "relu", **kw):
-        if nonlinearity not in _NONLINEARITY_GAIN:
-            raise ValueError(f"nonlinearity must be one of {sorted(_NONLINEARITY_GAIN)} (the "
-                             f"activation after the layer), got {nonlinearity!r}")
+        checks.one_of(type(self).__name__, "nonlinearity", nonlinearity,
+                      sorted(_NONLINEARITY_GAIN), " (the activation after the layer)")
         super().__init__(*args, **kw)
         self.nonlinearity = nonlinearity
 
@@ -168,10 +159,8 @@ class _NormProp:
     """NormProp's input standardization; mixed in before a WeightNorm class."""
 
     def __init__(self, *args, input_activation: str | None = "relu", **kw):
-        if input_activation not in _INPUT_STATS:
-            raise ValueError(f"input_activation must be 'relu' (the input is a ReLU output) "
-                             f"or None (the input is standardized data), "
-                             f"got {input_activation!r}")
+        checks.one_of(type(self).__name__, "input_activation", input_activation, _INPUT_STATS,
+                      " ('relu': the input is a ReLU output; None: standardized data)")
         super().__init__(*args, **kw)
         self.input_activation = input_activation
 
@@ -206,8 +195,8 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device=None, dtype=None):
-        _require_positive_ints(type(self).__name__, in_features=in_features,
-                               out_features=out_features)
+        checks.positive_int(type(self).__name__, "in_features", in_features)
+        checks.positive_int(type(self).__name__, "out_features", out_features)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._add_gain()
 
@@ -258,8 +247,8 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device=None, dtype=None):
-        _require_positive_ints(type(self).__name__, in_channels=in_channels,
-                               out_channels=out_channels)
+        checks.positive_int(type(self).__name__, "in_channels", in_channels)
+        checks.positive_int(type(self).__name__, "out_channels", out_channels)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         self._add_gain()
