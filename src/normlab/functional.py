@@ -12,13 +12,15 @@ calls torch.nn.functional.batch_norm:
   backward.
 * :func:`equi_norm`: the effective kernel of Equilibrium Normalization.
 
-Running statistics passed in are updated in place, as in
-torch.nn.functional.batch_norm. Helpers built on torch's private kernels
+Online Normalization updates the running statistics passed in place, as
+torch.nn.functional.batch_norm does; batch_renorm returns the updated ones
+(its docstring says why). Helpers built on torch's private kernels
 live in :mod:`normlab.kernels`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -91,13 +93,21 @@ def weight_normalized_conv2d(x: torch.Tensor, weight: torch.Tensor, gain: torch.
     return z if bias is None else z + bias[:, None, None]
 
 
+def _autocast_off(x: torch.Tensor):
+    """Autocast disabled for `x`'s device: the math below picks its own dtypes."""
+    if x.device.type == "meta":  # no autocast there, nor anything to disable
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
+
+
 # -- Batch Renormalization --------------------------------------------------------------
 
 
 def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  training: bool = False, momentum: float = 0.01, eps: float = 1e-5,
-                 r_max: float = 3.0, d_max: float = 5.0) -> torch.Tensor:
+                 r_max: float = 3.0, d_max: float = 5.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275) of (N, C, *) `x`.
 
     In training, with mu_B, var_B the batch statistics of a channel,
@@ -108,10 +118,18 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
         d = \mathrm{clip}((\mu_B - \mu) / \sigma, -d_{max}, d_{max}) \\
         y = \mathrm{weight} \cdot ((x - \mu_B) / \sigma_B \cdot r + d) + \mathrm{bias}
 
-    r and d are constants of the backward pass; the running statistics then
-    move towards the batch ones by `momentum` (in place; the variance
-    unbiased, as in torch's BatchNorm). Out of training it is batch_norm with
-    the running statistics. Low-precision inputs are normalized in float32.
+    with r and d constants of the backward pass. Out of training it is
+    batch normalization with the running statistics. Low-precision inputs
+    are normalized in float32.
+
+    Returns:
+        (y, new_running_mean, new_running_var): in training the statistics
+        moved towards the batch ones by `momentum` (the variance unbiased, as
+        in torch's BatchNorm), else the running statistics as given. The
+        inputs are not modified: under torch.compile an in-place update would
+        let AOTAutograd's partitioner recompute r and d from the updated
+        statistics in the backward (pytorch/pytorch#197039), a silently wrong
+        weight gradient.
     """
     # Low-precision inputs are normalized in float32; the statistics stay float32.
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -119,18 +137,18 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     weight = torch.ones_like(running_mean) if weight is None else weight
     bias = torch.zeros_like(running_mean) if bias is None else bias
     weight, bias = weight.to(work.dtype), bias.to(work.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         if not training:
-            return F.batch_norm(work, running_mean, running_var, weight, bias, False, 0.0,
-                                eps).to(x.dtype)
+            out = F.batch_norm(work, running_mean, running_var, weight, bias, False, 0.0, eps)
+            return out.to(x.dtype), running_mean, running_var
         sigma = (running_var + eps).sqrt()
-        previous_mean = running_mean.clone()
-        x_hat, batch_mean, batch_inv_std = batch_norm_training(work, running_mean, running_var,
-                                                               momentum, eps)
+        new_mean, new_var = running_mean.clone(), running_var.clone()
+        x_hat, batch_mean, batch_inv_std = batch_norm_training(work, new_mean, new_var, momentum,
+                                                               eps)
         r = (1 / (batch_inv_std * sigma)).clamp(1 / r_max, r_max)
-        d = ((batch_mean - previous_mean) / sigma).clamp(-d_max, d_max)
+        d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
         out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
-    return out.to(x.dtype)
+    return out.to(x.dtype), new_mean, new_var
 
 
 # -- Online Normalization ---------------------------------------------------------------
@@ -144,7 +162,7 @@ def linear_scan(coef: torch.Tensor | float, drive: torch.Tensor, init: torch.Ten
     steps of tensor operations, no division, so it stays as stable as the
     sequential loop (callers pass float64).
     """
-    coef = torch.as_tensor(coef, dtype=drive.dtype).expand_as(drive)
+    coef = torch.as_tensor(coef, dtype=drive.dtype, device=drive.device).expand_as(drive)
     step = 1
     while step < drive.shape[0]:
         # Compose each map with the one `step` places earlier (computed before either changes).
@@ -289,7 +307,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     weight = None if weight is None else weight.to(work.dtype)
     bias = None if bias is None else bias.to(work.dtype)
     clamp = clamp_val if ecm == "ac" else None
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         if training:
             out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
                                            mean_control, correlation_control, alpha_fwd,
@@ -359,12 +377,18 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
 
 def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
     degenerate = denominator.abs() <= floor
-    if not torch.compiler.is_compiling():  # a host sync: a graph break in a compiled graph
+    if not _tracing():  # the check reads values on the host: it cannot be traced
         _warn_degenerate(degenerate, what)
     fallback = torch.where(denominator < 0, -floor, floor)
     # A zero floor means zero inputs or zero weights: the numerator is zero too.
     fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
     return torch.where(degenerate, fallback, denominator)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing (is_exporting: torch >= 2.5)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or is_exporting()
 
 
 def _warn_degenerate(degenerate: torch.Tensor, what: str) -> None:

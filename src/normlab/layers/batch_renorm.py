@@ -38,9 +38,12 @@ class _BatchRenorm(ChannelNorm):
         self._check_input(x)
         if self.training:
             self._check_limits()
-        return functional.batch_renorm(x, self.running_mean, self.running_var, self.weight,
-                                       self.bias, self.training, self.momentum, self.eps,
-                                       self.r_max, self.d_max)
+        out, running_mean, running_var = functional.batch_renorm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self.momentum, self.eps, self.r_max, self.d_max)
+        if self.training:  # new tensors rather than in-place updates: see batch_renorm
+            self.running_mean, self.running_var = running_mean, running_var
+        return out
 
 
 class BatchRenorm1d(_BatchRenorm):

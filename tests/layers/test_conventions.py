@@ -1,0 +1,147 @@
+"""What every normlab layer owes the PyTorch ecosystem (DESIGN.md, conventions):
+device=/dtype= factory arguments, float64 and bfloat16, construction on the
+meta device, torch.compile, torch.export and ONNX."""
+
+import copy
+
+import pytest
+import torch
+
+import normlab
+
+# name -> (constructor taking device=/dtype=, input shape)
+LAYERS = {
+    "OnlineNorm1d": (lambda **kw: normlab.OnlineNorm1d(4, **kw), (6, 4)),
+    "OnlineNorm2d": (lambda **kw: normlab.OnlineNorm2d(4, ecm="ls", **kw), (6, 4, 3, 3)),
+    "BatchRenorm1d": (lambda **kw: normlab.BatchRenorm1d(4, **kw), (6, 4, 5)),
+    "BatchRenorm2d": (lambda **kw: normlab.BatchRenorm2d(4, **kw), (6, 4, 3, 3)),
+    "WeightNormLinear": (lambda **kw: normlab.WeightNormLinear(4, 3, **kw), (6, 4)),
+    "WeightNormConv2d": (lambda **kw: normlab.WeightNormConv2d(4, 3, 3, **kw), (2, 4, 5, 5)),
+    "ScaledWeightNormLinear": (lambda **kw: normlab.ScaledWeightNormLinear(4, 3, **kw), (6, 4)),
+    "ScaledWeightNormConv2d": (
+        lambda **kw: normlab.ScaledWeightNormConv2d(4, 3, 3, padding=1, **kw), (2, 4, 5, 5)),
+    "NormPropLinear": (lambda **kw: normlab.NormPropLinear(4, 3, **kw), (6, 4)),
+    "NormPropConv2d": (
+        lambda **kw: normlab.NormPropConv2d(4, 3, 3, padding_mode="reflect", padding=1, **kw),
+        (2, 4, 5, 5)),
+    "EquiNormLinear": (lambda **kw: normlab.EquiNormLinear(4, 3, **kw), (6, 4)),
+    "EquiNormConv2d": (lambda **kw: normlab.EquiNormConv2d(4, 3, 3, stride=2, **kw),
+                       (2, 4, 5, 5)),
+    "FastNormLinear": (lambda **kw: normlab.FastNormLinear(4, 3, **kw), (6, 4)),
+}
+# FastNorm records its training inputs with tensor hooks for FastNormSGD; the
+# lead engineer adds it here with its rewrite (layers/fastnorm.py).
+TRACEABLE = [name for name in LAYERS if not name.startswith("FastNorm")]
+
+
+def build(name, **factory):
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make(**factory)
+    with torch.no_grad():  # gains, biases and affines away from 1 and 0, so all of them matter
+        for parameter in layer.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.rand_like(parameter) * 0.2)
+    return layer, shape
+
+
+def inputs(shape, dtype=torch.float32, seed=1):
+    # non-negative, as EquiNorm assumes (ReLU outputs)
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", LAYERS)
+def test_dtype_factory_argument_computes_the_float64_function(name, training, dtype):
+    layer, shape = build(name, dtype=dtype)
+    assert {p.dtype for p in layer.parameters()} == {dtype}
+    reference = copy.deepcopy(layer).double().train(training)
+    layer.train(training)
+    x = inputs(shape, dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 4e-2
+    torch.testing.assert_close(out.double(), reference(x.double()), rtol=tolerance,
+                               atol=tolerance)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(
+        strict=True, reason="steps_since_renorm is built without device=; fixed in the "
+                            "rewrite of layers/fastnorm.py")) if name == "FastNormLinear"
+    else name for name in LAYERS])
+def test_built_on_meta_then_materialized_equals_a_layer_built_in_place(name):
+    layer, shape = build(name)
+    meta, _ = build(name, device="meta")
+    assert {t.device.type for t in (*meta.parameters(), *meta.buffers())} == {"meta"}
+    assert meta(torch.empty(shape, device="meta")).shape == layer(inputs(shape)).shape
+    torch.manual_seed(0)
+    meta.to_empty(device="cpu").reset_parameters()
+    torch.manual_seed(0)
+    fresh = LAYERS[name][0]()
+    torch.testing.assert_close(meta.state_dict(), fresh.state_dict(), rtol=0, atol=0)
+
+
+def run_steps(layer, shape, steps=2):
+    """Outputs, input gradients, parameter gradients and buffers over `steps` steps."""
+    record = []
+    for step in range(steps):
+        x = inputs(shape, seed=step).requires_grad_(True)
+        out = layer(x)
+        out.backward(inputs(out.shape, seed=100 + step) - 0.5)
+        record += [out.detach(), x.grad]
+    record += [p.grad for p in layer.parameters()] + [b.clone() for b in layer.buffers()]
+    return record
+
+
+def assert_compiled_matches_eager(name, training, backend):
+    torch._dynamo.reset()
+    layer, shape = build(name)
+    layer.train(training)
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
+    torch.testing.assert_close(run_steps(compiled, shape), run_steps(layer, shape),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", TRACEABLE)
+def test_compiles_in_one_graph_and_matches_eager(name, training):
+    assert_compiled_matches_eager(name, training, "aot_eager")
+
+
+# Inductor generates and builds C++: tens of seconds a layer on two cores.
+# One small case per family runs by default.
+@pytest.mark.parametrize("name", [
+    "BatchRenorm2d", "WeightNormConv2d",
+    pytest.param("OnlineNorm2d", marks=pytest.mark.slow),
+    pytest.param("EquiNormConv2d", marks=pytest.mark.slow)])
+def test_inductor_matches_eager_in_training(name):
+    assert_compiled_matches_eager(name, True, "inductor")
+
+
+@pytest.mark.parametrize("name", TRACEABLE)
+def test_eval_mode_exports_with_torch_export(name):
+    layer, shape = build(name)
+    layer.eval()
+    program = torch.export.export(layer, (inputs(shape),))
+    for seed in (2, 3):  # not specialized to the example input
+        x = inputs(shape, seed=seed)
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TRACEABLE)
+def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees(name):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    layer, shape = build(name)
+    layer.eval()
+    program = torch.onnx.export(layer, (inputs(shape),), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    for seed in (2, 3):
+        x = inputs(shape, seed=seed)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), layer(x).detach(), rtol=1e-5,
+                                   atol=1e-5)
