@@ -33,7 +33,7 @@ def test_online_case_times_the_three_shapes_against_batch_norm():
 
 def test_every_case_is_registered():
     assert list(bench.CASES) == ["torch_norms", "online", "batch_renorm", "weight_norm",
-                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover"]
+                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "fold"]
 
 
 def test_fastnorm_cases_report_every_variant_against_its_baseline():
@@ -55,3 +55,10 @@ def test_model_cases_compare_against_their_baseline(name, method, baseline):
     rows = bench.run([name], min_run_time=0.01)
     assert all((r.case, r.method, r.baseline) == (name, method, baseline) for r in rows)
     assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
+
+
+def test_fold_case_times_folded_models_against_plain_ones():
+    rows = bench.run(["fold"], min_run_time=0.01)
+    assert [r.method for r in rows] == ["fold(batch)", "fold(online)", "fold(normprop)",
+                                        "fold(equinorm)", "fold(batch)", "fold(batch_renorm)"]
+    assert all(r.baseline == "plain" and r.ratio > 0 for r in rows)

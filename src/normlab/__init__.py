@@ -8,8 +8,9 @@ Example:
     >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
 """
 
-from . import data, models
+from . import data, functional, models
 from .enorm import ENorm
+from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormLinear, FastNormSGD
@@ -28,6 +29,7 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
     "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
     "OnlineNorm1d", "OnlineNorm2d", "ScaledWeightNormConv2d", "ScaledWeightNormLinear",
-    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "models",
+    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "fold",
+    "functional", "models",
 ]
 __version__ = "0.1.0"

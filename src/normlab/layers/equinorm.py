@@ -136,6 +136,25 @@ class _EquiNorm(nn.Module):
             self.gain.copy_(1 / scale)
         return self.train(module.training)
 
+    @torch.no_grad()
+    def to_plain(self, input_size: tuple[int, int] | None = None) -> nn.Linear | nn.Conv2d:
+        """The torch layer computing this layer's evaluation-mode function (for fold).
+
+        Its kernel is the one the forward applies in evaluation, from
+        ``running_mean``. A convolution whose output size is not its input
+        size (stride or padding) has a kernel that depends on the input's
+        (H, W) (through r): pass `input_size`, and the plain layer is exact
+        at that size only.
+        """
+        ratio = self._positions_ratio_at(input_size)
+        kernel = functional.equi_norm(self.weight, self.running_mean, self.gain, ratio,
+                                      self.groups, self.single_pass)
+        plain = self._plain_layer()
+        plain.weight.copy_(kernel)
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain.train(self.training)
+
     def _extra_repr_tail(self) -> str:
         return (f"bias={self.bias is not None}, single_pass={self.single_pass}, "
                 f"stat_fraction={self.stat_fraction}, momentum={self.momentum}")
@@ -199,6 +218,13 @@ class EquiNormLinear(_EquiNorm):
 
     def _positions_ratio(self, x):
         return 1.0
+
+    def _positions_ratio_at(self, input_size):
+        return 1.0
+
+    def _plain_layer(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
 
     def _apply_weight(self, x, weight):
         return F.linear(x, weight, self.bias)
@@ -286,12 +312,28 @@ class EquiNormConv2d(_EquiNorm):
         return (0, 2, 3)
 
     def _positions_ratio(self, x):
+        return self._positions_ratio_at(x.shape[2:])
+
+    def _positions_ratio_at(self, input_size):
+        if input_size is None:
+            if self.stride == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(
+                    self.kernel_size, self.padding, self.dilation)):
+                return 1.0  # output size = input size, whatever the size
+            raise ValueError(
+                f"{type(self).__name__}: with stride {self.stride} and padding {self.padding} "
+                f"the evaluation kernel depends on the input size; pass input_size=(H, W) "
+                f"(normlab.fold(model, example_input) does)")
         ratio = 1.0
         for size, kernel, stride, padding, dilation in zip(
-                x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation):
+                input_size, self.kernel_size, self.stride, self.padding, self.dilation):
             out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
             ratio *= out_size * stride / size
         return ratio
+
+    def _plain_layer(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
 
     def _apply_weight(self, x, weight):
         if self.padding_mode == "zeros":

@@ -86,6 +86,23 @@ class _WeightNormalized:
         return self._map(x, *self._scale_and_bias())
 
     @torch.no_grad()
+    def to_plain(self) -> nn.Linear | nn.Conv2d:
+        """The torch layer computing this layer's function: kernel gain' w / ||w||, bias b'.
+
+        (gain', b') as in the forward, so NormProp's input standardization is
+        in the bias, which the plain layer gets even where this one has none.
+        Same geometry, padding mode, device and dtype; for inference (fold).
+        """
+        gain, inv_norm, bias = self._scale_and_bias()
+        per_unit = (-1,) + (1,) * (self.weight.dim() - 1)
+        torch_type = self._torch_type()
+        plain = torch_type(**{**self._torch_args(self), "bias": bias is not None})
+        plain.weight.copy_(self.weight * (gain * inv_norm).view(per_unit))
+        if bias is not None:
+            plain.bias.copy_(bias)
+        return plain.train(self.training)
+
+    @torch.no_grad()
     def data_init(self, x: torch.Tensor) -> torch.Tensor:
         """Salimans and Kingma's data-dependent initialization on the batch `x`.
 
