@@ -131,17 +131,32 @@ def test_eval_mode_exports_with_torch_export(name):
         torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", TRACEABLE)
-def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees(name):
+class _Side(torch.nn.Module):
+    """The layers side by side, each on its own input: one ONNX export for all of them."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, *xs):
+        return tuple(layer(x) for layer, x in zip(self.layers, xs))
+
+
+def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees():
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    layer, shape = build(name)
-    layer.eval()
-    program = torch.onnx.export(layer, (inputs(shape),), dynamo=True, verbose=False)
+    layers, shapes = zip(*(build(name) for name in TRACEABLE))
+    model = _Side(layers).eval()
+    program = torch.onnx.export(model, tuple(inputs(s) for s in shapes), dynamo=True,
+                                verbose=False)
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
                                            providers=["CPUExecutionProvider"])
-    for seed in (2, 3):
-        x = inputs(shape, seed=seed)
-        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        torch.testing.assert_close(torch.from_numpy(out), layer(x).detach(), rtol=1e-5,
-                                   atol=1e-5)
+    names = [i.name for i in session.get_inputs()]
+    for seed in (2, 3):  # not specialized to the example inputs
+        xs = [inputs(s, seed=seed) for s in shapes]
+        outs = session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+        with torch.no_grad():
+            expected = model(*xs)
+        for name, out, reference in zip(TRACEABLE, outs, expected):
+            torch.testing.assert_close(torch.from_numpy(out), reference, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name: f"{name}: {m}")
