@@ -5,6 +5,7 @@ Example:
     >>> import normlab
     >>> normlab.available()[:3]
     ['none', 'batch', 'layer']
+    >>> bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
     >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
 """
 

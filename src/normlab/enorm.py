@@ -246,7 +246,8 @@ class ENorm:
         >>> model = normlab.models.fc_cifar(p=3)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         >>> enorm = normlab.ENorm(model, optimizer, c=1.2)
-        >>> loss = F.cross_entropy(model(x), y); loss.backward()
+        >>> x, y = torch.randn(8, 3072), torch.randint(0, 10, (8,))
+        >>> nn.functional.cross_entropy(model(x), y).backward()
         >>> optimizer.step(); enorm.step()
     """
 

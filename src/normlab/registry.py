@@ -208,7 +208,7 @@ def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
 
     Example:
         >>> normlab.create("group", 64, num_groups=8)
-        GroupNorm(8, 64, eps=1e-05, affine=True)
+        GroupNorm(8, 64, eps=1e-05, affine=True...)
     """
     method = get(name)
     if method.family != "activation":
@@ -279,7 +279,9 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
     model is not modified.
 
     Example:
-        >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
+        >>> bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        >>> normlab.convert(bn_model, "group", num_groups=8)[1]
+        GroupNorm(8, 16, eps=1e-05, affine=True...)
     """
     method = get(name)
     if method.family == "rebalancer":
