@@ -202,9 +202,13 @@ def get(name: str) -> Method:
 def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
     """Build the activation normalizer `name` for `num_features` channels.
 
-    `dim` is 1 for inputs of shape (N, C) or (N, C, L) and 2 for (N, C, H, W).
-    Extra keywords go to the layer (for example ``num_groups`` for ``group``,
-    which defaults to 32 or the largest divisor of num_features below it).
+    Args:
+        name: an activation normalizer of :func:`available`.
+        num_features: C, the channels normalized.
+        dim: 1 for inputs of shape (N, C) or (N, C, L), 2 for (N, C, H, W).
+        **kw: to the layer (for example ``num_groups`` for ``group``, which
+            defaults to 32 or the largest divisor of num_features below it;
+            ``device`` and ``dtype``).
 
     Example:
         >>> normlab.create("group", 64, num_groups=8)
@@ -275,8 +279,14 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
 
     Each new layer is built on the device and in the dtype of the layer it
     replaces (of the model, for a layer without parameters or buffers) and
-    takes its training mode. Extra keywords go to the new layers. The input
-    model is not modified.
+    takes its training mode. The input model is not modified.
+
+    Args:
+        model: the model to copy.
+        name: a method of :func:`available` (not a rebalancer).
+        keep_activation_norm: weight target: keep the activation normalizers.
+        dim: activation target: the dim of GroupNorm layers (1 or 2; default 2).
+        **kw: to each new layer.
 
     Example:
         >>> bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())

@@ -69,6 +69,8 @@ class BatchRenorm1d(_BatchRenorm):
         momentum: the running statistics' update rate. Default: 0.01.
         r_max, d_max: the clipping limits. Defaults: 3.0, 5.0.
         affine: learnable per-channel ``weight`` and ``bias``. Default: True.
+        device, dtype: of the parameters; the running statistics are kept in
+            at least float32.
 
     Shape:
         - Input: (N, C) or (N, C, L)
@@ -87,6 +89,11 @@ class BatchRenorm2d(_BatchRenorm):
     r"""Batch Renormalization over (N, C, H, W) inputs (Ioffe 2017).
 
     The math of :class:`BatchRenorm1d`, with the statistics over N, H and W.
+
+    Args:
+        num_features: C.
+        eps, momentum, r_max, d_max, affine, device, dtype: as
+            :class:`BatchRenorm1d`.
 
     Shape:
         - Input: (N, C, H, W)

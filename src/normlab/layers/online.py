@@ -83,6 +83,8 @@ class OnlineNorm1d(_OnlineNorm):
         ecm: error compensation: ``"ac"`` clamps to +-clamp_val, ``"ls"``
             divides each sample by sqrt(mean of its squares + ls_eps), None.
         ls_eps, clamp_val: see ecm. Defaults: 1e-5, 5.0.
+        device, dtype: of the parameters; the buffers are kept in at least
+            float32.
 
     The buffers ``running_mean``, ``running_var`` (mu, var) and
     ``mean_control``, ``correlation_control`` (u, v) are in the state_dict.
@@ -105,6 +107,11 @@ class OnlineNorm2d(_OnlineNorm):
     The math of :class:`OnlineNorm1d`, with m_t and s2_t the mean and biased
     variance of sample t over the H * W positions and the backward means taken
     over the same positions.
+
+    Args:
+        num_features: C.
+        alpha_fwd, alpha_bkw, eps, affine, ecm, ls_eps, clamp_val, device, dtype:
+            as :class:`OnlineNorm1d`.
 
     Shape:
         - Input: (N, C, H, W)

@@ -198,6 +198,9 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
     gradient of each w_i is orthogonal to it. Initialization: torch's for w,
     gamma = 1, b = 0; `data_init(x)` is the paper's data-dependent one.
 
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+
     Shape:
         - Input: (*, in_features)
         - Output: (*, out_features)
@@ -246,8 +249,12 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
     .. math:: z_c = \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
 
     with w_c the kernel of output channel c, of shape
-    (in_channels / groups, kH, kW), normalized as a whole. Arguments,
-    padding modes and initialization as in nn.Conv2d, then gamma = 1, b = 0.
+    (in_channels / groups, kH, kW), normalized as a whole. Initialization
+    as in nn.Conv2d, then gamma = 1, b = 0.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
 
     Shape:
         - Input: (N, C_in, H, W) or (C_in, H, W)
@@ -311,7 +318,12 @@ class ScaledWeightNormLinear(_Scaled, WeightNormLinear):
     with k = 2 for a layer followed by a ReLU (``nonlinearity="relu"``, the
     default) and k = 1 for a linear one (``nonlinearity="linear"``);
     gamma = 1 and b = 0 at initialization, where the factor keeps
-    E||ReLU(z)||^2 = ||x||^2. Arguments otherwise as `WeightNormLinear`.
+    E||ReLU(z)||^2 = ||x||^2.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+        nonlinearity: ``"relu"`` (k = 2) or ``"linear"`` (k = 1), the
+            activation after the layer. Keyword only. Default: ``"relu"``.
 
     Shape:
         - Input: (*, in_features)
@@ -330,7 +342,12 @@ class ScaledWeightNormConv2d(_Scaled, WeightNormConv2d):
               \cdot \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
 
     k as in `ScaledWeightNormLinear`; fan_in = in_channels * kH * kW and
-    fan_out = out_channels * kH * kW. Arguments otherwise as `WeightNormConv2d`.
+    fan_out = out_channels * kH * kW.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        nonlinearity: as :class:`ScaledWeightNormLinear`.
 
     Shape:
         - Input: (N, C_in, H, W) or (C_in, H, W)
@@ -352,6 +369,11 @@ class NormPropLinear(_NormProp, WeightNormLinear):
     x~ = x for ``input_activation=None`` (the first layer, on standardized
     data). No batch statistics: training and evaluation compute the same.
 
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+        input_activation: ``"relu"`` or None, what the input is (above).
+            Keyword only. Default: ``"relu"``.
+
     Shape:
         - Input: (*, in_features)
         - Output: (*, out_features)
@@ -370,7 +392,12 @@ class NormPropConv2d(_NormProp, WeightNormConv2d):
     .. math:: z_c = \gamma_c \frac{w_c \star \tilde x}{\|w_c\|} + b_c
 
     x~ as in `NormPropLinear`; zero padding counts as a ReLU output of 0 and
-    is standardized too. Arguments otherwise as `WeightNormConv2d`.
+    is standardized too.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        input_activation: as :class:`NormPropLinear`.
 
     Shape:
         - Input: (N, C_in, H, W) or (C_in, H, W)
