@@ -19,6 +19,14 @@ def slow_probe(seed: int, seconds: float, pid_dir: str | None = None) -> list[di
     return [{"point": i, "value": seed * 100 + i} for i in range(POINTS)]
 
 
+def progress_probe(seed: int) -> list[dict]:
+    """Opens a progress bar, as training does: tqdm's lock is a semaphore of the worker."""
+    from tqdm import tqdm
+
+    tqdm(total=1, disable=True).close()
+    return [{"point": 0, "value": seed}]
+
+
 def failing_probe(seed: int) -> list[dict]:
     raise RuntimeError(f"probe failed on purpose (seed {seed})")
 

@@ -117,6 +117,7 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(threads,))
     log = open(log_path, "a") if log_path else None
+    interrupted = True
     try:
         jobs_of = {executor.submit(execute, job, data_dir): job for job in pending}
         running = set(jobs_of)
@@ -133,11 +134,16 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
                 if log:
                     log.write(_log_line(run) + "\n")
                     log.flush()
+        interrupted = False
     except (KeyboardInterrupt, BrokenProcessPool) as err:
         raise Interrupted(f"{type(err).__name__}: {err}") from err
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        _stop(executor)
+        if interrupted:
+            _stop(executor)
+        else:  # idle workers exit on their own, releasing what they hold (their
+            # semaphores: terminated, they leave them to the resource tracker's warning)
+            executor.shutdown(wait=True)
         progress.finish()
         if log:
             log.close()
