@@ -54,8 +54,9 @@ class _EquiNorm(nn.Module):
     """What EquiNormLinear and EquiNormConv2d share: parameters, statistics, forward.
 
     A subclass sets the weight shape and says how its input is read
-    (`_check_input`, `_positions_ratio`, `_stat_dims`) and which map applies the
-    weight (`_apply_weight`).
+    (`_check_input`, `_positions_ratio_at` its spatial size, `_stat_dims`),
+    which map applies the weight (`_apply_weight`) and which torch layer
+    that map is (`_plain_layer`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, weight_shape: tuple[int, ...],
@@ -104,7 +105,8 @@ class _EquiNorm(nn.Module):
             input_mean = self.running_mean
         # The gain folds into the weight: the affine costs nothing per activation.
         weight = functional.equi_norm(self.weight, input_mean, self.gain,
-                                      self._positions_ratio(x), self.groups, self.single_pass)
+                                      self._positions_ratio_at(tuple(x.shape[2:])), self.groups,
+                                      self.single_pass)
         return self._apply_weight(x, weight)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -216,9 +218,6 @@ class EquiNormLinear(_EquiNorm):
     def _stat_dims(self, x):
         return tuple(range(x.dim() - 1))
 
-    def _positions_ratio(self, x):
-        return 1.0
-
     def _positions_ratio_at(self, input_size):
         return 1.0
 
@@ -310,9 +309,6 @@ class EquiNormConv2d(_EquiNorm):
 
     def _stat_dims(self, x):
         return (0, 2, 3)
-
-    def _positions_ratio(self, x):
-        return self._positions_ratio_at(x.shape[2:])
 
     def _positions_ratio_at(self, input_size):
         if input_size is None:
