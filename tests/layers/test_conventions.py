@@ -160,3 +160,15 @@ def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees():
         for name, out, reference in zip(TRACEABLE, outs, expected):
             torch.testing.assert_close(torch.from_numpy(out), reference, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_equinorm_degenerate_check_stays_out_of_the_compiled_graph():
+    torch._dynamo.reset()
+    layer = normlab.EquiNormConv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        layer.weight[1] = 0.3  # constant kernel: no positive weight after the shift
+    x = inputs((4, 2, 5, 5))
+    with pytest.warns(RuntimeWarning, match=r"output channel\(s\) \[1\]"):
+        expected = layer(x)
+    compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
