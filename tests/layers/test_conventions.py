@@ -172,3 +172,15 @@ def test_equinorm_degenerate_check_stays_out_of_the_compiled_graph():
         expected = layer(x)
     compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["OnlineNorm2d", "BatchRenorm2d"])
+def test_running_statistics_stay_float32_in_a_bfloat16_module(name):
+    # in bfloat16 a momentum of 0.01 moves them by less than their resolution
+    layer, shape = build(name)
+    layer.to(torch.bfloat16)
+    assert {b.dtype for b in layer.buffers()} == {torch.float32}
+    assert layer.weight.dtype == torch.bfloat16
+    before = layer.running_mean.clone()
+    out = layer(inputs(shape, torch.bfloat16) * 0.01)
+    assert out.dtype == torch.bfloat16 and not torch.equal(layer.running_mean, before)
