@@ -10,6 +10,7 @@ Example:
 """
 
 from . import data, functional, models
+from .distributed import convert_sync
 from .enorm import ENorm
 from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
@@ -30,7 +31,7 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
     "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
     "OnlineNorm1d", "OnlineNorm2d", "ScaledWeightNormConv2d", "ScaledWeightNormLinear",
-    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "fold",
-    "functional", "models",
+    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "convert_sync", "create",
+    "data", "fold", "functional", "models",
 ]
 __version__ = "0.1.0"

@@ -9,17 +9,23 @@ the medians beside it. Cases register themselves with `@case("name")`.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import statistics
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 from torch.utils import benchmark
 
-from . import models, registry
+from . import distributed, models, registry
 from .enorm import ENorm
 from .fold import fold
 from .layers.batch_renorm import BatchRenorm2d
@@ -253,6 +259,58 @@ def fastnorm_crossover(min_run_time: float) -> list[Row]:
         rows.append(compare("fastnorm_crossover", f"784->1024, batch {batch_size}", "tracked",
                             tracked, "explicit norms", explicit_norms, min_run_time))
     return rows
+
+
+SYNC_NORMS = ("batch", "batch_renorm", "online", "equinorm")
+
+
+@case("sync")
+def sync(min_run_time: float) -> list[Row]:
+    """One DDP step of cifar_resnet(depth=8) on 2 gloo processes (global batch 32, 16 each),
+    synced layers (convert_sync) against the same layers unsynced: the cost of exact
+    global-batch statistics."""
+    with tempfile.TemporaryDirectory() as out:
+        distributed.run_local(_time_synced_steps, 2, min_run_time, out)
+        return [Row(**row) for row in json.loads((Path(out) / "rows.json").read_text())]
+
+
+def _time_synced_steps(rank: int, world_size: int, min_run_time: float, out: str,
+                       rounds: int = 3) -> None:
+    """Both variants of each norm, alternating; every rank runs the same number of steps
+    (collectives pair them up), set by rank 0 from a first timing."""
+    torch.manual_seed(0)
+    images, labels = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    rows = []
+    for norm in SYNC_NORMS:
+        steps = {}
+        for synced in (False, True):
+            model = models.cifar_resnet(depth=8, norm=norm)
+            if synced:
+                model = distributed.convert_sync(model)
+            model = nn.parallel.DistributedDataParallel(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            steps[synced] = sgd_step(model, optimizer, images, labels)
+        count = torch.tensor([_lockstep_seconds(steps[False], 2)])
+        dist.broadcast(count, 0)  # rank 0's step time decides the count for all
+        count = max(1, math.ceil(min_run_time / (2 * rounds * float(count))))
+        times = {False: [], True: []}
+        for _ in range(rounds):
+            for synced in (False, True):
+                times[synced].append(_lockstep_seconds(steps[synced], count))
+        rows.append(Row("sync", "cifar_resnet8, 2 processes x 16", f"{norm} synced",
+                        f"{norm} unsynced", statistics.median(times[True]),
+                        statistics.median(times[False])))
+    if rank == 0:
+        (Path(out) / "rows.json").write_text(json.dumps([asdict(row) for row in rows]))
+
+
+def _lockstep_seconds(step: Callable[[], None], count: int) -> float:
+    """Seconds per call of `step` over `count` calls, started together on every rank."""
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - start) / count
 
 
 def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:

@@ -28,6 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .distributed import RankSlice, global_batch_norm
 from .kernels import batch_norm_training, clamp_backward, row_sums, scale_shift
 
 ONLINE_NORM_ECMS = ("ls", "ac", None)
@@ -106,7 +107,7 @@ def _autocast_off(x: torch.Tensor):
 def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  training: bool = False, momentum: float = 0.01, eps: float = 1e-5,
-                 r_max: float = 3.0, d_max: float = 5.0
+                 r_max: float = 3.0, d_max: float = 5.0, process_group=None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275) of (N, C, *) `x`.
 
@@ -120,7 +121,8 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
 
     with r and d constants of the backward pass. Out of training it is
     batch normalization with the running statistics. Low-precision inputs
-    are normalized in float32.
+    are normalized in float32. With a `process_group` (torch.distributed),
+    mu_B and var_B are those of the group's global batch.
 
     Returns:
         (y, new_running_mean, new_running_var): in training the statistics
@@ -143,8 +145,12 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
             return out.to(x.dtype), running_mean, running_var
         sigma = (running_var + eps).sqrt()
         new_mean, new_var = running_mean.clone(), running_var.clone()
-        x_hat, batch_mean, batch_inv_std = batch_norm_training(work, new_mean, new_var, momentum,
-                                                               eps)
+        if process_group is None:
+            x_hat, batch_mean, batch_inv_std = batch_norm_training(work, new_mean, new_var,
+                                                                   momentum, eps)
+        else:
+            x_hat, batch_mean, batch_inv_std = global_batch_norm(work, new_mean, new_var,
+                                                                 momentum, eps, process_group)
         r = (1 / (batch_inv_std * sigma)).clamp(1 / r_max, r_max)
         d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
         out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
@@ -205,13 +211,20 @@ class OnlineNormFunction(torch.autograd.Function):
     Forward updates `running_mean`/`running_var` in place; backward runs the
     control process and updates `mean_control`/`correlation_control` in place.
     Saved for backward: the normalized output y and per-(sample, channel) scalars.
+
+    With `ranks` (a `RankSlice`), x is this rank's slice of the group's
+    global batch: the per-(sample, channel) scalars are gathered so that both
+    processes run over the global stream, in rank order, on every rank, and
+    each rank keeps its own rows. The state then ends equal on every rank.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, mean_control,
                 correlation_control, alpha_fwd: float, alpha_bkw: float, eps: float,
-                clamp_val: float | None):
+                clamp_val: float | None, ranks: RankSlice | None = None):
         mean, var = _sample_moments(x)
+        if ranks is not None:
+            mean, var = ranks.gather(torch.stack([mean, var], 1)).unbind(1)
         mu0, var0 = running_mean.double(), running_var.double()
         means_after = linear_scan(alpha_fwd, (1 - alpha_fwd) * mean, mu0)
         mu_before = _before_each(mu0, means_after)
@@ -222,13 +235,17 @@ class OnlineNormFunction(torch.autograd.Function):
         running_mean.copy_(means_after[-1])
         running_var.copy_(variances_after[-1])
 
-        y = scale_shift(x, inv_std, -mu_before * inv_std)
+        if ranks is None:
+            y = scale_shift(x, inv_std, -mu_before * inv_std)
+        else:
+            my_inv_std = ranks.mine(inv_std)
+            y = scale_shift(x, my_inv_std, -ranks.mine(mu_before) * my_inv_std)
         # mean(y) and mean(y^2) of each sample follow from its moments: no pass over y.
         y_mean = deviation * inv_std
         y_square_mean = (var + deviation ** 2) * inv_std ** 2
         ctx.save_for_backward(y, weight, bias, inv_std, y_mean, y_square_mean)
         ctx.control = (mean_control, correlation_control)
-        ctx.alpha_bkw, ctx.clamp_val = alpha_bkw, clamp_val
+        ctx.alpha_bkw, ctx.clamp_val, ctx.ranks = alpha_bkw, clamp_val, ranks
         return _affine_clamp(y, weight, bias, clamp_val)
 
     @staticmethod
@@ -246,18 +263,30 @@ class OnlineNormFunction(torch.autograd.Function):
         positions = y.shape[-1]
         grad_y_dot_y_mean = gamma * grad_z_dot_y / positions
         grad_y_mean = gamma * grad_z_sum / positions
+        v0, u0 = correlation_control.double(), mean_control.double()
+        ranks = ctx.ranks
+        if ranks is not None:
+            grad_y_dot_y_mean, grad_y_mean = ranks.gather(
+                torch.stack([grad_y_dot_y_mean, grad_y_mean], 1)).unbind(1)
+            # Each rank's gradients are the global mean loss's times the group size (DDP
+            # averages the ranks' gradients): the state, linear in them, is kept in the
+            # global loss's units, as in one process.
+            v0, u0 = v0 * ranks.world_size, u0 * ranks.world_size
 
         # v_t = v_{t-1} + mean(g~_t y_t) = (1 - leak mean(y_t^2)) v_{t-1} + mean(g_t y_t)
-        v0 = correlation_control.double()
         vs = linear_scan(1 - leak * y_square_mean, grad_y_dot_y_mean, v0)
         v_before = _before_each(v0, vs)
         # u_t = u_{t-1} + mean(x'_t) = alpha_bkw u_{t-1} + inv_std_t mean(g~_t)
-        u0 = mean_control.double()
         u_drive = inv_std * (grad_y_mean - leak * v_before * y_mean)
         us = linear_scan(ctx.alpha_bkw, u_drive, u0)
         u_before = _before_each(u0, us)
-        correlation_control.copy_(vs[-1])
-        mean_control.copy_(us[-1])
+        if ranks is None:
+            correlation_control.copy_(vs[-1])
+            mean_control.copy_(us[-1])
+        else:
+            correlation_control.copy_(vs[-1] / ranks.world_size)
+            mean_control.copy_(us[-1] / ranks.world_size)
+            v_before, u_before, inv_std = map(ranks.mine, (v_before, u_before, inv_std))
 
         # x'_t = (g_t - leak v_{t-1} y_t) inv_std_t - leak u_{t-1}
         grad_x = scale_shift(grad_z, gamma * inv_std, -leak * u_before)
@@ -266,7 +295,7 @@ class OnlineNormFunction(torch.autograd.Function):
         if weight is not None:
             grad_weight = grad_z_dot_y.sum(0).to(weight.dtype)
             grad_bias = grad_z_sum.sum(0).to(bias.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 
 def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -274,7 +303,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 training: bool = False, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
                 eps: float = 1e-5, ecm: str | None = "ac", ls_eps: float = 1e-5,
-                clamp_val: float = 5.0) -> torch.Tensor:
+                clamp_val: float = 5.0, process_group=None) -> torch.Tensor:
     r"""Online Normalization (Chiley et al. 2019, arXiv:1905.05894) of (N, C, *) `x`.
 
     Per channel the samples form one stream. With m_t, s2_t the mean and biased
@@ -301,17 +330,26 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     Both are linear recurrences, computed for the whole batch at once with
     prefix scans in float64. Out of training y uses the running statistics,
     which stay unchanged. Low-precision inputs are normalized in float32.
+
+    With a `process_group` (torch.distributed), the group's global batch is
+    one stream, rank k's samples after rank k-1's, and every rank ends with
+    the same state.
     """
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
+    flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     weight = None if weight is None else weight.to(work.dtype)
     bias = None if bias is None else bias.to(work.dtype)
     clamp = clamp_val if ecm == "ac" else None
     with _autocast_off(x):
         if training:
+            ranks = None
+            if process_group is not None:
+                ranks = RankSlice.of(work.shape[0], process_group, x.device)
+                ranks.require_rows("Online Normalization")
             out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
                                            mean_control, correlation_control, alpha_fwd,
-                                           alpha_bkw, eps, clamp)
+                                           alpha_bkw, eps, clamp, ranks)
         else:
             inv_std = (running_var.to(work.dtype) + eps).rsqrt()[:, None]
             y = (work - running_mean.to(work.dtype)[:, None]) * inv_std

@@ -1,3 +1,4 @@
+import io
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ import pytest
 import sweep_helper
 
 from normlab import training
-from normlab.experiments import Probe, Store, run_sweep
+from normlab.experiments import Probe, RayCluster, Store, run_sweep
 from normlab.experiments.runner import execute, job_config
 
 HELPER = Path(sweep_helper.__file__)
@@ -49,6 +50,32 @@ def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
         run_sweep(sweep_helper.jobs(3, 0.0), store, workers=1, label="demo", stream=sys.stderr)
     err = capsys.readouterr().err
     assert "demo: 3/3 runs" in err and "ETA 0m00s" in err and "demo: 0/3 runs" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO(), _Terminal()], ids=["log", "terminal"])
+def test_progress_is_a_line_per_run_off_a_terminal_and_one_line_on_it(tmp_path, stream):
+    jobs = sweep_helper.jobs(3, 0.0) + [Probe(sweep_helper.failing_probe, 7)]
+    with Store.in_folder(tmp_path) as store:
+        run_sweep(jobs, store, workers=1, label="demo", stream=stream)
+    text = stream.getvalue()
+    if stream.isatty():  # rewritten in place, ended once
+        assert text.count("\r") == 5 and text.count("\n") == 1 and text.endswith("\n")
+    else:  # a log: one line per state, nothing rewritten
+        lines = text.splitlines()
+        assert "\r" not in text and len(lines) == 5 and text.endswith("\n")
+        assert lines[0].startswith("demo: 0/4 runs, elapsed")
+        assert lines[-1].startswith("demo: 4/4 runs, 1 failed, elapsed")
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    with pytest.raises(ValueError, match=r"needs Ray: pip install 'normlab\[ray\]'"):
+        RayCluster().start(1)
 
 
 def test_nan_loss_is_recorded_as_diverged():

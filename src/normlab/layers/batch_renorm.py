@@ -10,9 +10,9 @@ from .channel_norm import ChannelNorm
 
 class _BatchRenorm(ChannelNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
-                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, device=None,
-                 dtype=None):
-        super().__init__(num_features, affine, device, dtype)
+                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, *,
+                 sync: bool = False, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, affine, sync, process_group, device, dtype)
         checks.in_interval(type(self).__name__, "eps", eps, "(0, inf)")
         checks.in_interval(type(self).__name__, "momentum", momentum, "[0, 1]")
         self.eps, self.momentum = eps, momentum
@@ -26,21 +26,20 @@ class _BatchRenorm(ChannelNorm):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}")
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        super()._check_input(x)
-        if self.training and x.numel() // x.shape[1] < 2:
-            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
-                             f"training, got shape {tuple(x.shape)}")
+                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}"
+                + self._sync_repr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.training:
             self._check_limits()
+        group = self.sync_group() if self.training else None
+        if self.training and group is None and x.numel() // x.shape[1] < 2:
+            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
+                             f"training, got shape {tuple(x.shape)}")
         out, running_mean, running_var = functional.batch_renorm(
             x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-            self.momentum, self.eps, self.r_max, self.d_max)
+            self.momentum, self.eps, self.r_max, self.d_max, process_group=group)
         if self.training:  # new tensors rather than in-place updates: see batch_renorm
             self.running_mean, self.running_var = running_mean, running_var
         return out
@@ -71,6 +70,10 @@ class BatchRenorm1d(_BatchRenorm):
         affine: learnable per-channel ``weight`` and ``bias``. Default: True.
         device, dtype: of the parameters; the running statistics are kept in
             at least float32.
+        sync: under DistributedDataParallel, take the batch statistics over the
+            global batch of `process_group` (None: the world group), as
+            :class:`torch.nn.SyncBatchNorm` does; see `normlab.convert_sync`.
+            Default: False, the statistics of the batch this process is given.
 
     Shape:
         - Input: (N, C) or (N, C, L)

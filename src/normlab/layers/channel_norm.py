@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from .. import checks
+from ..distributed import Syncable
 
 
-class ChannelNorm(nn.Module):
+class ChannelNorm(nn.Module, Syncable):
     """Per-channel affine ``weight``/``bias``, ``running_mean``/``running_var``
-    buffers and the input checks shared by Batch Renormalization and Online
-    Normalization. Subclasses set `_input_dims`, the input ranks they accept.
+    buffers, the input checks and the ``sync``/``process_group`` settings
+    shared by Batch Renormalization and Online Normalization. Subclasses set
+    `_input_dims`, the input ranks they accept.
 
     ``weight`` and ``bias`` take `dtype`; the running statistics (and any
     buffer a subclass adds with :meth:`_statistics_buffer`) are kept in at
@@ -21,8 +23,10 @@ class ChannelNorm(nn.Module):
 
     _input_dims: tuple[int, ...]
 
-    def __init__(self, num_features: int, affine: bool, device=None, dtype=None):
+    def __init__(self, num_features: int, affine: bool, sync: bool = False,
+                 process_group=None, device=None, dtype=None):
         super().__init__()
+        self._init_sync(sync, process_group)
         checks.positive_int(type(self).__name__, "num_features", num_features)
         self.num_features, self.affine = num_features, affine
         factory = {"device": device, "dtype": dtype}

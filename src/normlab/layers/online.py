@@ -19,8 +19,9 @@ from .channel_norm import ChannelNorm
 class _OnlineNorm(ChannelNorm):
     def __init__(self, num_features: int, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
                  eps: float = 1e-5, affine: bool = True, ecm: str | None = "ac",
-                 ls_eps: float = 1e-5, clamp_val: float = 5.0, device=None, dtype=None):
-        super().__init__(num_features, affine, device, dtype)
+                 ls_eps: float = 1e-5, clamp_val: float = 5.0, *, sync: bool = False,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, affine, sync, process_group, device, dtype)
         owner = type(self).__name__
         checks.in_interval(owner, "alpha_fwd", alpha_fwd, "(0, 1)")
         checks.in_interval(owner, "alpha_bkw", alpha_bkw, "(0, 1)")
@@ -42,14 +43,15 @@ class _OnlineNorm(ChannelNorm):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
                 f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}, "
-                f"ls_eps={self.ls_eps}, clamp_val={self.clamp_val}")
+                f"ls_eps={self.ls_eps}, clamp_val={self.clamp_val}" + self._sync_repr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         return functional.online_norm(
             x, self.running_mean, self.running_var, self.mean_control, self.correlation_control,
             self.weight, self.bias, self.training, self.alpha_fwd, self.alpha_bkw, self.eps,
-            self.ecm, self.ls_eps, self.clamp_val)
+            self.ecm, self.ls_eps, self.clamp_val,
+            process_group=self.sync_group() if self.training else None)
 
 
 class OnlineNorm1d(_OnlineNorm):
@@ -85,6 +87,14 @@ class OnlineNorm1d(_OnlineNorm):
         ls_eps, clamp_val: see ecm. Defaults: 1e-5, 5.0.
         device, dtype: of the parameters; the buffers are kept in at least
             float32.
+        sync: under DistributedDataParallel, the global batch of `process_group`
+            (None: the world group) is one stream, rank k's samples after rank
+            k-1's: the forward and control processes run over it on every rank,
+            so the four buffers stay equal across ranks (DDP's default
+            ``broadcast_buffers=True`` then copies equal values: correct, and
+            ``False`` saves the copy). See `normlab.convert_sync`. Default:
+            False, each process's batch is a stream of its own (under DDP with
+            broadcast_buffers, rank 0's state then overwrites the others').
 
     The buffers ``running_mean``, ``running_var`` (mu, var) and
     ``mean_control``, ``correlation_control`` (u, v) are in the state_dict.
