@@ -173,8 +173,8 @@ register(Method("fastnorm", "weight",
                 "weight normalization whose row norms are tracked, not computed",
                 replaces={nn.Linear: FastNormLinear}, optimizer=FastNormSGD))
 register(Method("equinorm", "weight",
-                "Anonymous (2019), Controlling covariate shift using equilibrium normalization "
-                "of weights (ICLR submission)",
+                "Defazio and Bottou (2018), Controlling covariate shift using equilibrium "
+                "normalization of weights, arXiv:1812.04549",
                 "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
                 replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
 

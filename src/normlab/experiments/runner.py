@@ -235,12 +235,12 @@ class RayCluster(Executor):
 
 
 def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_dir=None,
-              log_path=None, label: str = "sweep", stream=sys.stderr,
+              log_path=None, label: str = "sweep", stream=None,
               executor: Executor | None = None) -> dict:
     """Run the jobs not yet finished in `store`; returns counts by status.
 
     Jobs run on `executor` (default: a `LocalPool` of `workers` processes).
-    Progress (runs done / total, ETA) goes to `stream`: one line updated in
+    Progress (runs done / total, ETA) goes to `stream` (None: sys.stderr): one line updated in
     place on a terminal, one line per finished run otherwise. One line per
     finished run goes to `log_path`. Raises `Interrupted` when stopped early;
     every run finished before that is in the store.
@@ -249,7 +249,8 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
     finished = store.finished_keys()
     pending = [job for job in unique if job.key() not in finished]
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": len(unique) - len(pending)}
-    progress = _Progress(label, len(unique), counts["skipped"], stream)
+    # sys.stderr as it is now, not at import (pytest's capture, a redirect, may have closed it)
+    progress = _Progress(label, len(unique), counts["skipped"], stream or sys.stderr)
     if not pending:
         progress.finish()
         return counts
