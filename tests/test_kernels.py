@@ -6,7 +6,13 @@ undocumented aten ops; a torch release that changes one fails here.
 
 import torch
 
-from normlab.kernels import batch_norm_training, clamp_backward, row_sums, scale_shift
+from normlab.kernels import (
+    batch_norm_backward,
+    batch_statistics,
+    clamp_backward,
+    row_sums,
+    scale_shift,
+)
 
 
 def test_scale_shift_is_a_per_row_affine_map():
@@ -32,27 +38,35 @@ def test_clamp_backward_passes_the_gradient_strictly_inside_the_limits():
     torch.testing.assert_close(clamp_backward(grad, x, 2.0), torch.where(inside, grad, 0.0))
 
 
-def test_batch_norm_training_statistics_gradient_and_running_update():
+def test_batch_statistics_are_the_mean_and_biased_variance_and_update_the_running_ones():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     running_mean = torch.randn(3, dtype=torch.float64)
     running_var = torch.rand(3, dtype=torch.float64) + 0.5
-    momentum, eps = 0.1, 1e-3
-    expected_running = ((1 - momentum) * running_mean + momentum * x.mean((0, 2, 3)),
-                        (1 - momentum) * running_var + momentum * x.var((0, 2, 3)))
+    momentum = 0.1
+    expected_running = ((1 - momentum) * running_mean + momentum * x.detach().mean((0, 2, 3)),
+                        (1 - momentum) * running_var + momentum * x.detach().var((0, 2, 3)))
 
-    x_hat, mean, inv_std = batch_norm_training(x, running_mean, running_var, momentum, eps)
+    mean, var = batch_statistics(x, running_mean, running_var, momentum)
 
-    reference_mean = x.mean((0, 2, 3))
-    reference_inv_std = (x.var((0, 2, 3), unbiased=False) + eps).rsqrt()
-    reference = (x - reference_mean[:, None, None]) * reference_inv_std[:, None, None]
-    torch.testing.assert_close(x_hat, reference)
-    torch.testing.assert_close(mean, reference_mean.detach())
-    torch.testing.assert_close(inv_std, reference_inv_std.detach())
-    assert not mean.requires_grad and not inv_std.requires_grad
-    torch.testing.assert_close((running_mean, running_var),
-                               tuple(t.detach() for t in expected_running))
-    # x_hat's gradient is batch normalization's, through the batch statistics
-    grad = torch.randn_like(x)
-    torch.testing.assert_close(torch.autograd.grad(x_hat, x, grad),
-                               torch.autograd.grad(reference, x, grad))
+    torch.testing.assert_close(mean, x.detach().mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.detach().var((0, 2, 3), unbiased=False))
+    assert not mean.requires_grad and not var.requires_grad
+    torch.testing.assert_close((running_mean, running_var), expected_running)
+
+
+def test_batch_norm_backward_is_the_gradient_of_the_affine_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    eps = 1e-3
+    mean = x.mean((0, 2, 3), keepdim=True)
+    inv_std = (x.var((0, 2, 3), unbiased=False, keepdim=True) + eps).rsqrt()
+    y = (x - mean) * inv_std * weight[:, None, None] + bias[:, None, None]
+    grad = torch.randn_like(y)
+
+    got = batch_norm_backward(grad, x.detach(), weight.detach(), mean.detach().flatten(),
+                              inv_std.detach().flatten())
+
+    torch.testing.assert_close(got, torch.autograd.grad(y, (x, weight, bias), grad))

@@ -29,7 +29,13 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .distributed import RankSlice, global_batch_norm
-from .kernels import batch_norm_training, clamp_backward, row_sums, scale_shift
+from .kernels import (
+    batch_norm_backward,
+    batch_statistics,
+    clamp_backward,
+    row_sums,
+    scale_shift,
+)
 
 ONLINE_NORM_ECMS = ("ls", "ac", None)
 
@@ -104,6 +110,39 @@ def _autocast_off(x: torch.Tensor):
 # -- Batch Renormalization --------------------------------------------------------------
 
 
+def _renorm_constants(batch_mean, batch_inv_std, running_mean, sigma, r_max: float,
+                      d_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch Renormalization's r = clip(sigma_B / sigma) and d = clip((mu_B - mu) / sigma)."""
+    r = (1 / (batch_inv_std * sigma)).clamp(1 / r_max, r_max)
+    d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
+    return r, d
+
+
+class _BatchRenorm(torch.autograd.Function):
+    # Batch normalization with the weight weight * r and the bias weight * d + bias,
+    # in BatchNorm's passes: with the batch statistics given (one pass, before),
+    # the affine map forward; torch's batch-norm backward (a reduction and an
+    # elementwise pass) backward. r and d are constants of the backward pass, so
+    # the gradient w.r.t. x is batch normalization's with the weight weight * r.
+    # Saved: x and per-channel vectors, as BatchNorm saves.
+    @staticmethod
+    def forward(ctx, x, weight, bias, batch_mean, batch_var, batch_inv_std, r, d, eps: float):
+        scale = weight * r
+        ctx.save_for_backward(x, weight, batch_mean, batch_inv_std, r, d)
+        return F.batch_norm(x, batch_mean, batch_var, scale, torch.addcmul(bias, weight, d),
+                            False, 0.0, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, batch_mean, batch_inv_std, r, d = ctx.saved_tensors
+        grad_x, grad_scale, grad_bias = batch_norm_backward(grad, x, weight * r, batch_mean,
+                                                            batch_inv_std)
+        # y = weight * (r x_hat + d) + bias
+        grad_weight = torch.addcmul(r * grad_scale, d, grad_bias)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
 def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  training: bool = False, momentum: float = 0.01, eps: float = 1e-5,
@@ -145,15 +184,17 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
             return out.to(x.dtype), running_mean, running_var
         sigma = (running_var + eps).sqrt()
         new_mean, new_var = running_mean.clone(), running_var.clone()
-        if process_group is None:
-            x_hat, batch_mean, batch_inv_std = batch_norm_training(work, new_mean, new_var,
-                                                                   momentum, eps)
-        else:
+        if process_group is not None:
             x_hat, batch_mean, batch_inv_std = global_batch_norm(work, new_mean, new_var,
                                                                  momentum, eps, process_group)
-        r = (1 / (batch_inv_std * sigma)).clamp(1 / r_max, r_max)
-        d = ((batch_mean - running_mean) / sigma).clamp(-d_max, d_max)
-        out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
+            r, d = _renorm_constants(batch_mean, batch_inv_std, running_mean, sigma, r_max, d_max)
+            out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
+        else:
+            batch_mean, batch_var = batch_statistics(work, new_mean, new_var, momentum)
+            batch_inv_std = (batch_var + eps).rsqrt()
+            r, d = _renorm_constants(batch_mean, batch_inv_std, running_mean, sigma, r_max, d_max)
+            out = _BatchRenorm.apply(work, weight, bias, batch_mean, batch_var, batch_inv_std,
+                                     r, d, eps)
     return out.to(x.dtype), new_mean, new_var
 
 

@@ -1,11 +1,13 @@
 """torch's batch-norm and clamp kernels, borrowed for other reductions: the one place.
 
 Online Normalization and Batch Renormalization need per-row scales, two fused
-sums per row, a clamp's gradient and batch statistics. torch's batch-norm
+sums per row, a clamp's gradient, batch statistics and batch normalization's
+backward with given statistics. torch's batch-norm
 kernels compute exactly these in one vectorized pass each, several times
 faster on CPU than the broadcasting expressions; some of them are reached
 only through undocumented aten ops (``native_batch_norm``,
-``native_batch_norm_backward``, ``hardtanh_backward``). Each helper states
+``native_batch_norm_backward``, ``batch_norm_update_stats``,
+``hardtanh_backward``). Each helper states
 the plain-torch expression it equals; ``tests/test_kernels.py`` compares
 them, so a torch release that changes one of these ops fails there, loudly.
 """
@@ -51,15 +53,28 @@ def clamp_backward(grad: torch.Tensor, x: torch.Tensor, limit: float) -> torch.T
     return torch.ops.aten.hardtanh_backward(grad, x, -limit, limit)
 
 
-def batch_norm_training(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                        momentum: float, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch normalization's training step on (N, C, *) x: (x_hat, mean, inv_std).
+def batch_statistics(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                     momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of (N, C, *) x over all dims but 1, in one pass, no gradient.
 
-    mean and biased var over all dims but 1, inv_std = 1 / sqrt(var + eps),
-    x_hat = (x - mean) * inv_std. x_hat carries batch normalization's gradient
-    (through the batch statistics); mean and inv_std come without gradient.
     The running statistics are updated in place as BatchNorm does:
     running <- (1 - momentum) running + momentum batch, the variance unbiased.
     """
-    return torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+    if x.device.type == "meta":  # the op has no meta kernel; meta tensors carry only shapes
+        return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+    # torch has no derivative for this op: the statistics are constants here.
+    return torch.batch_norm_update_stats(x.detach(), running_mean, running_var, momentum)
+
+
+def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        mean: torch.Tensor, inv_std: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of y = weight * x_hat + bias, x_hat = (x - mean) * inv_std with mean and
+    inv_std x's batch statistics (as `batch_statistics` gives): (grad_x, grad_weight, grad_bias).
+
+    grad_x is batch normalization's (through the batch statistics), grad_weight
+    = sum(grad * x_hat) and grad_bias = sum(grad) over all dims but 1; a
+    reduction pass and an elementwise pass, as BatchNorm's backward.
+    """
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, None, None, mean, inv_std, True, 0.0, [True, True, True])
