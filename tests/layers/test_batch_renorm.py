@@ -137,3 +137,15 @@ def test_registry_and_convert():
     converted = normlab.convert(model, "batch_renorm", r_max=1.0)
     assert isinstance(converted[1], BatchRenorm2d) and converted[1].r_max == 1.0
     assert converted(torch.randn(2, 3, 5, 5)).shape == (2, 4, 3, 3)
+
+
+def test_saves_for_backward_what_batch_norm_saves_plus_per_channel_constants():
+    from normlab.experiments.memory import saved_bytes
+
+    channels = 8
+    x = torch.randn(4, channels, 6, 6, requires_grad=True)
+    renorm, batch_norm = saved_bytes(BatchRenorm2d(channels), x), saved_bytes(
+        nn.BatchNorm2d(channels), x)
+    assert batch_norm >= x.numel() * x.element_size()
+    # beyond BatchNorm's input and statistics: r and d, one float per channel each
+    assert renorm <= batch_norm + 2 * channels * x.element_size(), (renorm, batch_norm)

@@ -275,18 +275,23 @@ def test_registry_create_and_convert_cnn():
     assert normlab.OnlineNorm1d is OnlineNorm1d
 
 
-def saved_tensor_bytes(module, x):
-    """Bytes of the distinct tensors autograd keeps for the backward of module(x)."""
+def saved_tensors(module, x):
+    """The distinct tensors (one per storage) autograd keeps for the backward of module(x)."""
     saved = {}
 
     def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        saved[tensor.untyped_storage().data_ptr()] = tensor
         return tensor
 
     x = x.clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         module(x)
-    return sum(saved.values())
+    return list(saved.values())
+
+
+def saved_tensor_bytes(module, x):
+    """Bytes of the distinct tensors autograd keeps for the backward of module(x)."""
+    return sum(t.untyped_storage().nbytes() for t in saved_tensors(module, x))
 
 
 def test_backward_keeps_one_activation_sized_tensor_like_batch_norm():
@@ -297,3 +302,14 @@ def test_backward_keeps_one_activation_sized_tensor_like_batch_norm():
     assert activation <= batch_norm < 1.1 * activation
     # the normalized output, plus three float64 scalars per (sample, channel)
     assert online <= batch_norm + 3 * 8 * 8 * 16
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_saves_one_activation_sized_tensor_plus_per_sample_channel_scalars(affine):
+    samples, channels = 4, 3
+    x = torch.randn(samples, channels, 5, 5)
+    saved = saved_tensors(OnlineNorm2d(channels, affine=affine), x)
+    sizes = sorted(t.numel() for t in saved)
+    # the normalized output y; the rest (statistics, weight, bias) at most one per (n, c)
+    assert sizes[-1] == x.numel() and sizes[-2] <= samples * channels, [tuple(t.shape)
+                                                                       for t in saved]
