@@ -19,8 +19,11 @@ def test_scale_shift_is_a_per_row_affine_map():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     scale, shift = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    torch.testing.assert_close(scale_shift(x, scale, shift),
-                               x * scale[..., None] + shift[..., None])
+    expected = x * scale[..., None] + shift[..., None]
+    torch.testing.assert_close(scale_shift(x, scale, shift), expected)
+    # in place: the result lands in x's own buffer
+    assert scale_shift(x, scale, shift, out=x) is x
+    torch.testing.assert_close(x, expected)
 
 
 def test_row_sums_are_the_dot_product_and_the_sum_of_each_row():
@@ -35,7 +38,11 @@ def test_clamp_backward_passes_the_gradient_strictly_inside_the_limits():
     x = torch.tensor([-3.0, -2.0, -1.5, 0.0, 1.999, 2.0, 2.5], dtype=torch.float64)
     grad = torch.arange(1.0, 8.0, dtype=torch.float64)
     inside = (x > -2.0) & (x < 2.0)
-    torch.testing.assert_close(clamp_backward(grad, x, 2.0), torch.where(inside, grad, 0.0))
+    expected = torch.where(inside, grad, 0.0)
+    torch.testing.assert_close(clamp_backward(grad, x, 2.0), expected)
+    # in place, over the clamped tensor itself
+    assert clamp_backward(grad, x, 2.0, out=x) is x
+    torch.testing.assert_close(x, expected)
 
 
 def test_batch_statistics_are_the_mean_and_biased_variance_and_update_the_running_ones():

@@ -297,7 +297,10 @@ class OnlineNormFunction(torch.autograd.Function):
         leak = 1 - ctx.alpha_bkw
         grad_z = grad_out
         if ctx.clamp_val is not None:
-            grad_z = clamp_backward(grad_out, _affine_clamp(y, weight, bias, None), ctx.clamp_val)
+            z = _affine_clamp(y, weight, bias, None)
+            # z's buffer takes grad_z, then grad_x: a fresh activation-sized buffer costs
+            # its page faults, about a pass. Without weight z is y, which is still needed.
+            grad_z = clamp_backward(grad_out, z, ctx.clamp_val, out=None if z is y else z)
         # One fused reduction pass; the gradient w.r.t. y is weight * grad_z, never materialized.
         grad_z_dot_y, grad_z_sum = (t.double() for t in row_sums(grad_z, y))
         gamma = 1.0 if weight is None else weight.double()
@@ -330,7 +333,8 @@ class OnlineNormFunction(torch.autograd.Function):
             v_before, u_before, inv_std = map(ranks.mine, (v_before, u_before, inv_std))
 
         # x'_t = (g_t - leak v_{t-1} y_t) inv_std_t - leak u_{t-1}
-        grad_x = scale_shift(grad_z, gamma * inv_std, -leak * u_before)
+        grad_x = scale_shift(grad_z, gamma * inv_std, -leak * u_before,
+                             out=None if grad_z is grad_out else grad_z)
         grad_x.addcmul_(y, (-leak * v_before * inv_std)[..., None].to(y.dtype))
         grad_weight = grad_bias = None
         if weight is not None:

@@ -18,17 +18,26 @@ import torch
 from torch.nn import functional as F
 
 
-def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x * scale[..., None] + shift[..., None] for (N, C, S) x and (N, C) scale and shift.
 
     Runs on the batch-norm inference kernel (mean 0, variance 1, eps 0), with
-    each (sample, channel) row as one channel.
+    each (sample, channel) row as one channel. Written into `out` if given,
+    which may be x itself: the kernel reads and writes each element at the
+    same index.
     """
     rows = x.shape[0] * x.shape[1]
     zeros = x.new_zeros(rows)
-    out = F.batch_norm(x.reshape(1, rows, -1), zeros, zeros + 1, scale.reshape(rows).to(x.dtype),
-                       shift.reshape(rows).to(x.dtype), training=False, momentum=0.0, eps=0.0)
-    return out.view_as(x)
+    x_rows = x.reshape(1, rows, -1)
+    scale, shift = scale.reshape(rows).to(x.dtype), shift.reshape(rows).to(x.dtype)
+    if out is None:
+        return F.batch_norm(x_rows, zeros, zeros + 1, scale, shift, training=False,
+                            momentum=0.0, eps=0.0).view_as(x)
+    torch.ops.aten.native_batch_norm.out(x_rows, scale, shift, zeros, zeros + 1, False, 0.0, 0.0,
+                                         out=out.view(1, rows, -1), save_mean=x.new_empty(0),
+                                         save_invstd=x.new_empty(0))
+    return out
 
 
 def row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +54,16 @@ def row_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return dot.view(a.shape[:2]), total.view(a.shape[:2])
 
 
-def clamp_backward(grad: torch.Tensor, x: torch.Tensor, limit: float) -> torch.Tensor:
+def clamp_backward(grad: torch.Tensor, x: torch.Tensor, limit: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of x.clamp(-limit, limit): grad where -limit < x < limit, else 0.
 
-    aten's hardtanh backward, one pass; the gradient is 0 at the limits themselves.
+    aten's hardtanh backward, one pass; the gradient is 0 at the limits
+    themselves. Written into `out` if given, which may be grad or x.
     """
-    return torch.ops.aten.hardtanh_backward(grad, x, -limit, limit)
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(grad, x, -limit, limit)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, -limit, limit, grad_input=out)
 
 
 def batch_statistics(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
