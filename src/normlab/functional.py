@@ -209,7 +209,10 @@ def linear_scan(coef: torch.Tensor | float, drive: torch.Tensor, init: torch.Ten
     steps of tensor operations, no division, so it stays as stable as the
     sequential loop (callers pass float64).
     """
-    coef = torch.as_tensor(coef, dtype=drive.dtype, device=drive.device).expand_as(drive)
+    coef = torch.as_tensor(coef, dtype=drive.dtype, device=drive.device)
+    # One coefficient for all: the composed ones vary along dim 0 only, so they are
+    # kept as (N, 1, ...), the same products on N values instead of N * C.
+    coef = coef.expand(drive.shape if coef.dim() else (drive.shape[0],) + (1,) * (drive.dim() - 1))
     step = 1
     while step < drive.shape[0]:
         # Compose each map with the one `step` places earlier (computed before either changes).
