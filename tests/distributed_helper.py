@@ -33,6 +33,8 @@ class Case:
     split: tuple = (4, 4)
     rebalance: bool = False  # run an ENorm cycle after each step
     broadcast_buffers: bool = False  # False: equal buffers must come from the sync itself
+    optimizer: type = torch.optim.SGD
+    momentum: float = 0.9
 
 
 def mlp(norm: nn.Module | None = None) -> nn.Module:
@@ -74,6 +76,11 @@ CASES = {
     "weight_norm": Case(lambda: normlab.convert(cnn(), "weight_norm"), IMAGE),
     "scaled_weight_norm": Case(lambda: normlab.convert(mlp(), "scaled_weight_norm"), VECTOR),
     "normprop": Case(lambda: normlab.convert(cnn(), "normprop"), IMAGE),
+    # the dense mode, which convert_sync chooses (its state: s stays 1, unlike the fused mode's)
+    "fastnorm linear": Case(lambda: normlab.convert(mlp(), "fastnorm", mode="dense"), VECTOR,
+                            optimizer=normlab.FastNormSGD, momentum=0.0),
+    "fastnorm conv, momentum": Case(lambda: normlab.convert(cnn(), "fastnorm"), IMAGE,
+                                    optimizer=normlab.FastNormSGD),
     "layer": Case(lambda: mlp(nn.LayerNorm(5)), VECTOR),
     "group": Case(lambda: cnn(nn.GroupNorm(2, 4)), IMAGE),
 }
@@ -102,7 +109,7 @@ def train(case: Case, rank: int | None = None) -> dict:
         start = sum(case.split[:rank])
         inputs, labels = (t[start:start + case.split[rank]] for t in (inputs, labels))
         model = normlab.convert_sync(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = case.optimizer(model.parameters(), lr=0.1, momentum=case.momentum)
     rebalancer = normlab.ENorm(model, optimizer, c=1.2) if case.rebalance else None
     trained = model if rank is None else nn.parallel.DistributedDataParallel(
         model, **{BUFFER_SYNC: case.broadcast_buffers})
@@ -130,8 +137,20 @@ def empty_share_error(rank: int) -> str:
     return "no error"
 
 
+def fused_fastnorm_error() -> str:
+    """The error of a step of FastNorm's fused mode under torch.distributed."""
+    layer = normlab.FastNormLinear(3, 2)
+    layer(torch.rand(2, 3)).sum().backward()
+    try:
+        normlab.FastNormSGD(layer.parameters(), lr=0.1).step()
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
 def worker(rank: int, world_size: int, out_dir: str) -> None:
     """Every case under DDP, in sequence, results saved to OUT_DIR/rank{rank}.pt."""
     results = {name: train(case, rank) for name, case in CASES.items()}
     results["empty share error"] = empty_share_error(rank)
+    results["fused fastnorm error"] = fused_fastnorm_error()
     torch.save(results, f"{out_dir}/rank{rank}.pt")

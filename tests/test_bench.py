@@ -40,8 +40,10 @@ def test_every_case_is_registered():
 def test_fastnorm_cases_report_every_variant_against_its_baseline():
     rows = bench.run(["fastnorm", "fastnorm_crossover"], min_run_time=0.01)
     steps = [r for r in rows if r.case == "fastnorm" and r.variant.startswith("mlp")]
+    pair = [("fastnorm", "linear"), ("weight_norm (torch)", "linear")]
     assert [(r.method, r.baseline) for r in steps] == \
-        [("fastnorm", "linear"), ("weight_norm (torch)", "linear")] * 3
+        pair + [("fastnorm, one repeated sample", "fastnorm, fresh samples")] + pair * 2
+    assert [r.variant.split()[-1] for r in steps] == ["1"] * 3 + ["16"] * 2 + ["128"] * 2
     updates = [r.variant for r in rows if r.case == "fastnorm" and r.method == "tracked"]
     assert updates == [f"norm update {w}x{w}, batch 1" for w in (256, 1024, 4096)]
     crossover = [r for r in rows if r.case == "fastnorm_crossover"]

@@ -20,8 +20,8 @@ def test_list_prints_the_registry(capsys):
     assert all(name in out for name in ["none", "batch", "layer", "group", "instance"])
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_train_compares_norms_and_writes_json(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     code = cli.main(["train", "--task", "digits-mlp", "--norm", "none,batch", "--epochs", "1",
                      "--out", str(tmp_path), "--quiet"])
     assert code == 0
@@ -31,8 +31,8 @@ def test_train_compares_norms_and_writes_json(tmp_path, capsys):
     assert metrics["status"] == "done" and metrics["history"][-1]["test_acc"] > 0.5
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_train_progress_off_a_terminal_is_a_line_per_evaluation(capsys):
-    pytest.importorskip("sklearn")
     assert cli.main(["train", "--task", "digits-mlp", "--norm", "none", "--epochs", "2"]) == 0
     err = capsys.readouterr().err  # captured: not a terminal
     assert "\r" not in err
@@ -40,10 +40,10 @@ def test_train_progress_off_a_terminal_is_a_line_per_evaluation(capsys):
     assert len(lines) == 2 and "(epoch 2.00)" in lines[1] and "test acc" in lines[1]
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_train_on_two_processes_matches_one_process(tmp_path):
     """--nproc-per-node 2: torchrun, DDP with synced layers, each rank its contiguous half of
     every global batch; a batch of 51 splits 26 + 25, so uneven splits are in every step."""
-    pytest.importorskip("sklearn")
     norms = ["batch", "online"]
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -63,8 +63,8 @@ def test_train_on_two_processes_matches_one_process(tmp_path):
             assert final[key] == pytest.approx(single[key], rel=1e-4), f"{norm} {key}"
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_train_falls_back_to_digits_without_mnist(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("sklearn")
     monkeypatch.setattr("normlab.data.MNIST_MIRRORS", ("http://127.0.0.1:9/",))
     code = cli.main(["train", "--norm", "batch", "--data-dir", str(tmp_path),
                      "--fallback-digits", "--quiet"])
@@ -86,8 +86,8 @@ def test_bench_json(capsys, monkeypatch):
     assert rows[0]["case"] == "tiny" and rows[0]["ratio"] > 0
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_reproduce_writes_a_report_and_report_rerenders_it(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("sklearn")
     monkeypatch.syspath_prepend(Path(__file__).parent / "experiments")
     import sweep_helper
 

@@ -55,6 +55,16 @@ def test_a_process_without_samples_is_an_error_on_every_process_for_online_norm(
         assert "split as [2, 0]" in runs["empty share error"]
 
 
+def test_fastnorm_fused_mode_under_ddp_is_an_error_naming_the_dense_mode(ddp_runs):
+    for runs in ddp_runs:
+        assert "use mode='dense'" in runs["fused fastnorm error"]
+
+
+def test_convert_sync_switches_fastnorm_to_the_dense_mode():
+    model = convert_sync(normlab.convert(nn.Sequential(nn.Linear(4, 6)), "fastnorm"))
+    assert model[0].mode == "dense"
+
+
 def test_convert_sync_turns_batch_dependent_layers_synced_in_place():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), normlab.OnlineNorm1d(6),
                           normlab.BatchRenorm1d(6), nn.LayerNorm(6),

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .layers.fastnorm import _FastNorm
+
 
 class Syncable:
     """The ``sync`` / ``process_group`` attributes of a layer with batch statistics.
@@ -235,7 +237,8 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     SyncBatchNorm become normlab's :class:`SyncBatchNorm` (torch's, but
     usable on CPU too), sharing their parameters and buffers. The model is
     changed in place and returned (a new object only when `model` itself is
-    a BatchNorm); batch-independent layers are left alone.
+    a BatchNorm); FastNorm layers switch to ``mode="dense"``, whose weight
+    gradient DDP all-reduces; batch-independent layers are left alone.
 
     Example:
         >>> model = normlab.convert_sync(normlab.models.cifar_resnet(8, norm="batch_renorm"))
@@ -244,6 +247,10 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     """
     if isinstance(model, Syncable):
         model.sync, model.process_group = True, process_group
+    elif isinstance(model, _FastNorm):
+        # the fused update reads only this process's samples; the dense
+        # gradient is what DDP all-reduces
+        model.mode = "dense"
     elif isinstance(model, nn.modules.batchnorm._BatchNorm) and \
             not isinstance(model, SyncBatchNorm):
         return _sync_batch_norm(model, process_group)

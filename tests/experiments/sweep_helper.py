@@ -53,6 +53,14 @@ def failing_probe(seed: int) -> list[dict]:
     raise RuntimeError(f"probe failed on purpose (seed {seed})")
 
 
+def flaky_probe(seed: int, marker: str) -> list[dict]:
+    """Fails the first time, when the file `marker` does not exist yet; then succeeds."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        raise RuntimeError(f"probe failed once on purpose (seed {seed})")
+    return slow_probe(seed, 0.0)
+
+
 def jobs(count: int, seconds: float, pid_dir: str | None = None) -> list[Probe]:
     return [Probe(slow_probe, seed, {"seconds": seconds, "pid_dir": pid_dir})
             for seed in range(count)]

@@ -45,6 +45,21 @@ def test_sweep_records_every_run_and_a_rerun_changes_nothing(tmp_path):
     assert _db_rows(tmp_path) == before
 
 
+def test_a_failed_run_is_retried_by_the_next_sweep_and_replaced(tmp_path):
+    flaky = Probe(sweep_helper.flaky_probe, 5, {"marker": str(tmp_path / "failed-once")})
+    jobs = sweep_helper.jobs(2, 0.0) + [flaky]
+    with Store.in_folder(tmp_path) as store:
+        first = run_sweep(jobs, store, workers=1, stream=open(os.devnull, "w"))
+        assert first == {"done": 2, "diverged": 0, "failed": 1, "skipped": 0}
+        second = run_sweep(jobs, store, workers=1, stream=open(os.devnull, "w"))
+        assert second == {"done": 1, "diverged": 0, "failed": 0, "skipped": 2}
+        runs = store.runs()
+    assert sorted(r.config["seed"] for r in runs) == [0, 1, 5]  # the failure is replaced
+    (retried,) = [r for r in runs if r.key == flaky.key()]
+    assert retried.status == "done" and retried.error is None
+    assert [p["value"] for p in retried.history] == [500, 501, 502, 503, 504]
+
+
 def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
     with Store.in_folder(tmp_path) as store:
         run_sweep(sweep_helper.jobs(3, 0.0), store, workers=1, label="demo", stream=sys.stderr)
@@ -78,13 +93,15 @@ def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
         RayCluster().start(1)
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_nan_loss_is_recorded_as_diverged():
-    pytest.importorskip("sklearn")
     config = training.TrainConfig(task="digits-mlp", norm="none", lr=1e12, batch_size=32,
-                                  model_kw={"hidden": 16})
+                                  eval_every=1, model_kw={"hidden": 16})
     run = execute(config)
     assert run.status == "diverged" and run.key == config.key()
     assert run.config == job_config(config) and run.config["kind"] == "train"
+    # recorded up to the first non-finite test loss, and no further
+    assert len(run.history) >= 2 and not math.isfinite(run.history[-1]["test_loss"])
     assert all(math.isfinite(p["test_loss"]) for p in run.history[:-1])
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import sweep_helper
 
+from conftest import require_module
 from normlab.experiments import LocalPool, OutputError, Probe, RayCluster, Store, run_sweep
 
 # Ray reads this at import: the test cluster listens on the loopback interface only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-ray = pytest.importorskip("ray")
+require_module("ray")
+import ray  # noqa: E402
 
 HELPER = Path(sweep_helper.__file__)
 SRC = Path(__file__).resolve().parents[2] / "src"
