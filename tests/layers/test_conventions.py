@@ -66,11 +66,7 @@ def test_dtype_factory_argument_computes_the_float64_function(name, training, dt
                                atol=tolerance)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="steps_since_renorm is built without device=; fixed in the "
-                            "rewrite of layers/fastnorm.py")) if name == "FastNormLinear"
-    else name for name in LAYERS])
+@pytest.mark.parametrize("name", LAYERS)
 def test_built_on_meta_then_materialized_equals_a_layer_built_in_place(name):
     layer, shape = build(name)
     meta, _ = build(name, device="meta")
