@@ -31,10 +31,9 @@ def test_unknown_name_lists_valid_names():
 SHAPES = [(1, (4, 12)), (1, (4, 12, 5)), (2, (4, 12, 5, 5))]
 
 
-# layer norm with dim=1 is nn.LayerNorm, for (N, C) vectors only
 @pytest.mark.parametrize("name,dim,shape", [
     (name, dim, shape) for name in ["batch", "layer", "group", "instance"]
-    for dim, shape in SHAPES if not (name == "layer" and len(shape) == 3)])
+    for dim, shape in SHAPES])
 def test_create_normalizes_each_input_shape(name, dim, shape):
     norm = normlab.create(name, 12, dim=dim)
     y = norm(torch.randn(shape) * 3 + 2)
@@ -44,6 +43,23 @@ def test_create_normalizes_each_input_shape(name, dim, shape):
         assert torch.allclose(y.mean(axes), torch.zeros(12), atol=1e-5)
     elif name == "layer":
         assert torch.allclose(y.flatten(1).mean(1), torch.zeros(4), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3), (1, 1, 1), (4, 3)])
+def test_layer_norm_dim_1_normalizes_each_sample_over_channels_and_positions(shape):
+    # Found by tests/test_properties.py: nn.LayerNorm(C) refused (N, C, L) and,
+    # when L == C, silently normalized over L alone.
+    norm = normlab.create("layer", shape[1], dim=1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    axes = tuple(range(1, len(shape)))
+    mean, var = x.mean(axes, keepdim=True), x.var(axes, correction=0, keepdim=True)
+    affine = (-1,) + (1,) * (len(shape) - 2)
+    expected = ((x - mean) / (var + norm.eps).sqrt() * norm.weight.view(affine)
+                + norm.bias.view(affine))
+    torch.testing.assert_close(norm.double()(x), expected.double())
 
 
 def test_group_default_is_largest_divisor_at_most_32():
