@@ -41,24 +41,32 @@ class _BatchRenorm(ChannelNorm):
         # Low-precision inputs are normalized in float32; the statistics stay float32.
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         view = (1, -1) + (1,) * (x.dim() - 2)
-        weight = torch.ones_like(self.running_mean) if self.weight is None else self.weight
-        bias = torch.zeros_like(self.running_mean) if self.bias is None else self.bias
+        # A layer moved to bfloat16 computes in float32 too: its state is cast (to()
+        # returns the buffer itself when the dtype already matches) and written back.
+        running_mean, running_var = (s.to(work.dtype) for s in (self.running_mean,
+                                                                self.running_var))
+        weight = torch.ones_like(running_mean) if self.weight is None else \
+            self.weight.to(work.dtype)
+        bias = torch.zeros_like(running_mean) if self.bias is None else self.bias.to(work.dtype)
         with torch.autocast(x.device.type, enabled=False):
             if not self.training:
-                return nn.functional.batch_norm(work, self.running_mean, self.running_var,
+                return nn.functional.batch_norm(work, running_mean, running_var,
                                                 weight, bias, False, 0.0, self.eps).to(x.dtype)
             self._check_limits()
-            sigma = (self.running_var + self.eps).sqrt()
-            running_mean = self.running_mean.clone()
+            sigma = (running_var + self.eps).sqrt()
+            mean_before = running_mean.clone()
             # torch's batch-norm kernel: x^ with the batch statistics, which it returns
             # without gradient (r and d are constants of the backward pass, as in the
             # paper), and the running statistics updated with `momentum`.
             x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
-                work, None, None, self.running_mean, self.running_var, True, self.momentum,
-                self.eps)
+                work, None, None, running_mean, running_var, True, self.momentum, self.eps)
             r = (1 / (batch_inv_std * sigma)).clamp(1 / self.r_max, self.r_max)
-            d = ((batch_mean - running_mean) / sigma).clamp(-self.d_max, self.d_max)
+            d = ((batch_mean - mean_before) / sigma).clamp(-self.d_max, self.d_max)
             out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
+        if running_mean is not self.running_mean:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean)
+                self.running_var.copy_(running_var)
         return out.to(x.dtype)
 
 
