@@ -183,6 +183,19 @@ def test_degenerate_channel_warns_and_stays_finite(single_pass):
     torch.testing.assert_close(y_zero, layer.bias.detach().view(1, 3, 1, 1).expand_as(y_zero))
 
 
+def test_gradient_is_exact_where_a_denominator_falls_back():
+    # Found by tests/test_properties.py: the fallback denominators had no
+    # gradient, so a channel whose weights share one sign got a weight gradient
+    # that was not its output's (not orthogonal to its row, though the output
+    # is invariant to the row's scale).
+    weight = torch.tensor([[-0.07, -0.46, -0.2], [0.4, -0.3, 0.1]], dtype=torch.float64,
+                          requires_grad=True)
+    mean = torch.tensor([0.5, 1.5, 0.7], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"output channel\(s\) \[0\]"):  # single-pass
+        assert torch.autograd.gradcheck(lambda w: equilibrium_shift_scale(w, mean, 1.0),
+                                        (weight,))
+
+
 def test_healthy_layer_does_not_warn():
     layer = EquiNormConv2d(4, 8, 3)
     with warnings.catch_warnings():

@@ -55,10 +55,11 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
     mean = mean.expand(-1, out_channels // groups, -1).reshape(out_channels, -1)  # (d, c)
     # A denominator is degenerate when it is tiny next to the same sum taken
     # over absolute values: a threshold with the method's scale invariances.
+    # The floors are differentiated through, as the sums they stand in for: the
+    # gradient stays that of the function computed.
     floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
-    with torch.no_grad():
-        input_floor = floor_scale * mean.abs().sum(1)
-        contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
+    input_floor = floor_scale * mean.abs().sum(1)
+    contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
     input_sum = _guarded(mean.sum(1), input_floor, "the input sum sum_c v_c")
     shift = -(mean * kernel.sum(2)).sum(1) / (kernel.shape[2] * input_sum)
     if single_pass:
