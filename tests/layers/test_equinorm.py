@@ -196,6 +196,31 @@ def test_gradient_is_exact_where_a_denominator_falls_back():
                                         (weight,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_rows_give_finite_outputs_and_gradients(dtype):
+    # Found by tests/test_properties.py: a row of weights near 1e-33 in float32
+    # made 1 / contribution^2 overflow in backward: NaN weight gradients.
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        linear.weight[0] = torch.tensor([3e-33, -1e-33, 2e-33])
+    reference = EquiNormLinear.from_module(linear.double())
+    layer = EquiNormLinear.from_module(linear.to(dtype))
+    x = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    projection = torch.randn(4, 2, dtype=torch.float64)
+    out = layer(x.to(dtype))
+    (out * projection.to(dtype)).sum().backward()
+    expected = reference(x)
+    (expected * projection).sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=0,
+                               atol=2e-2 * expected.abs().max().item())
+    for param in (layer.weight, layer.gain):
+        assert torch.isfinite(param.grad).all()
+    # the healthy row's gradient as in float64
+    torch.testing.assert_close(layer.weight.grad[1].double(), reference.weight.grad[1],
+                               rtol=0, atol=2e-2 * reference.weight.grad[1].abs().max().item())
+
+
 def test_healthy_layer_does_not_warn():
     layer = EquiNormConv2d(4, 8, 3)
     with warnings.catch_warnings():

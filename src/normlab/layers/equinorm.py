@@ -50,7 +50,14 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
     is replaced by a small one of the same sign with a warning: finite, never NaN.
     """
     out_channels = weight.shape[0]
-    kernel = weight.reshape(out_channels, weight.shape[1], -1)  # (d, c, jk)
+    # b is of degree 1 and s of degree -1 in each row: they are computed on the
+    # row divided by its largest |w| (a constant, so the gradient is unchanged)
+    # and rescaled, which keeps tiny rows from underflowing and their gradients
+    # from overflowing.
+    row_max = weight.detach().abs().flatten(1).amax(1)
+    row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+    kernel = (weight / row_max.view(-1, *[1] * (weight.dim() - 1))).reshape(
+        out_channels, weight.shape[1], -1)  # (d, c, jk)
     mean = input_mean.to(weight.dtype).reshape(groups, 1, -1)
     mean = mean.expand(-1, out_channels // groups, -1).reshape(out_channels, -1)  # (d, c)
     # A denominator is degenerate when it is tiny next to the same sum taken
@@ -69,7 +76,7 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
         positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
     contribution = _guarded((mean * positive_sum).sum(1), contribution_floor,
                             "the positive weights' contribution sum_c v_c w'_dc")
-    return shift, positions_ratio / contribution
+    return shift * row_max, positions_ratio / contribution / row_max
 
 
 def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
