@@ -1,7 +1,9 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -21,3 +23,14 @@ def data_root() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"no shared datasets at {SHARED_DATA}")
     return _prepare_module().prepare(SHARED_DATA, REPO / ".cache" / "test-data")
+
+
+# Hypothesis profiles for tests/test_properties.py. "ci" (the default) is small
+# and derandomized, so CI runs the same examples every time and a failure
+# reproduces; NORMLAB_HYPOTHESIS_PROFILE=long searches far more, with fresh
+# random examples on every run.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("long", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.load_profile(os.environ.get("NORMLAB_HYPOTHESIS_PROFILE", "ci"))
