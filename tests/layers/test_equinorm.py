@@ -183,6 +183,19 @@ def test_degenerate_channel_warns_and_stays_finite(single_pass):
     torch.testing.assert_close(y_zero, layer.bias.detach().view(1, 3, 1, 1).expand_as(y_zero))
 
 
+def test_fallback_does_not_flip_with_the_rows_scale():
+    # Found by tests/test_properties.py: a row of one sign cancels its shift to
+    # rounding noise, whose sign chose the fallback's: scaling the row by 10
+    # flipped the channel's output (EquiNormLinear(3, 3), eval, row 0.31, 0.47, 0.13).
+    row = torch.tensor([[0.31, 0.47, 0.13]], dtype=torch.float64)
+    mean = torch.ones(3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="contribution"):
+        scales = [equilibrium_shift_scale(row * factor, mean, 1.0)[1] * factor
+                  for factor in (1, 3, 7, 10)]
+    for scale in scales:
+        torch.testing.assert_close(scale, scales[0])
+
+
 def test_gradient_is_exact_where_a_denominator_falls_back():
     # Found by tests/test_properties.py: the fallback denominators had no
     # gradient, so a channel whose weights share one sign got a weight gradient

@@ -47,7 +47,7 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
         (b, s), each of shape (out,).
 
     A denominator that is (near) zero, which the paper excludes by assumption,
-    is replaced by a small one of the same sign with a warning: finite, never NaN.
+    is replaced by a small positive one with a warning: finite, never NaN.
     """
     out_channels = weight.shape[0]
     # b is of degree 1 and s of degree -1 in each row: they are computed on the
@@ -88,7 +88,9 @@ def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch
             f"sign after the shift, or its inputs are zero or cancel (seed 004 assumes "
             f"non-negative inputs and mixed-sign kernels); using a small denominator instead",
             RuntimeWarning, stacklevel=2)
-    fallback = torch.where(denominator < 0, -floor, floor)
+    # Positive: the sign of a (near) zero sum is often rounding noise (a row of one
+    # sign cancels exactly against its shift), and must not flip the output.
+    fallback = floor
     # A zero floor means zero inputs or zero weights: the numerator is zero too.
     fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
     return torch.where(degenerate, fallback, denominator)
