@@ -234,6 +234,26 @@ def test_tiny_rows_give_finite_outputs_and_gradients(dtype):
                                rtol=0, atol=2e-2 * reference.weight.grad[1].abs().max().item())
 
 
+def test_tiny_row_whose_scale_exceeds_float32_stays_finite():
+    # Found by tests/test_properties.py: for a float32 row near 4e-34, batch
+    # statistics can make s = 1 / sum_c m_c w'_dc exceed float32 (inf), and
+    # gain * s * (w + b) gave NaN outputs; s^ (w / max|w| + b^) does not overflow.
+    linear = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[2.0510e-34, 4.1175e-34]]))
+    x = torch.tensor([[0.0154, -0.0029], [0.003, 0.011]], dtype=torch.float64)
+    outputs = []
+    for dtype in (torch.float32, torch.float64):
+        layer = EquiNormLinear.from_module(linear.to(dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # one-signed row: single-pass fallback
+            out = layer(x.to(dtype))
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
+        outputs.append(out.double())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-3, atol=0)
+
+
 def test_healthy_layer_does_not_warn():
     layer = EquiNormConv2d(4, 8, 3)
     with warnings.catch_warnings():

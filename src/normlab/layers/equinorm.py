@@ -49,11 +49,23 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
     A denominator that is (near) zero, which the paper excludes by assumption,
     is replaced by a small positive one with a warning: finite, never NaN.
     """
+    shift, scale, row_max = unit_row_shift_scale(weight, input_mean, positions_ratio, groups,
+                                                 single_pass)
+    return shift * row_max, scale / row_max
+
+
+def unit_row_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
+                         positions_ratio: float, groups: int = 1, single_pass: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b^, s^, m): b and s of each row divided by its largest |w|, m, so that
+    b = b^ m and s = s^ / m (b is of degree 1 and s of degree -1 in the row).
+
+    m is a constant (no gradient), so the gradient is unchanged. For a tiny row
+    s overflows the dtype where s^ (w / m + b^), the normalized kernel, does not;
+    b^ and s^ stay finite and their gradients too. Arguments as
+    :func:`equilibrium_shift_scale`.
+    """
     out_channels = weight.shape[0]
-    # b is of degree 1 and s of degree -1 in each row: they are computed on the
-    # row divided by its largest |w| (a constant, so the gradient is unchanged)
-    # and rescaled, which keeps tiny rows from underflowing and their gradients
-    # from overflowing.
     row_max = weight.detach().abs().flatten(1).amax(1)
     row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
     kernel = (weight / row_max.view(-1, *[1] * (weight.dim() - 1))).reshape(
@@ -76,7 +88,7 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
         positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
     contribution = _guarded((mean * positive_sum).sum(1), contribution_floor,
                             "the positive weights' contribution sum_c v_c w'_dc")
-    return shift * row_max, positions_ratio / contribution / row_max
+    return shift, positions_ratio / contribution, row_max
 
 
 def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
@@ -168,11 +180,12 @@ class _EquiNorm(nn.Module):
                 self.running_mean.lerp_(input_mean.to(self.running_mean.dtype), self.momentum)
         else:
             input_mean = self.running_mean
-        shift, scale = equilibrium_shift_scale(self.weight, input_mean, self._positions_ratio(x),
-                                               self.groups, self.single_pass)
+        shift, scale, row_max = unit_row_shift_scale(
+            self.weight, input_mean, self._positions_ratio(x), self.groups, self.single_pass)
         # The gain folds into the weight: the affine costs nothing per activation.
         per_channel = (-1,) + (1,) * (self.weight.dim() - 1)
-        weight = (self.gain * scale).view(per_channel) * (self.weight + shift.view(per_channel))
+        unit_rows = self.weight / row_max.view(per_channel)  # s = s^ / m can overflow
+        weight = (self.gain * scale).view(per_channel) * (unit_rows + shift.view(per_channel))
         return self._apply_weight(x, weight)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -201,9 +214,9 @@ class _EquiNorm(nn.Module):
             if self.bias is not None:
                 self.bias.copy_(module.bias)
             self.reset_running_stats()
-            _, scale = equilibrium_shift_scale(self.weight, self.running_mean, 1.0, self.groups,
-                                               self.single_pass)
-            self.gain.copy_(1 / scale)
+            _, scale, row_max = unit_row_shift_scale(self.weight, self.running_mean, 1.0,
+                                                     self.groups, self.single_pass)
+            self.gain.copy_(row_max / scale)  # 1 / s, finite for tiny rows too
         return self.train(module.training)
 
     def _extra_repr_tail(self) -> str:
