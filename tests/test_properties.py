@@ -645,16 +645,17 @@ def test_rebalancer_keeps_the_function_and_the_optimizer_state_consistent(name, 
     scaling, so the network's function is kept to rounding (a few ulp of the
     |W|-on-|x| network per layer), dead units (zero or underflowing rows) are left
     unscaled (everything finite), and SGD's momentum is scaled by the inverse
-    factor, so momentum times weight is unchanged."""
+    factor, so momentum times weight is unchanged (to rounding and underflow)."""
     model, shape = data.draw(relu_networks())
     dtype = data.draw(st.sampled_from((torch.float64, torch.float32, torch.bfloat16)))
     model = model.to(dtype)
     c = data.draw(st.floats(0.5, 2), label="c")
     p = data.draw(st.sampled_from((1, 2, 3)), label="p")
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    # lr 0: the step fills the momentum with the gradient and leaves the weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     rebalancer = registry.get(name).build(model, optimizer, c=c, p=p)
     x = data.draw(input_values(shape, _generator(data))).to(dtype)
-    model(x).square().mean().backward()
+    model(x).sum().backward()
     optimizer.step()
     products = {param: param.detach() * optimizer.state[param]["momentum_buffer"]
                 for param in model.parameters()}
@@ -665,9 +666,12 @@ def test_rebalancer_keeps_the_function_and_the_optimizer_state_consistent(name, 
         _assert_finite(key, param)
         _assert_finite(f"momentum of {key}", optimizer.state[param]["momentum_buffer"])
         rescaled = param.detach() * optimizer.state[param]["momentum_buffer"]
-        torch.testing.assert_close(rescaled.double(), products[param].double(), rtol=0,
-                                   atol=8 * torch.finfo(dtype).eps * products[param].abs()
-                                   .max().item(), msg=lambda m, key=key: f"{key}: {m}")
+        # a few ulp, and the weight times the dtype's underflow (a dead unit's huge d
+        # can scale its momentum below the normal range)
+        allowed = (8 * torch.finfo(dtype).eps * products[param].abs().max().double()
+                   + param.detach().abs().double() * torch.finfo(dtype).tiny)
+        moved = (rescaled.double() - products[param].double()).abs()
+        assert (moved <= allowed).all(), f"momentum times {key} moved by {moved.max()}"
     bound = 64 * torch.finfo(dtype).eps * _magnitude(model, x).double()
     assert ((after.double() - before.double()).abs() <= bound).all(), \
         f"outputs moved by {(after - before).abs().max()} (bound {bound.min()}..{bound.max()})"
