@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python tools/torch_ok.py || \
 		$(BIN)/pip install "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,ray]"
 	touch $@
 
 data: setup

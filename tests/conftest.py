@@ -9,6 +9,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip the test where a dependency or dataset is missing; under CI (the environment
+    variable CI set, as .ci/run does) fail instead, so nothing is left out silently."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason}; CI is set, so the test fails instead of skipping",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def _prepare_module():
     path = REPO / "tools" / "prepare_data.py"
     spec = importlib.util.spec_from_file_location("prepare_data", path)
@@ -17,12 +26,29 @@ def _prepare_module():
     return module
 
 
+def shared_data(folder: Path = SHARED_DATA) -> Path:
+    """`folder` laid out for the loaders (CIFAR-10 materialized once, cached)."""
+    if not (folder / "mnist").is_dir():
+        skip_unless_ci(f"no shared datasets at {folder}")
+    return _prepare_module().prepare(folder, REPO / ".cache" / "test-data")
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """../shared/data laid out for the loaders (CIFAR-10 materialized once, cached)."""
-    if not (SHARED_DATA / "mnist").is_dir():
-        pytest.skip(f"no shared datasets at {SHARED_DATA}")
-    return _prepare_module().prepare(SHARED_DATA, REPO / ".cache" / "test-data")
+    """../shared/data laid out for the loaders."""
+    return shared_data()
+
+
+def require_module(name: str) -> None:
+    """Skip (under CI: fail) unless the test dependency `name` is installed."""
+    if importlib.util.find_spec(name) is None:
+        skip_unless_ci(f"the test dependency {name} is not installed (pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="session")
+def needs_sklearn() -> None:
+    """scikit-learn, which ships the digits dataset of the fast training tests."""
+    require_module("sklearn")
 
 
 # Hypothesis profiles for tests/test_properties.py. "ci" (the default) is small

@@ -33,14 +33,16 @@ def test_online_case_times_the_three_shapes_against_batch_norm():
 
 def test_every_case_is_registered():
     assert list(bench.CASES) == ["torch_norms", "online", "batch_renorm", "weight_norm",
-                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover"]
+                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync"]
 
 
 def test_fastnorm_cases_report_every_variant_against_its_baseline():
     rows = bench.run(["fastnorm", "fastnorm_crossover"], min_run_time=0.01)
     steps = [r for r in rows if r.case == "fastnorm" and r.variant.startswith("mlp")]
+    pair = [("fastnorm", "linear"), ("weight_norm (torch)", "linear")]
     assert [(r.method, r.baseline) for r in steps] == \
-        [("fastnorm", "linear"), ("weight_norm (torch)", "linear")] * 3
+        pair + [("fastnorm, one repeated sample", "fastnorm, fresh samples")] + pair * 2
+    assert [r.variant.split()[-1] for r in steps] == ["1"] * 3 + ["16"] * 2 + ["128"] * 2
     updates = [r.variant for r in rows if r.case == "fastnorm" and r.method == "tracked"]
     assert updates == [f"norm update {w}x{w}, batch 1" for w in (256, 1024, 4096)]
     crossover = [r for r in rows if r.case == "fastnorm_crossover"]
@@ -54,4 +56,11 @@ def test_fastnorm_cases_report_every_variant_against_its_baseline():
 def test_model_cases_compare_against_their_baseline(name, method, baseline):
     rows = bench.run([name], min_run_time=0.01)
     assert all((r.case, r.method, r.baseline) == (name, method, baseline) for r in rows)
+    assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
+
+
+def test_sync_case_times_each_synced_norm_against_itself_unsynced_on_two_processes():
+    rows = bench.run(["sync"], min_run_time=0.01)
+    assert [(r.method, r.baseline) for r in rows] == \
+        [(f"{norm} synced", f"{norm} unsynced") for norm in bench.SYNC_NORMS]
     assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)

@@ -1,5 +1,9 @@
 import gzip
+import hashlib
+import http.server
+import pickle
 import shutil
+import threading
 
 import pytest
 import torch
@@ -37,8 +41,8 @@ def test_normalize_uses_training_statistics(data_root):
     assert torch.allclose(test, (raw_test - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_digits_ships_with_scikit_learn():
-    pytest.importorskip("sklearn")
     x_train, y_train = data.load("digits", "train")
     x_test, _ = data.load("digits", "test")
     assert x_train.shape[1:] == (1, 8, 8) and len(x_train) + len(x_test) == 1797
@@ -91,3 +95,141 @@ def test_bad_names_are_rejected():
         data.load("imagenet")
     with pytest.raises(ValueError, match="split"):
         data.load("mnist", "validation")
+
+
+def test_mnist_pixels_follow_the_idx_layout(data_root):
+    # IDX: a 16-byte header, then each image's 28 rows of 28 bytes, row by row.
+    raw = gzip.decompress((data_root / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    labels = gzip.decompress((data_root / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    x, y = data.load("mnist", "test", root=data_root)
+    for k, row, col in [(0, 10, 20), (1, 5, 14), (123, 20, 9), (9999, 14, 3)]:
+        assert x[k, 0, row, col] * 255 == raw[16 + 784 * k + 28 * row + col]
+    torch.testing.assert_close(x[7, 0] * 255, torch.tensor(
+        list(raw[16 + 784 * 7:16 + 784 * 8]), dtype=torch.float32).view(28, 28), rtol=0, atol=0)
+    assert y[:10].tolist() == list(labels[8:18]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    # The digits stand upright: a 1 is a vertical stroke, taller than it is wide.
+    ones = x[y == 1, 0]
+    rows, cols = torch.arange(28.0).view(28, 1), torch.arange(28.0).view(1, 28)
+
+    def spread(index):
+        mass = ones.sum((1, 2))
+        mean = (ones * index).sum((1, 2)) / mass
+        return ((ones * (index - mean.view(-1, 1, 1)) ** 2).sum((1, 2)) / mass).mean()
+    assert spread(rows) > 3 * spread(cols)
+
+
+def test_cifar10_pixels_follow_the_batch_layout(data_root):
+    # Each row of a batch: 1024 red, 1024 green, 1024 blue bytes, each plane row by row.
+    with open(data_root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    x, y = data.load("cifar10", "test", root=data_root)
+    for k, channel, row, col in [(0, 0, 3, 29), (1, 2, 30, 1), (5000, 1, 16, 8)]:
+        assert x[k, channel, row, col] * 255 == batch[b"data"][k][1024 * channel + 32 * row + col]
+    assert y[:5].tolist() == list(batch[b"labels"][:5])
+
+
+@pytest.mark.usefixtures("needs_sklearn")
+def test_digits_keep_scikit_learns_image_layout():
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images).float() / 16
+    x, _ = data.load("digits", "train")
+    x_test, _ = data.load("digits", "test")
+    # every loaded image is one of scikit-learn's images as they are, not transposed
+    found = (x[:20, 0].reshape(20, 1, 64) == images.reshape(1, -1, 64)).all(-1).any(-1)
+    assert found.all()
+    assert len(x) + len(x_test) == len(images)
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves `routes`: path -> (status, body, declared length); a body shorter than its
+    declared length is a connection dropped mid-transfer."""
+
+    routes: dict = {}
+
+    def do_GET(self):
+        status, body, length = self.routes.get(self.path, (404, b"", 0))
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on the loopback address; returns (base URL, routes to fill)."""
+    routes = {}
+    handler = type("Handler", (_Files,), {"routes": routes})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", routes
+        httpd.shutdown()
+
+
+def _serve(routes, path, body, status=200, length=None):
+    routes[path] = (status, body, len(body) if length is None else length)
+
+
+def test_download_checks_the_md5_and_renames_the_part_file_only_when_complete(server,
+                                                                              tmp_path):
+    base, routes = server
+    body = bytes(range(256)) * 4000
+    _serve(routes, "/good", body)
+    _serve(routes, "/cut", body[:1000], length=len(body))  # the connection drops
+    md5 = hashlib.md5(body).hexdigest()
+    dest = tmp_path / "file.bin"
+    data._download(f"{base}/good", dest, md5=md5)
+    assert dest.read_bytes() == body and not dest.with_name("file.bin.part").exists()
+    for path, expected_md5 in (("/good", "0" * 32), ("/cut", md5), ("/cut", None)):
+        target = tmp_path / f"again{path.replace('/', '-')}-{expected_md5}.bin"
+        with pytest.raises(OSError):
+            data._download(f"{base}{path}", target, md5=expected_md5)
+        assert not target.exists()  # nothing incomplete or corrupted under the final name
+
+
+def test_mnist_download_falls_back_to_the_second_mirror(server, tmp_path, monkeypatch,
+                                                        data_root):
+    base, routes = server
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        content = (data_root / "mnist" / name).read_bytes()
+        _serve(routes, f"/cut/{name}", content[:len(content) // 2], length=len(content))
+        _serve(routes, f"/good/{name}", content)
+    for first in ("missing", "cut"):  # a 404, then a transfer that stops half-way
+        monkeypatch.setattr(data, "MNIST_MIRRORS", (f"{base}/{first}/", f"{base}/good/"))
+        root = tmp_path / first
+        x, y = data.load("mnist", "test", root=root)
+        expected_x, expected_y = data.load("mnist", "test", root=data_root)
+        assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+        assert sorted(p.name for p in (root / "mnist").iterdir()) == [
+            "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_downloaded_mnist_is_checked_and_failures_name_every_mirror(server, tmp_path,
+                                                                    monkeypatch, data_root):
+    base, routes = server
+    name = "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress((data_root / "mnist" / name).read_bytes()))
+    content[100] ^= 0xFF
+    _serve(routes, f"/altered/{name}", gzip.compress(bytes(content)))
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (f"{base}/altered/",))
+    with pytest.raises(data.DataError, match=f"corrupted.*{name}|{name}.*corrupted"):
+        data._read_idx(tmp_path / "mnist", name, download=True)
+    monkeypatch.setattr(data, "MNIST_MIRRORS", (f"{base}/a/", f"{base}/b/"))
+    with pytest.raises(data.DataError, match=f"could not download.*{base}/a/.*{base}/b/"):
+        data._read_idx(tmp_path / "elsewhere", name, download=True)
+
+
+def test_cifar10_download_with_a_wrong_checksum_leaves_nothing_behind(server, tmp_path,
+                                                                      monkeypatch):
+    base, routes = server
+    _serve(routes, "/cifar.tar.gz", b"not the archive" * 100)
+    monkeypatch.setattr(data, "CIFAR10_URL", f"{base}/cifar.tar.gz")
+    with pytest.raises(data.DataError, match="arrived corrupted"):
+        data.load("cifar10", "test", root=tmp_path)
+    assert list(tmp_path.iterdir()) == []

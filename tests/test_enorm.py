@@ -47,21 +47,27 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _reference_cycle(linears, c: float, p: float, balance_bias: bool) -> None:
-    """One ENorm cycle on a chain of nn.Linear, unit by unit, from the formula."""
+def _reference_cycle(layers, c: float, p: float, balance_bias: bool) -> None:
+    """One ENorm cycle on a chain of nn.Linear/nn.Conv2d, unit by unit, from the formula.
+
+    Unit i of a layer is its output channel: its row is its whole kernel (and bias), its
+    column the next layer's weights that read it (a kernel slice, or after a channel-major
+    flatten the block of columns i * block ... (i + 1) * block).
+    """
     with torch.no_grad():
-        for first, second in zip(linears[:-1], linears[1:]):
-            for i in range(first.out_features):
-                row = first.weight[i]
+        for first, second in zip(layers[:-1], layers[1:]):
+            units = first.weight.shape[0]
+            columns = second.weight.view(second.weight.shape[0], units, -1)
+            for i in range(units):
+                row = first.weight[i].flatten()
                 if balance_bias:
                     row = torch.cat([row, first.bias[i:i + 1]])
-                column = second.weight[:, i]
-                d = torch.sqrt(torch.linalg.vector_norm(column, p)
+                d = torch.sqrt(torch.linalg.vector_norm(columns[:, i], p)
                                / (c * torch.linalg.vector_norm(row, p)))
                 first.weight[i] *= d
                 if first.bias is not None:
                     first.bias[i] *= d
-                second.weight[:, i] /= d
+                columns[:, i] /= d
 
 
 @pytest.mark.parametrize("c, p, balance_bias", [(1.0, 2, False), (1.2, 2, True), (0.8, 3, True)])
@@ -76,6 +82,23 @@ def test_one_cycle_equals_the_formula_on_a_fully_connected_chain(c, p, balance_b
     assert not torch.allclose(model[0].weight, _randomize(_mlp()).double()[0].weight)
 
 
+@pytest.mark.parametrize("build, layers", [
+    (_FunctionalCNN, ["conv1", "conv2", "fc1", "fc2"]),  # conv -> conv -> flatten -> linear
+    (_cnn_adaptive, ["0", "2", "6"]),  # conv -> conv -> adaptive pool, flatten -> linear
+])
+@pytest.mark.parametrize("c, p, balance_bias", [(1.0, 2, False), (1.2, 3, True)])
+def test_one_cycle_equals_the_formula_on_conv_and_flatten_chains(build, layers, c, p,
+                                                                 balance_bias):
+    model, expected = _randomize(build()).double(), _randomize(build()).double()
+    assert ENorm(model).pairs == list(zip(layers[:-1], layers[1:]))
+    ENorm(model, c=c, p=p, balance_bias=balance_bias).step()
+    _reference_cycle([expected.get_submodule(name) for name in layers], c, p, balance_bias)
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+    assert not torch.allclose(model.get_submodule(layers[1]).weight,
+                              _randomize(build()).double().get_submodule(layers[1]).weight)
+
+
 @pytest.mark.parametrize("build, shape", [(_mlp, (16, 6)), (_FunctionalCNN, (4, 3, 8, 8)),
                                           (_cnn_adaptive, (4, 3, 8, 8))])
 @pytest.mark.parametrize("balance_bias", [False, True])
@@ -85,7 +108,8 @@ def test_the_function_is_unchanged_in_float64(build, shape, balance_bias):
     before = model(x)
     weights = [param.clone() for param in model.parameters()]
     ENorm(model, c=1.2, balance_bias=balance_bias).step()
-    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6 * before.abs().max().item())
+    torch.testing.assert_close(model(x), before, rtol=1e-12,
+                               atol=1e-12 * before.abs().max().item())
     assert any(not torch.allclose(w, param) for w, param in zip(weights, model.parameters()))
 
 
@@ -141,11 +165,12 @@ def test_untraceable_and_pairless_models_raise_clear_errors():
 
 def _squared_weights(model: nn.Module) -> float:
     return sum(float(m.weight.detach().square().sum()) for m in model.modules()
-               if isinstance(m, nn.Linear))
+               if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def test_c1_decreases_the_sum_of_squares_monotonically_and_converges():
-    model = _randomize(_mlp(bias=False)).double()
+@pytest.mark.parametrize("build", [lambda: _mlp(bias=False), _FunctionalCNN, _cnn_adaptive])
+def test_c1_decreases_the_sum_of_squares_monotonically_and_converges(build):
+    model = _randomize(build()).double()
     enorm = ENorm(model, c=1.0)
     costs = [_squared_weights(model)]
     for _ in range(50):
@@ -161,19 +186,23 @@ def _factors(before, after):
     return [a / b for a, b in zip(after, before)]
 
 
+@pytest.mark.parametrize("build, shape, classes", [(lambda: _mlp(bias=False), (32, 6), 3),
+                                                   (_FunctionalCNN, (8, 3, 8, 8), 2)])
 @pytest.mark.parametrize("make_optimizer, keys", [
     (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), {"momentum_buffer": -1}),
     (lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True),
      {"exp_avg": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2}),
     (lambda params: torch.optim.AdamW(params, lr=0.01), {"exp_avg": -1, "exp_avg_sq": -2}),
 ])
-def test_optimizer_state_stays_consistent_with_the_rescaled_weights(make_optimizer, keys):
+def test_optimizer_state_stays_consistent_with_the_rescaled_weights(make_optimizer, keys, build,
+                                                                   shape, classes):
     """The rescaled run's state after its next step equals the unrescaled run's, mapped by
     the same factors: the rescaled state is what training in the new weights would hold."""
-    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    torch.manual_seed(0)
+    x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, classes, (shape[0],))
     runs = []
     for rescale in (False, True):
-        model = _randomize(_mlp(bias=False)).double().eval()  # no dropout: same gradients
+        model = _randomize(build()).double().eval()  # no dropout: same gradients
         optimizer = make_optimizer(model.parameters())
         for step in range(2):
             optimizer.zero_grad()
@@ -232,7 +261,7 @@ def test_dead_units_stay_finite_and_unscaled():
     before = model.eval()(x)
     ENorm(model, balance_bias=True).step()
     assert all(torch.isfinite(param).all() for param in model.parameters())
-    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
     # one pair: the dead units' columns and rows are left as they were (d = 1)
     pair = _randomize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))).double()
     with torch.no_grad():
@@ -270,7 +299,7 @@ def test_batchnorm_affine_mode_keeps_the_function():
     enorm = ENorm(model, c=1.2, balance_bias=True, batchnorm="affine")
     assert enorm.pairs == [("1", "3"), ("4", "6")]
     enorm.step()
-    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
     assert torch.equal(model[0].weight, first)  # BatchNorm holds the scale instead
 
 
@@ -287,11 +316,18 @@ def test_low_precision_weights(dtype):
                                atol=tolerance * before.abs().max().item())
 
 
+@pytest.mark.usefixtures("needs_sklearn")
 def test_registered_as_a_rebalancer_and_trains_with_and_without_batchnorm():
-    pytest.importorskip("sklearn")
     method = registry.get("enorm")
     assert method.family == "rebalancer" and method.build is ENorm
     for norm in ("enorm", "batch+enorm"):
         result = train(TrainConfig(task="digits-mlp", norm=norm, lr=0.05, batch_size=64,
                                    momentum=0.9, rebalancer_kw={"c": 1.2}))
         assert result.status == "done" and result.final["test_acc"] > 0.8
+        # Training ended on an ENorm cycle, after which each unit of the last pair has
+        # ||column|| = c ||row||: a rebalancer that was not stepped, or did nothing, fails.
+        (first, second), = ENorm(result.model).pairs
+        rows = result.model.get_submodule(first).weight.detach().double().norm(dim=1)
+        columns = result.model.get_submodule(second).weight.detach().double().norm(dim=0)
+        torch.testing.assert_close(columns / rows, torch.full_like(rows, 1.2), rtol=1e-5,
+                                   atol=0)

@@ -45,21 +45,34 @@ def test_create_normalizes_each_input_shape(name, dim, shape):
         assert torch.allclose(y.flatten(1).mean(1), torch.zeros(4), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 3), (1, 1, 1), (4, 3)])
-def test_layer_norm_dim_1_normalizes_each_sample_over_channels_and_positions(shape):
-    # Found by tests/test_properties.py: nn.LayerNorm(C) refused (N, C, L) and,
-    # when L == C, silently normalized over L alone.
-    norm = normlab.create("layer", shape[1], dim=1)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2)
+def reference_group_norm(x, groups, eps=1e-5):
+    """Each sample's channels split into `groups` consecutive groups, each standardized over
+    its channels and positions (Wu and He 2018); layer norm is 1 group, instance norm C."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    mean, var = grouped.mean(-1, keepdim=True), grouped.var(-1, unbiased=False, keepdim=True)
+    return ((grouped - mean) / (var + eps).sqrt()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name,kw,groups,dim,shape", [
+    (name, kw, groups, dim, shape)
+    for name, kw, groups in [("group", {}, 24), ("group", {"num_groups": 4}, 4),
+                             ("layer", {}, 1), ("instance", {}, 48)]
+    # layer with dim=1 on (N, C, L): found by tests/test_properties.py (nn.LayerNorm
+    # refused it, or normalized over L alone when L == C)
+    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3))]])
+def test_group_layer_and_instance_outputs_match_the_per_sample_reference(name, kw, groups, dim,
+                                                                         shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * torch.rand(shape[1], *[1] * (len(shape) - 2),
+                                                             dtype=torch.float64) * 3 + 2
+    norm = normlab.create(name, 48, dim=dim, **kw).double()
+    with torch.no_grad():  # the per-channel affine, checked too
+        norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-1, 1)
-    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
-    axes = tuple(range(1, len(shape)))
-    mean, var = x.mean(axes, keepdim=True), x.var(axes, correction=0, keepdim=True)
     affine = (-1,) + (1,) * (len(shape) - 2)
-    expected = ((x - mean) / (var + norm.eps).sqrt() * norm.weight.view(affine)
+    expected = (reference_group_norm(x, groups) * norm.weight.view(affine)
                 + norm.bias.view(affine))
-    torch.testing.assert_close(norm.double()(x), expected.double())
+    torch.testing.assert_close(norm(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_group_default_is_largest_divisor_at_most_32():
@@ -97,7 +110,9 @@ def test_convert_swaps_every_batchnorm_and_copies_affine(target):
     if target != "none":
         assert torch.equal(converted[1].weight, model[1].weight)
         assert torch.equal(converted[1].bias, model[1].bias)
-        assert converted[4].num_channels if target != "instance" else converted[4].num_features
+        expected_type = {"group": nn.GroupNorm, "layer": nn.GroupNorm,
+                         "instance": nn.InstanceNorm2d}[target]
+        assert type(converted[4]) is expected_type and registry._num_features(converted[4]) == 32
     assert converted(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
@@ -124,3 +139,55 @@ def test_convert_back_and_forth_keeps_dims():
     back = normlab.convert(as_layer, "batch")
     assert isinstance(back[1], nn.BatchNorm1d)
     assert back(torch.randn(4, 5)).shape == (4, 2)
+
+
+def test_create_and_convert_refuse_the_wrong_family():
+    for name, family in (("weight_norm", "weight"), ("equinorm", "weight"),
+                         ("enorm", "rebalancer")):
+        with pytest.raises(ValueError, match=f"{name!r} is a {family} method, not an "
+                                             f"activation normalizer"):
+            normlab.create(name, 8)
+    with pytest.raises(ValueError, match="'enorm' is a rebalancer.*normlab.ENorm"):
+        normlab.convert(small_cnn(), "enorm")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_weight_conversion_keeps_activation_norms_only_when_asked(keep):
+    model = small_cnn()
+    converted = normlab.convert(model, "weight_norm", keep_activation_norm=keep)
+    assert isinstance(converted[0], normlab.WeightNormConv2d)
+    assert isinstance(converted[8], normlab.WeightNormLinear)
+    for index in (1, 4):
+        if keep:
+            assert isinstance(converted[index], nn.BatchNorm2d)
+            assert converted[index] is not model[index]  # a copy: the input is unchanged
+        else:
+            assert isinstance(converted[index], nn.Identity)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model.eval()(x) if keep else model[8](model[6:8](
+        model[5](model[3](model[2](model[0](x))))))
+    torch.testing.assert_close(converted.eval()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_groupnorm_is_converted_as_2d_unless_dim_says_otherwise():
+    model = nn.Sequential(nn.Linear(5, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert isinstance(normlab.convert(model, "batch")[1], nn.BatchNorm2d)
+    vectors = normlab.convert(model, "batch", dim=1)
+    assert isinstance(vectors[1], nn.BatchNorm1d)
+    assert vectors(torch.randn(4, 5)).shape == (4, 2)
+    # dim applies to GroupNorm only: a BatchNorm2d stays 2d
+    assert isinstance(normlab.convert(small_cnn(), "batch_renorm", dim=1)[1],
+                      normlab.BatchRenorm2d)
+
+
+def test_duplicate_registration_is_refused_and_leaves_the_registry_unchanged(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    original = registry.get("batch")
+    duplicate = registry.Method("batch", "activation", "-", "a second batch",
+                                build=lambda num_features, dim, **kw: nn.Identity())
+    with pytest.raises(ValueError, match="'batch' is already registered"):
+        registry.register(duplicate)
+    assert registry.get("batch") is original
+    new = registry.register(registry.Method("identity2", "activation", "-", "another identity",
+                                            build=duplicate.build))
+    assert registry.get("identity2") is new and normlab.available()[-1] == "identity2"

@@ -2,11 +2,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from normlab import training
+from normlab import models, training
 from normlab.training import TrainConfig, split_norm, train
 
-pytest.importorskip("sklearn")  # the digits task is the fast dataset for these tests
+pytestmark = pytest.mark.usefixtures("needs_sklearn")  # digits: the fast dataset for these tests
 
 
 def test_same_seed_same_numbers():
@@ -33,8 +35,8 @@ def test_eval_every_records_each_evaluation_point():
 
 def test_nan_loss_ends_run_as_diverged():
     result = train(TrainConfig(task="digits-mlp", norm="none", lr=1e6, batch_size=16))
-    assert result.status == "diverged"
-    assert len(result.history) < math.ceil(1438 / 16)
+    # The training loss stops the run within the first epoch, before its evaluation point.
+    assert result.status == "diverged" and result.history == []
 
 
 def test_linear_schedule_decays_to_zero():
@@ -102,3 +104,107 @@ def test_standardize_off_keeps_raw_pixels():
     assert images.min() >= 0 and images.max() <= 1
     standardized, _ = training.load_split(TrainConfig(task="digits-mlp"), "train")
     assert standardized.min() < 0
+
+
+class _Probe(nn.Module):
+    """The digits MLP, recording for each call its input and whether it ran in training mode
+    with gradients; `eval_logits` replaces its output in eval mode (to make the test loss
+    diverge)."""
+
+    def __init__(self, eval_logits: float | None = None):
+        super().__init__()
+        self.net = models.mlp("none", in_features=64, hidden=32)
+        self.eval_logits, self.calls = eval_logits, []
+
+    def forward(self, x):
+        self.calls.append({"input": x, "training": self.training,
+                           "grad": torch.is_grad_enabled()})
+        out = self.net(x)
+        return out if self.training or self.eval_logits is None else out * self.eval_logits
+
+
+def _probe_task(monkeypatch, augment=False, **probe_kw):
+    """Register a digits task built as a _Probe; returns the list of probes built."""
+    built = []
+
+    def build(norm, **kw):
+        built.append(_Probe(**probe_kw))
+        return built[-1]
+    monkeypatch.setitem(training.TASKS, "digits-probe", training.Task("digits", build, augment))
+    return built
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_the_mode():
+    model = _Probe()
+    images, labels = torch.rand(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    for was_training in (True, False):
+        model.train(was_training)
+        model.calls.clear()
+        result = training.evaluate(model, images, labels, batch_size=4)
+        assert len(model.calls) == 3
+        assert not any(call["training"] or call["grad"] for call in model.calls)
+        assert model.training == was_training
+    # the metrics are those of the eval-mode model, batch by batch
+    logits = model.eval()(images)
+    assert result["test_loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert result["test_acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_train_steps_in_training_mode_and_evaluates_in_eval_mode(monkeypatch):
+    built = _probe_task(monkeypatch)
+    result = train(TrainConfig(task="digits-probe", lr=0.05, batch_size=100, eval_every=5))
+    (probe,) = built
+    train_calls = [call for call in probe.calls if call["grad"]]
+    eval_calls = [call for call in probe.calls if not call["grad"]]
+    assert len(train_calls) == math.ceil(1438 / 100) and len(result.history) == 3
+    assert all(call["training"] for call in train_calls)
+    assert eval_calls and not any(call["training"] for call in eval_calls)
+    assert result.model is probe and probe.training
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_float64_and_bfloat16_runs_compute_in_their_dtype_and_track_float32(dtype):
+    config = TrainConfig(task="digits-mlp", norm="batch", lr=0.1, batch_size=64)
+    reference = train(config)
+    result = train(TrainConfig(**{**config.to_dict(), "dtype": dtype}))
+    assert result.status == "done"
+    assert {p.dtype for p in result.model.parameters()} == {training.DTYPES[dtype]}
+    images, _ = training.load_split(result.config, "test")
+    assert images.dtype == training.DTYPES[dtype]
+    # The same run to rounding: float64 closely, bfloat16 (8-bit mantissa) loosely.
+    tolerance = {"float64": 1e-5, "bfloat16": 0.05}[dtype]
+    for key in ("train_loss", "test_loss"):
+        assert result.final[key] == pytest.approx(reference.final[key], rel=tolerance), key
+    assert result.final["test_acc"] > 0.85
+
+
+def test_augmentation_is_applied_to_each_training_batch_only(monkeypatch):
+    crops = []
+
+    def recording_crop_flip(images, generator):
+        crops.append(real_crop_flip(images, generator))
+        return crops[-1]
+    real_crop_flip = training.random_crop_flip
+    monkeypatch.setattr(training, "random_crop_flip", recording_crop_flip)
+    built = _probe_task(monkeypatch, augment=True)
+    train(TrainConfig(task="digits-probe", lr=0.05, batch_size=200, standardize=False))
+    (probe,) = built
+    train_inputs = [call["input"] for call in probe.calls if call["grad"]]
+    assert len(crops) == len(train_inputs) == math.ceil(1438 / 200)
+    assert all(seen is crop for seen, crop in zip(train_inputs, crops))
+    test_images, _ = training.load_split(TrainConfig(task="digits-mlp", standardize=False),
+                                         "test")
+    (eval_input,) = [call["input"] for call in probe.calls if not call["grad"]]
+    assert torch.equal(eval_input, test_images)
+    assert training.TASKS["cifar10-resnet"].augment  # the task that uses it
+
+
+def test_non_finite_test_loss_ends_the_run_as_diverged(monkeypatch):
+    built = _probe_task(monkeypatch, eval_logits=float("inf"))
+    result = train(TrainConfig(task="digits-probe", lr=0.05, batch_size=100, eval_every=3))
+    (probe,) = built
+    assert result.status == "diverged"
+    assert [point["step"] for point in result.history] == [3]
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert not math.isfinite(result.history[0]["test_loss"])
+    assert sum(call["grad"] for call in probe.calls) == 3  # no step after the divergence

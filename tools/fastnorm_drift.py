@@ -2,7 +2,7 @@
 
 Trains the seed's 784-1024-10 MLP with FastNormSGD and no renormalization,
 with the weights in each dtype, and prints max_i |tracked_i / explicit_i - 1|
-(explicit norms computed in float64) over both layers every 250 steps. The
+(explicit norms computed in float64) over both layers every --every steps. The
 numbers chose DEFAULT_RENORM_EVERY in normlab/layers/fastnorm.py.
 
     PYTHONPATH=src python tools/fastnorm_drift.py [--steps 1000] [--batch-size 16]
@@ -20,13 +20,14 @@ from normlab import FastNormLinear, FastNormSGD, models
 
 
 def relative_drift(model) -> float:
-    return max((layer.tracked_norms().double() / layer.weight.double().norm(dim=1) - 1)
+    return max((layer.tracked_norms().double()
+                / (layer.row_scale.double() * layer.weight.double().norm(dim=1)) - 1)
                .abs().max().item() for layer in model.modules()
                if isinstance(layer, FastNormLinear))
 
 
 def measure(dtype: torch.dtype, images, labels, steps: int, batch_size: int, lr: float,
-            every: int = 250) -> list[tuple[int, float]]:
+            every: int) -> list[tuple[int, float]]:
     torch.manual_seed(0)
     model = models.mlp("fastnorm", renorm_every=None).to(dtype)
     optimizer = FastNormSGD(model.parameters(), lr=lr)
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--every", type=int, default=250, help="steps between measurements")
     parser.add_argument("--data-dir", default="../shared/data")
     args = parser.parse_args()
     try:
@@ -58,7 +60,7 @@ def main() -> None:
     images = images.flatten(1)
     for dtype in (torch.float32, torch.bfloat16):
         for step, drift in measure(dtype, images, labels, args.steps, args.batch_size,
-                                   args.lr):
+                                   args.lr, args.every):
             print(f"{str(dtype):15s} step {step:5d}  max |tracked/explicit - 1| = {drift:.3e}")
 
 

@@ -9,10 +9,11 @@ Example:
 """
 
 from . import data, models
+from .distributed import convert_sync
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
     NormPropConv2d,
@@ -26,8 +27,9 @@ from .registry import Method, available, convert, create
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
-    "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
+    "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d", "NormPropLinear",
     "OnlineNorm1d", "OnlineNorm2d", "ScaledWeightNormConv2d", "ScaledWeightNormLinear",
-    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "create", "data", "models",
+    "WeightNormConv2d", "WeightNormLinear", "available", "convert", "convert_sync", "create",
+    "data", "models",
 ]
 __version__ = "0.1.0"

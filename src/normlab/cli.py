@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,43 @@ def cmd_list(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker that torchrun started
+        return _train_in_process_group(args)
+    if args.nproc_per_node > 1:
+        return _launch(args.nproc_per_node, args.argv)
+    return _train(args, report=True)
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this same command in `nproc` processes through torch.distributed.run (torchrun)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={nproc}", "--module", "normlab",
+                       *argv])
+    except ChildFailedError as err:
+        print(f"normlab train: a process failed:\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_in_process_group(args) -> int:
+    """Data-parallel training in torchrun's process group (see `training.train`); the CPU
+    tensors of the training loop take the gloo backend. Rank 0 alone reports."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        args.nproc_per_node = dist.get_world_size()
+        return _train(args, report=dist.get_rank() == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args, report: bool) -> int:
     from . import data, training
 
     task = args.task
@@ -40,14 +78,23 @@ def cmd_train(args) -> int:
                                       batch_size=args.batch_size, seed=args.seed,
                                       momentum=args.momentum, weight_decay=args.weight_decay,
                                       rebalancer_kw=rebalancer_kw)
-        result = training.train(config, data_dir=args.data_dir, progress=not args.quiet)
+        # a bar on a terminal; elsewhere (a cluster job's log, | tee) a line per evaluation
+        on_terminal = sys.stderr.isatty()
+        show = report and not args.quiet
+        result = training.train(config, data_dir=args.data_dir,
+                                progress=show and on_terminal,
+                                on_eval=_print_eval(f"{task} {norm}") if show and not on_terminal
+                                else None)
         results.append(result)
-        if args.out:
+        if args.out and report:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"{task}-{norm}-seed{args.seed}.json"
             path.write_text(json.dumps(result.to_dict(), indent=2))
-    print(f"{task}: {args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}, "
+    if not report:
+        return 0
+    processes = f" (global), {args.nproc_per_node} processes" if args.nproc_per_node > 1 else ""
+    print(f"{task}: {args.epochs} epoch(s), batch {args.batch_size}{processes}, lr {args.lr}, "
           f"seed {args.seed}")
     rows = [(r.config.norm, r.status, _fmt(r.final.get("train_loss")),
              _fmt(r.final.get("test_loss")), _fmt(r.final.get("test_acc"), percent=True),
@@ -56,6 +103,14 @@ def cmd_train(args) -> int:
     if args.out:
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _print_eval(label: str):
+    def print_point(point: dict) -> None:
+        print(f"{label}: step {point['step']} (epoch {point['epoch']:.2f}), train loss "
+              f"{point['train_loss']:.4f}, test loss {point['test_loss']:.4f}, test acc "
+              f"{100 * point['test_acc']:.2f}%", file=sys.stderr, flush=True)
+    return print_point
 
 
 def _fmt(value, percent: bool = False) -> str:
@@ -68,9 +123,21 @@ def cmd_reproduce(args) -> int:
     from . import experiments
 
     out = args.out or f"runs/{args.recipe}{'-quick' if args.quick else ''}"
+    if args.executor == "ray":
+        local = args.address is None
+        if args.workers is not None and not local:
+            raise ValueError("--workers sizes the local pool or a local Ray instance; a Ray "
+                             "cluster runs as many jobs as its CPUs allow")
+        executor = experiments.RayCluster(
+            args.address, cpus_per_job=args.cpus_per_job,
+            num_cpus=args.workers * args.cpus_per_job if args.workers and local else None)
+    elif args.address is not None or args.cpus_per_job != 1:
+        raise ValueError("--address and --cpus-per-job apply to --executor ray")
+    else:
+        executor = experiments.LocalPool(args.workers)
     try:
         path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
-                                     workers=args.workers, data_dir=args.data_dir)
+                                     data_dir=args.data_dir, executor=executor)
     except experiments.Interrupted as err:
         print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
@@ -139,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="folder for the JSON metrics")
     train.add_argument("--fallback-digits", action="store_true",
                        help="train digits-mlp when MNIST is absent and cannot be downloaded")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress (a bar on a terminal, else a line per evaluation)")
+    train.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                       help="train data-parallel (DDP) on N processes of this machine, through "
+                            "torch.distributed.run; --batch-size is then the global batch, "
+                            "batch-dependent layers are synced, rank 0 writes the metrics")
     train.set_defaults(run=cmd_train)
 
     reproduce = sub.add_parser("reproduce", help="rerun a paper's experiment and report it, "
@@ -152,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seeds per configuration (default: the recipe's)")
     reproduce.add_argument("--workers", type=int, default=None,
                            help="parallel runs (default: the number of cores)")
+    reproduce.add_argument("--executor", choices=("local", "ray"), default="local",
+                           help="where the runs go: a process pool on this machine (default) "
+                                "or Ray tasks (pip install 'normlab[ray]')")
+    reproduce.add_argument("--address", default=None,
+                           help="with --executor ray: the cluster to join ('auto': the one "
+                                "`ray start` made on this node); default: a local Ray instance")
+    reproduce.add_argument("--cpus-per-job", type=int, default=1,
+                           help="with --executor ray: CPUs (torch threads) each run asks Ray for")
     reproduce.add_argument("--out", default=None,
                            help="folder for results.db, log.txt and report.md "
                                 "(default: runs/RECIPE[-quick]); rerunning resumes it")
@@ -175,12 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .experiments.store import OutputError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --nproc-per-node reruns the command in each process
     try:
         return args.run(args)
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"normlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OutputError as err:  # a results folder that is busy, unwritable or damaged
+        print(f"normlab {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -230,14 +230,19 @@ def _download(url: str, dest: Path, md5: str | None = None) -> None:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
-    digest = hashlib.md5()
+    digest, received = hashlib.md5(), 0
     with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
+    # read(n) returns what came before a dropped connection without raising
+    if total is not None and received != total:
+        partial.unlink()
+        raise OSError(f"{url} stopped after {received} of {total} bytes")
     if md5 is not None and digest.hexdigest() != md5:
         partial.unlink()
         raise OSError(f"{url} arrived corrupted (md5 {digest.hexdigest()}, expected {md5})")

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
     NormPropConv2d,
@@ -187,7 +187,8 @@ register(Method("fastnorm", "weight",
                 "Anonymous (2019), FastNorm: improving numerical stability of neural network "
                 "training with efficient normalization (ICLR submission)",
                 "weight normalization whose row norms are tracked, not computed",
-                replaces={nn.Linear: FastNormLinear}, optimizer=FastNormSGD))
+                replaces={nn.Linear: FastNormLinear, nn.Conv2d: FastNormConv2d},
+                optimizer=FastNormSGD))
 register(Method("equinorm", "weight",
                 "Anonymous (2019), Controlling covariate shift using equilibrium normalization "
                 "of weights (ICLR submission)",

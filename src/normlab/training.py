@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from . import data, models, registry
+from . import data, distributed, models, registry
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,38 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
     return crops.permute(0, 3, 1, 2).contiguous()
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of a data-parallel run: each takes its contiguous 1/size of a batch."""
+
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+
+    @classmethod
+    def current(cls) -> Ranks | None:
+        """The world group when torch.distributed runs several processes, else None."""
+        group = distributed.sync_group()
+        return None if group is None else cls(group, dist.get_rank(group),
+                                              dist.get_world_size(group))
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.tensor_split(self.size)[self.rank]
+
+    def sum(self, *values: float | torch.Tensor) -> list[float]:
+        """Each value summed over the processes (one all-reduce, in float64)."""
+        total = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return total.tolist()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> dict:
+             batch_size: int = 1000, ranks: Ranks | None = None) -> dict:
+    """Test loss and accuracy; with `ranks`, each process evaluates its shard of the set."""
+    count = len(labels)
+    if ranks is not None:
+        images, labels = ranks.shard(images), ranks.shard(labels)
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -202,13 +232,28 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
     model.train(was_training)
-    return {"test_loss": loss_sum / len(labels), "test_acc": correct / len(labels)}
+    if ranks is not None:
+        loss_sum, correct = ranks.sum(loss_sum, correct)
+    return {"test_loss": loss_sum / count, "test_acc": correct / count}
 
 
 def train(config: TrainConfig, data_dir=None, progress: bool = False,
           on_eval: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train `config` and evaluate on the test split; see `TrainConfig`."""
+    """Train `config` and evaluate on the test split; see `TrainConfig`.
+
+    Under torch.distributed with several processes (as `normlab train
+    --nproc-per-node` runs it), the run is data-parallel and equals the
+    one-process run up to rounding: every process draws the same batches of
+    `config.batch_size` (the global batch) and takes its contiguous 1/P
+    slice, the model's batch-dependent layers are synced (`convert_sync`)
+    and wrapped in DistributedDataParallel, and each process evaluates 1/P
+    of the test set. Every process returns the same result.
+    """
     start_time = time.perf_counter()
+    ranks = Ranks.current()
+    if ranks is not None and config.batch_size < ranks.size:
+        raise ValueError(f"batch_size is the global batch: it must be at least the number of "
+                         f"processes ({ranks.size}), got {config.batch_size}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train_x, train_y = load_split(config, "train", data_dir)
@@ -216,15 +261,22 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
     model = build_model(config).to(DTYPES[config.dtype])
     optimizer = build_optimizer(model, config)
     _, rebalancer_name = split_norm(config.norm)
+    # Built before convert_sync: it finds its layer pairs across torch's BatchNorm classes,
+    # and convert_sync keeps the parameter objects it holds.
     rebalancer = (registry.get(rebalancer_name).build(model, optimizer, **config.rebalancer_kw)
                   if rebalancer_name else None)
+    trained = model
+    if ranks is not None:
+        model = distributed.convert_sync(model)
+        trained = nn.parallel.DistributedDataParallel(model, process_group=ranks.group)
 
     steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     eval_every = config.eval_every or steps_per_epoch
     history: list[dict] = []
     status, step, loss_sum, loss_count = "done", 0, 0.0, 0
-    bar = _progress_bar(total_steps, f"{config.task} {config.norm}", progress)
+    bar = _progress_bar(total_steps, f"{config.task} {config.norm}",
+                        progress and (ranks is None or ranks.rank == 0))
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(train_y), generator=generator)
@@ -235,8 +287,18 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
                 inputs = random_crop_flip(inputs, generator)
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_lr(config.lr, config.lr_schedule, step, total_steps)
-            loss = F.cross_entropy(model(inputs).float(), target)
-            if not torch.isfinite(loss):
+            if ranks is None:
+                loss = F.cross_entropy(model(inputs).float(), target)
+                batch_loss = loss.item()
+            else:
+                inputs, target = ranks.shard(inputs), ranks.shard(target)
+                shard_sum = F.cross_entropy(trained(inputs).float(), target, reduction="sum")
+                # DDP averages the processes' gradients: this rank's share of the global
+                # batch's mean loss, times P, averages back to exactly that mean's gradient.
+                loss = shard_sum * (ranks.size / len(index))
+                (global_sum,) = ranks.sum(shard_sum.detach())
+                batch_loss = global_sum / len(index)
+            if not math.isfinite(batch_loss):
                 status = "diverged"
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -245,13 +307,13 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
             if rebalancer is not None:
                 rebalancer.step()
             step += 1
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            loss_sum, loss_count = loss_sum + batch_loss, loss_count + 1
             bar.update(1)
             if step % eval_every == 0 or step == total_steps:
                 point = {"step": step, "epoch": step / steps_per_epoch,
                          "train_loss": loss_sum / loss_count,
                          "lr": optimizer.param_groups[0]["lr"],
-                         **evaluate(model, test_x, test_y),
+                         **evaluate(model, test_x, test_y, ranks=ranks),
                          "wall_time": time.perf_counter() - start_time}
                 if not math.isfinite(point["test_loss"]):
                     status = "diverged"

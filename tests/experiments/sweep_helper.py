@@ -1,6 +1,7 @@
 """Jobs for the runner tests, importable by the pool's workers and by a child sweep."""
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,16 +12,45 @@ from normlab.experiments.runner import Interrupted
 POINTS = 5
 
 
+def points(seed: int) -> list[dict]:
+    return [{"point": i, "value": seed * 100 + i} for i in range(POINTS)]
+
+
 def slow_probe(seed: int, seconds: float, pid_dir: str | None = None) -> list[dict]:
     """Sleeps, then returns POINTS evaluation points; announces its worker's pid."""
     if pid_dir:
         (Path(pid_dir) / str(os.getpid())).touch()
     time.sleep(seconds)
-    return [{"point": i, "value": seed * 100 + i} for i in range(POINTS)]
+    return points(seed)
+
+
+def gated_probe(seed: int, gate: str, pid_dir: str) -> list[dict]:
+    """Announces its worker's pid and waits while the file `gate` exists (2 minutes at most)."""
+    (Path(pid_dir) / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return points(seed)
+
+
+def dying_probe(seed: int, marker: str) -> list[dict]:
+    """Kills its own worker the first time, when the file `marker` does not exist yet."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return points(seed)
 
 
 def failing_probe(seed: int) -> list[dict]:
     raise RuntimeError(f"probe failed on purpose (seed {seed})")
+
+
+def flaky_probe(seed: int, marker: str) -> list[dict]:
+    """Fails the first time, when the file `marker` does not exist yet; then succeeds."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        raise RuntimeError(f"probe failed once on purpose (seed {seed})")
+    return slow_probe(seed, 0.0)
 
 
 def jobs(count: int, seconds: float, pid_dir: str | None = None) -> list[Probe]:
@@ -35,6 +65,46 @@ def main(folder: str, count: int, seconds: float, pid_dir: str | None = None) ->
             run_sweep(jobs(count, seconds, pid_dir), store, workers=2)
         except Interrupted:
             sys.exit(130)
+
+
+def probe_recipe(jobs: list[Probe], name: str = "probes"):
+    """A recipe of the given probes, with no claim and no figure."""
+    from normlab.experiments import Recipe
+
+    return Recipe(name, "Probes", "none.txt", lambda settings: jobs, [], [],
+                  lambda settings: [f"{len(jobs)} probes"], seeds=(1, 1), dataset="digits")
+
+
+def gated_jobs(fast: int, gated: int, gate: str, pid_dir: str) -> list[Probe]:
+    """`fast` probes of 0.2 s, then `gated` probes that wait while `gate` exists."""
+    return jobs(fast, 0.2) + [Probe(gated_probe, seed, {"gate": gate, "pid_dir": pid_dir})
+                              for seed in range(fast, fast + gated)]
+
+
+def reproduce_main(out: str, fast: int, gated: int, gate: str, pid_dir: str, *options) -> None:
+    """`normlab reproduce probes --out OUT OPTIONS` as a program, on `gated_jobs`."""
+    from normlab import cli, experiments
+
+    experiments.RECIPES["probes"] = probe_recipe(gated_jobs(fast, gated, gate, pid_dir))
+    sys.exit(cli.main(["reproduce", "probes", "--out", out, *options]))
+
+
+def full_disk_main(folder: str, count: int, spare_bytes: int) -> None:
+    """A sweep on a disk that fills up: no file may grow past the database's size at the
+    start plus `spare_bytes` (RLIMIT_FSIZE, which binds root too). Exit status 1 on
+    `OutputError`, whose message goes to stderr."""
+    import resource
+
+    from normlab.experiments import OutputError
+
+    with Store.in_folder(folder) as store:
+        limit = store.path.stat().st_size + spare_bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            run_sweep(jobs(count, 0.0), store, workers=1, log_path=Path(folder) / "log.txt")
+        except OutputError as err:
+            print(err, file=sys.stderr)
+            sys.exit(1)
 
 
 def tiny_jobs(settings, norms=("none", "batch")):

@@ -1,14 +1,14 @@
+import dataclasses
 import sqlite3
 
 import pytest
 import sweep_helper
 
-from normlab import experiments
+from normlab import data, experiments, training
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    pytest.importorskip("sklearn")
+def tiny(monkeypatch, needs_sklearn):
     recipe = sweep_helper.tiny_recipe()
     monkeypatch.setitem(experiments.RECIPES, recipe.name, recipe)
     return recipe
@@ -43,3 +43,25 @@ def test_a_method_not_registered_fails_before_any_run(tmp_path, monkeypatch):
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(ValueError, match="expected one of .*fastnorm.*lecture"):
         experiments.get_recipe("fastnrom")
+
+
+def test_reproduce_falls_back_to_digits_when_mnist_cannot_be_had(tmp_path, monkeypatch,
+                                                                 needs_sklearn):
+    def jobs(settings):  # the tiny recipe's runs, on the task of the dataset it was given
+        return [dataclasses.replace(job, task=f"{settings.dataset}-mlp")
+                if isinstance(job, training.TrainConfig) else job
+                for job in sweep_helper.tiny_jobs(settings)]
+    recipe = dataclasses.replace(sweep_helper.tiny_recipe("tiny-mnist"), dataset="mnist",
+                                 jobs=jobs, protocol=lambda s: [f"data: {s.dataset}"])
+    monkeypatch.setitem(experiments.RECIPES, recipe.name, recipe)
+    monkeypatch.setattr(data, "MNIST_MIRRORS", ("http://127.0.0.1:9/",))  # nothing listens
+    said = []
+    path = experiments.reproduce("tiny-mnist", tmp_path / "out", quick=True, seeds=1,
+                                 workers=1, data_dir=tmp_path / "no-data", say=said.append)
+    assert len(said) == 1 and "MNIST unavailable" in said[0]
+    assert "falling back to the digits dataset" in said[0]
+    with experiments.Store.in_folder(tmp_path / "out") as store:
+        assert store.meta()["settings"]["dataset"] == "digits"
+        tasks = {r.config.get("task") for r in store.runs() if r.config["kind"] == "train"}
+        assert tasks == {"digits-mlp"} and all(r.status == "done" for r in store.runs())
+    assert "data: digits" in path.read_text()

@@ -70,14 +70,52 @@ def test_accuracy_claim_compares_medians_and_same_rate_gaps():
     assert recipe.check_accuracy(Results(runs), QUICK).verdict == "inconclusive"
 
 
-def test_jobs_refuse_methods_that_are_not_registered():
+def test_jobs_cover_the_variants_and_refuse_methods_that_are_not_registered(monkeypatch):
     from normlab import registry
 
-    if "normprop" in registry.available() and "fastnorm" in registry.available():
-        jobs = recipe.jobs(QUICK)
-        assert {j.norm for j in jobs} == set(recipe.NORMS) and len(jobs) == 3 * (8 + 2 + 2)
-        assert {(j.dtype, j.batch_size) for j in jobs} == {
-            ("float32", 1), ("bfloat16", 1), ("float32", 16)}
-    else:
-        with pytest.raises(ValueError, match="unknown normalization"):
-            recipe.jobs(QUICK)
+    jobs = recipe.jobs(QUICK)
+    assert {j.norm for j in jobs} == set(recipe.NORMS) and len(jobs) == 3 * (8 + 2 + 2)
+    assert {(j.dtype, j.batch_size) for j in jobs} == {
+        ("float32", 1), ("bfloat16", 1), ("float32", 16)}
+    monkeypatch.delitem(registry._REGISTRY, "normprop")
+    with pytest.raises(ValueError, match="unknown normalization 'normprop'"):
+        recipe.jobs(QUICK)
+
+
+def _variant_runs(normprop_noise, fastnorm_noise, dtype="float32", batch=1, seeds=5):
+    """Runs at lr 0.03 whose accuracy curves have the given noise amplitudes."""
+    return [_run(norm, 0.03, s, _noisy(noise, 100 * i + s), dtype=dtype, batch=batch)
+            for i, (norm, noise) in enumerate([("normprop", normprop_noise),
+                                               ("fastnorm", fastnorm_noise)])
+            for s in range(seeds)]
+
+
+@pytest.mark.parametrize("bfloat16_normprop_noise, verdict", [
+    (0.2, "reproduced"),  # std ratio ~10x in bfloat16 against ~2x in float32
+    (0.01, "not reproduced"),  # ~0.5x: the advantage shrinks
+    (0.02, "inconclusive"),  # the same ~2x: the IQRs overlap
+])
+def test_bfloat16_claim_compares_the_std_ratios_of_both_precisions(bfloat16_normprop_noise,
+                                                                  verdict):
+    runs = _variant_runs(0.02, 0.01) + _variant_runs(bfloat16_normprop_noise, 0.01, "bfloat16")
+    assert recipe.check_bfloat16(Results(runs), QUICK).verdict == verdict
+    assert recipe.check_bfloat16(Results(_variant_runs(0.02, 0.01)), QUICK).verdict == \
+        "inconclusive"  # no bfloat16 runs
+
+
+@pytest.mark.parametrize("normprop_noise, fastnorm_noise, verdict", [
+    (0.03, 0.01, "reproduced"), (0.01, 0.03, "not reproduced")])
+def test_minibatch_claim_reads_the_batch_16_runs(normprop_noise, fastnorm_noise, verdict):
+    runs = _variant_runs(normprop_noise, fastnorm_noise, batch=16)
+    runs += _variant_runs(fastnorm_noise, normprop_noise)  # batch 1, the other way round
+    result = recipe.check_minibatch(Results(runs), QUICK)
+    assert result.verdict == verdict and "batch 16" in result.ours
+
+
+def test_accuracy_claim_not_reproduced_when_normprop_is_ahead_in_both_comparisons():
+    runs = [_run("normprop", 0.06, s, [0.93]) for s in range(3)]
+    runs += [_run("fastnorm", 0.075, s, [0.90]) for s in range(3)]
+    runs += [_run("normprop", 0.03, s, [0.90]) for s in range(3)]
+    runs += [_run("fastnorm", 0.03, s, [0.88]) for s in range(3)]
+    verdict = recipe.check_accuracy(Results(runs), QUICK)
+    assert verdict.verdict == "not reproduced" and "NormProp ahead in both" in verdict.why

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from normlab import registry
-from normlab.experiments import Results, Settings
+from normlab.experiments import Probe, Results, Settings
 from normlab.experiments import lecture as recipe
 from normlab.experiments.runner import execute, job_config
 from normlab.experiments.store import Run
@@ -55,23 +54,68 @@ def test_weight_norm_probe_sees_an_orthogonal_update_and_growing_norm():
 
 def test_probe_claims_from_stored_probes():
     one_seed = Settings("lecture", quick=True, seeds=1)
-    results = Results([execute(job) for job in _probes(one_seed)])
+    probes = [job for job in recipe.jobs(one_seed) if job_config(job)["kind"] == "probe"]
+    results = Results([execute(job) for job in probes])
     assert all(r.status == "done" for r in results.runs)
     for check in (recipe.check_propagation, recipe.check_batch_norm, recipe.check_weight_norm):
         assert check(results, one_seed).verdict == "reproduced"
 
 
-def _probes(settings):
-    if "weight_norm" in registry.available():
-        return [job for job in recipe.jobs(settings) if job_config(job)["kind"] == "probe"]
-    with pytest.raises(ValueError, match="unknown normalization 'weight_norm'"):
-        recipe.jobs(settings)
-    from normlab.experiments import Probe
-    seeds = range(settings.seeds)
-    return ([Probe(recipe.propagation_probe, s, {"sweep": w, "scheme": k})
-             for w in ("depth", "width") for k in recipe.SCHEMES for s in seeds]
-            + [Probe(recipe.batch_norm_scale_probe, s) for s in seeds]
-            + [Probe(recipe.weight_norm_update_probe, s) for s in seeds])
+def _probe_run(fn, seed, points, **params):
+    job = Probe(fn, seed, params)
+    return Run(job.key(), job_config(job), "done", 1.0, points)
+
+
+def _propagation_runs(ratio):
+    """Two seeds of every (sweep, scheme) probe, with ratio(scheme, blocks, width)."""
+    grids = {"depth": [(b, 100) for b in recipe.DEPTHS], "width": [(10, w) for w in recipe.WIDTHS]}
+    return Results([_probe_run(recipe.propagation_probe, seed,
+                               [{"blocks": b, "width": w, "ratio": ratio(scheme, b, w)}
+                                for b, w in grid], sweep=sweep, scheme=scheme)
+                    for sweep, grid in grids.items() for scheme in recipe.SCHEMES
+                    for seed in range(2)])
+
+
+def _bounded(scheme, blocks, width):
+    """scaled WN within [1/e, e] everywhere; He growing and WN shrinking with depth."""
+    return {"scaled_weight_norm": 1.5, "he": 1.1 ** blocks, "weight_norm": 0.97 ** blocks}[scheme]
+
+
+@pytest.mark.parametrize("ratio, verdict", [
+    (_bounded, "reproduced"),
+    # scaled WN leaves the bound at one width only
+    (lambda s, b, w: 3.0 if s == "scaled_weight_norm" and w == 500 else _bounded(s, b, w),
+     "not reproduced"),
+    # He stays within the bound at 100 blocks
+    (lambda s, b, w: 1.0 if s == "he" else _bounded(s, b, w), "not reproduced"),
+])
+def test_propagation_claim_from_synthetic_probes(ratio, verdict):
+    assert recipe.check_propagation(_propagation_runs(ratio), QUICK).verdict == verdict
+    assert recipe.check_propagation(Results([]), QUICK).verdict == "inconclusive"
+
+
+@pytest.mark.parametrize("diff, grad_ratio, verdict", [
+    (1e-15, 1 + 1e-14, "reproduced"), (1e-6, 1.0, "not reproduced"),
+    (0.0, 1.01, "not reproduced")])
+def test_batch_norm_claim_from_synthetic_probes(diff, grad_ratio, verdict):
+    runs = [_probe_run(recipe.batch_norm_scale_probe, seed,
+                       [{"c": c, "output_diff": diff if c == 100.0 else 0.0,
+                         "grad_ratio_times_c": grad_ratio if c == 0.01 else 1.0,
+                         "output_diff_fixed_eps": 1e-3 * (c < 1)} for c in recipe.SCALES])
+            for seed in range(2)]
+    assert recipe.check_batch_norm(Results(runs), QUICK).verdict == verdict
+
+
+@pytest.mark.parametrize("cos, growth, verdict", [
+    (1e-15, 1e-15, "reproduced"), (1e-3, 1e-15, "not reproduced"),
+    (1e-15, 1e-4, "not reproduced")])
+def test_weight_norm_claim_from_synthetic_probes(cos, growth, verdict):
+    runs = [_probe_run(recipe.weight_norm_update_probe, seed,
+                       [{"step": step, "max_abs_cos": cos if (seed, step) == (1, 20) else 0.0,
+                         "max_growth_error": growth if (seed, step) == (1, 20) else 0.0,
+                         "norm": 1 + step / 10} for step in range(1, 21)])
+            for seed in range(2)]
+    assert recipe.check_weight_norm(Results(runs), QUICK).verdict == verdict
 
 
 def _loss_run(norm, lr, seed, loss, status="done"):

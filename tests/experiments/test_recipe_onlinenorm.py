@@ -28,10 +28,10 @@ def test_train_eval_gap_is_zero_without_batch_statistics_and_not_with_them():
     assert torch.equal(batch[1].running_mean, before)  # measured on a copy
 
 
-def fake_results(acc, gap):
+def fake_results(acc, gap, gb=lambda batch: batch * 0.5):
     runs = [Run("memory", {"kind": "probe", "probe": "normlab.experiments.onlinenorm."
                            "memory_probe", "seed": 0, "params": {}}, "done", 1.0,
-                [{"network": i, "batch": b, "gb": b * 0.5}
+                [{"network": i, "batch": b, "gb": gb(b)}
                  for i in range(len(onlinenorm.memory.NETWORKS)) for b in (1, 32, 128)])]
     for job in onlinenorm.jobs(QUICK)[1:]:
         p = job.params
@@ -51,3 +51,14 @@ def test_claims_follow_the_numbers():
                          lambda n, b: 1.0 if n == "online" else 0.0)
     assert onlinenorm.check_batch_dependency(worse, QUICK).verdict == "not reproduced"
     assert onlinenorm.check_symmetry(worse, QUICK).verdict == "not reproduced"
+
+
+def test_memory_claim_needs_batch_1_far_below_batch_32():
+    def results(gb):
+        return fake_results(lambda n, b: 0.9, lambda n, b: 0.0, gb)
+    assert onlinenorm.check_memory(results(lambda b: 0.1 * b), QUICK).verdict == "reproduced"
+    # weights and workspace dominate: batch 32 only ~4x batch 1
+    assert onlinenorm.check_memory(results(lambda b: 1 + 0.1 * b), QUICK).verdict == \
+        "not reproduced"
+    no_probe = recipe.Results(results(lambda b: b).runs[1:])
+    assert onlinenorm.check_memory(no_probe, QUICK).verdict == "inconclusive"

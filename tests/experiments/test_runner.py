@@ -1,3 +1,4 @@
+import io
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ import pytest
 import sweep_helper
 
 from normlab import training
-from normlab.experiments import Probe, Store, run_sweep
+from normlab.experiments import Probe, RayCluster, Store, run_sweep
 from normlab.experiments.runner import execute, job_config
 
 HELPER = Path(sweep_helper.__file__)
@@ -44,6 +45,21 @@ def test_sweep_records_every_run_and_a_rerun_changes_nothing(tmp_path):
     assert _db_rows(tmp_path) == before
 
 
+def test_a_failed_run_is_retried_by_the_next_sweep_and_replaced(tmp_path):
+    flaky = Probe(sweep_helper.flaky_probe, 5, {"marker": str(tmp_path / "failed-once")})
+    jobs = sweep_helper.jobs(2, 0.0) + [flaky]
+    with Store.in_folder(tmp_path) as store:
+        first = run_sweep(jobs, store, workers=1, stream=open(os.devnull, "w"))
+        assert first == {"done": 2, "diverged": 0, "failed": 1, "skipped": 0}
+        second = run_sweep(jobs, store, workers=1, stream=open(os.devnull, "w"))
+        assert second == {"done": 1, "diverged": 0, "failed": 0, "skipped": 2}
+        runs = store.runs()
+    assert sorted(r.config["seed"] for r in runs) == [0, 1, 5]  # the failure is replaced
+    (retried,) = [r for r in runs if r.key == flaky.key()]
+    assert retried.status == "done" and retried.error is None
+    assert [p["value"] for p in retried.history] == [500, 501, 502, 503, 504]
+
+
 def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
     with Store.in_folder(tmp_path) as store:
         run_sweep(sweep_helper.jobs(3, 0.0), store, workers=1, label="demo", stream=sys.stderr)
@@ -51,13 +67,41 @@ def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
     assert "demo: 3/3 runs" in err and "ETA 0m00s" in err and "demo: 0/3 runs" in err
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO(), _Terminal()], ids=["log", "terminal"])
+def test_progress_is_a_line_per_run_off_a_terminal_and_one_line_on_it(tmp_path, stream):
+    jobs = sweep_helper.jobs(3, 0.0) + [Probe(sweep_helper.failing_probe, 7)]
+    with Store.in_folder(tmp_path) as store:
+        run_sweep(jobs, store, workers=1, label="demo", stream=stream)
+    text = stream.getvalue()
+    if stream.isatty():  # rewritten in place, ended once
+        assert text.count("\r") == 5 and text.count("\n") == 1 and text.endswith("\n")
+    else:  # a log: one line per state, nothing rewritten
+        lines = text.splitlines()
+        assert "\r" not in text and len(lines) == 5 and text.endswith("\n")
+        assert lines[0].startswith("demo: 0/4 runs, elapsed")
+        assert lines[-1].startswith("demo: 4/4 runs, 1 failed, elapsed")
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    with pytest.raises(ValueError, match=r"needs Ray: pip install 'normlab\[ray\]'"):
+        RayCluster().start(1)
+
+
+@pytest.mark.usefixtures("needs_sklearn")
 def test_nan_loss_is_recorded_as_diverged():
-    pytest.importorskip("sklearn")
     config = training.TrainConfig(task="digits-mlp", norm="none", lr=1e12, batch_size=32,
-                                  model_kw={"hidden": 16})
+                                  eval_every=1, model_kw={"hidden": 16})
     run = execute(config)
     assert run.status == "diverged" and run.key == config.key()
     assert run.config == job_config(config) and run.config["kind"] == "train"
+    # recorded up to the first non-finite test loss, and no further
+    assert len(run.history) >= 2 and not math.isfinite(run.history[-1]["test_loss"])
     assert all(math.isfinite(p["test_loss"]) for p in run.history[:-1])
 
 

@@ -151,3 +151,48 @@ def test_registry_and_convert():
     converted = normlab.convert(model, "batch_renorm", r_max=1.0)
     assert isinstance(converted[1], BatchRenorm2d) and converted[1].r_max == 1.0
     assert converted(torch.randn(2, 3, 5, 5)).shape == (2, 4, 3, 3)
+
+
+def branch_batch():
+    """A batch whose five channels put r above r_max = 2, r below 1 / r_max, d above
+    d_max = 1, d below -d_max, and both inside their limits (running statistics 0, 1)."""
+    torch.manual_seed(3)
+    scale = torch.tensor([4.0, 0.2, 1.0, 1.0, 1.2], dtype=torch.float64)
+    shift = torch.tensor([0.0, 0.0, 3.0, -3.0, 0.3], dtype=torch.float64)
+    return torch.randn(16, 5, 3, dtype=torch.float64) * scale[:, None] + shift[:, None]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_each_clip_branch_and_the_affine_gradients_match_the_reference(affine):
+    layer = BatchRenorm1d(5, r_max=2.0, d_max=1.0, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    x = branch_batch().requires_grad_(True)
+    batch_mean, batch_var = x.detach().mean((0, 2)), x.detach().var((0, 2), unbiased=False)
+    r = (batch_var + layer.eps).sqrt() / (1 + layer.eps) ** 0.5
+    d = batch_mean / (1 + layer.eps) ** 0.5
+    # Channel by channel: r high, r low, d high, d low, nothing clipped.
+    assert r[0] > 2 and r[1] < 0.5 and (0.5 < r[2:]).all() and (r[2:] < 2).all()
+    assert d[2] > 1 and d[3] < -1 and (d[[0, 1, 4]].abs() < 1).all()
+
+    # The reference gets its own copies of the parameters, so their gradients are compared.
+    weight = (layer.weight if affine else torch.ones(5, dtype=torch.float64)).detach().clone()
+    bias = (layer.bias if affine else torch.zeros(5, dtype=torch.float64)).detach().clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = reference_renorm(x_ref, layer.running_mean.clone(), layer.running_var.clone(),
+                                weight, bias, layer.eps, 2.0, 1.0)
+    out = layer(x)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    if affine:
+        assert torch.allclose(layer.weight.grad, weight.grad, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(layer.bias.grad, bias.grad, rtol=1e-10, atol=1e-12)
+    else:
+        assert layer.weight is None and layer.bias is None and list(layer.parameters()) == []

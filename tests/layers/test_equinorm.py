@@ -16,14 +16,17 @@ from normlab.layers.equinorm import (
 )
 
 
-def reference_weight(x, w, stride, out_hw, single_pass):
-    """w'' of seed 004 section 4, term by term with loops (groups = 1)."""
-    batch, channels_in = x.shape[:2]
-    channels_out, kernel_positions = w.shape[0], w.shape[2] * w.shape[3]
-    v = [x[:, c].sum() for c in range(channels_in)]
+def reference_weight(x, w, stride, out_hw, single_pass, groups=1):
+    """w'' of seed 004 section 4, term by term with loops; output channel d sees the input
+    channels of its group only."""
+    batch = x.shape[0]
+    channels_out, channels_in = w.shape[0], w.shape[1]  # channels_in per group
+    kernel_positions = w.shape[2] * w.shape[3]
     r = batch * out_hw[0] * out_hw[1] * stride**2
     result = torch.empty_like(w)
     for d in range(channels_out):
+        first = d // (channels_out // groups) * channels_in  # the group's first input channel
+        v = [x[:, first + c].sum() for c in range(channels_in)]
         w_dc = [w[d, c].sum() for c in range(channels_in)]
         b = -sum(v[c] * w_dc[c] for c in range(channels_in)) / (kernel_positions * sum(v))
         if single_pass:
@@ -55,6 +58,46 @@ def test_conv_matches_the_papers_equations(single_pass, stride, padding, padding
     reference = reference_weight(x, layer.weight.detach(), stride, y.shape[2:], single_pass)
     expected = conv_with(layer, x, layer.gain.detach().view(-1, 1, 1, 1) * reference)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+def unequal_channel_means(shape):
+    """Non-negative input whose channels have clearly different means (1/4 to 4)."""
+    scale = torch.logspace(-0.6, 0.6, shape[1], dtype=torch.float64).flip(0)
+    return torch.rand(shape, dtype=torch.float64) * scale.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("groups,stride,padding,dilation", [
+    (2, 1, 1, 1), (3, 2, 1, 1), (1, 1, 2, 2), (2, 2, 1, 3), (1, 1, 0, (1, 2))])
+def test_grouped_and_dilated_conv_match_the_loop_reference_in_training(
+        single_pass, groups, stride, padding, dilation):
+    # Unequal channel means: a group reading another group's statistics changes b and s.
+    torch.manual_seed(8)
+    layer = EquiNormConv2d(6, 6, 3, stride, padding, dilation, groups, single_pass=single_pass,
+                           dtype=torch.float64)
+    with torch.no_grad():
+        layer.gain.uniform_(0.5, 2)
+        layer.bias.normal_()
+    x = unequal_channel_means((4, 6, 11, 11))
+    y = layer(x)
+    assert layer.training
+    reference = reference_weight(x, layer.weight.detach(), stride, y.shape[2:], single_pass,
+                                 groups)
+    expected = conv_with(layer, x, layer.gain.detach().view(-1, 1, 1, 1) * reference)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_gradcheck_grouped_dilated_conv_with_unequal_channel_means(single_pass):
+    torch.manual_seed(9)
+    layer = EquiNormConv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2,
+                           single_pass=single_pass, dtype=torch.float64)
+    x = unequal_channel_means((2, 4, 5, 5)).requires_grad_(True)
+
+    def fn(x, weight, gain, bias):
+        return torch.func.functional_call(
+            layer, {"weight": weight, "gain": gain, "bias": bias}, (x,))
+    assert torch.autograd.gradcheck(fn, (x, layer.weight, layer.gain, layer.bias))
 
 
 @pytest.mark.parametrize("single_pass", [True, False])

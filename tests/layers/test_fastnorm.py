@@ -7,12 +7,12 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 import normlab
-from normlab import FastNormLinear, FastNormSGD, training
+from normlab import FastNormConv2d, FastNormLinear, FastNormSGD, training
 from normlab.layers import fastnorm
 from normlab.layers.fastnorm import (
     DEFAULT_RENORM_EVERY,
     RENORM_DRIFT_BOUND,
-    _TrackedInverseNorm,
+    _LogicalGradient,
     tracked_sq_norms,
 )
 
@@ -31,16 +31,18 @@ def reference_forward(x, weight, gain, bias):
 
 
 @pytest.fixture
-def step_modes(monkeypatch):
-    """Records, per FastNormLinear step, whether the norms were tracked (True) or explicit."""
-    modes = []
-    finish = FastNormLinear._finish_step
+def update_paths(monkeypatch):
+    """Records, per FastNorm layer step, which update ran: "fused" (rank-B, tracked norms)
+    or "dense" (materialized gradient, explicit norms)."""
+    paths = []
+    for name in ("fused", "dense"):
+        original = getattr(fastnorm._FastNorm, f"_{name}_update")
 
-    def spy(self, sq_norms):
-        modes.append(sq_norms is not None)
-        finish(self, sq_norms)
-    monkeypatch.setattr(FastNormLinear, "_finish_step", spy)
-    return modes
+        def spy(self, *args, _original=original, _name=name):
+            paths.append(_name)
+            _original(self, *args)
+        monkeypatch.setattr(fastnorm._FastNorm, f"_{name}_update", spy)
+    return paths
 
 
 def test_from_module_keeps_the_function_with_unit_rows():
@@ -52,6 +54,7 @@ def test_from_module_keeps_the_function_with_unit_rows():
     assert torch.allclose(layer.gain, linear.weight.norm(dim=1))
     assert torch.allclose(layer.explicit_norms(), torch.ones(5, dtype=F64))
     assert torch.equal(layer.inv_norm, torch.ones(5, dtype=F64))
+    assert torch.equal(layer.row_scale, torch.ones(5, dtype=F64))
     assert torch.allclose(layer(x), reference_forward(x, layer.weight, layer.gain, layer.bias))
 
 
@@ -76,18 +79,29 @@ def test_zero_row_of_the_source_is_guarded():
     assert torch.allclose(layer(x), linear(x))
 
 
-def test_tracked_inverse_norm_gives_the_weight_normalization_gradient():
+@pytest.mark.parametrize("row_scale", [1.0, 2.5])
+def test_dense_mode_gives_the_weight_normalization_gradient_of_the_logical_weight(row_scale):
+    """Through _LogicalGradient autograd gives V the true gradient of W = s V (gradcheck
+    with s = 1, where W = V), orthogonal to each row, and for s != 1 the same gradient:
+    the function depends on W's direction only."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, dtype=F64)
     gain = torch.rand(4, dtype=F64) + 0.5
     bias = torch.randn(4, dtype=F64)
     weight = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    scale = torch.full((4,), row_scale, dtype=F64)
 
     def fast(w):  # t tracked = exact here, so perturbing w must move the output as WN does
-        inv_norm = _TrackedInverseNorm.apply(w, w.detach().norm(dim=1).reciprocal())
-        return normlab.functional.weight_normalized_linear(x, w, gain, inv_norm, bias)
-    assert torch.autograd.gradcheck(fast, (weight,))
+        inv_norm_stored = w.detach().norm(dim=1).reciprocal()
+        return normlab.functional.weight_normalized_linear(
+            x, _LogicalGradient.apply(w, inv_norm_stored, scale), gain, inv_norm_stored, bias)
+    if row_scale == 1.0:
+        assert torch.autograd.gradcheck(fast, (weight,))
     fast(weight).sum().backward()
+    logical = (weight * scale[:, None]).detach().requires_grad_(True)
+    torch.nn.functional.linear(x, gain[:, None] * logical / logical.norm(dim=1, keepdim=True),
+                               bias).sum().backward()
+    assert torch.allclose(weight.grad, logical.grad)
     assert torch.allclose((weight.grad * weight).sum(1), torch.zeros(4, dtype=F64), atol=1e-12)
 
 
@@ -109,7 +123,6 @@ def test_tracked_sq_norms_match_the_explicit_update():
     inv_norm = weight.norm(dim=1).reciprocal()
     h = torch.randn(batch, n, dtype=F64)
     delta = torch.randn(batch, m, dtype=F64)
-    outputs = (h @ weight.T) * gain * inv_norm
     grad = torch.zeros_like(weight)  # seed 000 eq. 2, summed over the samples
     for b in range(batch):
         for i in range(m):
@@ -117,64 +130,136 @@ def test_tracked_sq_norms_match_the_explicit_update():
             a = delta[b, i] * gain[i] * inv_norm[i]
             grad[i] += a * (h[b] - inv_norm[i] ** 2 * p * weight[i])
     updated = (1 - lr * wd) * weight - lr * grad
-    tracked = tracked_sq_norms(inv_norm.pow(-2), inv_norm, gain, h, outputs, delta, lr, wd)
+    a = delta * gain * inv_norm
+    a_dot_p = (a * (h @ weight.T)).sum(0)
+    tracked = tracked_sq_norms(inv_norm.pow(-2), h, a, a_dot_p, inv_norm**2 * a_dot_p, lr, wd)
     assert relative(tracked, updated.norm(dim=1).square()) < 1e-12
 
 
-def twin_mlps(batch_norm_free_width=12, seed=0):
-    """A FastNorm MLP and torch's weight_norm MLP computing the same function,
-    v = the FastNorm rows (unit norm), g = the gains."""
-    torch.manual_seed(seed)
-    plain = nn.Sequential(nn.Linear(8, batch_norm_free_width), nn.ReLU(),
-                          nn.Linear(batch_norm_free_width, 3)).double()
-    fast = normlab.convert(plain, "fastnorm", renorm_every=None)
-    explicit = copy.deepcopy(plain)
-    for index in (0, 2):
-        weight_norm(explicit[index])
-        with torch.no_grad():
-            explicit[index].parametrizations.weight.original0.copy_(fast[index].gain[:, None])
-            explicit[index].parametrizations.weight.original1.copy_(fast[index].weight)
-    return fast, explicit
+def weight_norm_twin(model, fast):
+    """torch's weight_norm on a copy of `model`'s Linear/Conv2d layers, computing the same
+    function as the FastNorm copy `fast`: v = the FastNorm rows, g = the gains."""
+    explicit = copy.deepcopy(model)
+    for index, layer in enumerate(fast):
+        if isinstance(layer, fastnorm._FastNorm):
+            weight_norm(explicit[index])
+            with torch.no_grad():
+                params = explicit[index].parametrizations.weight
+                params.original0.copy_(layer.gain.view_as(params.original0))
+                params.original1.copy_(layer.logical_weight())
+    return explicit
 
 
-def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.3):
-    fast, explicit = twin_mlps()
+def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.3,
+                            conv=False, **fast_kw):
+    """FastNorm (default settings unless `fast_kw`) + FastNormSGD against torch's
+    weight_norm + torch.optim.SGD from the same function, float64: outputs, effective
+    weights, logical weights and tracked norms agree to 1e-9."""
+    torch.manual_seed(0)
+    if conv:
+        plain = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(5, 3, 3, stride=2), nn.Flatten()).double()
+        sample = (2, 6, 6)
+    else:
+        plain = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+        sample = (8,)
+    fast = normlab.convert(plain, "fastnorm", **fast_kw)
+    explicit = weight_norm_twin(plain, fast)
     fast_opt = FastNormSGD(fast.parameters(), lr=lr, weight_decay=weight_decay,
                            momentum=momentum)
     explicit_opt = torch.optim.SGD(explicit.parameters(), lr=lr, weight_decay=weight_decay,
                                    momentum=momentum)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(batch_size, 8, dtype=F64, generator=generator)
+    for step in range(steps):
+        x = torch.randn(batch_size, *sample, dtype=F64, generator=generator)
         y = torch.randint(0, 3, (batch_size,), generator=generator)
         for model, optimizer in ((fast, fast_opt), (explicit, explicit_opt)):
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(model(x).flatten(1)[:, :3], y).backward()
             optimizer.step()
-    x = torch.randn(32, 8, dtype=F64, generator=generator)
+        if step % 150 == 149:  # between renormalizations too, where the norms are tracked
+            for layer in (fast[0], fast[2]):
+                assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-9
+    x = torch.randn(32, *sample, dtype=F64, generator=generator)
     assert relative(fast(x), explicit(x)) < 1e-9
     for index in (0, 2):
-        layer = fast[index]
-        effective = layer.weight * (layer.gain * layer.inv_norm)[:, None]
-        assert relative(effective, explicit[index].weight) < 1e-9
+        layer, twin = fast[index], explicit[index]
+        assert relative(layer.to_plain().weight, twin.weight) < 1e-9
+        assert relative(layer.logical_weight(), twin.parametrizations.weight.original1) < 1e-9
         assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-9
         assert (layer.explicit_norms() - 1).abs().max() > 1e-3  # the norms moved from 1
+    return fast
 
 
-@pytest.mark.parametrize("batch_size", [1, 16])
-@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
-def test_equivalent_to_explicit_weight_norm_for_1000_steps(batch_size, weight_decay,
-                                                           step_modes):
-    train_twins_and_compare(1000, batch_size, weight_decay)
-    assert all(step_modes)  # every step tracked, none computed
+@pytest.mark.parametrize("batch_size, weight_decay", [(1, 0.0), (16, 1e-3)])
+def test_equivalent_to_explicit_weight_norm_for_1000_steps_at_default_settings(
+        batch_size, weight_decay, update_paths):
+    """The default fused mode and the default renorm_every (renormalized mid-run)."""
+    fast = train_twins_and_compare(1000, batch_size, weight_decay)
+    assert set(update_paths) == {"fused"}  # every step rank-B with tracked norms
+    assert fast[0].mode == "fused" and fast[0].renorm_every == DEFAULT_RENORM_EVERY < 1000
+    assert fast[0].weight.grad is None  # no dense gradient in this mode
+    assert not torch.equal(fast[0].row_scale, torch.ones(12, dtype=F64))
 
 
-def test_momentum_is_equivalent_through_the_hybrid_mode(step_modes):
-    train_twins_and_compare(20, 4, 1e-3, momentum=0.9)
-    assert step_modes and not any(step_modes)
+def test_equivalent_in_the_dense_mode(update_paths):
+    fast = train_twins_and_compare(200, 4, 1e-3, mode="dense")
+    assert set(update_paths) == {"dense"} and fast[0].weight.grad is not None
 
 
-def test_batches_above_max_tracked_batch_use_the_hybrid_mode(step_modes):
+@pytest.mark.parametrize("mode", ["fused", "dense"])
+def test_momentum_is_equivalent_for_200_steps(mode, update_paths):
+    train_twins_and_compare(200, 4, 1e-3, momentum=0.9, mode=mode)
+    assert set(update_paths) == {"dense"}  # the momentum buffer is dense in either mode
+
+
+def test_conv2d_is_equivalent_to_explicit_weight_norm_for_200_steps(update_paths):
+    fast = train_twins_and_compare(200, 8, 1e-3, conv=True)
+    assert isinstance(fast[0], FastNormConv2d) and set(update_paths) == {"dense"}
+
+
+def test_renormalization_keeps_the_trajectory():
+    """Renormalizing every 3 steps moves the norms into s: same training as never."""
+    kept = train_twins_and_compare(30, 2, 1e-3, renorm_every=3)
+    never = train_twins_and_compare(30, 2, 1e-3, renorm_every=None)
+    x = torch.randn(4, 8, dtype=F64)
+    assert relative(kept(x), never(x)) < 1e-12
+    assert torch.allclose(kept[0].weight.norm(dim=1), torch.ones(12, dtype=F64))
+
+
+def test_the_papers_reset_to_unit_norm_is_an_option_that_changes_the_trajectory():
+    torch.manual_seed(0)
+    layer = FastNormLinear(6, 4, renorm_every=3, renorm_resets_norm=True).double()
+    optimizer = FastNormSGD(layer.parameters(), lr=1.0)
+    for step in range(1, 4):
+        optimizer.zero_grad()
+        layer(torch.randn(2, 6, dtype=F64)).square().sum().backward()
+        optimizer.step()
+        if step < 3:
+            assert layer.explicit_norms().min() > 1 and int(layer.steps_since_renorm) == step
+    assert torch.allclose(layer.explicit_norms(), torch.ones(4, dtype=F64))
+    assert torch.allclose(layer.tracked_norms(), torch.ones(4, dtype=F64))
+    assert "renorm_resets_norm=True" in repr(layer)
+
+
+def test_renormalize_on_demand_keeps_the_function_and_the_logical_norms():
+    torch.manual_seed(0)
+    layer = FastNormLinear(6, 4).double().eval()
+    x = torch.randn(5, 6, dtype=F64)
+    before, norms = layer(x), layer.explicit_norms()
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([3.0, 0.5, 1.0, 2.0], dtype=F64)[:, None])
+    layer.renormalize()  # declares the edit; rows stored normalized again
+    assert torch.allclose(layer(x), before)
+    assert torch.allclose(layer.weight.norm(dim=1), torch.ones(4, dtype=F64))
+    assert torch.allclose(layer.explicit_norms(), norms * torch.tensor([3.0, 0.5, 1.0, 2.0],
+                                                                        dtype=F64))
+
+
+def test_batches_above_max_tracked_batch_compute_the_norms_explicitly(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fastnorm, "tracked_sq_norms",
+                        lambda *a: calls.append(len(a[1])) or tracked_sq_norms(*a))
     layer = FastNormLinear(6, 4, max_tracked_batch=8, dtype=F64)
     optimizer = FastNormSGD(layer.parameters(), lr=0.5)
     for batch_size in (8, 9):
@@ -182,47 +267,35 @@ def test_batches_above_max_tracked_batch_use_the_hybrid_mode(step_modes):
         layer(torch.randn(batch_size, 6, dtype=F64)).square().sum().backward()
         optimizer.step()
         assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-12
-    assert step_modes == [True, False]
+    assert calls == [8]  # batch 9: the explicit norm after the fused update
 
 
-def test_gradient_accumulation_and_unrecorded_backward_stay_exact(step_modes):
+def test_gradient_accumulation_is_exact_and_misuse_is_reported():
     torch.manual_seed(0)
     layer = FastNormLinear(6, 4, dtype=F64)
+    twin = FastNormLinear(6, 4, dtype=F64)
+    twin.load_state_dict(layer.state_dict())
     optimizer = FastNormSGD(layer.parameters(), lr=0.5)
-    for _ in range(2):  # two backwards accumulate: still low rank, still tracked
-        layer(torch.randn(3, 6, dtype=F64)).square().sum().backward()
+    twin_opt = FastNormSGD(twin.parameters(), lr=0.5)
+    x = torch.randn(6, 6, dtype=F64)
+    for half in (x[:3], x[3:]):  # two backwards accumulate
+        layer(half).square().sum().backward()
     optimizer.step()
-    layer.zero_grad()  # torch's zero_grad, not the optimizer's: stale records are dropped
-    layer(torch.randn(3, 6, dtype=F64)).square().sum().backward()
-    optimizer.step()
-    layer.eval()  # eval-mode forward records nothing: the gradient is unexplained
-    optimizer.zero_grad()
-    layer(torch.randn(3, 6, dtype=F64)).square().sum().backward()
-    optimizer.step()
-    assert step_modes == [True, True, False]
+    twin(x).square().sum().backward()  # one backward on the whole batch
+    twin_opt.step()
+    assert relative(layer.logical_weight(), twin.logical_weight()) < 1e-12
     assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-12
 
-
-def test_renormalization_resets_t_and_keeps_the_function():
-    torch.manual_seed(0)
-    layer = FastNormLinear(6, 4, renorm_every=3).double()
-    optimizer = FastNormSGD(layer.parameters(), lr=1.0)
-    x = torch.randn(5, 6, dtype=F64)
-    for step in range(1, 4):
-        optimizer.zero_grad()
-        layer(torch.randn(2, 6, dtype=F64)).square().sum().backward()
+    layer(x).square().sum().backward()
+    layer.zero_grad(set_to_none=False)  # zeroed in place, no step: the record is stale
+    layer(x).square().sum().backward()
+    with pytest.raises(RuntimeError, match="do not explain the gradient"):
         optimizer.step()
-        if step < 3:
-            assert layer.explicit_norms().min() > 1 and int(layer.steps_since_renorm) == step
-    assert torch.equal(layer.inv_norm, torch.ones(4, dtype=F64))
-    assert torch.allclose(layer.explicit_norms(), torch.ones(4, dtype=F64))
-    layer.eval()
-    before = layer(x)
-    with torch.no_grad():
-        layer.weight.mul_(3)
-        layer.inv_norm.div_(3)
-    layer.renormalize()  # on demand
-    assert torch.allclose(layer(x), before)
+    optimizer.zero_grad()
+    layer.eval()  # an eval-mode forward records nothing
+    layer(x).square().sum().backward()
+    with pytest.raises(RuntimeError, match="no recorded samples explain it"):
+        optimizer.step()
 
 
 def small_mlp(dtype, **kw):
@@ -247,7 +320,7 @@ def train_bfloat16_and_check_drift(steps, **kw):
         optimizer.step()
         if step % 25 == 24:
             for layer in (model[0], model[2]):
-                explicit = layer.weight.double().norm(dim=1)
+                explicit = layer.row_scale.double() * layer.weight.double().norm(dim=1)
                 drift = (layer.tracked_norms().double() / explicit - 1).abs().max()
                 assert drift <= RENORM_DRIFT_BOUND
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -260,8 +333,9 @@ def test_bfloat16_training_stays_finite_and_within_the_drift_bound():
     assert int(model[0].steps_since_renorm) == 20  # renormalized at 40 and 80
 
 
-def test_bfloat16_drift_bound_holds_with_the_default_renorm_every():
-    train_bfloat16_and_check_drift(DEFAULT_RENORM_EVERY + 200)
+def test_bfloat16_training_for_3000_steps_at_default_settings():
+    model = train_bfloat16_and_check_drift(3000)
+    assert int(model[0].steps_since_renorm) == 3000 % DEFAULT_RENORM_EVERY
 
 
 def test_float32_and_bfloat16_autocast():
@@ -272,18 +346,41 @@ def test_float32_and_bfloat16_autocast():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     out.sum().backward()
     optimizer.step()
-    assert relative(model[0].tracked_norms(), model[0].explicit_norms()) < 1e-2
+    # the recorded outputs are bfloat16 (measured: 2-2.5e-4 over three seeds)
+    assert relative(model[0].tracked_norms(), model[0].explicit_norms()) < 1e-3
 
 
-def test_foreign_optimizer_is_detected():
+def test_another_optimizer_is_detected_in_the_fused_mode():
+    """torch's SGD steps the gain and bias but cannot apply the fused update to W: the
+    lost update is reported at the next forward after its zero_grad."""
     layer = FastNormLinear(6, 4)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(torch.randn(2, 6)).square().sum().backward()
-    optimizer.step()
+    with pytest.raises(RuntimeError, match="zeroed without a FastNormSGD step"):
+        for _ in range(2):
+            optimizer.zero_grad()
+            layer(torch.randn(2, 6)).square().sum().backward()
+            optimizer.step()
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an edit, not declared
     with pytest.raises(RuntimeError, match="changed outside FastNormSGD"):
         layer(torch.randn(2, 6))
     layer.renormalize()
     assert torch.isfinite(layer(torch.randn(2, 6))).all()
+
+
+def test_the_dense_mode_recomputes_the_norms_after_an_outside_change():
+    """mode="dense" leaves weight.grad to any tool (here torch's SGD and clipping)."""
+    layer = FastNormLinear(6, 4, mode="dense", dtype=F64)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(torch.randn(2, 6, dtype=F64)).square().sum().backward()
+        torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.1)
+        optimizer.step()
+        layer(torch.randn(1, 6, dtype=F64))  # notices the change, recomputes t
+        assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-12
+    with pytest.raises(ValueError, match="mode must be one of"):
+        FastNormConv2d(2, 3, 3, mode="fused")
 
 
 def test_fastnormsgd_rejects_what_it_cannot_honour():
@@ -323,7 +420,7 @@ def test_state_dict_round_trips_and_deepcopy_trains():
         optimizer.zero_grad()
         model(torch.randn(4, 32, dtype=F64)).square().sum().backward()
         optimizer.step()
-    assert set(model[0].state_dict()) == {"weight", "gain", "bias", "inv_norm",
+    assert set(model[0].state_dict()) == {"weight", "gain", "bias", "inv_norm", "row_scale",
                                           "steps_since_renorm"}
     restored = small_mlp(torch.float64, renorm_every=5)
     restored.load_state_dict(model.state_dict())
@@ -345,3 +442,27 @@ def test_registered_and_built_by_the_training_loop():
     assert [type(m) for m in model if isinstance(m, FastNormLinear)] == [FastNormLinear] * 2
     assert isinstance(training.build_optimizer(model, config), FastNormSGD)
     assert f"renorm_every={DEFAULT_RENORM_EVERY}" in repr(model[1])
+
+
+def test_conv2d_is_registered_and_checks_its_arguments_and_input():
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.BatchNorm2d(4), nn.ReLU())
+    converted = normlab.convert(cnn, "fastnorm")
+    assert isinstance(converted[0], FastNormConv2d) and isinstance(converted[1], nn.Identity)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(converted[0](x), cnn[0](x), atol=1e-6)
+    assert torch.allclose(converted[0].to_plain()(x), cnn[0](x), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        FastNormConv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        converted[0](torch.randn(2, 4, 6, 6))
+    with pytest.raises(TypeError, match="expects an nn.Conv2d"):
+        FastNormConv2d.from_module(nn.Linear(2, 2))
+
+
+def test_a_checkpoint_without_the_row_scale_loads_with_unit_scales():
+    layer = FastNormLinear(5, 3)
+    state = {k: v for k, v in layer.state_dict().items() if k != "row_scale"}
+    restored = FastNormLinear(5, 3)
+    restored.row_scale.fill_(2)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.row_scale, torch.ones(3))

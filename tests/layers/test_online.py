@@ -9,7 +9,8 @@ from normlab.layers.online import OnlineNorm1d, OnlineNorm2d, linear_scan
 def reference_stream(layer, batches, grads):
     """A per-sample loop written from the issue's equations, float64, state carried over.
 
-    Returns per batch: output, input gradient; and the final (mu, var, u, v) and weight grad.
+    Returns per batch: output, input gradient; and the final (mu, var, u, v), weight and bias
+    grads.
     The error compensation (ac/ls) is differentiated by autograd: its gradient is a true one.
     """
     a_f, a_b, eps = layer.alpha_fwd, layer.alpha_bkw, layer.eps
@@ -18,7 +19,8 @@ def reference_stream(layer, batches, grads):
     u, v = torch.zeros_like(mu), torch.zeros_like(mu)
     gamma = layer.weight.detach() if layer.affine else torch.ones_like(mu)
     beta = layer.bias.detach() if layer.affine else torch.zeros_like(mu)
-    outs, grads_x, grad_weight = [], [], torch.zeros_like(mu)
+    outs, grads_x = [], []
+    grad_weight, grad_bias = torch.zeros_like(mu), torch.zeros_like(mu)
     for x, grad in zip(batches, grads):
         x, grad = x.reshape(x.shape[0], c, -1), grad.reshape(x.shape[0], c, -1)
         out_b, grad_x_b = [], []
@@ -37,6 +39,7 @@ def reference_stream(layer, batches, grads):
                 out = z * 1
             (grad_z,) = torch.autograd.grad(out, z, gt)
             grad_weight += (grad_z * y).sum(-1)
+            grad_bias += grad_z.sum(-1)
             g = grad_z * gamma[:, None]
             g_tilde = g - (1 - a_b) * v[:, None] * y
             v = v + (g_tilde * y).mean(-1)
@@ -46,7 +49,7 @@ def reference_stream(layer, batches, grads):
             grad_x_b.append(x_prime)
         outs.append(torch.stack(out_b))
         grads_x.append(torch.stack(grad_x_b))
-    return outs, grads_x, (mu, var, u, v), grad_weight
+    return outs, grads_x, (mu, var, u, v), grad_weight, grad_bias
 
 
 def run_layer(layer, batches, grads):
@@ -81,18 +84,21 @@ def random_layer(cls, c, dtype=torch.float64, **kw):
     (OnlineNorm2d, (7, 3, 4, 5), {"ecm": "ls", "affine": False}),
     (OnlineNorm1d, (9, 4), {"ecm": None, "alpha_fwd": 0.8, "alpha_bkw": 0.7}),
     (OnlineNorm1d, (5, 4, 6), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.9}),
+    (OnlineNorm1d, (6, 4, 5), {"ecm": "ls", "alpha_fwd": 0.9}),
 ])
 def test_matches_per_sample_reference_over_consecutive_batches(cls, shape, kw):
     torch.manual_seed(0)
     layer = random_layer(cls, shape[1], **kw)
     batches = [torch.randn(shape, dtype=torch.float64) * 2 + 1 for _ in range(3)]
     grads = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
-    ref_out, ref_grad, ref_state, ref_weight_grad = reference_stream(layer, batches, grads)
+    ref_out, ref_grad, ref_state, ref_weight_grad, ref_bias_grad = reference_stream(
+        layer, batches, grads)
     outs, grads_x, state = run_layer(layer, batches, grads)
     for got, want in zip(outs + grads_x + list(state), ref_out + ref_grad + list(ref_state)):
         assert_close(got, want, 1e-10)
     if layer.affine:
         assert_close(layer.weight.grad, ref_weight_grad, 1e-10)
+        assert_close(layer.bias.grad, ref_bias_grad, 1e-10)
 
 
 def test_clamp_is_active_in_the_reference_case():
@@ -129,7 +135,7 @@ def test_float32_batch_of_1024_is_stable_against_float64_reference():
     layer32.load_state_dict(layer64.state_dict())
     x = torch.randn(shape, dtype=torch.float64) * 3 + 5
     grad = torch.randn(shape, dtype=torch.float64)
-    ref_out, ref_grad, ref_state, _ = reference_stream(layer64, [x], [grad])
+    ref_out, ref_grad, ref_state, _, _ = reference_stream(layer64, [x], [grad])
     outs, grads_x, state = run_layer(layer32, [x.float()], [grad.float()])
     assert_close(outs[0].double(), ref_out[0], 1e-5)
     assert_close(grads_x[0].double(), ref_grad[0], 1e-5)
@@ -196,6 +202,43 @@ def test_eval_is_deterministic_and_leaves_state_unchanged():
     assert torch.allclose(out, expected.clamp(-5, 5), atol=1e-6)
 
 
+def reference_eval(layer, x):
+    """Eval mode from the equations: running statistics, affine map, then the ECM per sample."""
+    flat = x.reshape(x.shape[0], layer.num_features, -1)
+    y = (flat - layer.running_mean[:, None]) / (layer.running_var[:, None] + layer.eps).sqrt()
+    z = y * layer.weight[:, None] + layer.bias[:, None] if layer.affine else y
+    if layer.ecm == "ac":
+        z = z.clamp(-layer.clamp_val, layer.clamp_val)
+    elif layer.ecm == "ls":
+        z = z / (z.square().mean((1, 2), keepdim=True) + layer.ls_eps).sqrt()
+    return z.reshape(x.shape)
+
+
+@pytest.mark.parametrize("cls,shape,kw", [
+    (OnlineNorm2d, (4, 3, 5, 5), {"ecm": "ls"}),
+    (OnlineNorm2d, (4, 3, 5, 5), {"ecm": "ac", "affine": False, "clamp_val": 1.0}),
+    (OnlineNorm2d, (4, 3, 5, 5), {"ecm": "ls", "affine": False}),
+    (OnlineNorm1d, (5, 3), {"ecm": "ac", "clamp_val": 1.0}),
+    (OnlineNorm1d, (5, 3, 6), {"ecm": "ls"}),
+    (OnlineNorm1d, (5, 3, 6), {"ecm": None, "affine": False}),
+])
+def test_eval_matches_reference_for_each_ecm_affine_and_rank(cls, shape, kw):
+    torch.manual_seed(5)
+    layer = random_layer(cls, shape[1], alpha_fwd=0.5, **kw)
+    for _ in range(3):  # move the running statistics away from (0, 1)
+        layer(torch.randn(shape, dtype=torch.float64) * 3 + 2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    out = layer(x)
+    assert_close(out, reference_eval(layer, x), 1e-12)
+    assert torch.equal(out, layer(x))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    if kw["ecm"] == "ac":  # the clamp is exercised, or the "ac" cases would test nothing
+        assert (out.abs() == 1.0).any()
+
+
 def test_state_dict_round_trips():
     torch.manual_seed(0)
     layer = OnlineNorm1d(5)
@@ -251,6 +294,27 @@ def test_bad_input_and_arguments_raise_clear_errors():
             OnlineNorm2d(3, alpha_bkw=bad)
     with pytest.raises(ValueError, match="ecm must be one of"):
         OnlineNorm2d(3, ecm="bn")
+
+
+@pytest.mark.parametrize("name", ["eps", "ls_eps", "clamp_val"])
+@pytest.mark.parametrize("bad", [0.0, -1e-3])
+def test_non_positive_eps_ls_eps_and_clamp_val_raise(name, bad):
+    with pytest.raises(ValueError, match="eps, ls_eps and clamp_val must be > 0"):
+        OnlineNorm2d(3, **{name: bad})
+
+
+def test_reset_running_stats_clears_the_control_process_after_a_backward():
+    torch.manual_seed(0)
+    layer = OnlineNorm2d(3)
+    x = (torch.randn(4, 3, 2, 2) + 3).requires_grad_(True)
+    layer(x).backward(torch.randn(4, 3, 2, 2))
+    buffers = ("running_mean", "running_var", "mean_control", "correlation_control")
+    # Every buffer has moved, so resetting it is observable.
+    assert all((getattr(layer, name) != initial).all()
+               for name, initial in zip(buffers, (0, 1, 0, 0)))
+    layer.reset_running_stats()
+    for name, initial in zip(buffers, (0, 1, 0, 0)):
+        assert torch.equal(getattr(layer, name), torch.full((3,), float(initial))), name
 
 
 def test_repr_and_reset():

@@ -14,8 +14,8 @@ from .. import data
 from . import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
 from .report import render, runs_csv
-from .runner import Interrupted, Probe, run_sweep
-from .store import Store
+from .runner import Executor, Interrupted, LocalPool, Probe, RayCluster, run_sweep
+from .store import FolderInUse, FolderLock, OutputError, Store
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     fastnorm.RECIPE, lecture.RECIPE, enorm.RECIPE, equinorm.RECIPE, onlinenorm.RECIPE)}
@@ -29,11 +29,15 @@ def get_recipe(name: str) -> Recipe:
 
 
 def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None = None,
-              workers: int | None = None, data_dir=None, say=print) -> Path:
+              workers: int | None = None, data_dir=None, say=print,
+              executor: Executor | None = None) -> Path:
     """Run recipe `name` into folder `out` (resuming what is there); returns the report path.
 
+    The jobs run on `executor` (default: a local pool of `workers` processes).
     When the recipe needs MNIST and it can be neither read nor downloaded,
-    the runs use scikit-learn's digits instead and the report says so.
+    the runs use scikit-learn's digits instead and the report says so. Raises
+    `FolderInUse` at once when another sweep is running in `out`, and
+    `OutputError` when `out` cannot be written or its database is damaged.
     """
     recipe = get_recipe(name)
     out = Path(out)
@@ -50,17 +54,18 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
             dataset = "digits"
     settings = Settings(recipe.name, quick, seeds, dataset)
     jobs = recipe.jobs(settings)  # unknown method names fail here, before any run
-    with Store.in_folder(out) as store:
+    label = f"{name}{' --quick' if quick else ''}"
+    with FolderLock(out, command=f"normlab reproduce {label}"), Store.in_folder(out) as store:
         stored = store.meta().get("settings")
         if stored is not None and stored != settings.to_dict():
             raise ValueError(f"{out} holds results of {stored}; use another --out for "
                              f"{settings.to_dict()}")
         store.set_meta(settings=settings.to_dict())
         run_sweep(jobs, store, workers=workers, data_dir=data_dir, log_path=out / "log.txt",
-                  label=f"{name}{' --quick' if quick else ''}")
-    return render(out)
+                  label=label, executor=executor)
+        return render(out)
 
 
-__all__ = ["RECIPES", "Claim", "Figure", "Interrupted", "Probe", "Recipe", "Results",
-           "Settings", "Store", "Verdict", "get_recipe", "render", "reproduce", "run_sweep",
-           "runs_csv"]
+__all__ = ["RECIPES", "Claim", "Executor", "Figure", "FolderInUse", "FolderLock", "Interrupted",
+           "LocalPool", "OutputError", "Probe", "RayCluster", "Recipe", "Results", "Settings",
+           "Store", "Verdict", "get_recipe", "render", "reproduce", "run_sweep", "runs_csv"]

@@ -1,15 +1,17 @@
-"""Run a sweep of jobs on a local process pool, recording each in the store.
+"""Run a sweep of jobs on an executor, recording each in the store.
 
 A job is a `training.TrainConfig` (a training run) or a `Probe` (a
 measurement that trains nothing, such as the lecture's forward-pass claims).
-Workers only compute; the parent process writes each finished run to the
-database in one transaction. Jobs already finished in the database are
-skipped, so an interrupted sweep (Ctrl-C, SIGTERM, a killed worker) resumes
-where it stopped when the same command runs again.
+The executor is a `LocalPool` of processes on this machine (the default) or
+a `RayCluster` of Ray tasks. Workers only compute; the driver process writes
+each finished run to the database in one transaction. Jobs already finished
+in the database are skipped, so an interrupted sweep (Ctrl-C, SIGTERM, a
+killed worker) resumes where it stopped when the same command runs again.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -19,7 +21,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import training
-from .store import Run, Store
+from .store import OutputError, Run, Store
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,10 @@ def execute(job: Job, data_dir=None) -> Run:
     return Run(job.key(), job_config(job), status, time.perf_counter() - start, history, error)
 
 
-def _init_worker(threads: int) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides what stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def execute_with_threads(job: Job, data_dir, threads: int) -> Run:
+    """`execute` with `threads` torch threads: the CPUs the job was given."""
     torch.set_num_threads(threads)
+    return execute(job, data_dir)
 
 
 class Interrupted(Exception):
@@ -92,67 +93,187 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(f"received signal {signum}")
 
 
+class Executor(abc.ABC):
+    """Where a sweep's jobs run. `run_sweep` calls ``start``, iterates ``completed``
+    and always calls ``stop``, which cancels whatever has not finished."""
+
+    @abc.abstractmethod
+    def start(self, job_count: int) -> None:
+        """Get ready to run `job_count` jobs."""
+
+    @abc.abstractmethod
+    def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
+        """Submit `jobs`; yield each with its run as it finishes."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Cancel what has not finished and release the workers; safe to call twice."""
+
+
+class LocalPool(Executor):
+    """A process pool on this machine; each worker gets ``cpu_count // workers`` threads.
+
+    A worker that dies breaks the whole pool (concurrent.futures cannot tell
+    whose job it ran), so the sweep stops as `Interrupted` and the rerun
+    redoes the unfinished jobs.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self, job_count: int) -> None:
+        workers = max(1, min(self.workers or os.cpu_count() or 1, job_count))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn, not fork: a child forked from a parent whose OpenMP pool has run
+        # (any earlier torch work) can hang in its first parallel region.
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker, initargs=(threads,))
+
+    def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
+        job_of = {self._pool.submit(execute, job, data_dir): job for job in jobs}
+        running = set(job_of)
+        try:
+            while running:
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield job_of[future], future.result()
+        except BrokenProcessPool as err:
+            raise Interrupted(f"{type(err).__name__}: {err}") from err
+
+    def stop(self) -> None:
+        if self._pool is None:
+            return
+        # Unfinished runs are simply rerun later. No public way to stop busy
+        # workers exists before Python 3.14 (terminate_workers), and shutdown
+        # forgets them, so they are collected first.
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.terminate()
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+
+def _init_worker(threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(threads)
+
+
+class RayCluster(Executor):
+    """Ray tasks on a Ray cluster; this process (the driver) alone writes the results.
+
+    `address` is Ray's: ``"auto"`` joins the cluster that ``ray start`` made on
+    this node, ``"HOST:PORT"`` another; None starts a local Ray instance (with
+    `num_cpus` CPUs, default all) that ends with the sweep. Each job declares
+    `cpus_per_job` CPUs to Ray and runs with as many torch threads. Ray does
+    not retry a task whose worker dies (``max_retries=0``): it is recorded as
+    failed, and the next sweep reruns it. Training runs on the CPU, so no job
+    asks Ray for a GPU.
+    """
+
+    def __init__(self, address: str | None = None, cpus_per_job: int = 1,
+                 num_cpus: int | None = None):
+        if cpus_per_job < 1:
+            raise ValueError(f"cpus_per_job must be >= 1, got {cpus_per_job}")
+        if address is not None and num_cpus is not None:
+            raise ValueError("num_cpus sizes a local Ray instance; a cluster at an address "
+                             "has the CPUs its nodes were started with")
+        self.address, self.cpus_per_job, self.num_cpus = address, cpus_per_job, num_cpus
+        self._ray = self._task = None
+        self._started_ray = False
+        self._outstanding: dict = {}
+
+    def start(self, job_count: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("the Ray executor needs Ray: pip install 'normlab[ray]'") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            # "local" always starts a new instance; None would join any cluster found
+            try:
+                ray.init(address=self.address or "local",
+                         **({} if self.address else {"num_cpus": self.num_cpus}))
+            except ConnectionError as err:  # no cluster there: Ray's message says what to do
+                raise ValueError(f"cannot join a Ray cluster at {self.address!r}: {err}") from None
+            self._started_ray = True
+        self._task = ray.remote(execute_with_threads).options(
+            num_cpus=self.cpus_per_job, max_retries=0)
+
+    def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
+        ray = self._ray
+        self._outstanding = {self._task.remote(job, data_dir, self.cpus_per_job): job
+                             for job in jobs}
+        while self._outstanding:
+            (ref,), _ = ray.wait(list(self._outstanding), num_returns=1)
+            job = self._outstanding.pop(ref)
+            try:
+                run = ray.get(ref)
+            except ray.exceptions.RayError as err:  # the worker or its node died, OOM kill
+                run = Run(job.key(), job_config(job), "failed", 0.0, [],
+                          f"{type(err).__name__}: {err}")
+            yield job, run
+
+    def stop(self) -> None:
+        for ref in self._outstanding:
+            self._ray.cancel(ref, force=True)  # force: stop busy workers too
+        self._outstanding = {}
+        if self._started_ray:
+            self._ray.shutdown()
+            self._started_ray = False
+
+
 def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_dir=None,
-              log_path=None, label: str = "sweep", stream=sys.stderr) -> dict:
+              log_path=None, label: str = "sweep", stream=sys.stderr,
+              executor: Executor | None = None) -> dict:
     """Run the jobs not yet finished in `store`; returns counts by status.
 
-    Each worker gets ``cpu_count // workers`` torch threads. One progress
-    line (runs done / total, ETA) goes to `stream`; one line per finished run
-    goes to `log_path`. Raises `Interrupted` when stopped early; every run
-    finished before that is in the store.
+    Jobs run on `executor` (default: a `LocalPool` of `workers` processes).
+    Progress (runs done / total, ETA) goes to `stream`: one line updated in
+    place on a terminal, one line per finished run otherwise. One line per
+    finished run goes to `log_path`. Raises `Interrupted` when stopped early;
+    every run finished before that is in the store.
     """
     unique = list({job.key(): job for job in jobs}.values())
     finished = store.finished_keys()
     pending = [job for job in unique if job.key() not in finished]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": len(unique) - len(pending)}
     progress = _Progress(label, len(unique), counts["skipped"], stream)
     if not pending:
         progress.finish()
         return counts
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
-    # spawn, not fork: a child forked from a parent whose OpenMP pool has run
-    # (any earlier torch work) can hang in its first parallel region.
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads,))
+    executor = executor or LocalPool(workers)
     log = open(log_path, "a") if log_path else None
+    previous_handler = signal.getsignal(signal.SIGTERM)
     try:
-        jobs_of = {executor.submit(execute, job, data_dir): job for job in pending}
-        running = set(jobs_of)
-        while running:
-            completed, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in completed:
-                # key and config as the parent sees them: a worker may name a
-                # job's module differently (__main__ is __mp_main__ there)
-                job = jobs_of[future]
-                run = dataclasses.replace(future.result(), key=job.key(), config=job_config(job))
-                store.record(run)
-                counts[run.status] += 1
-                progress.update(run.status)
-                if log:
+        executor.start(len(pending))  # after which SIGTERM is ours (ray.init sets its own)
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        for job, run in executor.completed(pending, data_dir):
+            # key and config as the driver sees them: a worker may name a job's
+            # module differently (__main__ is __mp_main__ there)
+            run = dataclasses.replace(run, key=job.key(), config=job_config(job))
+            store.record(run)
+            counts[run.status] += 1
+            progress.update(run.status)
+            if log:
+                try:
                     log.write(_log_line(run) + "\n")
                     log.flush()
-    except (KeyboardInterrupt, BrokenProcessPool) as err:
+                except OSError as err:
+                    raise OutputError(f"cannot write {log_path}: {err} (run {run.key} is "
+                                      f"stored in {store.path})") from err
+    except KeyboardInterrupt as err:
         raise Interrupted(f"{type(err).__name__}: {err}") from err
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        _stop(executor)
+        executor.stop()
         progress.finish()
         if log:
             log.close()
     return counts
-
-
-def _stop(executor: ProcessPoolExecutor) -> None:
-    # Unfinished runs are simply rerun later. No public way to stop busy
-    # workers exists before Python 3.14 (terminate_workers), and shutdown
-    # forgets them, so they are collected first.
-    workers = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in workers:
-        process.terminate()
-    executor.shutdown(wait=True)
 
 
 def _log_line(run: Run) -> str:
@@ -168,11 +289,17 @@ def _log_line(run: Run) -> str:
 
 
 class _Progress:
-    """One line for the sweep: runs done / total, failures, elapsed time and ETA."""
+    """The sweep's progress: runs done / total, failures, elapsed time and ETA.
+
+    On a terminal one line is rewritten in place; anywhere else (a cluster
+    job's log, ``| tee``, CI) each update is a line of its own, so a log never
+    piles carriage returns into one line of kilobytes.
+    """
 
     def __init__(self, label: str, total: int, already: int, stream):
         self.label, self.total, self.done, self.stream = label, total, already, stream
         self.already, self.start, self.bad = already, time.perf_counter(), 0
+        self.in_place = _is_terminal(stream)
         self._show()
 
     def update(self, status: str) -> None:
@@ -181,17 +308,24 @@ class _Progress:
         self._show()
 
     def finish(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.in_place:
+            self.stream.write("\n")
+            self.stream.flush()
 
     def _show(self) -> None:
         elapsed = time.perf_counter() - self.start
         new = self.done - self.already
         eta = _clock(elapsed / new * (self.total - self.done)) if new else "?"
         failed = f", {self.bad} failed" if self.bad else ""
-        self.stream.write(f"\r{self.label}: {self.done}/{self.total} runs{failed}, "
-                          f"elapsed {_clock(elapsed)}, ETA {eta}   ")
+        line = (f"{self.label}: {self.done}/{self.total} runs{failed}, "
+                f"elapsed {_clock(elapsed)}, ETA {eta}")
+        self.stream.write(f"\r{line}   " if self.in_place else f"{line}\n")
         self.stream.flush()
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def _clock(seconds: float) -> str:
@@ -199,4 +333,5 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-__all__ = ["Interrupted", "Job", "Probe", "execute", "job_config", "run_sweep"]
+__all__ = ["Executor", "Interrupted", "Job", "LocalPool", "Probe", "RayCluster", "execute",
+           "job_config", "run_sweep"]

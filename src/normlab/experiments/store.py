@@ -5,17 +5,25 @@ rows in ``metrics`` (one per evaluation point and metric) are written in one
 transaction once the run has ended, so an interrupted sweep never leaves a
 half-written run behind: a run is either fully in the database or absent.
 ``meta`` holds what the report needs to re-render (recipe, mode, protocol).
+
+One sweep at a time owns a folder (`FolderLock`). A database that cannot be
+read or written raises `OutputError` naming its path; a corrupted one is
+never replaced.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DB_NAME = "results.db"
+LOCK_NAME = "normlab.lock"
 FINISHED = ("done", "diverged")  # a rerun skips these; a failed run is retried
 
 _SCHEMA = """
@@ -50,15 +58,104 @@ class Run:
     error: str | None = None
 
 
+class OutputError(Exception):
+    """The output folder or its database cannot be used (unwritable, full, corrupted, busy)."""
+
+
+class FolderInUse(OutputError):
+    """Another sweep holds the folder's lock."""
+
+
+class FolderLock:
+    """Exclusive use of an output folder by one sweep, through flock(2) on ``LOCK_NAME``.
+
+    The kernel drops the lock when its holder ends, however it ends (a crash,
+    SIGKILL, a lost node's process on a shared disk), so a dead run never
+    blocks the folder. The file names the holder (pid, host, start time and
+    command) for the message the next run shows. Creating it is the sweep's
+    first write, so a folder that cannot be written fails here, before any work.
+    """
+
+    def __init__(self, folder: str | Path, command: str = ""):
+        self.folder, self.command = Path(folder), command
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"cannot write to the output folder {self.folder}: {err}; "
+                              f"choose a writable --out") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(os.read(fd, 4096))
+            os.close(fd)
+            raise FolderInUse(
+                f"{self.folder} is in use by another run: {holder}. Wait for it to finish, "
+                f"or stop it and run this command again (finished runs are kept and "
+                f"skipped), or choose another --out") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": self.command}
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
+        except OSError as err:
+            os.close(fd)
+            raise OutputError(f"cannot write {self.path}: {err}") from err
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:  # the holder is gone: a stale name would only mislead
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+
+
+def _describe_holder(text: bytes) -> str:
+    try:
+        h = json.loads(text)
+        return (f"process {h['pid']} on host {h['host']}, started {h['started']}"
+                + (f" ({h['command']})" if h.get("command") else ""))
+    except (ValueError, KeyError, TypeError):  # it holds the lock but has not written yet
+        return "a process that has just started"
+
+
 class Store:
-    """The SQLite results database of one output folder."""
+    """The SQLite results database of one output folder.
+
+    Raises `OutputError` naming the file when it is not a database, or is
+    damaged (SQLite's quick_check), or cannot be written; the file is left as it is.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the folder of {self.path}: {err}") from err
         self._db = sqlite3.connect(self.path, timeout=30)
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.executescript(_SCHEMA)
+            problems = [row for (row,) in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.OperationalError as err:
+            self._db.close()
+            raise OutputError(f"cannot open the results database {self.path}: {err}") from err
+        except sqlite3.DatabaseError as err:  # not a database at all
+            self._db.close()
+            raise OutputError(_corrupted(self.path, str(err))) from err
+        if problems != ["ok"]:
+            self._db.close()
+            lines = [line for text in problems for line in text.splitlines()
+                     if not line.startswith("***")]  # "*** in database main ***"
+            more = f" and {len(lines) - 2} more problems" if len(lines) > 2 else ""
+            raise OutputError(_corrupted(self.path, "; ".join(lines[:2]) + more))
 
     @classmethod
     def in_folder(cls, folder: str | Path) -> Store:
@@ -79,18 +176,26 @@ class Store:
         return {key for (key,) in rows}
 
     def record(self, run: Run) -> None:
-        """Write `run` and its metrics in one transaction (replacing a failed attempt)."""
-        with self._db:  # commits on success, rolls back on any error
-            self._db.execute("DELETE FROM runs WHERE key = ?", (run.key,))
-            self._db.execute(
-                "INSERT INTO runs (key, config, status, error, wall_time, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (run.key, json.dumps(run.config, sort_keys=True), run.status, run.error,
-                 run.wall_time, time.time()))
-            self._db.executemany(
-                "INSERT INTO metrics (key, point, name, value) VALUES (?, ?, ?, ?)",
-                [(run.key, i, name, float(value)) for i, point in enumerate(run.history)
-                 for name, value in point.items()])
+        """Write `run` and its metrics in one transaction (replacing a failed attempt).
+
+        A write the disk refuses (full, read-only, I/O error) raises `OutputError`
+        and leaves the database as it was.
+        """
+        try:
+            with self._db:  # commits on success, rolls back on any error
+                self._db.execute("DELETE FROM runs WHERE key = ?", (run.key,))
+                self._db.execute(
+                    "INSERT INTO runs (key, config, status, error, wall_time, finished_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (run.key, json.dumps(run.config, sort_keys=True), run.status, run.error,
+                     run.wall_time, time.time()))
+                self._db.executemany(
+                    "INSERT INTO metrics (key, point, name, value) VALUES (?, ?, ?, ?)",
+                    [(run.key, i, name, float(value)) for i, point in enumerate(run.history)
+                     for name, value in point.items()])
+        except sqlite3.OperationalError as err:
+            raise OutputError(f"cannot write run {run.key} to {self.path}: {err}; it was not "
+                              f"stored, and the runs stored before it are intact") from err
 
     def runs(self) -> list[Run]:
         """Every stored run with its history, in the order they finished."""
@@ -106,10 +211,18 @@ class Store:
                     "ORDER BY finished_at, key")]
 
     def set_meta(self, **values) -> None:
-        with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                                 [(k, json.dumps(v)) for k, v in values.items()])
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                                     [(k, json.dumps(v)) for k, v in values.items()])
+        except sqlite3.OperationalError as err:
+            raise OutputError(f"cannot write to {self.path}: {err}") from err
 
     def meta(self) -> dict:
         return {name: json.loads(value)
                 for name, value in self._db.execute("SELECT name, value FROM meta")}
+
+
+def _corrupted(path: Path, detail: str) -> str:
+    return (f"{path} is not a readable results database ({detail}). It was left untouched: "
+            f"restore it from a copy, or move it away to start the sweep afresh")

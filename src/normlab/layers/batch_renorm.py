@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import global_batch_norm
 from .channel_norm import ChannelNorm
 
 
 class _BatchRenorm(ChannelNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
-                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True):
-        super().__init__(num_features, affine)
+                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, *,
+                 sync: bool = False, process_group=None):
+        super().__init__(num_features, affine, sync, process_group)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if not 0 <= momentum <= 1:
@@ -28,13 +30,8 @@ class _BatchRenorm(ChannelNorm):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}")
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        super()._check_input(x)
-        if self.training and x.numel() // x.shape[1] < 2:
-            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
-                             f"training, got shape {tuple(x.shape)}")
+                f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}"
+                + self._sync_repr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -58,8 +55,16 @@ class _BatchRenorm(ChannelNorm):
             # torch's batch-norm kernel: x^ with the batch statistics, which it returns
             # without gradient (r and d are constants of the backward pass, as in the
             # paper), and the running statistics updated with `momentum`.
-            x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
-                work, None, None, running_mean, running_var, True, self.momentum, self.eps)
+            group = self.sync_group() if self.sync else None
+            if group is None:
+                if x.numel() // x.shape[1] < 2:
+                    raise ValueError(f"{type(self).__name__} needs more than 1 value per channel "
+                                     f"in training, got shape {tuple(x.shape)}")
+                x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
+                    work, None, None, running_mean, running_var, True, self.momentum, self.eps)
+            else:  # the same, over the global batch of the process group
+                x_hat, batch_mean, batch_inv_std = global_batch_norm(
+                    work, running_mean, running_var, self.momentum, self.eps, group)
             r = (1 / (batch_inv_std * sigma)).clamp(1 / self.r_max, self.r_max)
             d = ((batch_mean - mean_before) / sigma).clamp(-self.d_max, self.d_max)
             out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
@@ -93,6 +98,10 @@ class BatchRenorm1d(_BatchRenorm):
         momentum: the running statistics' update rate. Default: 0.01.
         r_max, d_max: the clipping limits. Defaults: 3.0, 5.0.
         affine: learnable per-channel ``weight`` and ``bias``. Default: True.
+        sync: under DistributedDataParallel, take the batch statistics over the
+            global batch of `process_group` (None: the world group), as
+            :class:`torch.nn.SyncBatchNorm` does; see `normlab.convert_sync`.
+            Default: False, the statistics of the batch this process is given.
 
     Shape:
         - Input: (N, C) or (N, C, L)

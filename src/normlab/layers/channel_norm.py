@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import Syncable
 
-class ChannelNorm(nn.Module):
+
+class ChannelNorm(nn.Module, Syncable):
     """Per-channel affine ``weight``/``bias``, ``running_mean``/``running_var``
-    buffers and the input checks shared by Batch Renormalization and Online
-    Normalization. Subclasses set `_input_dims`, the input ranks they accept."""
+    buffers, the input checks and the ``sync``/``process_group`` settings
+    shared by Batch Renormalization and Online Normalization. Subclasses set
+    `_input_dims`, the input ranks they accept."""
 
     _input_dims: tuple[int, ...]
 
-    def __init__(self, num_features: int, affine: bool):
+    def __init__(self, num_features: int, affine: bool, sync: bool = False,
+                 process_group=None):
         super().__init__()
+        self._init_sync(sync, process_group)
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         self.num_features, self.affine = num_features, affine

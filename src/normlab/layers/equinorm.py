@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from ..distributed import RankSlice, Syncable, all_reduce_sum
+
 
 def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
                             positions_ratio: float, groups: int = 1, single_pass: bool = True
@@ -127,7 +129,7 @@ def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = Non
     return weight
 
 
-class _EquiNorm(nn.Module):
+class _EquiNorm(nn.Module, Syncable):
     """What EquiNormLinear and EquiNormConv2d share: parameters, statistics, forward.
 
     A subclass sets the weight shape and says how its input is read
@@ -137,8 +139,9 @@ class _EquiNorm(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, weight_shape: tuple[int, ...],
                  groups: int, bias: bool, single_pass: bool, stat_fraction: float,
-                 momentum: float, device=None, dtype=None):
+                 momentum: float, sync: bool, process_group, device=None, dtype=None):
         super().__init__()
+        self._init_sync(sync, process_group)
         factory = {"device": device, "dtype": dtype}
         if not 0 < stat_fraction <= 1:
             raise ValueError(f"stat_fraction must be in (0, 1], got {stat_fraction!r}")
@@ -172,10 +175,14 @@ class _EquiNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.training:
-            stat_samples = max(1, round(self.stat_fraction * x.shape[0]))
             # At least float32: under autocast the input may be bfloat16.
             dtype = torch.promote_types(x.dtype, torch.float32)
-            input_mean = x[:stat_samples].mean(self._stat_dims(x), dtype=dtype)
+            group = self.sync_group() if self.sync else None
+            if group is None:
+                stat_samples = max(1, round(self.stat_fraction * x.shape[0]))
+                input_mean = x[:stat_samples].mean(self._stat_dims(x), dtype=dtype)
+            else:
+                input_mean = self._global_input_mean(x, dtype, group)
             with torch.no_grad():
                 self.running_mean.lerp_(input_mean.to(self.running_mean.dtype), self.momentum)
         else:
@@ -187,6 +194,20 @@ class _EquiNorm(nn.Module):
         unit_rows = self.weight / row_max.view(per_channel)  # s = s^ / m can overflow
         weight = (self.gain * scale).view(per_channel) * (unit_rows + shift.view(per_channel))
         return self._apply_weight(x, weight)
+
+    def _global_input_mean(self, x: torch.Tensor, dtype: torch.dtype, group) -> torch.Tensor:
+        """m over the first `stat_fraction` of the group's global batch (ranks in order),
+        differentiable through the all-reduce."""
+        stat_rows = x.shape[0]
+        if self.stat_fraction < 1:  # where this rank's rows sit in the global batch
+            ranks = RankSlice.of(x.shape[0], group, x.device)
+            stat_samples = max(1, round(self.stat_fraction * ranks.total))
+            stat_rows = min(max(stat_samples - ranks.start, 0), x.shape[0])
+        part = x[:stat_rows]
+        count = part.new_full((1,), part.numel() // self.in_channels, dtype=dtype)
+        sums = all_reduce_sum(torch.cat([part.sum(self._stat_dims(x), dtype=dtype), count]),
+                              group)
+        return sums[:-1] / sums[-1]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():
@@ -221,7 +242,8 @@ class _EquiNorm(nn.Module):
 
     def _extra_repr_tail(self) -> str:
         return (f"bias={self.bias is not None}, single_pass={self.single_pass}, "
-                f"stat_fraction={self.stat_fraction}, momentum={self.momentum}")
+                f"stat_fraction={self.stat_fraction}, momentum={self.momentum}"
+                + self._sync_repr())
 
 
 class EquiNormLinear(_EquiNorm):
@@ -244,6 +266,10 @@ class EquiNormLinear(_EquiNorm):
         single_pass: the paper's one-pass approximation (default, as in its experiments).
         stat_fraction: the fraction of the batch (from its start) that gives m, in (0, 1].
         momentum: running_mean <- (1 - momentum) running_mean + momentum m.
+        sync: under DistributedDataParallel, m over the global batch of
+            `process_group` (None: the world group), its first `stat_fraction`
+            taken in rank order; see `normlab.convert_sync`. Default: False,
+            m of the batch this process is given.
 
     Shape:
         - Input: (N, *, in_features), at least 2-D (a batch).
@@ -257,9 +283,10 @@ class EquiNormLinear(_EquiNorm):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
-                 device=None, dtype=None):
+                 sync: bool = False, process_group=None, device=None, dtype=None):
         super().__init__(in_features, out_features, (out_features, in_features), 1, bias,
-                         single_pass, stat_fraction, momentum, device, dtype)
+                         single_pass, stat_fraction, momentum, sync, process_group, device,
+                         dtype)
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
@@ -314,6 +341,10 @@ class EquiNormConv2d(_EquiNorm):
         single_pass: the paper's one-pass approximation (default, as in its experiments).
         stat_fraction: the fraction of the batch (from its start) that gives m, in (0, 1].
         momentum: running_mean <- (1 - momentum) running_mean + momentum m.
+        sync: under DistributedDataParallel, m over the global batch of
+            `process_group` (None: the world group), its first `stat_fraction`
+            taken in rank order; see `normlab.convert_sync`. Default: False,
+            m of the batch this process is given.
 
     Shape:
         - Input: (N, C_in, H, W).
@@ -328,7 +359,7 @@ class EquiNormConv2d(_EquiNorm):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
-                 device=None, dtype=None):
+                 sync: bool = False, process_group=None, device=None, dtype=None):
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels}); got groups={groups}")
@@ -343,7 +374,8 @@ class EquiNormConv2d(_EquiNorm):
         self.padding_mode = padding_mode
         super().__init__(in_channels, out_channels,
                          (out_channels, in_channels // groups, *self.kernel_size), groups, bias,
-                         single_pass, stat_fraction, momentum, device, dtype)
+                         single_pass, stat_fraction, momentum, sync, process_group, device,
+                         dtype)
 
     @classmethod
     def from_module(cls, module: nn.Conv2d, **kw) -> EquiNormConv2d:

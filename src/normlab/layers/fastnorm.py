@@ -1,22 +1,46 @@
-"""FastNorm (seed 000): weight normalization with norms tracked, not computed.
+"""FastNorm: weight normalization whose norms are tracked, not computed.
 
-`FastNormLinear` keeps its weight W unnormalized and a buffer t with
-t_i = 1 / ||W_i||; `FastNormSGD` updates t after each SGD step from the
-low-rank structure of the update instead of recomputing ||W_i|| (O(mn)).
-They are one mechanism: the layer records what the optimizer needs.
+From "FastNorm: Improving Numerical Stability of Deep Network Training with
+Efficient Normalization" (anonymous, 2019 submission). The layer computes
+explicit weight normalization's function, z_i = gain_i (W_i . h) / ||W_i|| +
+bias_i, but an SGD step never rescales the weight matrix and, in the default
+*fused* mode, never builds a dense gradient either:
 
-Minibatch generalization (seed 000 section 4 leaves it open). With
-a_bi = gain_i t_i delta_bi the true weight-normalization gradient of row i is
-grad_i = sum_b a_bi (h_b - t_i^2 p_bi W_i), p_bi = W_i . h_b, orthogonal to W_i, so
+The weight-normalization gradient of row i over a batch of B samples is
+grad_i = sum_b a_bi h_b - kappa_i W_i, with a_bi = gain_i t_i delta_bi,
+t_i = 1 / ||W_i||, p_bi = W_i . h_b and kappa_i = t_i^2 (a_i . p_i). An SGD
+step with weight decay wd is therefore
 
-    ||grad_i||^2 = a_i^T K a_i - t_i^2 (a_i . p_i)^2,   K = H H^T (B x B),
-    ||W_i'||^2  = (1 - lr wd)^2 ||W_i||^2 + lr^2 ||grad_i||^2,
+    W_i' = c_i W_i - lr sum_b a_bi h_b,     c_i = 1 - lr wd + lr kappa_i,
 
-O(B^2 (n + m)) instead of O(mn), with a_i . p_i = sum_b delta_bi (z_bi - bias_i)
-read off the forward output. Above `max_tracked_batch` rows, with momentum
-(which breaks the orthogonality), or when the recorded samples do not
-explain the accumulated gradient, the step falls back to the seed's hybrid
-mode: ||W_i'|| computed explicitly, W left unscaled.
+a per-row scale plus a rank-B update. The layer stores W = diag(s) V: the
+per-row scalars s absorb c (s' = c s) and only the rank-B part touches the
+stored matrix, V' = V - (lr / s') A^T H: one `addmm_`. Since grad_i is
+orthogonal to W_i, the new norms follow from the B samples alone,
+
+    ||W_i'||^2 = (1 - lr wd)^2 ||W_i||^2 + lr^2 (a_i^T K a_i - t_i^2 (a_i . p_i)^2),
+
+with K = H H^T: O(B^2 (n + m)) instead of O(mn) (`tracked_sq_norms`). The
+forward reads 1 / ||V_i|| = t_i s_i. Above `max_tracked_batch` samples the
+norms are computed explicitly after the fused update instead (the Gram
+matrix then costs more than one pass over V).
+
+Renormalization (every `renorm_every` steps, or `renormalize()`) divides the
+rows of V by their norms and moves those norms into s, so the logical
+weight W, hence the training trajectory, is unchanged up to rounding, and
+refreshes t from the explicit norms (bounding the drift of the tracking in
+low precision). The paper's reset of ||W_i|| to 1, which also resets weight
+normalization's effective learning rate, is the option `renorm_resets_norm`.
+
+The *dense* mode (`mode="dense"`, and `FastNormConv2d` always) is the
+paper's hybrid mode: autograd gives `weight.grad` the true gradient with
+respect to the logical weight W (torch's `weight_norm`'s v), so gradient
+clipping, DDP's all-reduce and inspection work on it; after the update the
+norms are computed explicitly, and the scale is still applied to the
+outputs, never to the weights. Momentum builds a dense buffer in either
+mode (the buffer of a sum of rank-B updates is full rank): in the fused
+mode the step then materializes the gradient from the recorded samples into
+it and computes the norms explicitly.
 """
 
 from __future__ import annotations
@@ -26,47 +50,68 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
-
-from ..functional import weight_normalized_linear
+from torch.nn import functional as F
+from torch.nn.modules.utils import _pair
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
 # over two runs the tracked update cost 0.79-0.90x an explicit norm pass at
-# batch 16 and 1.25-1.76x at 32, so the hybrid mode takes over above 16.
+# batch 16 and 1.25-1.76x at 32, so the explicit norm takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
-# Measured with tools/fastnorm_drift.py (seed MLP, batch 16, lr 0.05): the
-# tracked norms drift from the explicit ones by 1.7e-5 (relative, max over
-# rows) in 1000 float32 steps and by 1.7e-2 / 2.3e-2 in 500 / 1000 bfloat16
-# steps (rounding of the bfloat16 weight update; t itself is kept in float32).
-# Renormalizing every 500 steps keeps bfloat16 within RENORM_DRIFT_BOUND.
-DEFAULT_RENORM_EVERY = 500
+# Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
+# 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
+# tracked norms drift from the explicit ones by 1.7e-5 (relative, max over rows)
+# in 1000 float32 steps, and in bfloat16 (t and s kept in float32) by about
+# 5e-5 per step: 1.0e-2 at 200 steps, 2.6e-2 at 500, 5.8e-2 at 1000.
+# Renormalizing every 200 steps keeps bfloat16 well within RENORM_DRIFT_BOUND;
+# it keeps the trajectory and costs one pass over the weight per 200 steps.
+DEFAULT_RENORM_EVERY = 200
 RENORM_DRIFT_BOUND = 0.05
 
-# weight Parameter -> weakref to its FastNormLinear: how FastNormSGD, which
-# sees only parameters, finds the layers among them.
-_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(weight Parameter) -> its layer, held weakly: how FastNormSGD, which sees
+# only parameters, finds the layers among them (a plain dict lookup per
+# parameter and step; the owner's `weight is param` check rules out reused ids).
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-class _TrackedInverseNorm(torch.autograd.Function):
-    """Forward: the tracked t (no O(mn) work). Backward: d(1/||W_i||)/dW_i = -t_i^3 W_i.
+class _LogicalGradient(torch.autograd.Function):
+    """Identity on V forward; backward turns autograd's gradient for V into the
+    weight-normalization gradient of the logical weight W = diag(s) V.
 
-    Through it autograd gives W the exact weight-normalization gradient,
-    gain t delta^T h minus its projection on each row.
+    With the scale 1/||V_i|| = u_i held fixed in the forward, autograd gives
+    G_i = gain_i u_i sum_b delta_bi h_b; the true gradient of W_i is
+    (G_i - u_i^2 (G_i . V_i) V_i) / s_i (the part along the row removed, as
+    d(1/||W_i||)/dW_i contributes, and the chain rule through W = s V).
     """
 
     @staticmethod
-    def forward(ctx, weight, inv_norm):
-        ctx.save_for_backward(weight, inv_norm)
-        return inv_norm.clone()
+    def forward(ctx, weight, inv_norm_stored, row_scale):
+        ctx.save_for_backward(weight, inv_norm_stored, row_scale)
+        return weight.view_as(weight)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        weight, inv_norm = ctx.saved_tensors
-        return -(grad * inv_norm.pow(3)).unsqueeze(1).to(weight.dtype) * weight, None
+        weight, inv_norm_stored, row_scale = ctx.saved_tensors
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        along = (grad * weight).flatten(1).sum(1) * inv_norm_stored.square()
+        projected = torch.addcmul(grad, weight, along.view(shape).to(grad.dtype), value=-1)
+        return projected.div_(row_scale.view(shape).to(grad.dtype)), None, None
+
+
+class _Tracking:
+    """A layer's bookkeeping between forward and step, in one mutable object
+    (nn.Module's __setattr__ is slow on the per-step path)."""
+
+    __slots__ = ("weight_id", "weight_version", "steps_since_renorm", "records")
+
+    def __init__(self):
+        self.weight_id, self.weight_version, self.steps_since_renorm = None, None, 0
+        self.records: list[_Record] = []
 
 
 class _Record:
-    """One training forward: its inputs, pre-bias outputs and (after backward) output grads."""
+    """One training forward: its inputs h, pre-scale outputs q = V h and (after
+    backward) the output gradients delta."""
 
     __slots__ = ("inputs", "outputs", "output_grads")
 
@@ -74,50 +119,405 @@ class _Record:
         self.inputs, self.outputs, self.output_grads = inputs, outputs, None
 
     def capture(self, grad: torch.Tensor) -> None:
-        grad = grad.detach().reshape(-1, grad.shape[-1])
+        grad = _rows(grad)
         self.output_grads = grad if self.output_grads is None else self.output_grads + grad
 
 
-def tracked_sq_norms(sq_norms: torch.Tensor, inv_norm: torch.Tensor, gain: torch.Tensor,
-                     inputs: torch.Tensor, outputs: torch.Tensor, output_grads: torch.Tensor,
-                     lr: float, weight_decay: float) -> torch.Tensor:
+def tracked_sq_norms(sq_norms: torch.Tensor, inputs: torch.Tensor, coefficients: torch.Tensor,
+                     a_dot_p: torch.Tensor, kappa: torch.Tensor, lr: float,
+                     weight_decay: float) -> torch.Tensor:
     """||W_i'||^2 after W' = (1 - lr wd) W - lr grad, from the B samples alone.
 
-    `inputs` (B, n) are the h_b, `outputs` (B, m) the z_bi - bias_i and
-    `output_grads` (B, m) the delta_bi. Costs O(B^2 (n + m)).
+    `inputs` (B, n) are the h_b and `coefficients` (B, m) the a_bi = gain_i t_i
+    delta_bi, so that grad_i = sum_b a_bi h_b - kappa_i W_i with, per row,
+    `a_dot_p` = a_i . p_i (p_bi = W_i . h_b) and `kappa` = t_i^2 (a_i . p_i).
+    As grad_i is orthogonal to W_i, ||grad_i||^2 = a_i^T H H^T a_i - kappa_i (a_i . p_i).
+    Costs O(B^2 (n + m)).
     """
-    gram = inputs @ inputs.T
-    a = output_grads * (gain * inv_norm)
-    a_gram_a = ((gram @ a) * a).sum(0)
-    a_dot_p = (output_grads * outputs).sum(0)
-    grad_sq = (a_gram_a - (inv_norm * a_dot_p) ** 2).clamp_min(0)  # rounding can go below 0
-    return (1 - lr * weight_decay) ** 2 * sq_norms + lr**2 * grad_sq
+    a = coefficients
+    a_gram_a = ((inputs @ inputs.T @ a) * a).sum(0)
+    grad_sq = a_gram_a.sub_(kappa * a_dot_p).clamp_min_(0)  # rounding can go below 0
+    return torch.add(sq_norms * (1 - lr * weight_decay) ** 2, grad_sq, alpha=lr**2)
 
 
-class FastNormLinear(nn.Module):
-    r"""Weight-normalized linear layer with tracked row norms (FastNorm, seed 000).
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(*, features) as (rows, features)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # skips the dispatch of a no-op .to(): the fused step is a chain of tiny ops at batch 1
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class _FastNorm(nn.Module):
+    """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
+    t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
+
+    _modes: tuple[str, ...] = ("fused", "dense")
+
+    def _init_fastnorm(self, weight_shape: tuple[int, ...], bias: bool, mode: str,
+                       renorm_every: int | None, renorm_resets_norm: bool, device, dtype):
+        if renorm_every is not None and (not isinstance(renorm_every, int) or renorm_every < 1):
+            raise ValueError(f"renorm_every must be a positive int or None, got {renorm_every!r}")
+        self.mode, self.renorm_every = mode, renorm_every
+        self.renorm_resets_norm = bool(renorm_resets_norm)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
+        out = weight_shape[0]
+        self.gain = nn.Parameter(torch.empty(out, **factory))
+        self.bias = nn.Parameter(torch.empty(out, **factory)) if bias else None
+        # t and s are kept in at least float32 (see _apply)
+        scalar = {"device": device,
+                  "dtype": torch.promote_types(self.weight.dtype, torch.float32)}
+        self.register_buffer("inv_norm", torch.ones(out, **scalar))
+        self.register_buffer("row_scale", torch.ones(out, **scalar))
+        self.register_buffer("steps_since_renorm", torch.zeros((), dtype=torch.long,
+                                                               device=device))
+        self._tracking = _Tracking()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The function of the freshly initialized torch layer, with unit-norm rows."""
+        reference = self._torch_layer(device=self.weight.device, dtype=self.weight.dtype)
+        self._load(reference.weight, reference.bias)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **kw):
+        """A layer computing the same function as `module` (its rows stored normalized)."""
+        source = cls._torch_type()
+        if type(module) is not source:
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{source.__name__}, "
+                            f"got {type(module).__name__}")
+        layer = cls(**cls._torch_args(module), bias=module.bias is not None,
+                    device=module.weight.device, dtype=module.weight.dtype, **kw)
+        layer._load(module.weight, module.bias)
+        return layer
+
+    @torch.no_grad()
+    def _load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        # gain_i = ||W_i||, rows stored normalized; a zero row gets gain 0 and
+        # an arbitrary unit row (the function, 0, is kept; no 0/0).
+        norms = weight.flatten(1).norm(dim=1).view(self._row_shape())
+        unit = torch.full_like(weight, 1 / math.sqrt(weight[0].numel()))
+        self.weight.copy_(torch.where(norms > 0, weight / norms.clamp_min(1e-30), unit))
+        self.gain.copy_(norms.flatten())
+        if bias is not None:
+            self.bias.copy_(bias)
+        self.inv_norm.fill_(1)
+        self.row_scale.fill_(1)
+        self._sync()
+
+    def _row_shape(self) -> tuple[int, ...]:
+        return (-1,) + (1,) * (self.weight.dim() - 1)
+
+    def _sync(self) -> None:
+        """Declare V, s and t consistent as they are now."""
+        self._tracking.steps_since_renorm = 0
+        self.steps_since_renorm.zero_()
+        self._tracking.records.clear()
+        self._mark_synced()
+
+    def _mark_synced(self) -> None:
+        # The identity tells a new Parameter (deepcopy) from an in-place change.
+        tracking, weight = self._tracking, self.weight
+        if tracking.weight_id != id(weight):
+            tracking.weight_id = id(weight)
+            _OWNERS[id(weight)] = self
+        tracking.weight_version = weight._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
+        if self._tracking.weight_id != id(weight):
+            self._mark_synced()
+        elif self._tracking.weight_version != weight._version:
+            self._weight_changed_outside()
+        # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
+        row_scale = self.row_scale
+        inv_norm_stored = _as(self.inv_norm * row_scale, weight.dtype)
+        fused = self.mode == "fused"
+        if fused:
+            self._drop_stale_records()
+            q = self._map(x, weight.detach())
+        else:
+            q = self._map(x, _LogicalGradient.apply(weight, inv_norm_stored, row_scale))
+        scale = self._per_output(gain * inv_norm_stored)
+        z = q * scale if bias is None else torch.addcmul(self._per_output(bias), q, scale)
+        if fused and z.requires_grad and self.training and weight.requires_grad:
+            record = _Record(_rows(x.detach()), _rows(q.detach()))
+            z.register_hook(record.capture)
+            self._tracking.records.append(record)
+        return z
+
+    @torch.no_grad()
+    def _weight_changed_outside(self) -> None:
+        # Dense mode computes its norms explicitly anyway: recompute them once.
+        # The fused mode's update of W exists only in FastNormSGD.
+        if self.mode == "dense":
+            self._refresh_norms()
+            return
+        raise RuntimeError(
+            f"{type(self).__name__}(mode='fused'): the weight was changed outside FastNormSGD "
+            "(by another optimizer, an in-place edit, or DistributedDataParallel's initial "
+            "broadcast), so the tracked norms are stale. Train it with normlab.FastNormSGD; "
+            "under DDP use mode='dense' (normlab.convert_sync(model) switches it); after "
+            "editing the weight on purpose, call renormalize().")
+
+    @property
+    def mode(self) -> str:
+        """``"fused"`` or ``"dense"``; switching drops the samples recorded so far."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in self._modes:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {self._modes}, "
+                             f"got {mode!r}")
+        self._mode = mode
+        if hasattr(self, "_tracking"):
+            self._tracking.records.clear()
+
+    def _drop_stale_records(self) -> None:
+        # A gain without a gradient means the gradients were zeroed since the
+        # recorded backwards ran: unless FastNormSGD consumed them, an update
+        # of W was lost (another optimizer took the step).
+        if self.gain.grad is None and self.gain.requires_grad and any(
+                r.output_grads is not None for r in self._tracking.records):
+            self._tracking.records.clear()
+            raise RuntimeError(
+                f"{type(self).__name__}: gradients were zeroed without a FastNormSGD step, so "
+                "the recorded update of the weight was lost. In the default mode='fused' the "
+                "weight is updated only by normlab.FastNormSGD (its zero_grad() discards a "
+                "skipped step cleanly); use mode='dense' for a weight.grad that other tools "
+                "read.")
+
+    def tracked_norms(self) -> torch.Tensor:
+        """1 / t: the row norms ||W_i|| of the logical weight, as tracked."""
+        return self.inv_norm.reciprocal()
+
+    @torch.no_grad()
+    def explicit_norms(self) -> torch.Tensor:
+        """||W_i|| = |s_i| ||V_i||, computed (O(mn)) in the dtype of t.
+
+        (s_i < 0 where an SGD step took the row through the origin:
+        c = 1 - lr wd + lr kappa < 0.)"""
+        stored = torch.linalg.vector_norm(self.weight.flatten(1), dim=1,
+                                          dtype=self.inv_norm.dtype)
+        return self.row_scale.abs() * stored
+
+    @torch.no_grad()
+    def logical_weight(self) -> torch.Tensor:
+        """W = diag(s) V: the weight whose norms are tracked (torch weight_norm's v)."""
+        return self.weight * self.row_scale.view(self._row_shape()).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def renormalize(self, reset_norm: bool | None = None) -> None:
+        """Normalize the stored rows; the function is unchanged.
+
+        By default the logical norms move into the per-row scalars, so training
+        continues on the same trajectory, and t is refreshed from them.
+        `reset_norm=True` (default: the layer's `renorm_resets_norm`) instead
+        sets ||W_i|| = 1, as the paper does, which also resets weight
+        normalization's effective learning rate.
+        """
+        reset = self.renorm_resets_norm if reset_norm is None else reset_norm
+        stored = torch.linalg.vector_norm(self.weight.flatten(1), dim=1,
+                                          dtype=self.inv_norm.dtype)
+        stored = stored.clamp_min(torch.finfo(stored.dtype).tiny)
+        self.weight.div_(stored.view(self._row_shape()).to(self.weight.dtype))
+        if reset:
+            self.row_scale.fill_(1)
+        else:
+            self.row_scale.mul_(stored)
+        self.inv_norm.copy_(self.explicit_norms().reciprocal())
+        self._sync()
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.Module:
+        """A plain torch layer computing this layer's function."""
+        plain = self._torch_layer(device=self.weight.device, dtype=self.weight.dtype)
+        scale = (self.gain * self.inv_norm * self.row_scale).to(self.weight.dtype)
+        plain.weight.copy_(self.weight * scale.view(self._row_shape()))
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain
+
+    # -- the optimizer's step (called by FastNormSGD) ---------------------------
+
+    @torch.no_grad()
+    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
+        if self.mode == "dense":
+            if self.weight.grad is None:
+                return
+            self._dense_update(_as(self.weight.grad, self.inv_norm.dtype), lr, weight_decay,
+                               momentum, state)
+        else:
+            samples = self._consume_records()
+            if samples is None:
+                return
+            if momentum:
+                self._dense_update(self._materialized_gradient(*samples), lr, weight_decay,
+                                   momentum, state)
+            else:
+                self._fused_update(*samples, lr, weight_decay)
+        self._mark_synced()
+        tracking = self._tracking
+        tracking.steps_since_renorm += 1
+        if self.renorm_every is not None and tracking.steps_since_renorm >= self.renorm_every:
+            self.renormalize()
+        else:
+            self.steps_since_renorm.fill_(tracking.steps_since_renorm)
+
+    def _consume_records(self):
+        """(h, a, a . p) of the recorded samples, in the dtype of t; None when none.
+
+        a_bi = gain_i t_i delta_bi and p_bi = W_i . h_b = s_i q_bi."""
+        records = [r for r in self._tracking.records if r.output_grads is not None]
+        self._tracking.records.clear()
+        if not records:
+            if self.gain.grad is not None and self.gain.grad.any():
+                raise RuntimeError(
+                    f"{type(self).__name__}: the gain has a gradient but no recorded samples "
+                    "explain it (a backward through an eval-mode forward?). mode='fused' "
+                    "records training-mode forwards only; use mode='dense' otherwise.")
+            return None
+        compute = self.inv_norm.dtype
+        inputs, stored_out, delta = (
+            _as(torch.cat([getattr(r, f) for r in records]) if len(records) > 1
+                else getattr(records[0], f), compute)
+            for f in ("inputs", "outputs", "output_grads"))
+        gain = _as(self.gain.detach(), compute)
+        a = delta * (gain * self.inv_norm)
+        a_p = a * stored_out * self.row_scale
+        a_dot_p = a_p.sum(0)
+        self._check_explained(gain, a_p, a_dot_p)
+        return inputs, a, a_dot_p
+
+    def _check_explained(self, gain, a_p, a_dot_p) -> None:
+        # The samples must explain the accumulated gradient (a backward we did
+        # not record, gradients zeroed in place): sum_i gain_i dL/dgain_i =
+        # sum_i a_i . p_i, up to the rounding of both sides. One sum keeps the
+        # check to three reductions.
+        grad = self.gain.grad
+        if grad is None:
+            return
+        mismatch = abs(float(torch.dot(gain, _as(grad, gain.dtype))) - float(a_dot_p.sum()))
+        rounding = float(torch.linalg.vector_norm(a_p, 1)) * math.sqrt(
+            torch.finfo(grad.dtype).eps)
+        if mismatch > rounding + 1e-30:
+            raise RuntimeError(
+                f"{type(self).__name__}: the recorded samples do not explain the gradient "
+                "(gradients zeroed in place, or a backward through an unrecorded forward). "
+                "With mode='fused', zero gradients with FastNormSGD.zero_grad() or "
+                "set_to_none=True; use mode='dense' for other workflows.")
+
+    def _fused_update(self, inputs, a, a_dot_p, lr: float, weight_decay: float) -> None:
+        # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
+        # s' = c s, V' = V - (lr / s') A^T H
+        sq_inv_norm = self.inv_norm.square()
+        kappa = sq_inv_norm * a_dot_p
+        sq_norms = None  # above max_tracked_batch: explicit, after the update
+        if len(inputs) <= self.max_tracked_batch:
+            sq_norms = tracked_sq_norms(sq_inv_norm.reciprocal_(), inputs, a, a_dot_p, kappa,
+                                        lr, weight_decay)
+        self.row_scale.mul_(kappa.mul_(lr).add_(1 - lr * weight_decay))
+        self.weight.addmm_(_as(a / self.row_scale, self.weight.dtype).T,
+                           _as(inputs, self.weight.dtype), alpha=-lr)
+        if sq_norms is None:
+            sq_norms = self.explicit_norms().square()
+        torch.rsqrt(sq_norms.clamp_min_(torch.finfo(sq_norms.dtype).tiny), out=self.inv_norm)
+
+    def _materialized_gradient(self, inputs, a, a_dot_p) -> torch.Tensor:
+        """The dense gradient of the logical weight, A^T H - t^2 (a . p) W."""
+        kappa = self.inv_norm.square() * a_dot_p
+        logical = self.logical_weight().to(a.dtype)
+        return torch.addmm(logical * -kappa[:, None], a.T, inputs)
+
+    def _dense_update(self, grad: torch.Tensor, lr: float, weight_decay: float,
+                      momentum: float, state: dict) -> None:
+        """torch.optim.SGD's update of the logical weight; norms computed explicitly."""
+        shape = self._row_shape()
+        direction = grad.view_as(self.weight)
+        if weight_decay:
+            direction = direction + weight_decay * self.logical_weight().to(grad.dtype)
+        if momentum:
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = direction.clone()
+            else:
+                buffer.mul_(momentum).add_(direction)
+            direction = buffer
+        # W' = W - lr d, W = s V: V' = V - (lr / s) d, s unchanged
+        self.weight.addcmul_(direction.to(self.weight.dtype),
+                             (-lr / self.row_scale).view(shape).to(self.weight.dtype))
+        self.inv_norm.copy_(self.explicit_norms().clamp_min(
+            torch.finfo(self.inv_norm.dtype).tiny).reciprocal())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # t and s stay at least float32: in bfloat16 the per-step increments of
+        # the tracked norms fall below its resolution and the tracking stalls.
+        for name in ("inv_norm", "row_scale"):
+            buffer = getattr(self, name)
+            if buffer.is_floating_point() and buffer.dtype.itemsize < 4:
+                setattr(self, name, buffer.float())
+        # A new dtype rounds the rows differently: t from the rows as they are now.
+        self._refresh_norms()
+        return self
+
+    @torch.no_grad()
+    def _refresh_norms(self) -> None:
+        """t computed from the weight as it is (one pass), declared consistent."""
+        self.inv_norm.copy_(self.explicit_norms().reciprocal())
+        self._mark_synced()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the per-row scale: s = 1
+        state_dict.setdefault(prefix + "row_scale", torch.ones_like(self.row_scale))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        steps = int(self.steps_since_renorm)
+        self._sync()
+        self._tracking.steps_since_renorm = steps
+        self.steps_since_renorm.fill_(steps)
+
+    def _extra_repr_tail(self) -> str:
+        return (f"mode={self.mode!r}, renorm_every={self.renorm_every}"
+                + (", renorm_resets_norm=True" if self.renorm_resets_norm else ""))
+
+
+class FastNormLinear(_FastNorm):
+    r"""Weight-normalized linear layer with tracked row norms and a fused SGD update (FastNorm).
 
     .. math::
-        z_i = \gamma_i \, t_i \, (W_i \cdot h) + \beta_i, \qquad t_i = 1 / \|W_i\|
+        z_i = \gamma_i \, \frac{W_i \cdot h}{\|W_i\|} + \beta_i, \qquad W = \mathrm{diag}(s) V
 
-    the function of explicit weight normalization, but t is tracked by
-    :class:`FastNormSGD` from the low-rank SGD update (seed 000 eqs. 5-7)
-    instead of recomputed. Backward gives W the true weight-normalization
-    gradient (eq. 2, orthogonal to each row) and the input
-    :math:`W^T (t \odot \gamma \odot \delta)` (eq. 7). Every `renorm_every`
-    optimizer steps (and on :meth:`renormalize`) the rows of W are normalized
-    and t reset to 1 so that t stays representable and its drift bounded.
-    t is kept in float32 when the weights are bfloat16 or float16.
-
-    Train it with :class:`FastNormSGD`: any other optimizer changes W without
-    updating t, which the next forward detects and reports.
+    the function of explicit weight normalization. `weight` holds V; the per-row
+    scalars s (buffer `row_scale`) and t = 1 / ||W_i|| (buffer `inv_norm`) are
+    kept by :class:`FastNormSGD`, which in the default fused mode applies an SGD
+    step as a rank-B update of V and tracks the norms from the B samples
+    (module docstring). Train it with :class:`FastNormSGD`.
 
     Args:
         in_features, out_features, bias: as :class:`torch.nn.Linear`.
-        renorm_every: optimizer steps between explicit renormalizations
-            (None: never). Default from the measured drift (module docstring).
-        max_tracked_batch: above this many recorded samples per step the norms
-            are computed explicitly (hybrid mode); default the measured crossover.
+        mode: ``"fused"`` (default: no dense gradient; `weight.grad` stays None)
+            or ``"dense"`` (`weight.grad` holds the gradient of the logical
+            weight W; norms computed explicitly after each step: the paper's
+            hybrid mode, for gradient clipping, DDP and inspection).
+        renorm_every: optimizer steps between renormalizations of the stored rows
+            (None: never). They keep the trajectory; default from the measured
+            drift of the tracking in bfloat16 (module docstring).
+        renorm_resets_norm: renormalize as the paper does, resetting ||W_i|| to 1
+            (changes the trajectory: the effective learning rate resets).
+        max_tracked_batch: above this many samples per step the norms are
+            computed explicitly after the fused update; default the measured
+            crossover.
+        device, dtype: as torch.nn modules; t and s are kept in at least float32.
 
     Shape:
         - Input: :math:`(*, H_{in})`; Output: :math:`(*, H_{out})`.
@@ -132,186 +532,153 @@ class FastNormLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 renorm_every: int | None = DEFAULT_RENORM_EVERY,
-                 max_tracked_batch: int = DEFAULT_MAX_TRACKED_BATCH,
-                 device=None, dtype=None):
+                 mode: str = "fused", renorm_every: int | None = DEFAULT_RENORM_EVERY,
+                 renorm_resets_norm: bool = False,
+                 max_tracked_batch: int = DEFAULT_MAX_TRACKED_BATCH, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if renorm_every is not None and (not isinstance(renorm_every, int) or renorm_every < 1):
-            raise ValueError(f"renorm_every must be a positive int or None, got {renorm_every!r}")
-        factory = {"device": device, "dtype": dtype}
+            _positive_int(name, value)
         self.in_features, self.out_features = in_features, out_features
-        self.renorm_every, self.max_tracked_batch = renorm_every, max_tracked_batch
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.gain = nn.Parameter(torch.empty(out_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        # t is kept in at least float32 (see _apply)
-        self.register_buffer("inv_norm", torch.ones(
-            out_features, device=device,
-            dtype=torch.promote_types(self.weight.dtype, torch.float32)))
-        self.register_buffer("steps_since_renorm", torch.zeros((), dtype=torch.long))
-        self._records: list[_Record] = []
-        self._overflow = False  # more samples than max_tracked_batch since the last step
-        self.reset_parameters()
+        self.max_tracked_batch = max_tracked_batch
+        self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
+                            renorm_resets_norm, device, dtype)
 
-    def reset_parameters(self) -> None:
-        """The function of a freshly initialized nn.Linear, with unit-norm rows."""
-        reference = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                              dtype=self.weight.dtype)
-        self._load_linear(reference.weight, reference.bias)
+    @staticmethod
+    def _torch_type() -> type:
+        return nn.Linear
 
-    @classmethod
-    def from_module(cls, module: nn.Linear, **kw) -> FastNormLinear:
-        """A FastNormLinear computing the same function as `module`."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"from_module expects an nn.Linear, got {type(module).__name__}")
-        layer = cls(module.in_features, module.out_features, module.bias is not None,
-                    device=module.weight.device, dtype=module.weight.dtype, **kw)
-        layer._load_linear(module.weight, module.bias)
-        return layer
+    @staticmethod
+    def _torch_args(module: nn.Linear) -> dict:
+        return {"in_features": module.in_features, "out_features": module.out_features}
 
-    @torch.no_grad()
-    def _load_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        # gain_i = ||W_i||, rows stored normalized; a zero row gets gain 0 and
-        # an arbitrary unit row (the function, 0, is kept; no 0/0).
-        norms = weight.norm(dim=1)
-        unit = torch.full_like(weight, 1 / math.sqrt(self.in_features))
-        self.weight.copy_(torch.where(norms[:, None] > 0,
-                                      weight / norms.clamp_min(1e-30)[:, None], unit))
-        self.gain.copy_(norms)
-        if bias is not None:
-            self.bias.copy_(bias)
-        self.inv_norm.fill_(1)
-        self._sync()
+    def _torch_layer(self, **factory) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None, **factory)
 
-    def _sync(self) -> None:
-        """Declare W and t consistent as they are now."""
-        self.steps_since_renorm.zero_()
-        self._records.clear()
-        self._overflow = False
-        self._mark_synced()
-
-    def _mark_synced(self) -> None:
-        # The identity tells a new Parameter (deepcopy) from an in-place change.
-        self._synced_weight = (id(self.weight), self.weight._version)
-        _OWNERS[self.weight] = weakref.ref(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"FastNormLinear expected input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"FastNormLinear expected a floating-point input, got {x.dtype}")
-        if self._synced_weight[0] != id(self.weight):
-            self._mark_synced()
-        elif self._synced_weight[1] != self.weight._version:
-            raise RuntimeError(
-                "FastNormLinear: the weight was changed outside FastNormSGD (for example by "
-                "torch.optim.SGD or an in-place edit), so the tracked norms are stale. Train "
-                "it with normlab.FastNormSGD; after editing the weight on purpose, call "
-                "renormalize().")
-        inv_norm = _TrackedInverseNorm.apply(self.weight, self.inv_norm.to(self.weight.dtype))
-        z = weight_normalized_linear(x, self.weight, self.gain, inv_norm, self.bias)
-        if self.training and z.requires_grad:
-            self._record(x, z)
-        return z
 
-    def _record(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        if self.weight.grad is None:  # zeroed since: finished backwards explain nothing now
-            self._records = [r for r in self._records if r.output_grads is None]
-        rows = sum(len(r.inputs) for r in self._records) + x.numel() // self.in_features
-        if rows > self.max_tracked_batch:  # the step will use the hybrid mode: keep nothing
-            self._overflow = True
-            self._records.clear()
-            return
-        with torch.no_grad():
-            pre_bias = z if self.bias is None else z - self.bias
-        record = _Record(x.detach().reshape(-1, self.in_features),
-                         pre_bias.reshape(-1, self.out_features))
-        z.register_hook(record.capture)
-        self._records.append(record)
+    def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
 
-    def tracked_norms(self) -> torch.Tensor:
-        """1 / t: the row norms as tracked."""
-        return self.inv_norm.reciprocal()
-
-    @torch.no_grad()
-    def explicit_norms(self) -> torch.Tensor:
-        """||W_i||, computed (O(mn)) in the dtype of t."""
-        return torch.linalg.vector_norm(self.weight, dim=1, dtype=self.inv_norm.dtype)
-
-    @torch.no_grad()
-    def renormalize(self) -> None:
-        """Normalize the rows of W and reset t to 1; the function is unchanged."""
-        norms = self.explicit_norms()
-        self.weight.div_(norms.clamp_min(torch.finfo(norms.dtype).tiny)[:, None])
-        self.inv_norm.fill_(1)
-        self._sync()
-
-    def _planned_sq_norms(self, lr: float, weight_decay: float, momentum: float):
-        """||W_i'||^2 from the recorded samples, or None where the hybrid mode must compute it."""
-        records = [r for r in self._records if r.output_grads is not None]
-        if momentum or self._overflow or not records or self.gain.grad is None:
-            return None
-        compute = torch.promote_types(self.inv_norm.dtype, torch.float32)
-        inputs, outputs, grads = (torch.cat([getattr(r, f) for r in records]).to(compute)
-                                  for f in ("inputs", "outputs", "output_grads"))
-        inv_norm, gain = self.inv_norm.to(compute), self.gain.detach().to(compute)
-        # The samples must explain the accumulated gradient (a zero_grad we did
-        # not see, a backward without records): gain_i * dL/dgain_i = a_i . p_i.
-        # The tolerance covers rounding of z - bias and of the gain's gradient.
-        a_dot_p = (grads * outputs).sum(0)
-        bias = 0 if self.bias is None else self.bias.detach().to(compute).abs()
-        tolerance = (grads.abs() * (outputs.abs() + bias)).sum(0)
-        tolerance *= math.sqrt(torch.finfo(self.gain.grad.dtype).eps)
-        if ((gain * self.gain.grad.to(compute) - a_dot_p).abs() > tolerance).any():
-            return None
-        return tracked_sq_norms(inv_norm.pow(-2), inv_norm, gain, inputs, outputs, grads,
-                                lr, weight_decay)
-
-    @torch.no_grad()
-    def _finish_step(self, sq_norms: torch.Tensor | None) -> None:
-        """After the SGD update: set t (tracked or explicit), renormalize when due."""
-        if sq_norms is None:
-            sq_norms = self.explicit_norms().square()
-        self.inv_norm.copy_(sq_norms.clamp_min(torch.finfo(sq_norms.dtype).tiny).rsqrt())
-        steps = int(self.steps_since_renorm) + 1
-        if self.renorm_every is not None and steps >= self.renorm_every:
-            self.renormalize()
-            return
-        self._sync()
-        self.steps_since_renorm.fill_(steps)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # t stays at least float32: in bfloat16 the per-step increments of the
-        # tracked norms fall below its resolution and the tracking stalls.
-        if self.inv_norm.dtype.itemsize < 4:
-            self.inv_norm = self.inv_norm.float()
-        return self
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        steps = int(self.steps_since_renorm)
-        self._sync()
-        self.steps_since_renorm.fill_(steps)
+    @staticmethod
+    def _per_output(values: torch.Tensor) -> torch.Tensor:
+        return values
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, renorm_every={self.renorm_every}, "
+                f"bias={self.bias is not None}, {self._extra_repr_tail()}, "
                 f"max_tracked_batch={self.max_tracked_batch}")
 
 
-class FastNormSGD(torch.optim.SGD):
-    """SGD that keeps the tracked norms of the FastNormLinear layers among `params`.
+class FastNormConv2d(_FastNorm):
+    r"""Weight-normalized 2-D convolution in FastNorm's hybrid mode.
 
-    Plain :class:`torch.optim.SGD` for every parameter; after the update each
-    FastNormLinear's t is set from the low-rank formula (module docstring),
-    or explicitly (hybrid mode) with momentum or large batches. Momentum
-    therefore costs one O(mn) norm pass per layer and step.
+    .. math::
+        z_c = \gamma_c \, \frac{W_c \star x}{\|W_c\|} + \beta_c
+
+    As the FastNorm paper prescribes for convolutions (its section 4): the
+    kernel norms are computed once per step, after the update (one pass over
+    the kernel, not one per forward), and applied as a per-output-channel
+    scale on the output; the kernel itself is never rescaled. `weight.grad`
+    holds the gradient of the logical kernel W = diag(s) V. Train it with
+    :class:`FastNormSGD`.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias: as :class:`torch.nn.Conv2d` (zero padding).
+        mode: ``"dense"``, the only mode for convolutions (accepted so that one
+            set of keywords converts a whole CNN).
+        renorm_every, renorm_resets_norm: as :class:`FastNormLinear`.
+        device, dtype: as torch.nn modules.
+
+    Shape:
+        - Input: :math:`(N, C_{in}, H, W)`; Output: :math:`(N, C_{out}, H', W')`.
+
+    Example:
+        >>> conv = FastNormConv2d(3, 16, 3, padding=1)
+        >>> optimizer = FastNormSGD(conv.parameters(), lr=0.05)
+        >>> conv(torch.randn(8, 3, 32, 32)).square().mean().backward()
+        >>> optimizer.step()
+    """
+
+    _modes = ("dense",)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, mode: str = "dense",
+                 renorm_every: int | None = DEFAULT_RENORM_EVERY,
+                 renorm_resets_norm: bool = False, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            _positive_int(name, value)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                             f"must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self._init_fastnorm((out_channels, in_channels // groups, *self.kernel_size), bias,
+                            mode, renorm_every, renorm_resets_norm, device, dtype)
+
+    @staticmethod
+    def _torch_type() -> type:
+        return nn.Conv2d
+
+    @staticmethod
+    def _torch_args(module: nn.Conv2d) -> dict:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError("FastNormConv2d.from_module supports numeric zero padding, got "
+                             f"padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": module.kernel_size, "stride": module.stride,
+                "padding": module.padding, "dilation": module.dilation,
+                "groups": module.groups}
+
+    def _torch_layer(self, **factory) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         **factory)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"FastNormConv2d expected input of shape (N, {self.in_channels}, "
+                             f"H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"FastNormConv2d expected a floating-point input, got {x.dtype}")
+
+    def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    @staticmethod
+    def _per_output(values: torch.Tensor) -> torch.Tensor:
+        return values.view(-1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, "
+                f"{self._extra_repr_tail()}")
+
+
+class FastNormSGD(torch.optim.SGD):
+    """SGD that updates the FastNorm layers among `params` as FastNorm prescribes.
+
+    Plain :class:`torch.optim.SGD` for every other parameter (gains and biases
+    included). Each FastNorm weight gets torch SGD's update of its logical
+    weight (same learning rate, weight decay and momentum), applied as the
+    layer's mode prescribes (see :mod:`normlab.layers.fastnorm`): a rank-B
+    update and tracked norms in the fused mode without momentum; a dense
+    update and explicit norms in the dense mode or with momentum.
+
+    Args:
+        params: as torch.optim.SGD.
+        lr, weight_decay, momentum: as torch.optim.SGD (no nesterov, dampening
+            or maximize: the FastNorm update is SGD's).
 
     Example:
         >>> model = normlab.convert(nn.Sequential(nn.Linear(784, 10)), "fastnorm")
@@ -339,21 +706,48 @@ class FastNormSGD(torch.optim.SGD):
             raise ValueError(f"FastNormSGD cannot track norms with {unsupported}")
         super().add_param_group(param_group)
 
+    def _fastnorm_layers(self):
+        for group in self.param_groups:
+            for param in group["params"]:
+                layer = _OWNERS.get(id(param))
+                if layer is not None and layer.weight is param:
+                    yield layer, group
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                owner = _OWNERS.get(param)
-                layer = owner() if owner is not None else None
-                if layer is not None and param.grad is not None:
-                    plans.append((layer, layer._planned_sq_norms(
-                        group["lr"], group["weight_decay"], group["momentum"])))
-        super().step()
-        for layer, sq_norms in plans:
-            layer._finish_step(sq_norms)
+        layers = list(self._fastnorm_layers())
+        # The FastNorm weights first: their update reads the gains as the
+        # forward saw them. Then torch's SGD for the rest, with the dense-mode
+        # weight gradients hidden from it (it would update V as if it were W).
+        for layer, group in layers:
+            if layer.mode == "fused" and _distributed():
+                raise RuntimeError(
+                    f"{type(layer).__name__}(mode='fused') updates its weight from this "
+                    "process's samples only; under torch.distributed use mode='dense' (or "
+                    "normlab.convert_sync(model)), whose gradient DDP all-reduces.")
+            layer._sgd_step(group["lr"], group["weight_decay"], group["momentum"],
+                            self.state[layer.weight])
+        hidden = [(layer.weight, layer.weight.grad) for layer, _ in layers]
+        for weight, _ in hidden:
+            weight.grad = None
+        try:
+            super().step()
+        finally:
+            for weight, grad in hidden:
+                weight.grad = grad
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for layer, _ in self._fastnorm_layers():  # backwards done: their gradient is gone
+            tracking = layer._tracking
+            tracking.records = [r for r in tracking.records if r.output_grads is None]
+        super().zero_grad(set_to_none)
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)

@@ -10,10 +10,13 @@ the samples, so a whole batch is computed at once with prefix scans.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from ..distributed import RankSlice
 from .channel_norm import ChannelNorm
 
 ECM_CHOICES = ("ls", "ac", None)
@@ -97,13 +100,20 @@ class OnlineNormFunction(torch.autograd.Function):
     Forward updates `running_mean`/`running_var` in place; backward runs the
     control process and updates `mean_control`/`correlation_control` in place.
     Saved for backward: the normalized output y and per-(sample, channel) scalars.
+
+    With `ranks` (a `RankSlice`), x is this rank's slice of the group's
+    global batch: the per-(sample, channel) scalars are gathered so that both
+    processes run over the global stream, in rank order, on every rank, and
+    each rank keeps its own rows. The state then ends equal on every rank.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, mean_control,
                 correlation_control, alpha_fwd: float, alpha_bkw: float, eps: float,
-                clamp_val: float | None):
+                clamp_val: float | None, ranks: RankSlice | None = None):
         mean, var = _sample_moments(x)
+        if ranks is not None:
+            mean, var = ranks.gather(torch.stack([mean, var], 1)).unbind(1)
         mu0, var0 = running_mean.double(), running_var.double()
         means_after = linear_scan(alpha_fwd, (1 - alpha_fwd) * mean, mu0)
         mu_before = _before_each(mu0, means_after)
@@ -114,13 +124,17 @@ class OnlineNormFunction(torch.autograd.Function):
         running_mean.copy_(means_after[-1])
         running_var.copy_(variances_after[-1])
 
-        y = scale_shift(x, inv_std, -mu_before * inv_std)
+        if ranks is None:
+            y = scale_shift(x, inv_std, -mu_before * inv_std)
+        else:
+            my_inv_std = ranks.mine(inv_std)
+            y = scale_shift(x, my_inv_std, -ranks.mine(mu_before) * my_inv_std)
         # mean(y) and mean(y^2) of each sample follow from its moments: no pass over y.
         y_mean = deviation * inv_std
         y_square_mean = (var + deviation ** 2) * inv_std ** 2
         ctx.save_for_backward(y, weight, bias, inv_std, y_mean, y_square_mean)
         ctx.control = (mean_control, correlation_control)
-        ctx.alpha_bkw, ctx.clamp_val = alpha_bkw, clamp_val
+        ctx.alpha_bkw, ctx.clamp_val, ctx.ranks = alpha_bkw, clamp_val, ranks
         return _affine_ecm(y, weight, bias, clamp_val)
 
     @staticmethod
@@ -140,18 +154,30 @@ class OnlineNormFunction(torch.autograd.Function):
         positions = y.shape[-1]
         grad_y_dot_y_mean = gamma * grad_z_dot_y / positions
         grad_y_mean = gamma * grad_z_sum / positions
+        v0, u0 = correlation_control.double(), mean_control.double()
+        ranks = ctx.ranks
+        if ranks is not None:
+            grad_y_dot_y_mean, grad_y_mean = ranks.gather(
+                torch.stack([grad_y_dot_y_mean, grad_y_mean], 1)).unbind(1)
+            # Each rank's gradients are the global mean loss's times the group size (DDP
+            # averages the ranks' gradients): the state, linear in them, is kept in the
+            # global loss's units, as in one process.
+            v0, u0 = v0 * ranks.world_size, u0 * ranks.world_size
 
         # v_t = v_{t-1} + mean(g~_t y_t) = (1 - leak mean(y_t^2)) v_{t-1} + mean(g_t y_t)
-        v0 = correlation_control.double()
         vs = linear_scan(1 - leak * y_square_mean, grad_y_dot_y_mean, v0)
         v_before = _before_each(v0, vs)
         # u_t = u_{t-1} + mean(x'_t) = alpha_bkw u_{t-1} + inv_std_t mean(g~_t)
-        u0 = mean_control.double()
         u_drive = inv_std * (grad_y_mean - leak * v_before * y_mean)
         us = linear_scan(ctx.alpha_bkw, u_drive, u0)
         u_before = _before_each(u0, us)
-        correlation_control.copy_(vs[-1])
-        mean_control.copy_(us[-1])
+        if ranks is None:
+            correlation_control.copy_(vs[-1])
+            mean_control.copy_(us[-1])
+        else:
+            correlation_control.copy_(vs[-1] / ranks.world_size)
+            mean_control.copy_(us[-1] / ranks.world_size)
+            v_before, u_before, inv_std = map(ranks.mine, (v_before, u_before, inv_std))
 
         # x'_t = (g_t - leak v_{t-1} y_t) inv_std_t - leak u_{t-1}
         grad_x = scale_shift(grad_z, gamma * inv_std, -leak * u_before)
@@ -160,14 +186,15 @@ class OnlineNormFunction(torch.autograd.Function):
         if weight is not None:
             grad_weight = grad_z_dot_y.sum(0).to(weight.dtype)
             grad_bias = grad_z_sum.sum(0).to(bias.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 
 class _OnlineNorm(ChannelNorm):
     def __init__(self, num_features: int, alpha_fwd: float = 0.999, alpha_bkw: float = 0.99,
                  eps: float = 1e-5, affine: bool = True, ecm: str | None = "ac",
-                 ls_eps: float = 1e-5, clamp_val: float = 5.0):
-        super().__init__(num_features, affine)
+                 ls_eps: float = 1e-5, clamp_val: float = 5.0, *, sync: bool = False,
+                 process_group=None):
+        super().__init__(num_features, affine, sync, process_group)
         for name, alpha in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
             if not 0 < alpha < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {alpha}")
@@ -190,11 +217,12 @@ class _OnlineNorm(ChannelNorm):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-                f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}")
+                f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}" + self._sync_repr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
+        flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
         # Low-precision inputs are normalized in float32; the state stays in its own dtype.
         work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
         weight = None if self.weight is None else self.weight.to(work.dtype)
@@ -202,9 +230,15 @@ class _OnlineNorm(ChannelNorm):
         clamp_val = self.clamp_val if self.ecm == "ac" else None
         with torch.autocast(x.device.type, enabled=False):
             if self.training:
+                group = self.sync_group() if self.sync else None
+                ranks = None
+                if group is not None:
+                    ranks = RankSlice.of(work.shape[0], group, x.device)
+                    ranks.require_rows(type(self).__name__)
                 out = OnlineNormFunction.apply(
                     work, weight, bias, self.running_mean, self.running_var, self.mean_control,
-                    self.correlation_control, self.alpha_fwd, self.alpha_bkw, self.eps, clamp_val)
+                    self.correlation_control, self.alpha_fwd, self.alpha_bkw, self.eps, clamp_val,
+                    ranks)
             else:
                 inv_std = (self.running_var.to(work.dtype) + self.eps).rsqrt()[:, None]
                 y = (work - self.running_mean.to(work.dtype)[:, None]) * inv_std
@@ -246,6 +280,14 @@ class OnlineNorm1d(_OnlineNorm):
         ecm: error compensation: ``"ac"`` clamps to +-clamp_val, ``"ls"``
             divides each sample by sqrt(mean of its squares + ls_eps), None.
         ls_eps, clamp_val: see ecm. Defaults: 1e-5, 5.0.
+        sync: under DistributedDataParallel, the global batch of `process_group`
+            (None: the world group) is one stream, rank k's samples after rank
+            k-1's: the forward and control processes run over it on every rank,
+            so the four buffers stay equal across ranks (DDP's default
+            ``broadcast_buffers=True`` then copies equal values: correct, and
+            ``False`` saves the copy). See `normlab.convert_sync`. Default:
+            False, each process's batch is a stream of its own (under DDP with
+            broadcast_buffers, rank 0's state then overwrites the others').
 
     The buffers ``running_mean``, ``running_var`` (mu, var) and
     ``mean_control``, ``correlation_control`` (u, v) are in the state_dict.
