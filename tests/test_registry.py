@@ -31,10 +31,9 @@ def test_unknown_name_lists_valid_names():
 SHAPES = [(1, (4, 12)), (1, (4, 12, 5)), (2, (4, 12, 5, 5))]
 
 
-# layer norm with dim=1 is nn.LayerNorm, for (N, C) vectors only
 @pytest.mark.parametrize("name,dim,shape", [
     (name, dim, shape) for name in ["batch", "layer", "group", "instance"]
-    for dim, shape in SHAPES if not (name == "layer" and len(shape) == 3)])
+    for dim, shape in SHAPES])
 def test_create_normalizes_each_input_shape(name, dim, shape):
     norm = normlab.create(name, 12, dim=dim)
     y = norm(torch.randn(shape) * 3 + 2)
@@ -58,8 +57,9 @@ def reference_group_norm(x, groups, eps=1e-5):
     (name, kw, groups, dim, shape)
     for name, kw, groups in [("group", {}, 24), ("group", {"num_groups": 4}, 4),
                              ("layer", {}, 1), ("instance", {}, 48)]
-    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3))]
-    if not (name == "layer" and len(shape) == 3)])  # nn.LayerNorm: (N, C) vectors only
+    # layer with dim=1 on (N, C, L): found by tests/test_properties.py (nn.LayerNorm
+    # refused it, or normalized over L alone when L == C)
+    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3))]])
 def test_group_layer_and_instance_outputs_match_the_per_sample_reference(name, kw, groups, dim,
                                                                          shape):
     torch.manual_seed(0)

@@ -435,20 +435,40 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
         (b, s), each of shape (out,).
 
     A denominator that is (near) zero, which the paper excludes by assumption,
-    is replaced by a small one of the same sign: finite, never NaN. Run
+    is replaced by a small positive one: finite, never NaN. Run
     eagerly, that warns; under torch.compile or torch.export the check,
     which needs the values on the host, is skipped.
     """
+    shift, scale, row_max = unit_row_shift_scale(weight, input_mean, positions_ratio, groups,
+                                                 single_pass)
+    return shift * row_max, scale / row_max
+
+
+def unit_row_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
+                         positions_ratio: float = 1.0, groups: int = 1,
+                         single_pass: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b^, s^, m): b and s of each row divided by its largest |w|, and m, so that
+    b = b^ m and s = s^ / m (b is of degree 1 and s of degree -1 in the row).
+
+    m is a constant (no gradient), so the gradient is unchanged. For a tiny row
+    s overflows the dtype where s^ (w / m + b^), the normalized kernel, does not.
+    Arguments as :func:`equilibrium_shift_scale`.
+    """
     out_channels = weight.shape[0]
-    kernel = weight.reshape(out_channels, weight.shape[1], -1)  # (d, c, jk)
+    row_max = weight.detach().abs().flatten(1).amax(1)
+    row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+    kernel = (weight / row_max.view(-1, *[1] * (weight.dim() - 1))).reshape(
+        out_channels, weight.shape[1], -1)  # (d, c, jk)
     mean = input_mean.to(weight.dtype).reshape(groups, 1, -1)
     mean = mean.expand(-1, out_channels // groups, -1).reshape(out_channels, -1)  # (d, c)
     # A denominator is degenerate when it is tiny next to the same sum taken
     # over absolute values: a threshold with the method's scale invariances.
+    # The floors are differentiated through, as the sums they stand in for: the
+    # gradient stays that of the function computed.
     floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
-    with torch.no_grad():
-        input_floor = floor_scale * mean.abs().sum(1)
-        contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
+    input_floor = floor_scale * mean.abs().sum(1)
+    contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
     input_sum = _guarded(mean.sum(1), input_floor, "the input sum sum_c v_c")
     shift = -(mean * kernel.sum(2)).sum(1) / (kernel.shape[2] * input_sum)
     if single_pass:
@@ -458,14 +478,16 @@ def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
         positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
     contribution = _guarded((mean * positive_sum).sum(1), contribution_floor,
                             "the positive weights' contribution sum_c v_c w'_dc")
-    return shift, positions_ratio / contribution
+    return shift, positions_ratio / contribution, row_max
 
 
 def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
     degenerate = denominator.abs() <= floor
     if not _tracing():  # the check reads values on the host: it cannot be traced
         _warn_degenerate(degenerate, what)
-    fallback = torch.where(denominator < 0, -floor, floor)
+    # Positive: the sign of a (near) zero sum is often rounding noise (a row of one
+    # sign cancels exactly against its shift), and must not flip the output.
+    fallback = floor
     # A zero floor means zero inputs or zero weights: the numerator is zero too.
     fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
     return torch.where(degenerate, fallback, denominator)
@@ -496,7 +518,8 @@ def equi_norm(weight: torch.Tensor, input_mean: torch.Tensor, gain: torch.Tensor
     differentiable in `weight` and `input_mean`; `gain` (out,) is the learned
     length. A conv2d (or linear) with this kernel is the EquiNorm layer.
     """
-    shift, scale = equilibrium_shift_scale(weight, input_mean, positions_ratio, groups,
-                                           single_pass)
+    shift, scale, row_max = unit_row_shift_scale(weight, input_mean, positions_ratio, groups,
+                                                 single_pass)
     per_channel = (-1,) + (1,) * (weight.dim() - 1)
-    return (gain * scale).view(per_channel) * (weight + shift.view(per_channel))
+    unit_rows = weight / row_max.view(per_channel)  # s = s^ / m can overflow: never formed
+    return (gain * scale).view(per_channel) * (unit_rows + shift.view(per_channel))

@@ -18,7 +18,9 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import checks
 from .enorm import ENorm
@@ -91,12 +93,26 @@ def _group_norm(num_features: int, dim: int, num_groups: int | None = None, **kw
     return nn.GroupNorm(num_groups, num_features, **kw)
 
 
+class VectorLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm(C) for (N, C) vectors that also takes (N, C, L) sequences,
+    normalizing each sample over (C, L) as the dim=2 layer norm does over
+    (C, H, W); nn.LayerNorm would normalize over L (or refuse when L != C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            return super().forward(x)
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
+        if self.weight is not None:
+            y = y * self.weight[:, None]
+        return y if self.bias is None else y + self.bias[:, None]
+
+
 def _layer_norm(num_features: int, dim: int, **kw) -> nn.Module:
-    # dim=1 is for (N, C) vectors. Elsewhere layer norm normalizes each sample
-    # over (C, ...) with a per-channel affine: GroupNorm with one group is
-    # exactly that and, unlike nn.LayerNorm, needs no spatial size in advance.
+    # Layer norm normalizes each sample over (C, ...) with a per-channel affine:
+    # for images GroupNorm with one group is exactly that and, unlike
+    # nn.LayerNorm, needs no spatial size in advance.
     if dim == 1:
-        return nn.LayerNorm(num_features, **kw)
+        return VectorLayerNorm(num_features, **kw)
     return nn.GroupNorm(1, num_features, **kw)
 
 
@@ -133,7 +149,8 @@ register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normaliz
                 "normalize each channel with batch statistics (torch)",
                 build=_by_dim(nn.BatchNorm1d, nn.BatchNorm2d)))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
-                "normalize each sample over all its channels (torch)", build=_layer_norm))
+                "normalize each sample over all its channels (torch)", build=_layer_norm,
+                dims={VectorLayerNorm: 1}))
 register(Method("group", "activation", "Wu and He (2018), Group Normalization",
                 "normalize each sample over groups of channels (torch)", build=_group_norm))
 register(Method("instance", "activation",

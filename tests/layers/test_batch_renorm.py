@@ -120,6 +120,23 @@ def test_state_dict_dtypes_and_autocast():
     assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_moved_to_bfloat16_computes_in_float32(training):
+    # Found by tests/test_properties.py: after .to(torch.bfloat16) the float32
+    # kernel met bfloat16 buffers ("mixed dtype (CPU)"), in both modes. The running
+    # statistics stay float32 (the layer keeps its statistics in at least float32).
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    reference = make(BatchRenorm2d, 3).to(torch.bfloat16).double().train(training)
+    layer = make(BatchRenorm2d, 3).to(torch.bfloat16).train(training)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
+    expected = reference(x.bfloat16().double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer, name).double(), getattr(reference, name)
+                                   .bfloat16().double(), rtol=1e-2, atol=1e-2)
+
+
 def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="4-D input"):
         BatchRenorm2d(3)(torch.randn(2, 3))

@@ -333,6 +333,12 @@ def test_bfloat16_training_stays_finite_and_within_the_drift_bound():
     assert int(model[0].steps_since_renorm) == 20  # renormalized at 40 and 80
 
 
+def test_bfloat16_training_at_default_settings_across_renormalizations():
+    model = train_bfloat16_and_check_drift(2 * DEFAULT_RENORM_EVERY + 50)
+    assert int(model[0].steps_since_renorm) == 50
+
+
+@pytest.mark.slow  # about 1 minute quiet, 5 under load: `pytest -m slow` runs it
 def test_bfloat16_training_for_3000_steps_at_default_settings():
     model = train_bfloat16_and_check_drift(3000)
     assert int(model[0].steps_since_renorm) == 3000 % DEFAULT_RENORM_EVERY

@@ -153,9 +153,9 @@ class _EquiNorm(nn.Module, Syncable):
             if self.bias is not None:
                 self.bias.copy_(module.bias)
             self.reset_running_stats()
-            _, scale = functional.equilibrium_shift_scale(self.weight, self.running_mean, 1.0,
-                                                          self.groups, self.single_pass)
-            self.gain.copy_(1 / scale)
+            _, scale, row_max = functional.unit_row_shift_scale(
+                self.weight, self.running_mean, 1.0, self.groups, self.single_pass)
+            self.gain.copy_(row_max / scale)  # 1 / s, finite for tiny rows too
         return self.train(module.training)
 
     @torch.no_grad()

@@ -205,7 +205,7 @@ class _FastNorm(nn.Module):
         # an arbitrary unit row (the function, 0, is kept; no 0/0).
         norms = weight.flatten(1).norm(dim=1).view(self._row_shape())
         unit = torch.full_like(weight, 1 / math.sqrt(weight[0].numel()))
-        self.weight.copy_(torch.where(norms > 0, weight / norms.clamp_min(1e-30), unit))
+        self.weight.copy_(torch.where(norms > 0, weight / torch.where(norms > 0, norms, 1), unit))
         self.gain.copy_(norms.flatten())
         if bias is not None:
             self.bias.copy_(bias)
