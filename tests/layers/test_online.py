@@ -300,7 +300,7 @@ def test_bad_input_and_arguments_raise_clear_errors():
 @pytest.mark.parametrize("name", ["eps", "ls_eps", "clamp_val"])
 @pytest.mark.parametrize("bad", [0.0, -1e-3])
 def test_non_positive_eps_ls_eps_and_clamp_val_raise(name, bad):
-    with pytest.raises(ValueError, match="eps, ls_eps and clamp_val must be > 0"):
+    with pytest.raises(ValueError, match=f"OnlineNorm2d: {name} must be > 0, got {bad}"):
         OnlineNorm2d(3, **{name: bad})
 
 
