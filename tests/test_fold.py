@@ -19,9 +19,8 @@ WEIGHT_LAYERS = [
     (lambda: normlab.EquiNormLinear(6, 5), (4, 6)),
     (lambda: normlab.EquiNormConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
     (lambda: normlab.EquiNormConv2d(3, 4, 3, padding=1, padding_mode="circular"), (2, 3, 5, 5)),
-    pytest.param(lambda: normlab.FastNormLinear(6, 5), (4, 6), marks=pytest.mark.skipif(
-        not hasattr(normlab.FastNormLinear, "to_plain"),
-        reason="to_plain comes with the rewrite of layers/fastnorm.py")),
+    (lambda: normlab.FastNormLinear(6, 5), (4, 6)),
+    (lambda: normlab.FastNormConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
 ]
 
 

@@ -28,10 +28,12 @@ LAYERS = {
     "EquiNormConv2d": (lambda **kw: normlab.EquiNormConv2d(4, 3, 3, stride=2, **kw),
                        (2, 4, 5, 5)),
     "FastNormLinear": (lambda **kw: normlab.FastNormLinear(4, 3, **kw), (6, 4)),
+    "FastNormConv2d": (lambda **kw: normlab.FastNormConv2d(4, 3, 3, padding=1, **kw),
+                       (2, 4, 5, 5)),
 }
-# FastNorm records its training inputs with tensor hooks for FastNormSGD; the
-# lead engineer adds it here with its rewrite (layers/fastnorm.py).
-TRACEABLE = [name for name in LAYERS if not name.startswith("FastNorm")]
+# FastNorm does not compile in one graph yet (dynamo: "Unsupported method call" in
+# layers/fastnorm.py, which its owner is rewriting); it exports.
+COMPILABLE = [name for name in LAYERS if not name.startswith("FastNorm")]
 
 
 def build(name, **factory):
@@ -102,7 +104,7 @@ def assert_compiled_matches_eager(name, training, backend):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("name", TRACEABLE)
+@pytest.mark.parametrize("name", COMPILABLE)
 def test_compiles_in_one_graph_and_matches_eager(name, training):
     assert_compiled_matches_eager(name, training, "aot_eager")
 
@@ -117,7 +119,7 @@ def test_inductor_matches_eager_in_training(name):
     assert_compiled_matches_eager(name, True, "inductor")
 
 
-@pytest.mark.parametrize("name", TRACEABLE)
+@pytest.mark.parametrize("name", LAYERS)
 def test_eval_mode_exports_with_torch_export(name):
     layer, shape = build(name)
     layer.eval()
@@ -141,7 +143,7 @@ class _Side(torch.nn.Module):
 def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees():
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    layers, shapes = zip(*(build(name) for name in TRACEABLE))
+    layers, shapes = zip(*(build(name) for name in LAYERS))
     model = _Side(layers).eval()
     program = torch.onnx.export(model, tuple(inputs(s) for s in shapes), dynamo=True,
                                 verbose=False)
@@ -153,7 +155,7 @@ def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees():
         outs = session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
         with torch.no_grad():
             expected = model(*xs)
-        for name, out, reference in zip(TRACEABLE, outs, expected):
+        for name, out, reference in zip(LAYERS, outs, expected):
             torch.testing.assert_close(torch.from_numpy(out), reference, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")
 
