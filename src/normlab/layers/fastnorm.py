@@ -53,6 +53,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from ..functional import _tracing
+
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
 # over two runs the tracked update cost 0.79-0.90x an explicit norm pass at
 # batch 16 and 1.25-1.76x at 32, so the explicit norm takes over above 16.
@@ -234,7 +236,9 @@ class _FastNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
-        if self._tracking.weight_id != id(weight):
+        if _tracing():
+            pass  # the version bookkeeping is Python state that a traced graph cannot hold
+        elif self._tracking.weight_id != id(weight):
             self._mark_synced()
         elif self._tracking.weight_version != weight._version:
             self._weight_changed_outside()
@@ -243,7 +247,8 @@ class _FastNorm(nn.Module):
         inv_norm_stored = _as(self.inv_norm * row_scale, weight.dtype)
         fused = self.mode == "fused"
         if fused:
-            self._drop_stale_records()
+            if not _tracing():
+                self._drop_stale_records()
             q = self._map(x, weight.detach())
         else:
             q = self._map(x, _LogicalGradient.apply(weight, inv_norm_stored, row_scale))
