@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from .. import checks
 from ..functional import _tracing
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
@@ -152,11 +153,6 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class _FastNorm(nn.Module):
     """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
@@ -165,8 +161,8 @@ class _FastNorm(nn.Module):
 
     def _init_fastnorm(self, weight_shape: tuple[int, ...], bias: bool, mode: str,
                        renorm_every: int | None, renorm_resets_norm: bool, device, dtype):
-        if renorm_every is not None and (not isinstance(renorm_every, int) or renorm_every < 1):
-            raise ValueError(f"renorm_every must be a positive int or None, got {renorm_every!r}")
+        if renorm_every is not None:
+            checks.positive_int(type(self).__name__, "renorm_every (or None)", renorm_every)
         self.mode, self.renorm_every = mode, renorm_every
         self.renorm_resets_norm = bool(renorm_resets_norm)
         factory = {"device": device, "dtype": dtype}
@@ -543,7 +539,7 @@ class FastNormLinear(_FastNorm):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
-            _positive_int(name, value)
+            checks.positive_int("FastNormLinear", name, value)
         self.in_features, self.out_features = in_features, out_features
         self.max_tracked_batch = max_tracked_batch
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
@@ -564,8 +560,7 @@ class FastNormLinear(_FastNorm):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"FastNormLinear expected input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"FastNormLinear expected a floating-point input, got {x.dtype}")
+        checks.floating_point_input("FastNormLinear", x)
 
     def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
@@ -620,7 +615,7 @@ class FastNormConv2d(_FastNorm):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("groups", groups)):
-            _positive_int(name, value)
+            checks.positive_int("FastNormConv2d", name, value)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
                              f"must be divisible by groups ({groups})")
@@ -653,8 +648,7 @@ class FastNormConv2d(_FastNorm):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FastNormConv2d expected input of shape (N, {self.in_channels}, "
                              f"H, W), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"FastNormConv2d expected a floating-point input, got {x.dtype}")
+        checks.floating_point_input("FastNormConv2d", x)
 
     def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
