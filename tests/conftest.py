@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -48,3 +49,14 @@ def require_module(name: str) -> None:
 def needs_sklearn() -> None:
     """scikit-learn, which ships the digits dataset of the fast training tests."""
     require_module("sklearn")
+
+
+# Hypothesis profiles for tests/test_properties.py. "ci" (the default) is small
+# and derandomized, so CI runs the same examples every time and a failure
+# reproduces; NORMLAB_HYPOTHESIS_PROFILE=long searches far more, with fresh
+# random examples on every run.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("long", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.load_profile(os.environ.get("NORMLAB_HYPOTHESIS_PROFILE", "ci"))

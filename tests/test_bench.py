@@ -33,7 +33,8 @@ def test_online_case_times_the_three_shapes_against_batch_norm():
 
 def test_every_case_is_registered():
     assert list(bench.CASES) == ["torch_norms", "online", "batch_renorm", "weight_norm",
-                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync"]
+                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync",
+                                 "fold"]
 
 
 def test_fastnorm_cases_report_every_variant_against_its_baseline():
@@ -64,3 +65,10 @@ def test_sync_case_times_each_synced_norm_against_itself_unsynced_on_two_process
     assert [(r.method, r.baseline) for r in rows] == \
         [(f"{norm} synced", f"{norm} unsynced") for norm in bench.SYNC_NORMS]
     assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
+
+
+def test_fold_case_times_folded_models_against_plain_ones():
+    rows = bench.run(["fold"], min_run_time=0.01)
+    assert [r.method for r in rows] == ["fold(batch)", "fold(online)", "fold(normprop)",
+                                        "fold(equinorm)", "fold(batch)", "fold(batch_renorm)"]
+    assert all(r.baseline == "plain" and r.ratio > 0 for r in rows)

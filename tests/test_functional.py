@@ -57,3 +57,23 @@ def test_row_norms_value_gradient_and_zero_rows():
     norms.sum().backward()
     assert torch.equal(weight.grad[1], torch.zeros(4, dtype=torch.float64))
     assert torch.allclose(weight.grad[0], weight[0] / weight[0].norm())
+
+
+def test_batch_renorm_returns_new_running_statistics_and_leaves_its_inputs():
+    # In place, torch.compile's partitioner may recompute r and d from the updated
+    # buffers in the backward (pytorch/pytorch#197039).
+    from normlab.functional import batch_renorm
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3,
+                                                                             dtype=torch.float64)
+    out, new_mean, new_var = batch_renorm(x, running_mean, running_var, training=True,
+                                          momentum=0.1)
+    assert torch.equal(running_mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(running_var, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(new_mean, 0.1 * x.mean((0, 2)))
+    torch.testing.assert_close(new_var, 0.9 + 0.1 * x.var((0, 2)))
+    # in eval, the statistics pass through
+    _, same_mean, same_var = batch_renorm(x, new_mean, new_var)
+    assert same_mean is new_mean and same_var is new_var

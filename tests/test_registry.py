@@ -31,10 +31,9 @@ def test_unknown_name_lists_valid_names():
 SHAPES = [(1, (4, 12)), (1, (4, 12, 5)), (2, (4, 12, 5, 5))]
 
 
-# layer norm with dim=1 is nn.LayerNorm, for (N, C) vectors only
 @pytest.mark.parametrize("name,dim,shape", [
     (name, dim, shape) for name in ["batch", "layer", "group", "instance"]
-    for dim, shape in SHAPES if not (name == "layer" and len(shape) == 3)])
+    for dim, shape in SHAPES])
 def test_create_normalizes_each_input_shape(name, dim, shape):
     norm = normlab.create(name, 12, dim=dim)
     y = norm(torch.randn(shape) * 3 + 2)
@@ -58,8 +57,9 @@ def reference_group_norm(x, groups, eps=1e-5):
     (name, kw, groups, dim, shape)
     for name, kw, groups in [("group", {}, 24), ("group", {"num_groups": 4}, 4),
                              ("layer", {}, 1), ("instance", {}, 48)]
-    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3))]
-    if not (name == "layer" and len(shape) == 3)])  # nn.LayerNorm: (N, C) vectors only
+    # layer with dim=1 on (N, C, L): found by tests/test_properties.py (nn.LayerNorm
+    # refused it, or normalized over L alone when L == C)
+    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3))]])
 def test_group_layer_and_instance_outputs_match_the_per_sample_reference(name, kw, groups, dim,
                                                                          shape):
     torch.manual_seed(0)
@@ -191,3 +191,28 @@ def test_duplicate_registration_is_refused_and_leaves_the_registry_unchanged(mon
     new = registry.register(registry.Method("identity2", "activation", "-", "another identity",
                                             build=duplicate.build))
     assert registry.get("identity2") is new and normlab.available()[-1] == "identity2"
+
+
+CONVERTIBLE = [name for name in normlab.available() if registry.get(name).family != "rebalancer"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("target", CONVERTIBLE)
+def test_convert_keeps_the_models_dtype_and_mode(target, training, dtype):
+    torch.manual_seed(0)
+    model = small_cnn().to(dtype).train(training)
+    converted = normlab.convert(model, target)
+    assert all(m.training == training for m in converted.modules())
+    assert {p.dtype for p in converted.parameters()} == {dtype}
+    x = torch.rand(4, 3, 8, 8, dtype=dtype)
+    out = converted(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_convert_keeps_the_device_of_a_meta_model():
+    model = small_cnn().to("meta")
+    for target in ("batch_renorm", "online", "group", "weight_norm", "equinorm"):
+        converted = normlab.convert(model, target)
+        assert {t.device.type for t in (*converted.parameters(), *converted.buffers())} == {
+            "meta"}, target

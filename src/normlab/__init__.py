@@ -5,12 +5,14 @@ Example:
     >>> import normlab
     >>> normlab.available()[:3]
     ['none', 'batch', 'layer']
+    >>> bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
     >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
 """
 
-from . import data, models
+from . import data, functional, models
 from .distributed import convert_sync
 from .enorm import ENorm
+from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
@@ -31,6 +33,6 @@ __all__ = [
     "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
     "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
     "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "convert_sync", "create", "data", "models",
+    "convert_sync", "create", "data", "fold", "functional", "models",
 ]
 __version__ = "0.1.0"

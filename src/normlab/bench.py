@@ -26,8 +26,9 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 from torch.utils import benchmark
 
-from . import distributed, models
+from . import distributed, models, registry
 from .enorm import ENorm
+from .fold import fold
 from .layers.batch_renorm import BatchRenorm2d
 from .layers.fastnorm import FastNormSGD, tracked_sq_norms
 from .layers.online import OnlineNorm2d
@@ -197,8 +198,8 @@ def equinorm(min_run_time: float) -> list[Row]:
 
 @case("enorm")
 def enorm(min_run_time: float) -> list[Row]:
-    """One ENorm cycle against one SGD step of fc_cifar(p=15) at batch 256 (seed 003);
-    target <= 0.05x."""
+    """One ENorm cycle against one SGD step of fc_cifar(p=15) at batch 256 (the ENorm
+    reproduction's network); target <= 0.05x."""
     torch.manual_seed(0)
     model = models.fc_cifar(p=15)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -331,6 +332,43 @@ def _lockstep_seconds(step: Callable[[], None], count: int) -> float:
     for _ in range(count):
         step()
     return (time.perf_counter() - start) / count
+
+
+def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def _conv_net(norm: str) -> nn.Module:
+    """conv 3->32 -> norm -> ReLU -> conv 32->64 stride 2 -> norm -> ReLU -> pool -> linear."""
+    layers = []
+    for in_channels, out_channels, stride in ((3, 32, 1), (32, 64, 2)):
+        layers += [nn.Conv2d(in_channels, out_channels, 3, stride, 1),
+                   registry.create(norm, out_channels, 2), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+@case("fold")
+def fold_case(min_run_time: float) -> list[Row]:
+    """Inference (eval, no_grad) of normlab.fold(model) against the same network without
+    normalization (plain nn layers), float32; target <= 1.02x."""
+    torch.manual_seed(0)
+    rows = []
+    x = torch.randn(64, 784)
+    for norm in ("batch", "online", "normprop", "equinorm"):
+        rows.append(compare("fold", "mlp 784-1024-10, batch 64", f"fold({norm})",
+                            _inference(fold(models.mlp(norm)), x), "plain",
+                            _inference(models.mlp("none"), x), min_run_time))
+    images = torch.randn(64, 3, 32, 32)
+    for norm in ("batch", "batch_renorm"):
+        rows.append(compare("fold", "conv net 64x3x32x32", f"fold({norm})",
+                            _inference(fold(_conv_net(norm)), images), "plain",
+                            _inference(_conv_net("none"), images), min_run_time))
+    return rows
 
 
 # -- running -----------------------------------------------------------------

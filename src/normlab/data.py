@@ -60,7 +60,9 @@ def load(name: str, split: str = "train", root: str | os.PathLike | None = None,
     Shapes: mnist (N, 1, 28, 28), cifar10 (N, 3, 32, 32), digits (N, 1, 8, 8).
     Pixels are in [0, 1]; with ``normalize=True`` each channel is shifted and
     scaled by the mean and standard deviation of the *training* split (the
-    same statistics for both splits, as seed 003 section 4.2 explains).
+    same statistics for both splits, as section 4.2 of the anonymous ICLR
+    2019 reproducibility report "Reproducibility of Equi-normalization of
+    Neural Networks" explains).
 
     Example:
         >>> x, y = normlab.data.load("mnist", "test", root="../shared/data")

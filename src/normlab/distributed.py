@@ -32,8 +32,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers.fastnorm import _FastNorm
-
 
 class Syncable:
     """The ``sync`` / ``process_group`` attributes of a layer with batch statistics.
@@ -241,9 +239,12 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     gradient DDP all-reduces; batch-independent layers are left alone.
 
     Example:
-        >>> model = normlab.convert_sync(model)   # after init_process_group
-        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+        >>> model = normlab.convert_sync(normlab.models.cifar_resnet(8, norm="batch_renorm"))
+        >>> # then, after torch.distributed.init_process_group:
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)  # doctest: +SKIP
     """
+    from .layers.fastnorm import _FastNorm  # here: the layers import this module
+
     if isinstance(model, Syncable):
         model.sync, model.process_group = True, process_group
     elif isinstance(model, _FastNorm):

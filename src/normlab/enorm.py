@@ -11,7 +11,8 @@ picks, for every unit at once,
 which with c = 1 minimizes ||D W_k||_p^p + ||W_{k+1} D^-1||_p^p over D: a
 cycle is block-coordinate descent on the p-norm of the weights, decreasing
 monotonically to its unique minimizer. c > 1 shifts weight towards the
-outputs (seed 003 uses c = 1.2).
+outputs (the reproduction of Stock et al. 2019, arXiv:1902.10416, in the
+anonymous ICLR 2019 reproducibility report, uses c = 1.2).
 
 The pairs are read from the model's torch.fx graph (`_find_chains`). A cycle
 needs only the sums of |w|^p per (unit, input unit): the row norms of W_k
@@ -235,7 +236,7 @@ class ENorm:
             rescaled with its row either way, so the function is kept).
         batchnorm: ``"official"`` balances Linear/Conv2d weights across a
             BatchNorm as if it were absent (the official implementation and
-            seed 003's ENorm+BN runs); BatchNorm undoes the row scaling, so
+            the reproducibility report's ENorm+BN runs); BatchNorm undoes the row scaling, so
             the network's function then changes. ``"affine"`` keeps the
             function: BatchNorm's (weight, bias) become the unit's row and the
             layer before the BatchNorm is left alone.
@@ -261,7 +262,8 @@ class ENorm:
         >>> model = normlab.models.fc_cifar(p=3)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         >>> enorm = normlab.ENorm(model, optimizer, c=1.2)
-        >>> loss = F.cross_entropy(model(x), y); loss.backward()
+        >>> x, y = torch.randn(8, 3072), torch.randint(0, 10, (8,))
+        >>> nn.functional.cross_entropy(model(x), y).backward()
         >>> optimizer.step(); enorm.step()
     """
 

@@ -33,7 +33,9 @@ def _apply_weight_norm(model: nn.Module, norm: str, **norm_kw) -> nn.Module:
 
 def mlp(norm: str = "none", hidden: int = 1024, in_features: int = 784,
         num_classes: int = 10, **norm_kw) -> nn.Module:
-    """The 2-layer fully-connected MNIST network of seed 000 (FastNorm).
+    """The 2-layer fully-connected MNIST network of the FastNorm paper (anonymous ICLR 2020
+    submission, "FastNorm: improving numerical stability of neural network training with
+    efficient normalization").
 
     in_features -> hidden -> (norm) -> ReLU -> num_classes. Accepts images
     (N, 1, 28, 28) or flat vectors (N, in_features).
@@ -50,11 +52,13 @@ def mlp(norm: str = "none", hidden: int = 1024, in_features: int = 784,
 
 def fc_cifar(p: int, norm: str = "none", width: int = 500, in_features: int = 3072,
              num_classes: int = 10, bias: bool = False, **norm_kw) -> nn.Module:
-    """The fully-connected CIFAR-10 network of seed 003 (ENorm reproduction).
+    """The fully-connected CIFAR-10 network of Stock et al. (2019, arXiv:1902.10416) as
+    reproduced in the anonymous ICLR 2019 reproducibility report "Reproducibility of
+    Equi-normalization of Neural Networks".
 
     3072 -> width, then `p` intermediary width -> width layers, then
     width -> 10; ReLU after every layer but the last, no biases (``bias=True``
-    adds them, initialized to zero: seed 003's Figure 3), He initialization.
+    adds them, initialized to zero: the report's Figure 3), He initialization.
     Accepts (N, 3, 32, 32) or (N, 3072).
     """
     if p < 0:

@@ -18,8 +18,11 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
+from . import checks
 from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
@@ -99,12 +102,26 @@ def _group_norm(num_features: int, dim: int, num_groups: int | None = None, **kw
     return nn.GroupNorm(num_groups, num_features, **kw)
 
 
+class VectorLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm(C) for (N, C) vectors that also takes (N, C, L) sequences,
+    normalizing each sample over (C, L) as the dim=2 layer norm does over
+    (C, H, W); nn.LayerNorm would normalize over L (or refuse when L != C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            return super().forward(x)
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
+        if self.weight is not None:
+            y = y * self.weight[:, None]
+        return y if self.bias is None else y + self.bias[:, None]
+
+
 def _layer_norm(num_features: int, dim: int, **kw) -> nn.Module:
-    # dim=1 is for (N, C) vectors. Elsewhere layer norm normalizes each sample
-    # over (C, ...) with a per-channel affine: GroupNorm with one group is
-    # exactly that and, unlike nn.LayerNorm, needs no spatial size in advance.
+    # Layer norm normalizes each sample over (C, ...) with a per-channel affine:
+    # for images GroupNorm with one group is exactly that and, unlike
+    # nn.LayerNorm, needs no spatial size in advance.
     if dim == 1:
-        return nn.LayerNorm(num_features, **kw)
+        return VectorLayerNorm(num_features, **kw)
     return nn.GroupNorm(1, num_features, **kw)
 
 
@@ -141,7 +158,8 @@ register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normaliz
                 "normalize each channel with batch statistics (torch)",
                 build=_by_dim(nn.BatchNorm1d, nn.BatchNorm2d)))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
-                "normalize each sample over all its channels (torch)", build=_layer_norm))
+                "normalize each sample over all its channels (torch)", build=_layer_norm,
+                dims={VectorLayerNorm: 1}))
 register(Method("group", "activation", "Wu and He (2018), Group Normalization",
                 "normalize each sample over groups of channels (torch)", build=_group_norm))
 register(Method("instance", "activation",
@@ -182,8 +200,8 @@ register(Method("fastnorm", "weight",
                 replaces={nn.Linear: FastNormLinear, nn.Conv2d: FastNormConv2d},
                 optimizer=FastNormSGD))
 register(Method("equinorm", "weight",
-                "Anonymous (2019), Controlling covariate shift using equilibrium normalization "
-                "of weights (ICLR submission)",
+                "Defazio and Bottou (2018), Controlling covariate shift using equilibrium "
+                "normalization of weights, arXiv:1812.04549",
                 "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
                 replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
 
@@ -216,13 +234,17 @@ def get(name: str) -> Method:
 def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
     """Build the activation normalizer `name` for `num_features` channels.
 
-    `dim` is 1 for inputs of shape (N, C) or (N, C, L) and 2 for (N, C, H, W).
-    Extra keywords go to the layer (for example ``num_groups`` for ``group``,
-    which defaults to 32 or the largest divisor of num_features below it).
+    Args:
+        name: an activation normalizer of :func:`available`.
+        num_features: C, the channels normalized.
+        dim: 1 for inputs of shape (N, C) or (N, C, L), 2 for (N, C, H, W).
+        **kw: to the layer (for example ``num_groups`` for ``group``, which
+            defaults to 32 or the largest divisor of num_features below it;
+            ``device`` and ``dtype``).
 
     Example:
         >>> normlab.create("group", 64, num_groups=8)
-        GroupNorm(8, 64, eps=1e-05, affine=True)
+        GroupNorm(8, 64, eps=1e-05, affine=True...)
     """
     method = get(name)
     if method.family != "activation":
@@ -233,8 +255,7 @@ def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
     if dim not in (1, 2):
         raise ValueError(f"dim must be 1 (for (N, C[, L]) inputs) or 2 (for (N, C, H, W)); "
                          f"got {dim!r}")
-    if not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    checks.positive_int(f"create({name!r})", "num_features", num_features)
     return method.build(num_features, dim, **kw)
 
 
@@ -256,6 +277,14 @@ def _num_features(norm: nn.Module) -> int:
         if hasattr(norm, attr):
             return getattr(norm, attr)
     return norm.normalized_shape[0]
+
+
+def _factory_kw(module: nn.Module) -> dict:
+    """The device and dtype of `module`'s first floating-point tensor ({} if it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
 
 
 def _copy_affine(source: nn.Module, target: nn.Module) -> None:
@@ -280,10 +309,21 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
       moment) and the activation normalizers become nn.Identity, unless
       ``keep_activation_norm=True``.
 
-    Extra keywords go to the new layers. The input model is not modified.
+    Each new layer is built on the device and in the dtype of the layer it
+    replaces (of the model, for a layer without parameters or buffers) and
+    takes its training mode. The input model is not modified.
+
+    Args:
+        model: the model to copy.
+        name: a method of :func:`available` (not a rebalancer).
+        keep_activation_norm: weight target: keep the activation normalizers.
+        dim: activation target: the dim of GroupNorm layers (1 or 2; default 2).
+        **kw: to each new layer.
 
     Example:
-        >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
+        >>> bn_model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        >>> normlab.convert(bn_model, "group", num_groups=8)[1]
+        GroupNorm(8, 16, eps=1e-05, affine=True...)
     """
     method = get(name)
     if method.family == "rebalancer":
@@ -292,6 +332,7 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
             f"layer; use normlab.{getattr(method.build, '__name__', name)}(model, optimizer)"
         )
     model = copy.deepcopy(model)
+    model_factory = _factory_kw(model)
     norm_dims = _activation_norm_dims()
     first_weight_layer = True
 
@@ -303,7 +344,8 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
                 if method.family == "activation":
                     child_dim = dim if isinstance(child, nn.GroupNorm) and dim else \
                         norm_dims[type(child)]
-                    new = create(name, _num_features(child), child_dim, **kw)
+                    factory = _factory_kw(child) or model_factory
+                    new = create(name, _num_features(child), child_dim, **{**factory, **kw})
                     _copy_affine(child, new)
                 elif not keep_activation_norm:
                     new = nn.Identity()
@@ -315,7 +357,7 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
             if method.family == "weight" and isinstance(child, (nn.Linear, nn.Conv2d)):
                 first_weight_layer = False
             if new is not None:
-                setattr(parent, child_name, new)
+                setattr(parent, child_name, new.train(child.training))
             else:
                 swap(child)
 

@@ -50,7 +50,7 @@ def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float
     """The learning rate before optimizer step `step` (0-based) of `total_steps`.
 
     ``linear`` decays to 0; ``step`` divides by 10 at 50% and again at 75% of
-    training (epochs 150 and 225 of 300 in seed 004).
+    training (epochs 150 and 225 of 300 in Defazio and Bottou, arXiv:1812.04549).
     """
     if schedule == "linear":
         return lr * (1 - step / total_steps)
@@ -68,8 +68,9 @@ class TrainConfig:
     evaluations (0: at the end of each epoch). `train_limit`/`test_limit`
     keep the first samples of each split (quick modes). `dtype` is the dtype
     of the parameters and inputs. `standardize` shifts and scales each input
-    channel by the training split's statistics; EquiNorm's paper (seed 004
-    section 5.2) recommends against it, its first layer assuming positive inputs.
+    channel by the training split's statistics; EquiNorm's paper (Defazio and
+    Bottou, arXiv:1812.04549, section 5.2) recommends against it, its first
+    layer assuming positive inputs.
     """
 
     task: str = "mnist-mlp"

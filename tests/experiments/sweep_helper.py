@@ -41,6 +41,14 @@ def dying_probe(seed: int, marker: str) -> list[dict]:
     return points(seed)
 
 
+def progress_probe(seed: int) -> list[dict]:
+    """Opens a progress bar, as training does: tqdm's lock is a semaphore of the worker."""
+    from tqdm import tqdm
+
+    tqdm(total=1, disable=True).close()
+    return [{"point": 0, "value": seed}]
+
+
 def failing_probe(seed: int) -> list[dict]:
     raise RuntimeError(f"probe failed on purpose (seed {seed})")
 

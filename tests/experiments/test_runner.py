@@ -167,3 +167,19 @@ def test_an_interrupted_sweep_stops_its_busy_workers_at_once(tmp_path):
     for pid in (int(p.name) for p in pid_dir.iterdir()):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_finished_sweep_leaves_no_leaked_semaphore(tmp_path):
+    # Workers terminated instead of shut down leave their semaphores (tqdm's
+    # lock) to multiprocessing's resource tracker, which warns at exit.
+    code = ("import sys, sweep_helper\n"
+            "from normlab.experiments import Probe, Store, run_sweep\n"
+            "if __name__ == '__main__':\n"
+            "    jobs = [Probe(sweep_helper.progress_probe, seed) for seed in range(2)]\n"
+            "    with Store.in_folder(sys.argv[1]) as store:\n"
+            "        run_sweep(jobs, store, workers=2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "leaked semaphore" not in result.stderr

@@ -42,9 +42,11 @@ def test_matches_reference_in_output_gradients_and_running_stats(cls, shape):
     out = layer(x)
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    params = (layer.weight, layer.bias)
+    grads = torch.autograd.grad(out, (x, *params), grad)
+    expected_grads = torch.autograd.grad(expected, (x_ref, *params), grad)
+    for name, got, want in zip(("x", "weight", "bias"), grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), name
     axes = [0] + list(range(2, x.dim()))
     assert torch.allclose(layer.running_mean, 0.9 * mean0 + 0.1 * x.detach().mean(axes))
     assert torch.allclose(layer.running_var, 0.9 * var0 + 0.1 * x.detach().var(axes))
@@ -118,6 +120,23 @@ def test_state_dict_dtypes_and_autocast():
     assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_moved_to_bfloat16_computes_in_float32(training):
+    # Found by tests/test_properties.py: after .to(torch.bfloat16) the float32
+    # kernel met bfloat16 buffers ("mixed dtype (CPU)"), in both modes. The running
+    # statistics stay float32 (the layer keeps its statistics in at least float32).
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    reference = make(BatchRenorm2d, 3).to(torch.bfloat16).double().train(training)
+    layer = make(BatchRenorm2d, 3).to(torch.bfloat16).train(training)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
+    expected = reference(x.bfloat16().double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer, name).double(), getattr(reference, name)
+                                   .bfloat16().double(), rtol=1e-2, atol=1e-2)
+
+
 def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="4-D input"):
         BatchRenorm2d(3)(torch.randn(2, 3))
@@ -135,6 +154,18 @@ def test_registry_and_convert():
     converted = normlab.convert(model, "batch_renorm", r_max=1.0)
     assert isinstance(converted[1], BatchRenorm2d) and converted[1].r_max == 1.0
     assert converted(torch.randn(2, 3, 5, 5)).shape == (2, 4, 3, 3)
+
+
+def test_saves_for_backward_what_batch_norm_saves_plus_per_channel_constants():
+    from normlab.experiments.memory import saved_bytes
+
+    channels = 8
+    x = torch.randn(4, channels, 6, 6, requires_grad=True)
+    renorm, batch_norm = saved_bytes(BatchRenorm2d(channels), x), saved_bytes(
+        nn.BatchNorm2d(channels), x)
+    assert batch_norm >= x.numel() * x.element_size()
+    # beyond BatchNorm's input and statistics: r and d, one float per channel each
+    assert renorm <= batch_norm + 2 * channels * x.element_size(), (renorm, batch_norm)
 
 
 def branch_batch():

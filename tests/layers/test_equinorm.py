@@ -8,12 +8,8 @@ from torch.nn import functional as F
 
 import normlab
 from normlab import models
-from normlab.layers.equinorm import (
-    EquiNormConv2d,
-    EquiNormLinear,
-    balance_signs_,
-    equilibrium_shift_scale,
-)
+from normlab.functional import equilibrium_shift_scale
+from normlab.layers.equinorm import EquiNormConv2d, EquiNormLinear, balance_signs_
 
 
 def reference_weight(x, w, stride, out_hw, single_pass, groups=1):
@@ -224,6 +220,77 @@ def test_degenerate_channel_warns_and_stays_finite(single_pass):
     with pytest.warns(RuntimeWarning, match="input sum"):
         y_zero = layer(torch.zeros(4, 2, 5, 5))
     torch.testing.assert_close(y_zero, layer.bias.detach().view(1, 3, 1, 1).expand_as(y_zero))
+
+
+def test_fallback_does_not_flip_with_the_rows_scale():
+    # Found by tests/test_properties.py: a row of one sign cancels its shift to
+    # rounding noise, whose sign chose the fallback's: scaling the row by 10
+    # flipped the channel's output (EquiNormLinear(3, 3), eval, row 0.31, 0.47, 0.13).
+    row = torch.tensor([[0.31, 0.47, 0.13]], dtype=torch.float64)
+    mean = torch.ones(3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="contribution"):
+        scales = [equilibrium_shift_scale(row * factor, mean, 1.0)[1] * factor
+                  for factor in (1, 3, 7, 10)]
+    for scale in scales:
+        torch.testing.assert_close(scale, scales[0])
+
+
+def test_gradient_is_exact_where_a_denominator_falls_back():
+    # Found by tests/test_properties.py: the fallback denominators had no
+    # gradient, so a channel whose weights share one sign got a weight gradient
+    # that was not its output's (not orthogonal to its row, though the output
+    # is invariant to the row's scale).
+    weight = torch.tensor([[-0.07, -0.46, -0.2], [0.4, -0.3, 0.1]], dtype=torch.float64,
+                          requires_grad=True)
+    mean = torch.tensor([0.5, 1.5, 0.7], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"output channel\(s\) \[0\]"):  # single-pass
+        assert torch.autograd.gradcheck(lambda w: equilibrium_shift_scale(w, mean, 1.0),
+                                        (weight,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_rows_give_finite_outputs_and_gradients(dtype):
+    # Found by tests/test_properties.py: a row of weights near 1e-33 in float32
+    # made 1 / contribution^2 overflow in backward: NaN weight gradients.
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        linear.weight[0] = torch.tensor([3e-33, -1e-33, 2e-33])
+    reference = EquiNormLinear.from_module(linear.double())
+    layer = EquiNormLinear.from_module(linear.to(dtype))
+    x = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    projection = torch.randn(4, 2, dtype=torch.float64)
+    out = layer(x.to(dtype))
+    (out * projection.to(dtype)).sum().backward()
+    expected = reference(x)
+    (expected * projection).sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=0,
+                               atol=2e-2 * expected.abs().max().item())
+    for param in (layer.weight, layer.gain):
+        assert torch.isfinite(param.grad).all()
+    # the healthy row's gradient as in float64
+    torch.testing.assert_close(layer.weight.grad[1].double(), reference.weight.grad[1],
+                               rtol=0, atol=2e-2 * reference.weight.grad[1].abs().max().item())
+
+
+def test_tiny_row_whose_scale_exceeds_float32_stays_finite():
+    # Found by tests/test_properties.py: for a float32 row near 4e-34, batch
+    # statistics can make s = 1 / sum_c m_c w'_dc exceed float32 (inf), and
+    # gain * s * (w + b) gave NaN outputs; s^ (w / max|w| + b^) does not overflow.
+    linear = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[2.0510e-34, 4.1175e-34]]))
+    x = torch.tensor([[0.0154, -0.0029], [0.003, 0.011]], dtype=torch.float64)
+    outputs = []
+    for dtype in (torch.float32, torch.float64):
+        layer = EquiNormLinear.from_module(linear.to(dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # one-signed row: single-pass fallback
+            out = layer(x.to(dtype))
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(layer.weight.grad).all()
+        outputs.append(out.double())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-3, atol=0)
 
 
 def test_healthy_layer_does_not_warn():

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.layers.online import OnlineNorm1d, OnlineNorm2d, linear_scan
+from normlab.functional import linear_scan
+from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
 
 
 def reference_stream(layer, batches, grads):
@@ -299,7 +300,7 @@ def test_bad_input_and_arguments_raise_clear_errors():
 @pytest.mark.parametrize("name", ["eps", "ls_eps", "clamp_val"])
 @pytest.mark.parametrize("bad", [0.0, -1e-3])
 def test_non_positive_eps_ls_eps_and_clamp_val_raise(name, bad):
-    with pytest.raises(ValueError, match="eps, ls_eps and clamp_val must be > 0"):
+    with pytest.raises(ValueError, match=f"OnlineNorm2d: {name} must be > 0, got {bad}"):
         OnlineNorm2d(3, **{name: bad})
 
 
@@ -320,7 +321,7 @@ def test_reset_running_stats_clears_the_control_process_after_a_backward():
 def test_repr_and_reset():
     layer = OnlineNorm2d(3, ecm="ls")
     assert repr(layer) == ("OnlineNorm2d(3, alpha_fwd=0.999, alpha_bkw=0.99, eps=1e-05, "
-                           "affine=True, ecm='ls')")
+                           "affine=True, ecm='ls', ls_eps=1e-05, clamp_val=5.0)")
     layer(torch.randn(2, 3, 2, 2) + 3)
     layer.reset_parameters()
     assert layer.running_mean.abs().sum() == 0 and torch.equal(layer.running_var, torch.ones(3))
@@ -338,18 +339,23 @@ def test_registry_create_and_convert_cnn():
     assert normlab.OnlineNorm1d is OnlineNorm1d
 
 
-def saved_tensor_bytes(module, x):
-    """Bytes of the distinct tensors autograd keeps for the backward of module(x)."""
+def saved_tensors(module, x):
+    """The distinct tensors (one per storage) autograd keeps for the backward of module(x)."""
     saved = {}
 
     def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        saved[tensor.untyped_storage().data_ptr()] = tensor
         return tensor
 
     x = x.clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         module(x)
-    return sum(saved.values())
+    return list(saved.values())
+
+
+def saved_tensor_bytes(module, x):
+    """Bytes of the distinct tensors autograd keeps for the backward of module(x)."""
+    return sum(t.untyped_storage().nbytes() for t in saved_tensors(module, x))
 
 
 def test_backward_keeps_one_activation_sized_tensor_like_batch_norm():
@@ -360,3 +366,14 @@ def test_backward_keeps_one_activation_sized_tensor_like_batch_norm():
     assert activation <= batch_norm < 1.1 * activation
     # the normalized output, plus three float64 scalars per (sample, channel)
     assert online <= batch_norm + 3 * 8 * 8 * 16
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_saves_one_activation_sized_tensor_plus_per_sample_channel_scalars(affine):
+    samples, channels = 4, 3
+    x = torch.randn(samples, channels, 5, 5)
+    saved = saved_tensors(OnlineNorm2d(channels, affine=affine), x)
+    sizes = sorted(t.numel() for t in saved)
+    # the normalized output y; the rest (statistics, weight, bias) at most one per (n, c)
+    assert sizes[-1] == x.numel() and sizes[-2] <= samples * channels, [tuple(t.shape)
+                                                                       for t in saved]

@@ -22,8 +22,11 @@ no gradients, no optimizer state, no workspace. GB means 10^9 bytes.
 
 Example:
     >>> from normlab.experiments import memory
-    >>> print(memory.table())                      # the poster's table, ours beside it
-    >>> memory.activation_bytes(memory.resnet50(), (1, 3, 224, 224))
+    >>> table = memory.table()  # the poster's table, ours beside it
+    >>> with torch.device("meta"):
+    ...     model = memory.resnet50()
+    >>> memory.activation_bytes(model, (1, 3, 224, 224))
+    86121984
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ class LocalPool(Executor):
     def __init__(self, workers: int | None = None):
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._drained = False  # every submitted job finished
 
     def start(self, job_count: int) -> None:
         workers = max(1, min(self.workers or os.cpu_count() or 1, job_count))
@@ -129,6 +130,7 @@ class LocalPool(Executor):
         # (any earlier torch work) can hang in its first parallel region.
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_init_worker, initargs=(threads,))
+        self._drained = False
 
     def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
         job_of = {self._pool.submit(execute, job, data_dir): job for job in jobs}
@@ -138,11 +140,17 @@ class LocalPool(Executor):
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     yield job_of[future], future.result()
+            self._drained = True
         except BrokenProcessPool as err:
             raise Interrupted(f"{type(err).__name__}: {err}") from err
 
     def stop(self) -> None:
         if self._pool is None:
+            return
+        if self._drained:  # idle workers exit and release what they hold; terminated, they
+            # would leave their semaphores (tqdm's lock) to the resource tracker's warning
+            self._pool.shutdown(wait=True)
+            self._pool = None
             return
         # Unfinished runs are simply rerun later. No public way to stop busy
         # workers exists before Python 3.14 (terminate_workers), and shutdown
@@ -227,12 +235,12 @@ class RayCluster(Executor):
 
 
 def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_dir=None,
-              log_path=None, label: str = "sweep", stream=sys.stderr,
+              log_path=None, label: str = "sweep", stream=None,
               executor: Executor | None = None) -> dict:
     """Run the jobs not yet finished in `store`; returns counts by status.
 
     Jobs run on `executor` (default: a `LocalPool` of `workers` processes).
-    Progress (runs done / total, ETA) goes to `stream`: one line updated in
+    Progress (runs done / total, ETA) goes to `stream` (None: sys.stderr): one line updated in
     place on a terminal, one line per finished run otherwise. One line per
     finished run goes to `log_path`. Raises `Interrupted` when stopped early;
     every run finished before that is in the store.
@@ -241,7 +249,8 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
     finished = store.finished_keys()
     pending = [job for job in unique if job.key() not in finished]
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": len(unique) - len(pending)}
-    progress = _Progress(label, len(unique), counts["skipped"], stream)
+    # sys.stderr as it is now, not at import (pytest's capture, a redirect, may have closed it)
+    progress = _Progress(label, len(unique), counts["skipped"], stream or sys.stderr)
     if not pending:
         progress.finish()
         return counts

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..distributed import global_batch_norm
+from .. import checks, functional
 from .channel_norm import ChannelNorm
 
 
 class _BatchRenorm(ChannelNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
                  r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, *,
-                 sync: bool = False, process_group=None):
-        super().__init__(num_features, affine, sync, process_group)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+                 sync: bool = False, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, affine, sync, process_group, device, dtype)
+        checks.in_interval(type(self).__name__, "eps", eps, "(0, inf)")
+        checks.in_interval(type(self).__name__, "momentum", momentum, "[0, 1]")
         self.eps, self.momentum = eps, momentum
         self.r_max, self.d_max = r_max, d_max  # plain attributes: training loops ramp them
         self._check_limits()
         self.reset_parameters()
 
     def _check_limits(self) -> None:
-        if self.r_max < 1 or self.d_max < 0:
-            raise ValueError(f"r_max must be >= 1 and d_max >= 0, got r_max={self.r_max}, "
-                             f"d_max={self.d_max}")
+        checks.in_interval(type(self).__name__, "r_max", self.r_max, "[1, inf)")
+        checks.in_interval(type(self).__name__, "d_max", self.d_max, "[0, inf)")
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -35,36 +31,18 @@ class _BatchRenorm(ChannelNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        # Low-precision inputs are normalized in float32; the statistics stay float32.
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        weight = torch.ones_like(self.running_mean) if self.weight is None else self.weight
-        bias = torch.zeros_like(self.running_mean) if self.bias is None else self.bias
-        with torch.autocast(x.device.type, enabled=False):
-            if not self.training:
-                return nn.functional.batch_norm(work, self.running_mean, self.running_var,
-                                                weight, bias, False, 0.0, self.eps).to(x.dtype)
+        if self.training:
             self._check_limits()
-            sigma = (self.running_var + self.eps).sqrt()
-            running_mean = self.running_mean.clone()
-            # torch's batch-norm kernel: x^ with the batch statistics, which it returns
-            # without gradient (r and d are constants of the backward pass, as in the
-            # paper), and the running statistics updated with `momentum`.
-            group = self.sync_group() if self.sync else None
-            if group is None:
-                if x.numel() // x.shape[1] < 2:
-                    raise ValueError(f"{type(self).__name__} needs more than 1 value per channel "
-                                     f"in training, got shape {tuple(x.shape)}")
-                x_hat, batch_mean, batch_inv_std = torch.native_batch_norm(
-                    work, None, None, self.running_mean, self.running_var, True, self.momentum,
-                    self.eps)
-            else:  # the same, over the global batch of the process group
-                x_hat, batch_mean, batch_inv_std = global_batch_norm(
-                    work, self.running_mean, self.running_var, self.momentum, self.eps, group)
-            r = (1 / (batch_inv_std * sigma)).clamp(1 / self.r_max, self.r_max)
-            d = ((batch_mean - running_mean) / sigma).clamp(-self.d_max, self.d_max)
-            out = torch.addcmul((d * weight + bias).view(view), x_hat, (r * weight).view(view))
-        return out.to(x.dtype)
+        group = self.sync_group() if self.training else None
+        if self.training and group is None and x.numel() // x.shape[1] < 2:
+            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
+                             f"training, got shape {tuple(x.shape)}")
+        out, running_mean, running_var = functional.batch_renorm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self.momentum, self.eps, self.r_max, self.d_max, process_group=group)
+        if self.training:  # new tensors rather than in-place updates: see batch_renorm
+            self.running_mean, self.running_var = running_mean, running_var
+        return out
 
 
 class BatchRenorm1d(_BatchRenorm):
@@ -90,6 +68,8 @@ class BatchRenorm1d(_BatchRenorm):
         momentum: the running statistics' update rate. Default: 0.01.
         r_max, d_max: the clipping limits. Defaults: 3.0, 5.0.
         affine: learnable per-channel ``weight`` and ``bias``. Default: True.
+        device, dtype: of the parameters; the running statistics are kept in
+            at least float32.
         sync: under DistributedDataParallel, take the batch statistics over the
             global batch of `process_group` (None: the world group), as
             :class:`torch.nn.SyncBatchNorm` does; see `normlab.convert_sync`.
@@ -112,6 +92,11 @@ class BatchRenorm2d(_BatchRenorm):
     r"""Batch Renormalization over (N, C, H, W) inputs (Ioffe 2017).
 
     The math of :class:`BatchRenorm1d`, with the statistics over N, H and W.
+
+    Args:
+        num_features: C.
+        eps, momentum, r_max, d_max, affine, device, dtype: as
+            :class:`BatchRenorm1d`.
 
     Shape:
         - Input: (N, C, H, W)

@@ -1,4 +1,7 @@
-"""Equilibrium Normalization (EquiNorm, seed 004): drop-in Linear and Conv2d layers.
+"""Equilibrium Normalization (EquiNorm): drop-in Linear and Conv2d layers.
+
+Defazio and Bottou, "Controlling covariate shift using equilibrium
+normalization of weights", arXiv:1812.04549 (ICLR 2019 submission).
 
 EquiNorm normalizes the *weights* with statistics of the *input*: per output
 channel d it shifts the kernel by b_d and scales it by s_d so that, over the
@@ -16,85 +19,26 @@ size and image size.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from .. import checks, functional
 from ..distributed import RankSlice, Syncable, all_reduce_sum
-
-
-def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
-                            positions_ratio: float, groups: int = 1, single_pass: bool = True
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """b and s of seed 004 section 4 (w'' = s (w + b)), with v_c = N H W m_c, r = N H W r_bar.
-
-    With w_dc = sum_jk w_dcjk and K the kernel size (kh kw)::
-
-        b_d   = -sum_c m_c w_dc / (K sum_c m_c)
-        w'_dc = sum_jk (w_dcjk + b_d) [w_dcjk + b_d > 0]              (two-pass)
-              = sum_jk w_dcjk [w_dcjk > 0] + b_d #{jk: w_dcjk > 0}     (single-pass)
-        s_d   = r_bar / sum_c m_c w'_dc
-
-    Args:
-        weight: (out, in / groups, *kernel); a Linear weight (out, in) is the 1x1 case.
-        input_mean: (in,), m_c, the mean of each input channel.
-        positions_ratio: r_bar = H_out W_out stride_h stride_w / (H W); 1 for a Linear.
-        groups: output channel d sees the input channels of its group only.
-        single_pass: the one-pass approximation (signs assumed unchanged by b).
-
-    Returns:
-        (b, s), each of shape (out,).
-
-    A denominator that is (near) zero, which the paper excludes by assumption,
-    is replaced by a small one of the same sign with a warning: finite, never NaN.
-    """
-    out_channels = weight.shape[0]
-    kernel = weight.reshape(out_channels, weight.shape[1], -1)  # (d, c, jk)
-    mean = input_mean.to(weight.dtype).reshape(groups, 1, -1)
-    mean = mean.expand(-1, out_channels // groups, -1).reshape(out_channels, -1)  # (d, c)
-    # A denominator is degenerate when it is tiny next to the same sum taken
-    # over absolute values: a threshold with the method's scale invariances.
-    floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
-    with torch.no_grad():
-        input_floor = floor_scale * mean.abs().sum(1)
-        contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
-    input_sum = _guarded(mean.sum(1), input_floor, "the input sum sum_c v_c")
-    shift = -(mean * kernel.sum(2)).sum(1) / (kernel.shape[2] * input_sum)
-    if single_pass:
-        positive = kernel > 0
-        positive_sum = (kernel * positive).sum(2) + shift[:, None] * positive.sum(2)
-    else:
-        positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
-    contribution = _guarded((mean * positive_sum).sum(1), contribution_floor,
-                            "the positive weights' contribution sum_c v_c w'_dc")
-    return shift, positions_ratio / contribution
-
-
-def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch.Tensor:
-    degenerate = denominator.abs() <= floor
-    if degenerate.any():
-        warnings.warn(
-            f"EquiNorm: {what} is (near) zero for output channel(s) "
-            f"{degenerate.nonzero().flatten().tolist()}: the channel's weights all share one "
-            f"sign after the shift, or its inputs are zero or cancel (seed 004 assumes "
-            f"non-negative inputs and mixed-sign kernels); using a small denominator instead",
-            RuntimeWarning, stacklevel=2)
-    fallback = torch.where(denominator < 0, -floor, floor)
-    # A zero floor means zero inputs or zero weights: the numerator is zero too.
-    fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
-    return torch.where(degenerate, fallback, denominator)
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Resample the signs of each output channel whose weights all share one sign, in place.
 
-    Seed 004 section 5.2: the denominator of s vanishes when a channel's weights
-    are all positive (or all negative); starting every channel with both signs
-    avoids it. Magnitudes are kept.
+    The paper's section 5.2: the denominator of s vanishes when a channel's
+    weights are all positive (or all negative); starting every channel with
+    both signs avoids it. Magnitudes are kept. A meta tensor has no values:
+    it is left alone (``reset_parameters`` after ``to_empty`` balances it).
     """
+    if weight.is_meta:
+        return weight
     rows = weight.detach().view(weight.shape[0], -1)
     if rows.shape[1] < 2:
         raise ValueError(f"EquiNorm needs at least 2 weights per output channel to mix signs; "
@@ -111,8 +55,9 @@ class _EquiNorm(nn.Module, Syncable):
     """What EquiNormLinear and EquiNormConv2d share: parameters, statistics, forward.
 
     A subclass sets the weight shape and says how its input is read
-    (`_check_input`, `_positions_ratio`, `_stat_dims`) and which map applies the
-    weight (`_apply_weight`).
+    (`_check_input`, `_positions_ratio_at` its spatial size, `_stat_dims`),
+    which map applies the weight (`_apply_weight`) and which torch layer
+    that map is (`_plain_layer`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, weight_shape: tuple[int, ...],
@@ -121,10 +66,9 @@ class _EquiNorm(nn.Module, Syncable):
         super().__init__()
         self._init_sync(sync, process_group)
         factory = {"device": device, "dtype": dtype}
-        if not 0 < stat_fraction <= 1:
-            raise ValueError(f"stat_fraction must be in (0, 1], got {stat_fraction!r}")
-        if not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        owner = type(self).__name__
+        checks.in_interval(owner, "stat_fraction", stat_fraction, "(0, 1]")
+        checks.in_interval(owner, "momentum", momentum, "[0, 1]")
         if math.prod(weight_shape[1:]) < 2:
             raise ValueError(f"EquiNorm needs at least 2 weights per output channel "
                              f"(in_channels / groups x kernel size >= 2); got weight shape "
@@ -165,11 +109,10 @@ class _EquiNorm(nn.Module, Syncable):
                 self.running_mean.lerp_(input_mean.to(self.running_mean.dtype), self.momentum)
         else:
             input_mean = self.running_mean
-        shift, scale = equilibrium_shift_scale(self.weight, input_mean, self._positions_ratio(x),
-                                               self.groups, self.single_pass)
         # The gain folds into the weight: the affine costs nothing per activation.
-        per_channel = (-1,) + (1,) * (self.weight.dim() - 1)
-        weight = (self.gain * scale).view(per_channel) * (self.weight + shift.view(per_channel))
+        weight = functional.equi_norm(self.weight, input_mean, self.gain,
+                                      self._positions_ratio_at(tuple(x.shape[2:])), self.groups,
+                                      self.single_pass)
         return self._apply_weight(x, weight)
 
     def _global_input_mean(self, x: torch.Tensor, dtype: torch.dtype, group) -> torch.Tensor:
@@ -187,9 +130,7 @@ class _EquiNorm(nn.Module, Syncable):
         return sums[:-1] / sums[-1]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__}: expected a floating-point input, "
-                            f"got dtype {x.dtype}")
+        checks.floating_point_input(type(self).__name__, x)
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the "
                             f"weight dtype {self.weight.dtype} (convert one, or use autocast)")
@@ -212,10 +153,29 @@ class _EquiNorm(nn.Module, Syncable):
             if self.bias is not None:
                 self.bias.copy_(module.bias)
             self.reset_running_stats()
-            _, scale = equilibrium_shift_scale(self.weight, self.running_mean, 1.0, self.groups,
-                                               self.single_pass)
-            self.gain.copy_(1 / scale)
+            _, scale, row_max = functional.unit_row_shift_scale(
+                self.weight, self.running_mean, 1.0, self.groups, self.single_pass)
+            self.gain.copy_(row_max / scale)  # 1 / s, finite for tiny rows too
         return self.train(module.training)
+
+    @torch.no_grad()
+    def to_plain(self, input_size: tuple[int, int] | None = None) -> nn.Linear | nn.Conv2d:
+        """The torch layer computing this layer's evaluation-mode function (for fold).
+
+        Its kernel is the one the forward applies in evaluation, from
+        ``running_mean``. A convolution whose output size is not its input
+        size (stride or padding) has a kernel that depends on the input's
+        (H, W) (through r): pass `input_size`, and the plain layer is exact
+        at that size only.
+        """
+        ratio = self._positions_ratio_at(input_size)
+        kernel = functional.equi_norm(self.weight, self.running_mean, self.gain, ratio,
+                                      self.groups, self.single_pass)
+        plain = self._plain_layer()
+        plain.weight.copy_(kernel)
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain.train(self.training)
 
     def _extra_repr_tail(self) -> str:
         return (f"bias={self.bias is not None}, single_pass={self.single_pass}, "
@@ -224,7 +184,7 @@ class _EquiNorm(nn.Module, Syncable):
 
 
 class EquiNormLinear(_EquiNorm):
-    r"""A Linear layer with Equilibrium Normalization of its weights (seed 004).
+    r"""A Linear layer with Equilibrium Normalization of its weights.
 
     The 1x1, single-position case of :class:`EquiNormConv2d`: with m_c the
     mean of input feature c over the batch (or its first `stat_fraction`)::
@@ -261,6 +221,8 @@ class EquiNormLinear(_EquiNorm):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
                  sync: bool = False, process_group=None, device=None, dtype=None):
+        checks.positive_int(type(self).__name__, "in_features", in_features)
+        checks.positive_int(type(self).__name__, "out_features", out_features)
         super().__init__(in_features, out_features, (out_features, in_features), 1, bias,
                          single_pass, stat_fraction, momentum, sync, process_group, device,
                          dtype)
@@ -282,8 +244,12 @@ class EquiNormLinear(_EquiNorm):
     def _stat_dims(self, x):
         return tuple(range(x.dim() - 1))
 
-    def _positions_ratio(self, x):
+    def _positions_ratio_at(self, input_size):
         return 1.0
+
+    def _plain_layer(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
 
     def _apply_weight(self, x, weight):
         return F.linear(x, weight, self.bias)
@@ -294,7 +260,7 @@ class EquiNormLinear(_EquiNorm):
 
 
 class EquiNormConv2d(_EquiNorm):
-    r"""A Conv2d layer with Equilibrium Normalization of its weights (seed 004, section 4).
+    r"""A Conv2d layer with Equilibrium Normalization of its weights.
 
     For output channel d, with m_c the mean of input channel c over the batch
     (or its first `stat_fraction`) and positions, w_dc = sum_jk w_dcjk and
@@ -337,15 +303,18 @@ class EquiNormConv2d(_EquiNorm):
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
                  sync: bool = False, process_group=None, device=None, dtype=None):
-        if groups < 1 or in_channels % groups or out_channels % groups:
+        owner = type(self).__name__
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            checks.positive_int(owner, name, value)
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups must divide in_channels ({in_channels}) and out_channels "
                              f"({out_channels}); got groups={groups}")
         if isinstance(padding, str):
             raise ValueError(f"EquiNormConv2d: padding must be an int or a pair of ints, "
                              f"got {padding!r}")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or "
-                             f"'circular', got {padding_mode!r}")
+        checks.one_of(owner, "padding_mode", padding_mode,
+                      ("zeros", "reflect", "replicate", "circular"))
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.padding_mode = padding_mode
@@ -372,13 +341,26 @@ class EquiNormConv2d(_EquiNorm):
     def _stat_dims(self, x):
         return (0, 2, 3)
 
-    def _positions_ratio(self, x):
+    def _positions_ratio_at(self, input_size):
+        if input_size is None:
+            if self.stride == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(
+                    self.kernel_size, self.padding, self.dilation)):
+                return 1.0  # output size = input size, whatever the size
+            raise ValueError(
+                f"{type(self).__name__}: with stride {self.stride} and padding {self.padding} "
+                f"the evaluation kernel depends on the input size; pass input_size=(H, W) "
+                f"(normlab.fold(model, example_input) does)")
         ratio = 1.0
         for size, kernel, stride, padding, dilation in zip(
-                x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation):
+                input_size, self.kernel_size, self.stride, self.padding, self.dilation):
             out_size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
             ratio *= out_size * stride / size
         return ratio
+
+    def _plain_layer(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
 
     def _apply_weight(self, x, weight):
         if self.padding_mode == "zeros":

@@ -53,6 +53,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from .. import checks
+from ..functional import _tracing
+
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
 # over two runs the tracked update cost 0.79-0.90x an explicit norm pass at
 # batch 16 and 1.25-1.76x at 32, so the explicit norm takes over above 16.
@@ -150,11 +153,6 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 class _FastNorm(nn.Module):
     """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
@@ -163,8 +161,8 @@ class _FastNorm(nn.Module):
 
     def _init_fastnorm(self, weight_shape: tuple[int, ...], bias: bool, mode: str,
                        renorm_every: int | None, renorm_resets_norm: bool, device, dtype):
-        if renorm_every is not None and (not isinstance(renorm_every, int) or renorm_every < 1):
-            raise ValueError(f"renorm_every must be a positive int or None, got {renorm_every!r}")
+        if renorm_every is not None:
+            checks.positive_int(type(self).__name__, "renorm_every (or None)", renorm_every)
         self.mode, self.renorm_every = mode, renorm_every
         self.renorm_resets_norm = bool(renorm_resets_norm)
         factory = {"device": device, "dtype": dtype}
@@ -205,7 +203,7 @@ class _FastNorm(nn.Module):
         # an arbitrary unit row (the function, 0, is kept; no 0/0).
         norms = weight.flatten(1).norm(dim=1).view(self._row_shape())
         unit = torch.full_like(weight, 1 / math.sqrt(weight[0].numel()))
-        self.weight.copy_(torch.where(norms > 0, weight / norms.clamp_min(1e-30), unit))
+        self.weight.copy_(torch.where(norms > 0, weight / torch.where(norms > 0, norms, 1), unit))
         self.gain.copy_(norms.flatten())
         if bias is not None:
             self.bias.copy_(bias)
@@ -234,7 +232,9 @@ class _FastNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
-        if self._tracking.weight_id != id(weight):
+        if _tracing():
+            pass  # the version bookkeeping is Python state that a traced graph cannot hold
+        elif self._tracking.weight_id != id(weight):
             self._mark_synced()
         elif self._tracking.weight_version != weight._version:
             self._weight_changed_outside()
@@ -243,7 +243,8 @@ class _FastNorm(nn.Module):
         inv_norm_stored = _as(self.inv_norm * row_scale, weight.dtype)
         fused = self.mode == "fused"
         if fused:
-            self._drop_stale_records()
+            if not _tracing():
+                self._drop_stale_records()
             q = self._map(x, weight.detach())
         else:
             q = self._map(x, _LogicalGradient.apply(weight, inv_norm_stored, row_scale))
@@ -538,7 +539,7 @@ class FastNormLinear(_FastNorm):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
-            _positive_int(name, value)
+            checks.positive_int("FastNormLinear", name, value)
         self.in_features, self.out_features = in_features, out_features
         self.max_tracked_batch = max_tracked_batch
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
@@ -559,8 +560,7 @@ class FastNormLinear(_FastNorm):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"FastNormLinear expected input of shape (*, {self.in_features}), "
                              f"got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"FastNormLinear expected a floating-point input, got {x.dtype}")
+        checks.floating_point_input("FastNormLinear", x)
 
     def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
@@ -615,7 +615,7 @@ class FastNormConv2d(_FastNorm):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("groups", groups)):
-            _positive_int(name, value)
+            checks.positive_int("FastNormConv2d", name, value)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
                              f"must be divisible by groups ({groups})")
@@ -648,8 +648,7 @@ class FastNormConv2d(_FastNorm):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"FastNormConv2d expected input of shape (N, {self.in_channels}, "
                              f"H, W), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"FastNormConv2d expected a floating-point input, got {x.dtype}")
+        checks.floating_point_input("FastNormConv2d", x)
 
     def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)

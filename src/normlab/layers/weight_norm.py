@@ -29,19 +29,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import functional
+from .. import checks, functional
 
 RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
 RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
 NORM_EPS = 1e-12  # floor of ||w_i||: a zero row gives a zero output, not NaN
 _NONLINEARITY_GAIN = {"relu": 2.0, "linear": 1.0}
 _INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
-
-
-def _require_positive_ints(layer: str, **sizes) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
 
 
 class _WeightNormalized:
@@ -87,11 +81,26 @@ class _WeightNormalized:
         return gain, inv_norm, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: expected a floating-point input, "
-                             f"got {x.dtype}")
+        checks.floating_point_input(type(self).__name__, x)
         self._check_input(x)
         return self._map(x, *self._scale_and_bias())
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.Linear | nn.Conv2d:
+        """The torch layer computing this layer's function: kernel gain' w / ||w||, bias b'.
+
+        (gain', b') as in the forward, so NormProp's input standardization is
+        in the bias, which the plain layer gets even where this one has none.
+        Same geometry, padding mode, device and dtype; for inference (fold).
+        """
+        gain, inv_norm, bias = self._scale_and_bias()
+        per_unit = (-1,) + (1,) * (self.weight.dim() - 1)
+        torch_type = self._torch_type()
+        plain = torch_type(**{**self._torch_args(self), "bias": bias is not None})
+        plain.weight.copy_(self.weight * (gain * inv_norm).view(per_unit))
+        if bias is not None:
+            plain.bias.copy_(bias)
+        return plain.train(self.training)
 
     @torch.no_grad()
     def data_init(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,9 +160,8 @@ class _Scaled:
     """Scaled WeightNorm's constant factor; mixed in before a WeightNorm class."""
 
     def __init__(self, *args, nonlinearity: str = "relu", **kw):
-        if nonlinearity not in _NONLINEARITY_GAIN:
-            raise ValueError(f"nonlinearity must be one of {sorted(_NONLINEARITY_GAIN)} (the "
-                             f"activation after the layer), got {nonlinearity!r}")
+        checks.one_of(type(self).__name__, "nonlinearity", nonlinearity,
+                      sorted(_NONLINEARITY_GAIN), " (the activation after the layer)")
         super().__init__(*args, **kw)
         self.nonlinearity = nonlinearity
 
@@ -168,10 +176,8 @@ class _NormProp:
     """NormProp's input standardization; mixed in before a WeightNorm class."""
 
     def __init__(self, *args, input_activation: str | None = "relu", **kw):
-        if input_activation not in _INPUT_STATS:
-            raise ValueError(f"input_activation must be 'relu' (the input is a ReLU output) "
-                             f"or None (the input is standardized data), "
-                             f"got {input_activation!r}")
+        checks.one_of(type(self).__name__, "input_activation", input_activation, _INPUT_STATS,
+                      " ('relu': the input is a ReLU output; None: standardized data)")
         super().__init__(*args, **kw)
         self.input_activation = input_activation
 
@@ -192,6 +198,9 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
     gradient of each w_i is orthogonal to it. Initialization: torch's for w,
     gamma = 1, b = 0; `data_init(x)` is the paper's data-dependent one.
 
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+
     Shape:
         - Input: (*, in_features)
         - Output: (*, out_features)
@@ -206,8 +215,8 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device=None, dtype=None):
-        _require_positive_ints(type(self).__name__, in_features=in_features,
-                               out_features=out_features)
+        checks.positive_int(type(self).__name__, "in_features", in_features)
+        checks.positive_int(type(self).__name__, "out_features", out_features)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._add_gain()
 
@@ -240,8 +249,12 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
     .. math:: z_c = \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
 
     with w_c the kernel of output channel c, of shape
-    (in_channels / groups, kH, kW), normalized as a whole. Arguments,
-    padding modes and initialization as in nn.Conv2d, then gamma = 1, b = 0.
+    (in_channels / groups, kH, kW), normalized as a whole. Initialization
+    as in nn.Conv2d, then gamma = 1, b = 0.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
 
     Shape:
         - Input: (N, C_in, H, W) or (C_in, H, W)
@@ -258,8 +271,8 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device=None, dtype=None):
-        _require_positive_ints(type(self).__name__, in_channels=in_channels,
-                               out_channels=out_channels)
+        checks.positive_int(type(self).__name__, "in_channels", in_channels)
+        checks.positive_int(type(self).__name__, "out_channels", out_channels)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         self._add_gain()
@@ -305,7 +318,12 @@ class ScaledWeightNormLinear(_Scaled, WeightNormLinear):
     with k = 2 for a layer followed by a ReLU (``nonlinearity="relu"``, the
     default) and k = 1 for a linear one (``nonlinearity="linear"``);
     gamma = 1 and b = 0 at initialization, where the factor keeps
-    E||ReLU(z)||^2 = ||x||^2. Arguments otherwise as `WeightNormLinear`.
+    E||ReLU(z)||^2 = ||x||^2.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+        nonlinearity: ``"relu"`` (k = 2) or ``"linear"`` (k = 1), the
+            activation after the layer. Keyword only. Default: ``"relu"``.
 
     Shape:
         - Input: (*, in_features)
@@ -324,7 +342,12 @@ class ScaledWeightNormConv2d(_Scaled, WeightNormConv2d):
               \cdot \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
 
     k as in `ScaledWeightNormLinear`; fan_in = in_channels * kH * kW and
-    fan_out = out_channels * kH * kW. Arguments otherwise as `WeightNormConv2d`.
+    fan_out = out_channels * kH * kW.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        nonlinearity: as :class:`ScaledWeightNormLinear`.
 
     Shape:
         - Input: (N, C_in, H, W) or (C_in, H, W)
@@ -346,6 +369,11 @@ class NormPropLinear(_NormProp, WeightNormLinear):
     x~ = x for ``input_activation=None`` (the first layer, on standardized
     data). No batch statistics: training and evaluation compute the same.
 
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+        input_activation: ``"relu"`` or None, what the input is (above).
+            Keyword only. Default: ``"relu"``.
+
     Shape:
         - Input: (*, in_features)
         - Output: (*, out_features)
@@ -364,7 +392,12 @@ class NormPropConv2d(_NormProp, WeightNormConv2d):
     .. math:: z_c = \gamma_c \frac{w_c \star \tilde x}{\|w_c\|} + b_c
 
     x~ as in `NormPropLinear`; zero padding counts as a ReLU output of 0 and
-    is standardized too. Arguments otherwise as `WeightNormConv2d`.
+    is standardized too.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        input_activation: as :class:`NormPropLinear`.
 
     Shape:
         - Input: (N, C_in, H, W) or (C_in, H, W)

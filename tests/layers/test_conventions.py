@@ -1,0 +1,205 @@
+"""What every normlab layer owes the PyTorch ecosystem (DESIGN.md, conventions):
+device=/dtype= factory arguments, float64 and bfloat16, construction on the
+meta device, torch.compile, torch.export and ONNX."""
+
+import copy
+
+import pytest
+import torch
+
+import normlab
+
+# name -> (constructor taking device=/dtype=, input shape)
+LAYERS = {
+    "OnlineNorm1d": (lambda **kw: normlab.OnlineNorm1d(4, **kw), (6, 4)),
+    "OnlineNorm2d": (lambda **kw: normlab.OnlineNorm2d(4, ecm="ls", **kw), (6, 4, 3, 3)),
+    "BatchRenorm1d": (lambda **kw: normlab.BatchRenorm1d(4, **kw), (6, 4, 5)),
+    "BatchRenorm2d": (lambda **kw: normlab.BatchRenorm2d(4, **kw), (6, 4, 3, 3)),
+    "WeightNormLinear": (lambda **kw: normlab.WeightNormLinear(4, 3, **kw), (6, 4)),
+    "WeightNormConv2d": (lambda **kw: normlab.WeightNormConv2d(4, 3, 3, **kw), (2, 4, 5, 5)),
+    "ScaledWeightNormLinear": (lambda **kw: normlab.ScaledWeightNormLinear(4, 3, **kw), (6, 4)),
+    "ScaledWeightNormConv2d": (
+        lambda **kw: normlab.ScaledWeightNormConv2d(4, 3, 3, padding=1, **kw), (2, 4, 5, 5)),
+    "NormPropLinear": (lambda **kw: normlab.NormPropLinear(4, 3, **kw), (6, 4)),
+    "NormPropConv2d": (
+        lambda **kw: normlab.NormPropConv2d(4, 3, 3, padding_mode="reflect", padding=1, **kw),
+        (2, 4, 5, 5)),
+    "EquiNormLinear": (lambda **kw: normlab.EquiNormLinear(4, 3, **kw), (6, 4)),
+    "EquiNormConv2d": (lambda **kw: normlab.EquiNormConv2d(4, 3, 3, stride=2, **kw),
+                       (2, 4, 5, 5)),
+    "FastNormLinear": (lambda **kw: normlab.FastNormLinear(4, 3, **kw), (6, 4)),
+    "FastNormConv2d": (lambda **kw: normlab.FastNormConv2d(4, 3, 3, padding=1, **kw),
+                       (2, 4, 5, 5)),
+}
+# FastNorm's fused mode records each training forward with a tensor hook that
+# FastNormSGD reads: Python state, so training breaks the graph there (tested below).
+ONE_GRAPH = [(name, training) for name in LAYERS for training in (True, False)
+             if not (name == "FastNormLinear" and training)]
+
+
+def build(name, **factory):
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make(**factory)
+    with torch.no_grad():  # gains, biases and affines away from 1 and 0, so all of them matter
+        for parameter in layer.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.rand_like(parameter) * 0.2)
+    return layer, shape
+
+
+def inputs(shape, dtype=torch.float32, seed=1):
+    # non-negative, as EquiNorm assumes (ReLU outputs)
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", LAYERS)
+def test_dtype_factory_argument_computes_the_float64_function(name, training, dtype):
+    layer, shape = build(name, dtype=dtype)
+    assert {p.dtype for p in layer.parameters()} == {dtype}
+    reference = copy.deepcopy(layer).double().train(training)
+    layer.train(training)
+    x = inputs(shape, dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 4e-2
+    torch.testing.assert_close(out.double(), reference(x.double()), rtol=tolerance,
+                               atol=tolerance)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_built_on_meta_then_materialized_equals_a_layer_built_in_place(name):
+    layer, shape = build(name)
+    meta, _ = build(name, device="meta")
+    assert {t.device.type for t in (*meta.parameters(), *meta.buffers())} == {"meta"}
+    assert meta(torch.empty(shape, device="meta")).shape == layer(inputs(shape)).shape
+    torch.manual_seed(0)
+    meta.to_empty(device="cpu").reset_parameters()
+    torch.manual_seed(0)
+    fresh = LAYERS[name][0]()
+    torch.testing.assert_close(meta.state_dict(), fresh.state_dict(), rtol=0, atol=0)
+
+
+def run_steps(layer, shape, steps=2):
+    """Outputs, input gradients, parameter gradients and buffers over `steps` steps."""
+    record = []
+    for step in range(steps):
+        x = inputs(shape, seed=step).requires_grad_(True)
+        out = layer(x)
+        out.backward(inputs(out.shape, seed=100 + step) - 0.5)
+        record += [out.detach(), x.grad]
+    record += [p.grad for p in layer.parameters()] + [b.clone() for b in layer.buffers()]
+    return record
+
+
+def assert_compiled_matches_eager(name, training, backend):
+    torch._dynamo.reset()
+    layer, shape = build(name)
+    layer.train(training)
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
+    torch.testing.assert_close(run_steps(compiled, shape), run_steps(layer, shape),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, training", ONE_GRAPH)
+def test_compiles_in_one_graph_and_matches_eager(name, training):
+    assert_compiled_matches_eager(name, training, "aot_eager")
+
+
+def test_fastnorm_fused_training_compiles_and_trains_like_eager():
+    torch.manual_seed(0)
+    model = normlab.convert(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(),
+                                                torch.nn.Linear(6, 3)), "fastnorm").double()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizers = [normlab.FastNormSGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=generator)
+        for net, optimizer in zip((compiled, twin), optimizers):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    for index in (0, 2):
+        torch.testing.assert_close(model[index].logical_weight(), twin[index].logical_weight(),
+                                   rtol=1e-12, atol=0)
+        assert not torch.equal(model[index].row_scale, torch.ones_like(model[index].row_scale))
+
+
+# Inductor generates and builds C++: tens of seconds a layer on two cores.
+# One small case per family runs by default.
+@pytest.mark.parametrize("name", [
+    "BatchRenorm2d", "WeightNormConv2d",
+    pytest.param("OnlineNorm2d", marks=pytest.mark.slow),
+    pytest.param("EquiNormConv2d", marks=pytest.mark.slow)])
+def test_inductor_matches_eager_in_training(name):
+    assert_compiled_matches_eager(name, True, "inductor")
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_eval_mode_exports_with_torch_export(name):
+    layer, shape = build(name)
+    layer.eval()
+    program = torch.export.export(layer, (inputs(shape),))
+    for seed in (2, 3):  # not specialized to the example input
+        x = inputs(shape, seed=seed)
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+class _Side(torch.nn.Module):
+    """The layers side by side, each on its own input: one ONNX export for all of them."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, *xs):
+        return tuple(layer(x) for layer, x in zip(self.layers, xs))
+
+
+def test_eval_mode_exports_to_onnx_and_onnxruntime_agrees():
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    layers, shapes = zip(*(build(name) for name in LAYERS))
+    model = _Side(layers).eval()
+    program = torch.onnx.export(model, tuple(inputs(s) for s in shapes), dynamo=True,
+                                verbose=False)
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for seed in (2, 3):  # not specialized to the example inputs
+        xs = [inputs(s, seed=seed) for s in shapes]
+        outs = session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+        with torch.no_grad():
+            expected = model(*xs)
+        for name, out, reference in zip(LAYERS, outs, expected):
+            torch.testing.assert_close(torch.from_numpy(out), reference, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_equinorm_degenerate_check_stays_out_of_the_compiled_graph():
+    torch._dynamo.reset()
+    layer = normlab.EquiNormConv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        layer.weight[1] = 0.3  # constant kernel: no positive weight after the shift
+    x = inputs((4, 2, 5, 5))
+    with pytest.warns(RuntimeWarning, match=r"output channel\(s\) \[1\]"):
+        expected = layer(x)
+    compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["OnlineNorm2d", "BatchRenorm2d"])
+def test_running_statistics_stay_float32_in_a_bfloat16_module(name):
+    # in bfloat16 a momentum of 0.01 moves them by less than their resolution
+    layer, shape = build(name)
+    layer.to(torch.bfloat16)
+    assert {b.dtype for b in layer.buffers()} == {torch.float32}
+    assert layer.weight.dtype == torch.bfloat16
+    before = layer.running_mean.clone()
+    out = layer(inputs(shape, torch.bfloat16) * 0.01)
+    assert out.dtype == torch.bfloat16 and not torch.equal(layer.running_mean, before)

@@ -1,0 +1,132 @@
+import pytest
+import torch
+from torch import nn
+
+import normlab
+
+PLAIN = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Hardtanh, nn.Flatten, nn.AdaptiveAvgPool2d,
+         nn.Sequential)
+
+# (layer, input shape): every weight-family layer that has to_plain
+WEIGHT_LAYERS = [
+    (lambda: normlab.WeightNormLinear(6, 5), (4, 6)),
+    (lambda: normlab.WeightNormConv2d(3, 4, 3, stride=2, groups=1), (2, 3, 7, 7)),
+    (lambda: normlab.ScaledWeightNormLinear(6, 5, nonlinearity="linear"), (4, 6)),
+    (lambda: normlab.ScaledWeightNormConv2d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 5)),
+    (lambda: normlab.NormPropLinear(6, 5, bias=False), (4, 6)),
+    (lambda: normlab.NormPropConv2d(3, 4, 3, padding=1, bias=False), (2, 3, 5, 5)),
+    (lambda: normlab.NormPropConv2d(3, 4, 3, padding=1, padding_mode="reflect"), (2, 3, 5, 5)),
+    (lambda: normlab.EquiNormLinear(6, 5), (4, 6)),
+    (lambda: normlab.EquiNormConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
+    (lambda: normlab.EquiNormConv2d(3, 4, 3, padding=1, padding_mode="circular"), (2, 3, 5, 5)),
+    (lambda: normlab.FastNormLinear(6, 5), (4, 6)),
+    (lambda: normlab.FastNormConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
+]
+
+
+def randomized(layer):
+    """Gains, biases, affines and running statistics away from their initial values."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            if parameter.dim() == 1:
+                parameter.uniform_(0.5, 1.5)
+        for name, buffer in layer.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.uniform_(0.5, 1.5)
+    return layer
+
+
+@torch.no_grad()
+def assert_same_function(folded, model, x):
+    expected = model.eval()(x)
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("make,shape", WEIGHT_LAYERS)
+def test_to_plain_is_a_torch_layer_with_the_eval_function(make, shape):
+    torch.manual_seed(0)
+    layer = randomized(make()).eval()
+    plain = layer.to_plain()
+    assert type(plain) in (nn.Linear, nn.Conv2d)
+    assert_same_function(plain, layer, torch.rand(shape) + 0.1)
+
+
+def test_normprop_without_bias_gets_the_bias_its_standardization_needs():
+    layer = normlab.NormPropLinear(6, 5, bias=False)
+    plain = layer.to_plain()
+    assert layer.bias is None and plain.bias is not None
+    # the ReLU mean's contribution: -mean * gain' * sum(w) / ||w||
+    gain = layer.gain / normlab.layers.weight_norm.RELU_GAUSSIAN_STD
+    unit = layer.weight / layer.weight.norm(dim=1, keepdim=True)
+    expected = -normlab.layers.weight_norm.RELU_GAUSSIAN_MEAN * gain * unit.sum(1)
+    torch.testing.assert_close(plain.bias, expected.detach())
+
+
+def test_strided_equinorm_needs_the_input_size_which_an_example_input_gives():
+    torch.manual_seed(0)
+    layer = randomized(normlab.EquiNormConv2d(3, 4, 3, stride=2))
+    with pytest.raises(ValueError, match="depends on the input size; pass input_size"):
+        layer.to_plain()
+    model = nn.Sequential(layer, nn.ReLU())
+    x = torch.rand(2, 3, 9, 9)
+    folded = normlab.fold(model, example_input=x)
+    assert type(folded[0]) is nn.Conv2d
+    assert_same_function(folded, model, x)
+
+
+def network():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        normlab.WeightNormConv2d(8, 8, 3, padding=1, bias=False), normlab.BatchRenorm2d(8),
+        nn.ReLU(),
+        nn.Sequential(normlab.NormPropConv2d(8, 8, 3, padding=1), normlab.OnlineNorm2d(8),
+                      nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        normlab.EquiNormLinear(8, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Linear(16, 10), normlab.OnlineNorm1d(10, ecm=None),
+    )
+
+
+def test_fold_leaves_plain_layers_computing_the_eval_function():
+    torch.manual_seed(0)
+    model = randomized(network())
+    folded = normlab.fold(model)
+    assert all(isinstance(m, PLAIN) for m in folded.modules()), folded
+    assert isinstance(getattr(folded, "6")[1], nn.Hardtanh)  # OnlineNorm's "ac" clamp stays
+    assert list(folded._modules) == ["0", "2", "3", "5", "6", "7", "8", "9", "11", "12"]
+    assert not folded.training and model.training, "a copy in eval mode; the input unchanged"
+    assert_same_function(folded, model, torch.rand(4, 3, 6, 6))
+
+
+def test_fold_a_converted_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10))
+    converted = randomized(normlab.convert(model, "scaled_weight_norm",
+                                           keep_activation_norm=True))
+    folded = normlab.fold(converted)
+    assert [type(m) for m in folded] == [nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear]
+    assert_same_function(folded, converted, torch.rand(2, 3, 6, 6))
+
+
+def test_what_is_not_foldable_stays_in_eval_mode():
+    class Block(nn.Module):  # a normalizer outside a Sequential
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return x + self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(
+        Block(), nn.Conv2d(4, 4, 1), normlab.OnlineNorm2d(4, ecm="ls"),
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(), nn.BatchNorm2d(4)))  # after a ReLU: nothing to fold into
+    folded = normlab.fold(model)
+    kinds = [type(m) for m in folded.modules()]
+    assert kinds.count(nn.BatchNorm2d) == 3 and normlab.OnlineNorm2d in kinds
+    assert not any(m.training for m in folded.modules())
+    assert_same_function(folded, model, torch.rand(3, 4, 5, 5))

@@ -1,0 +1,79 @@
+"""normlab.kernels against the plain-torch expressions they stand for.
+
+These helpers borrow torch's batch-norm and clamp kernels, some through
+undocumented aten ops; a torch release that changes one fails here.
+"""
+
+import torch
+
+from normlab.kernels import (
+    batch_norm_backward,
+    batch_statistics,
+    clamp_backward,
+    row_sums,
+    scale_shift,
+)
+
+
+def test_scale_shift_is_a_per_row_affine_map():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    scale, shift = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    expected = x * scale[..., None] + shift[..., None]
+    torch.testing.assert_close(scale_shift(x, scale, shift), expected)
+    # in place: the result lands in x's own buffer
+    assert scale_shift(x, scale, shift, out=x) is x
+    torch.testing.assert_close(x, expected)
+
+
+def test_row_sums_are_the_dot_product_and_the_sum_of_each_row():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    dot, total = row_sums(a, b)
+    torch.testing.assert_close(dot, (a * b).sum(-1))
+    torch.testing.assert_close(total, a.sum(-1))
+
+
+def test_clamp_backward_passes_the_gradient_strictly_inside_the_limits():
+    x = torch.tensor([-3.0, -2.0, -1.5, 0.0, 1.999, 2.0, 2.5], dtype=torch.float64)
+    grad = torch.arange(1.0, 8.0, dtype=torch.float64)
+    inside = (x > -2.0) & (x < 2.0)
+    expected = torch.where(inside, grad, 0.0)
+    torch.testing.assert_close(clamp_backward(grad, x, 2.0), expected)
+    # in place, over the clamped tensor itself
+    assert clamp_backward(grad, x, 2.0, out=x) is x
+    torch.testing.assert_close(x, expected)
+
+
+def test_batch_statistics_are_the_mean_and_biased_variance_and_update_the_running_ones():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    running_mean = torch.randn(3, dtype=torch.float64)
+    running_var = torch.rand(3, dtype=torch.float64) + 0.5
+    momentum = 0.1
+    expected_running = ((1 - momentum) * running_mean + momentum * x.detach().mean((0, 2, 3)),
+                        (1 - momentum) * running_var + momentum * x.detach().var((0, 2, 3)))
+
+    mean, var = batch_statistics(x, running_mean, running_var, momentum)
+
+    torch.testing.assert_close(mean, x.detach().mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.detach().var((0, 2, 3), unbiased=False))
+    assert not mean.requires_grad and not var.requires_grad
+    torch.testing.assert_close((running_mean, running_var), expected_running)
+
+
+def test_batch_norm_backward_is_the_gradient_of_the_affine_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    eps = 1e-3
+    mean = x.mean((0, 2, 3), keepdim=True)
+    inv_std = (x.var((0, 2, 3), unbiased=False, keepdim=True) + eps).rsqrt()
+    y = (x - mean) * inv_std * weight[:, None, None] + bias[:, None, None]
+    grad = torch.randn_like(y)
+
+    got = batch_norm_backward(grad, x.detach(), weight.detach(), mean.detach().flatten(),
+                              inv_std.detach().flatten())
+
+    torch.testing.assert_close(got, torch.autograd.grad(y, (x, weight, bias), grad))
