@@ -79,9 +79,16 @@ def test_unet_levels_follow_the_papers():
 
 
 def test_table_prints_poster_figures_beside_ours():
-    tiny = memory.Network("tiny", lambda norm: nn.Sequential(
-        nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2), nn.ReLU()), (1, 64, 64), (1, 29, 115))
+    built = []
+
+    def build(norm):
+        built.append(norm)
+        return nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), normlab.create(norm, 2, dim=2),
+                             nn.ReLU())
+
+    tiny = memory.Network("tiny", build, (1, 64, 64), (1, 29, 115))
     rows = memory.measure([tiny])
+    assert built == ["online", "batch", "batch"]  # Online Normalization itself at batch 1
     online, batch32, batch128 = rows[0]["ours_gb"]
     assert batch32 == pytest.approx(32 * online, rel=1e-2)
     assert batch128 == pytest.approx(4 * batch32, rel=1e-2)
@@ -107,8 +114,8 @@ def test_3d_networks_refuse_other_norms():
 
 
 def test_online_norm_stores_per_sample_what_batch_norm_stores():
-    # The table's Online Normalization column counts BatchNorm at batch 1 (OnlineNorm's
-    # float64 statistics do not run on the meta device); check the stand-in on the CPU.
+    # The 3-D U-Nets' Online Normalization column counts BatchNorm3d at batch 1 (normlab has
+    # no 3-D Online Normalization); check the stand-in in 2-D, on the CPU.
     x = torch.randn(4, 3, 16, 16)
     stored = {}
     for norm in ("batch", "online"):

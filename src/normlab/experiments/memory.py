@@ -209,12 +209,15 @@ class Network:
     build: Callable[[str], nn.Module]
     input_shape: tuple[int, ...]  # one sample, (C, ...)
     poster_gb: tuple[float, float, float]  # Online Norm at batch 1, BatchNorm at 32 and 128
+    # the normalizer counted at batch 1: normlab has no 3-D Online Normalization, and
+    # BatchNorm3d at batch 1 stores per sample what it would, up to a few numbers per channel
+    batch_1_norm: str = "online"
 
 
 NETWORKS = (
     Network("ResNet-50, ImageNet 224x224", resnet50, (3, 224, 224), (1, 2, 4)),
-    Network("3D U-Net, 150^3 voxels", unet3d, (1, 150, 150, 150), (1, 29, 115)),
-    Network("3D U-Net, 250^3 voxels", unet3d, (1, 250, 250, 250), (6, 195, 785)),
+    Network("3D U-Net, 150^3 voxels", unet3d, (1, 150, 150, 150), (1, 29, 115), "batch"),
+    Network("3D U-Net, 250^3 voxels", unet3d, (1, 250, 250, 250), (6, 195, 785), "batch"),
     Network("2D U-Net, 1024^2 pixels", unet2d, (1, 1024, 1024), (2, 31, 123)),
     Network("2D U-Net, 2048^2 pixels", unet2d, (1, 2048, 2048), (5, 137, 546)),
 )
@@ -224,17 +227,16 @@ BATCHES = (1, 32, 128)  # Online Normalization at 1, BatchNorm at 32 and 128
 def measure(networks=NETWORKS, dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per network: the poster's GB and ours for each column of BATCHES.
 
-    The Online Normalization column counts BatchNorm layers at batch 1: per sample both
-    store the same tensors for backward, up to a few numbers per channel (checked
-    against normlab's OnlineNorm2d in the tests), and OnlineNorm's float64
-    statistics do not run on the meta device.
+    The Online Normalization column counts the network with its `batch_1_norm`
+    (OnlineNorm2d; BatchNorm3d for the 3-D U-Nets, normlab having no 3-D Online
+    Normalization) at batch 1; the others, BatchNorm.
     """
     rows = []
     for net in networks:
         ours = []
         for batch in BATCHES:
             with torch.device("meta"):
-                model = net.build("batch")
+                model = net.build(net.batch_1_norm if batch == 1 else "batch")
             ours.append(activation_bytes(model, (batch, *net.input_shape), dtype) / GB)
         rows.append({"network": net.name, "poster_gb": net.poster_gb, "ours_gb": tuple(ours)})
     return rows
@@ -245,8 +247,9 @@ def assumptions(dtype: torch.dtype = torch.float32) -> str:
             f"backward, each storage once, parameters and buffers excluded, in {dtype} "
             f"(max-pool indices int64); no gradients, optimizer state or workspace; counted on "
             f"the meta device. GB = 10^9 bytes. The Online Normalization column counts the "
-            f"network at batch 1 with BatchNorm layers, which store per sample what "
-            f"OnlineNorm stores, up to a few numbers per channel.")
+            f"network at batch 1 with normlab's OnlineNorm2d layers (the 3D U-Nets with "
+            f"BatchNorm3d: normlab has no 3-D Online Normalization; per sample it stores "
+            f"the same, up to a few numbers per channel).")
 
 
 def table(rows: list[dict] | None = None, dtype: torch.dtype = torch.float32) -> str:
