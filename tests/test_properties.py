@@ -33,7 +33,12 @@ def _names(family: str) -> list[str]:
     return [name for name in normlab.available() if registry.get(name).family == family]
 
 
-ACTIVATION, WEIGHT, REBALANCER = _names("activation"), _names("weight"), _names("rebalancer")
+ACTIVATION, WEIGHT = _names("activation"), _names("weight")
+# Rebalancers of plain (activation-normalized) networks, ENorm's kind: they keep the
+# function of any ReLU network. Those that pair with weight normalizers (renorm) keep
+# the function of those layers only; tests/test_renorm.py checks them.
+REBALANCER = [name for name in _names("rebalancer")
+              if registry.get(name).pairs_with == "activation"]
 
 # "bfloat16": the layer and its input in bfloat16. "autocast": a float32 layer
 # under CPU bfloat16 autocast (mixed-precision training), on bfloat16 input.

@@ -48,7 +48,8 @@ class Renormalize:
         >>> model = normlab.convert(nn.Sequential(nn.Linear(784, 10)), "normprop")
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         >>> renorm = normlab.Renormalize(model, optimizer)
-        >>> F.cross_entropy(model(x), y).backward()
+        >>> x, y = torch.randn(8, 784), torch.randint(0, 10, (8,))
+        >>> torch.nn.functional.cross_entropy(model(x), y).backward()
         >>> optimizer.step(); renorm.step()
     """
 
