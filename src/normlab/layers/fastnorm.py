@@ -232,19 +232,18 @@ class _FastNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
-        if _tracing():
-            pass  # the version bookkeeping is Python state that a traced graph cannot hold
-        elif self._tracking.weight_id != id(weight):
-            self._mark_synced()
-        elif self._tracking.weight_version != weight._version:
-            self._weight_changed_outside()
+        fused = self.mode == "fused"
+        if not _tracing():  # Python-side bookkeeping, which a traced graph cannot hold
+            if self._tracking.weight_id != id(weight):
+                self._mark_synced()
+            elif self._tracking.weight_version != weight._version:
+                self._weight_changed_outside()
+            if fused:
+                self._drop_stale_records()
         # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
         row_scale = self.row_scale
         inv_norm_stored = _as(self.inv_norm * row_scale, weight.dtype)
-        fused = self.mode == "fused"
         if fused:
-            if not _tracing():
-                self._drop_stale_records()
             q = self._map(x, weight.detach())
         else:
             q = self._map(x, _LogicalGradient.apply(weight, inv_norm_stored, row_scale))
