@@ -57,8 +57,9 @@ from .. import checks
 from ..functional import _tracing
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
-# over two runs the tracked update cost 0.79-0.90x an explicit norm pass at
-# batch 16 and 1.25-1.76x at 32, so the explicit norm takes over above 16.
+# over three runs the tracked update cost 0.79-0.90x an explicit norm pass at
+# batch 16 and 1.25-1.76x at 32 (the third, 2026-12-02: 0.89x and 1.37x), so
+# the explicit norm takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
 # Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
 # 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
