@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from .. import checks
+from .. import _native, checks
 from ..functional import _tracing
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
@@ -115,7 +115,7 @@ class _Tracking:
 
 class _Record:
     """One training forward: its inputs h, pre-scale outputs q = V h and (after
-    backward) the output gradients delta."""
+    backward) the output gradients delta, each (B, features)."""
 
     __slots__ = ("inputs", "outputs", "output_grads")
 
@@ -123,8 +123,42 @@ class _Record:
         self.inputs, self.outputs, self.output_grads = inputs, outputs, None
 
     def capture(self, grad: torch.Tensor) -> None:
-        grad = _rows(grad)
         self.output_grads = grad if self.output_grads is None else self.output_grads + grad
+
+
+class _RecordedLinear(torch.autograd.Function):
+    """z = gain * u * (V h) + bias for the fused mode's training forward, with u = 1/||V_i||
+    and V held fixed (FastNormSGD updates it); records (h, V h) in `records` and, at
+    backward, dL/dz: the samples of the step's rank-B update. V gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, gain, bias, weight, inv_norm_stored, records):
+        q = F.linear(x, weight)
+        scale = gain * inv_norm_stored
+        z = q * scale if bias is None else torch.addcmul(bias, q, scale)
+        ctx.record = _Record(_rows(x), _rows(q))
+        records.append(ctx.record)
+        ctx.save_for_backward(weight, scale, inv_norm_stored)
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weight, scale, inv_norm_stored = ctx.saved_tensors
+        record = ctx.record
+        output_grads = _rows(grad)
+        record.capture(output_grads)
+        needs_x, needs_gain, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = F.linear(grad * scale, weight.T) if needs_x else None
+        grad_gain = ((output_grads * record.outputs).sum(0) * inv_norm_stored if needs_gain
+                     else None)
+        grad_bias = output_grads.sum(0) if needs_bias else None
+        return grad_x, grad_gain, grad_bias, None, None, None
+
+
+# torch.compile runs the recording forward outside its graph (one graph break):
+# a traced backward would record at trace time only.
+_record_outside_graph = torch.compiler.disable(_RecordedLinear.apply)
 
 
 def tracked_sq_norms(sq_norms: torch.Tensor, inputs: torch.Tensor, coefficients: torch.Tensor,
@@ -234,27 +268,29 @@ class _FastNorm(nn.Module):
         self._check_input(x)
         weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
         fused = self.mode == "fused"
-        if not _tracing():  # Python-side bookkeeping, which a traced graph cannot hold
-            if self._tracking.weight_id != id(weight):
+        tracing = _tracing()
+        if not tracing:  # Python-side bookkeeping, which a traced graph cannot hold
+            tracking = self._tracking
+            if tracking.weight_id != id(weight):
                 self._mark_synced()
-            elif self._tracking.weight_version != weight._version:
+            elif tracking.weight_version != weight._version:
                 self._weight_changed_outside()
-            if fused:
+            if fused and tracking.records:
                 self._drop_stale_records()
         # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
         row_scale = self.row_scale
         inv_norm_stored = _as(self.inv_norm * row_scale, weight.dtype)
+        if fused and self.training and weight.requires_grad and torch.is_grad_enabled():
+            # the step needs this forward's samples; a traced graph cannot record them
+            record = _record_outside_graph if tracing else _RecordedLinear.apply
+            return record(x, gain, bias, weight.detach(), inv_norm_stored,
+                          self._tracking.records)
         if fused:
             q = self._map(x, weight.detach())
         else:
             q = self._map(x, _LogicalGradient.apply(weight, inv_norm_stored, row_scale))
         scale = self._per_output(gain * inv_norm_stored)
-        z = q * scale if bias is None else torch.addcmul(self._per_output(bias), q, scale)
-        if fused and z.requires_grad and self.training and weight.requires_grad:
-            record = _Record(_rows(x.detach()), _rows(q.detach()))
-            z.register_hook(record.capture)
-            self._tracking.records.append(record)
-        return z
+        return q * scale if bias is None else torch.addcmul(self._per_output(bias), q, scale)
 
     @torch.no_grad()
     def _weight_changed_outside(self) -> None:
@@ -376,9 +412,7 @@ class _FastNorm(nn.Module):
             self.steps_since_renorm.fill_(tracking.steps_since_renorm)
 
     def _consume_records(self):
-        """(h, a, a . p) of the recorded samples, in the dtype of t; None when none.
-
-        a_bi = gain_i t_i delta_bi and p_bi = W_i . h_b = s_i q_bi."""
+        """(h, q, delta) of the recorded samples, each (B, features); None when none."""
         records = [r for r in self._tracking.records if r.output_grads is not None]
         self._tracking.records.clear()
         if not records:
@@ -388,57 +422,94 @@ class _FastNorm(nn.Module):
                     "explain it (a backward through an eval-mode forward?). mode='fused' "
                     "records training-mode forwards only; use mode='dense' otherwise.")
             return None
-        compute = self.inv_norm.dtype
-        inputs, stored_out, delta = (
-            _as(torch.cat([getattr(r, f) for r in records]) if len(records) > 1
-                else getattr(records[0], f), compute)
-            for f in ("inputs", "outputs", "output_grads"))
-        gain = _as(self.gain.detach(), compute)
-        a = delta * (gain * self.inv_norm)
-        a_p = a * stored_out * self.row_scale
-        a_dot_p = a_p.sum(0)
-        self._check_explained(gain, a_p, a_dot_p)
-        return inputs, a, a_dot_p
+        if len(records) == 1:
+            return records[0].inputs, records[0].outputs, records[0].output_grads
+        return tuple(torch.cat([getattr(r, f) for r in records])
+                     for f in ("inputs", "outputs", "output_grads"))
 
-    def _check_explained(self, gain, a_p, a_dot_p) -> None:
+    def _coefficients(self, outputs, output_grads):
+        """a_bi = gain_i t_i delta_bi and a_i . p_i (p_bi = W_i . h_b = s_i q_bi), in the
+        dtype of t, once checked to explain the gain's gradient."""
+        compute = self.inv_norm.dtype
+        gain = _as(self.gain.detach(), compute)
+        a = _as(output_grads, compute) * (gain * self.inv_norm)
+        a_p = a * _as(outputs, compute) * self.row_scale
+        grad = self.gain.grad
+        self._check_explained(0.0 if grad is None else float(torch.dot(gain, _as(grad, compute))),
+                              float(a_p.sum()), float(torch.linalg.vector_norm(a_p, 1)))
+        return a, a_p.sum(0)
+
+    def _check_explained(self, gain_dot_grad: float, explained: float, magnitude: float) -> None:
         # The samples must explain the accumulated gradient (a backward we did
         # not record, gradients zeroed in place): sum_i gain_i dL/dgain_i =
-        # sum_i a_i . p_i, up to the rounding of both sides. One sum keeps the
-        # check to three reductions.
+        # sum_i a_i . p_i (`explained`), up to the rounding of both sides,
+        # which scales with sum |a_bi p_bi| (`magnitude`).
         grad = self.gain.grad
         if grad is None:
             return
-        mismatch = abs(float(torch.dot(gain, _as(grad, gain.dtype))) - float(a_dot_p.sum()))
-        rounding = float(torch.linalg.vector_norm(a_p, 1)) * math.sqrt(
-            torch.finfo(grad.dtype).eps)
-        if mismatch > rounding + 1e-30:
-            raise RuntimeError(
-                f"{type(self).__name__}: the recorded samples do not explain the gradient "
-                "(gradients zeroed in place, or a backward through an unrecorded forward). "
-                "With mode='fused', zero gradients with FastNormSGD.zero_grad() or "
-                "set_to_none=True; use mode='dense' for other workflows.")
+        rounding = magnitude * math.sqrt(torch.finfo(grad.dtype).eps)
+        if abs(gain_dot_grad - explained) > rounding + 1e-30:
+            self._raise_unexplained()
 
-    def _fused_update(self, inputs, a, a_dot_p, lr: float, weight_decay: float) -> None:
+    def _raise_unexplained(self):
+        raise RuntimeError(
+            f"{type(self).__name__}: the recorded samples do not explain the gradient "
+            "(gradients zeroed in place, or a backward through an unrecorded forward). "
+            "With mode='fused', zero gradients with FastNormSGD.zero_grad() or "
+            "set_to_none=True; use mode='dense' for other workflows.")
+
+    def _fused_update(self, inputs, outputs, output_grads, lr: float,
+                      weight_decay: float) -> None:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
-        # s' = c s, V' = V - (lr / s') A^T H
+        # s' = c s, V' = V - lr (A / s')^T H
+        track = len(inputs) <= self.max_tracked_batch
+        kernel = self._step_kernel(outputs, output_grads)
+        if kernel is None:
+            coefficients = self._fused_step(inputs, outputs, output_grads, lr, weight_decay,
+                                            track)
+        else:
+            coefficients = kernel.fused_step(inputs, outputs, output_grads, self.gain,
+                                             self.inv_norm, self.row_scale, self.gain.grad, lr,
+                                             weight_decay, track)
+            if coefficients is None:
+                self._raise_unexplained()
+        self.weight.addmm_(coefficients.T, _as(inputs, self.weight.dtype), alpha=-lr)
+        if not track:  # above max_tracked_batch: explicit, after the update
+            self.inv_norm.copy_(
+                self.explicit_norms().clamp_min_(torch.finfo(self.inv_norm.dtype).tiny)
+                .reciprocal_())
+
+    def _fused_step(self, inputs, outputs, output_grads, lr: float, weight_decay: float,
+                    track: bool) -> torch.Tensor:
+        """s' (and, if `track`, the tracked t') written in place; returns the coefficients
+        A / s' in the weight's dtype. The eager path, and the specification, of the
+        compiled step in csrc/fastnorm.cpp."""
+        a, a_dot_p = self._coefficients(outputs, output_grads)
         sq_inv_norm = self.inv_norm.square()
         kappa = sq_inv_norm * a_dot_p
-        sq_norms = None  # above max_tracked_batch: explicit, after the update
-        if len(inputs) <= self.max_tracked_batch:
-            sq_norms = tracked_sq_norms(sq_inv_norm.reciprocal_(), inputs, a, a_dot_p, kappa,
-                                        lr, weight_decay)
+        if track:
+            sq_norms = tracked_sq_norms(sq_inv_norm.reciprocal_(), _as(inputs, a.dtype), a,
+                                        a_dot_p, kappa, lr, weight_decay)
+            torch.rsqrt(sq_norms.clamp_min_(torch.finfo(sq_norms.dtype).tiny), out=self.inv_norm)
         self.row_scale.mul_(kappa.mul_(lr).add_(1 - lr * weight_decay))
-        self.weight.addmm_(_as(a / self.row_scale, self.weight.dtype).T,
-                           _as(inputs, self.weight.dtype), alpha=-lr)
-        if sq_norms is None:
-            sq_norms = self.explicit_norms().square()
-        torch.rsqrt(sq_norms.clamp_min_(torch.finfo(sq_norms.dtype).tiny), out=self.inv_norm)
+        return _as(a / self.row_scale, self.weight.dtype)
 
-    def _materialized_gradient(self, inputs, a, a_dot_p) -> torch.Tensor:
+    def _step_kernel(self, outputs, output_grads):
+        """The compiled step where it applies (CPU, eager, one dtype for the weight and
+        the samples), else None."""
+        weight_dtype = outputs.dtype
+        if (outputs.device.type != "cpu" or output_grads.dtype != weight_dtype
+                or self.weight.dtype != weight_dtype or self.gain.dtype != weight_dtype
+                or self.row_scale.dtype != self.inv_norm.dtype or _tracing()):
+            return None
+        return _native.module("fastnorm")
+
+    def _materialized_gradient(self, inputs, outputs, output_grads) -> torch.Tensor:
         """The dense gradient of the logical weight, A^T H - t^2 (a . p) W."""
+        a, a_dot_p = self._coefficients(outputs, output_grads)
         kappa = self.inv_norm.square() * a_dot_p
         logical = self.logical_weight().to(a.dtype)
-        return torch.addmm(logical * -kappa[:, None], a.T, inputs)
+        return torch.addmm(logical * -kappa[:, None], a.T, _as(inputs, a.dtype))
 
     def _dense_update(self, grad: torch.Tensor, lr: float, weight_decay: float,
                       momentum: float, state: dict) -> None:

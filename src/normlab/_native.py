@@ -1,0 +1,55 @@
+"""normlab's compiled CPU kernels, built on first use and cached.
+
+torch's C++ extension loader compiles ``csrc/*.cpp`` once per machine (about
+40 s; the build lands in ``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and later processes load the cached library.
+Each kernel has an eager torch path that computes the same quantities; the
+layers fall back to it, with one warning saying why, where the build fails
+(no C++ compiler or Python headers), on other devices, and under tracing.
+``NORMLAB_NATIVE=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+_SOURCES = Path(__file__).parent / "csrc"
+_loaded: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """False when the environment variable NORMLAB_NATIVE is 0."""
+    return os.environ.get("NORMLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def module(name: str):
+    """The compiled extension ``csrc/<name>.cpp``, or None where it cannot be had."""
+    if name in _loaded:
+        return _loaded[name]
+    _loaded[name] = None
+    if not enabled():
+        return None
+    try:
+        _put_pip_ninja_on_path()
+        from torch.utils import cpp_extension
+        _loaded[name] = cpp_extension.load(f"normlab_{name}", [str(_SOURCES / f"{name}.cpp")],
+                                           extra_cflags=["-O3"], verbose=False)
+    except Exception as error:  # no compiler, no headers, no ninja: the eager path serves
+        warnings.warn(f"normlab: the compiled kernel {name!r} could not be built, so the "
+                      f"slower torch path runs instead ({type(error).__name__}: {error})",
+                      RuntimeWarning, stacklevel=3)
+    return _loaded[name]
+
+
+def _put_pip_ninja_on_path() -> None:
+    # torch's loader runs `ninja` from PATH; the pip wheel's binary is not
+    # there when the virtual environment is used without being activated.
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path

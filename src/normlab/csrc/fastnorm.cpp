@@ -1,0 +1,120 @@
+// FastNorm's fused SGD step for one layer: the per-row arithmetic in one pass.
+//
+// `_FastNorm._fused_terms` in normlab/layers/fastnorm.py is the eager path and
+// the specification; this computes the same quantities without the two dozen
+// tensor operations (each a dispatch and a pass over the m rows) that dominate
+// a batch-1 step. The rank-B update of the stored matrix stays a BLAS call.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+// Per row i (m rows) over B samples, in acc_t (the dtype of t and s):
+//   a_bi = gain_i t_i delta_bi,   a.p_i = s_i sum_b a_bi q_bi,   kappa_i = t_i^2 a.p_i
+//   c_i = 1 - lr wd + lr kappa_i,   s_i' = c_i s_i,   coef_bi = a_bi / s_i'
+//   tracked: ||W_i'||^2 = (1 - lr wd)^2 / t_i^2 + lr^2 max(a_i^T K a_i - kappa_i a.p_i, 0)
+// First the check that the samples explain the gain's gradient (nothing is
+// written if they do not), then the update of s and t in place.
+template <typename weight_t, typename acc_t>
+bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
+               const weight_t* gain_grad, double grad_eps, acc_t* t, acc_t* s,
+               const acc_t* gram, int64_t B, int64_t m, double lr, double wd, weight_t* coef) {
+  std::vector<acc_t> a(B);
+  auto load_a = [&](int64_t i) {
+    const acc_t u = acc_t(gain[i]) * t[i];
+    acc_t a_dot_q = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      a[b] = acc_t(delta[b * m + i]) * u;
+      a_dot_q += a[b] * acc_t(q[b * m + i]);
+    }
+    return a_dot_q * s[i];  // a . p
+  };
+  if (gain_grad != nullptr) {
+    // sum_i gain_i dL/dgain_i = sum_i a_i . p_i, up to rounding ~ sum |a_bi p_bi|
+    acc_t gain_dot_grad = 0, explained = 0, magnitude = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      gain_dot_grad += acc_t(gain[i]) * acc_t(gain_grad[i]);
+      explained += load_a(i);
+      for (int64_t b = 0; b < B; ++b) magnitude += std::abs(a[b] * acc_t(q[b * m + i]) * s[i]);
+    }
+    if (std::abs(double(gain_dot_grad - explained)) >
+        double(magnitude) * std::sqrt(grad_eps) + 1e-30) {
+      return false;
+    }
+  }
+  const acc_t decay = acc_t(1) - acc_t(lr * wd);
+  const acc_t tiny = std::numeric_limits<acc_t>::min();
+  for (int64_t i = 0; i < m; ++i) {
+    const acc_t a_dot_p = load_a(i);
+    const acc_t kappa = t[i] * t[i] * a_dot_p;
+    const acc_t scale = (decay + acc_t(lr) * kappa) * s[i];
+    for (int64_t b = 0; b < B; ++b) coef[b * m + i] = weight_t(a[b] / scale);
+    if (gram != nullptr) {
+      acc_t a_gram_a = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        acc_t gram_a = 0;
+        for (int64_t c = 0; c < B; ++c) gram_a += gram[b * B + c] * a[c];
+        a_gram_a += a[b] * gram_a;
+      }
+      const acc_t grad_sq = std::max(a_gram_a - kappa * a_dot_p, acc_t(0));
+      const acc_t sq = decay * decay / (t[i] * t[i]) + acc_t(lr * lr) * grad_sq;
+      t[i] = acc_t(1) / std::sqrt(std::max(sq, tiny));
+    }
+    s[i] = scale;
+  }
+  return true;
+}
+
+}  // namespace
+
+// The coefficients A / s' (B, m) in the weight's dtype, with s (and, if `track`, t)
+// updated in place; None, with nothing written, when the samples do not explain
+// `gain_grad`.
+std::optional<at::Tensor> fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
+                                     const at::Tensor& output_grads, const at::Tensor& gain,
+                                     at::Tensor inv_norm, at::Tensor row_scale,
+                                     const std::optional<at::Tensor>& gain_grad, double lr,
+                                     double weight_decay, bool track) {
+  TORCH_CHECK(inv_norm.is_contiguous() && row_scale.is_contiguous(),
+              "fused_step: t and s must be contiguous");
+  const auto q = outputs.contiguous(), delta = output_grads.contiguous();
+  const auto g = gain.contiguous();
+  const int64_t B = q.size(0), m = q.size(1);
+  auto coef = at::empty_like(q);
+  at::Tensor gram, grad;
+  double grad_eps = 0;
+  if (track) {
+    const auto h = inputs.to(inv_norm.scalar_type());
+    gram = at::mm(h, h.t()).contiguous();
+  }
+  if (gain_grad.has_value() && gain_grad->defined()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gain_grad->scalar_type(), "eps", [&] {
+      grad_eps = double(std::numeric_limits<scalar_t>::epsilon());
+    });
+    grad = gain_grad->to(gain.scalar_type()).contiguous();
+  }
+  bool explained = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastnorm_rows", [&] {
+    using weight_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(inv_norm.scalar_type(), "fastnorm_rows_acc", [&] {
+      using acc_t = scalar_t;
+      explained = step_rows<weight_t, acc_t>(
+          q.data_ptr<weight_t>(), delta.data_ptr<weight_t>(), g.data_ptr<weight_t>(),
+          grad.defined() ? grad.data_ptr<weight_t>() : nullptr, grad_eps,
+          inv_norm.data_ptr<acc_t>(), row_scale.data_ptr<acc_t>(),
+          track ? gram.data_ptr<acc_t>() : nullptr, B, m, lr, weight_decay,
+          coef.data_ptr<weight_t>());
+    });
+  });
+  if (!explained) return std::nullopt;
+  return coef;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("fused_step", &fused_step);
+}
