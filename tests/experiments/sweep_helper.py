@@ -49,6 +49,13 @@ def progress_probe(seed: int) -> list[dict]:
     return [{"point": 0, "value": seed}]
 
 
+def threads_probe(seed: int) -> list[dict]:
+    """The torch threads its worker was given."""
+    import torch
+
+    return [{"point": 0, "value": torch.get_num_threads()}]
+
+
 def failing_probe(seed: int) -> list[dict]:
     raise RuntimeError(f"probe failed on purpose (seed {seed})")
 

@@ -60,6 +60,23 @@ def test_a_failed_run_is_retried_by_the_next_sweep_and_replaced(tmp_path):
     assert [p["value"] for p in retried.history] == [500, 501, 502, 503, 504]
 
 
+def test_a_worker_gets_threads_for_the_cpus_the_sweep_may_use_not_the_machines(tmp_path):
+    # Pinned to one CPU (taskset -c 1), one worker with two threads would stall at barriers.
+    code = ("import os, sys, sweep_helper\n"
+            "from normlab.experiments import Probe, Store, run_sweep\n"
+            "if __name__ == '__main__':\n"
+            "    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "    with Store.in_folder(sys.argv[1]) as store:\n"
+            "        run_sweep([Probe(sweep_helper.threads_probe, 0)], store, workers=1,\n"
+            "                  stream=open(os.devnull, 'w'))\n"
+            "        print(store.runs()[0].history[0]['value'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == 1
+
+
 def test_progress_line_counts_runs_and_gives_an_eta(tmp_path, capsys):
     with Store.in_folder(tmp_path) as store:
         run_sweep(sweep_helper.jobs(3, 0.0), store, workers=1, label="demo", stream=sys.stderr)

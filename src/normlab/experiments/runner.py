@@ -110,8 +110,17 @@ class Executor(abc.ABC):
         """Cancel what has not finished and release the workers; safe to call twice."""
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: fewer than the machine's under ``taskset``, where
+    more threads than CPUs stall one another at every parallel region's barrier."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class LocalPool(Executor):
-    """A process pool on this machine; each worker gets ``cpu_count // workers`` threads.
+    """A process pool on this machine; each worker gets an equal share of the CPUs this
+    process may run on (its affinity: ``taskset -c 1`` means one CPU), as torch threads.
 
     A worker that dies breaks the whole pool (concurrent.futures cannot tell
     whose job it ran), so the sweep stops as `Interrupted` and the rerun
@@ -124,8 +133,9 @@ class LocalPool(Executor):
         self._drained = False  # every submitted job finished
 
     def start(self, job_count: int) -> None:
-        workers = max(1, min(self.workers or os.cpu_count() or 1, job_count))
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        cpus = usable_cpus()
+        workers = max(1, min(self.workers or cpus, job_count))
+        threads = max(1, cpus // workers)
         # spawn, not fork: a child forked from a parent whose OpenMP pool has run
         # (any earlier torch work) can hang in its first parallel region.
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
