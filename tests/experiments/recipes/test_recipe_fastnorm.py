@@ -78,6 +78,17 @@ def test_jobs_expand_the_declared_grids_over_every_arm():
     assert len({j.key() for j in jobs}) == len(jobs)
 
 
+def test_quick_mode_runs_two_seeds_and_its_protocol_says_what_it_cuts():
+    quick_seeds, full_seeds = recipe.RECIPE.seeds
+    settings = Settings("fastnorm", quick=True, seeds=quick_seeds)
+    batch_1 = [j for j in recipe.jobs(settings) if j.batch_size == 1]
+    # the quick budget's cost: 40 batch-1 runs of 4000 steps (5 configurations per arm)
+    assert quick_seeds == 2 and len(batch_1) == 40
+    assert all(j.train_limit == recipe.QUICK_TRAIN for j in batch_1)
+    (cut,) = [line for line in recipe.protocol(settings) if line.startswith("Quick mode")]
+    assert f"{quick_seeds} seeds by default (full mode: {full_seeds})" in cut
+
+
 def test_mechanism_names_the_pair_whose_ratio_is_above_one():
     """Explicit NormProp noisy, every parametrized arm quiet: the renormalization is the
     mechanism, not the tracking (WN and FastNorm equally quiet)."""
