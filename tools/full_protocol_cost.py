@@ -1,8 +1,8 @@
 """Estimate the CPU-hours of a recipe's full protocol from measured step times.
 
 For every distinct training configuration of the recipe's full-mode jobs
-(learning rate and seed aside, which do not change the cost), times a few
-optimizer steps and one evaluation pass on 1000 test samples in CPU seconds
+(learning rate and seed aside, which do not change the cost), times some
+optimizer steps (median) and one evaluation pass on 1000 test samples in CPU seconds
 (`time.process_time`, one thread), then sums steps x step time + evaluated
 samples x time per sample over the jobs. Probes that train (onlinenorm's)
 count through the configuration they train; other probes cost seconds and are
@@ -10,6 +10,7 @@ left out. An estimate: it leaves out data loading and start-up, and CPU time
 measured on a loaded machine runs somewhat above a quiet one's.
 
     PYTHONPATH=src python tools/full_protocol_cost.py enorm equinorm [--data-dir DIR]
+        [--detail]  (one line per distinct configuration: training and evaluation hours)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -29,6 +31,7 @@ from normlab.experiments.recipes import onlinenorm
 # probe function -> the TrainConfig its run trains
 TRAINING_PROBES = {onlinenorm.batch_probe: onlinenorm.train_config}
 EVAL_SAMPLES = 1000
+STEPS = 20  # timed steps per configuration; their median is the step time
 DATASET_SIZES = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}
 
 
@@ -52,7 +55,7 @@ def signature(config: training.TrainConfig) -> str:
                       sort_keys=True, default=str)
 
 
-def measure(config: training.TrainConfig, data_dir, steps: int = 3) -> tuple[float, float]:
+def measure(config: training.TrainConfig, data_dir, steps: int = STEPS) -> tuple[float, float]:
     """(CPU seconds per optimizer step, CPU seconds per evaluated sample)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -84,34 +87,69 @@ def measure(config: training.TrainConfig, data_dir, steps: int = 3) -> tuple[flo
     return sorted(times)[len(times) // 2], (time.process_time() - start) / EVAL_SAMPLES
 
 
-def cpu_hours(name: str, data_dir) -> tuple[int, float]:
-    configs = train_configs(name)
-    measured: dict[str, tuple[float, float]] = {}
-    total = 0.0
-    for config in configs:
+@dataclass
+class Cost:
+    """The full protocol's runs of one distinct configuration, and their CPU seconds."""
+
+    config: training.TrainConfig  # the first of them
+    runs: int = 0
+    step_time: float = 0.0  # CPU seconds per optimizer step
+    sample_time: float = 0.0  # CPU seconds per evaluated sample
+    training: float = 0.0  # CPU seconds, all its runs' optimizer steps
+    evaluation: float = 0.0  # CPU seconds, all its runs' evaluations
+
+
+def costs(name: str, data_dir, steps: int = STEPS) -> list[Cost]:
+    """One `Cost` per distinct configuration of the recipe's full protocol."""
+    by_signature: dict[str, Cost] = {}
+    for config in train_configs(name):
         key = signature(config)
-        if key not in measured:
-            measured[key] = measure(config, data_dir)
-        step_time, sample_time = measured[key]
+        if key not in by_signature:
+            by_signature[key] = Cost(config)
+            by_signature[key].step_time, by_signature[key].sample_time = measure(
+                config, data_dir, steps)
+        cost = by_signature[key]
         n_train, n_test = DATASET_SIZES[training.TASKS[config.task].dataset]
         steps_per_epoch = math.ceil((config.train_limit or n_train) / config.batch_size)
-        steps = steps_per_epoch * config.epochs
-        evals = math.ceil(steps / (config.eval_every or steps_per_epoch))
-        total += steps * step_time + evals * (config.test_limit or n_test) * sample_time
-    return len(configs), total / 3600
+        run_steps = steps_per_epoch * config.epochs
+        evals = math.ceil(run_steps / (config.eval_every or steps_per_epoch))
+        cost.runs += 1
+        cost.training += run_steps * cost.step_time
+        cost.evaluation += evals * (config.test_limit or n_test) * cost.sample_time
+    return list(by_signature.values())
+
+
+def describe(config: training.TrainConfig, reference: training.TrainConfig) -> str:
+    """What sets `config` apart from `reference` (norm, dtype, batch, ...), briefly."""
+    own, other = config.to_dict(), reference.to_dict()
+    differing = [k for k in own if own[k] != other[k] and k not in ("seed", "lr")]
+    return ", ".join(f"{k}={own[k]}" for k in ["norm"] + [k for k in differing if k != "norm"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"optimizer steps timed per configuration (median; default {STEPS})")
+    parser.add_argument("--detail", action="store_true",
+                        help="one line per distinct configuration: where the hours go")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data.load("mnist", "test", root=args.data_dir)  # fail early without the data
     for name in args.recipes:
-        runs, hours = cpu_hours(name, args.data_dir)
-        print(f"{name}: {runs} training runs, about {hours:.0f} CPU-hours (one thread)",
-              flush=True)
+        rows = costs(name, args.data_dir, args.steps)
+        training_h = sum(c.training for c in rows) / 3600
+        evaluation_h = sum(c.evaluation for c in rows) / 3600
+        print(f"{name}: {sum(c.runs for c in rows)} training runs, about "
+              f"{training_h + evaluation_h:.0f} CPU-hours (one thread): "
+              f"{training_h:.1f} training, {evaluation_h:.1f} evaluating", flush=True)
+        if args.detail:
+            for c in rows:
+                print(f"  {c.runs:4d} runs, {describe(c.config, rows[0].config)}: "
+                      f"step {c.step_time * 1e3:.2f} ms, evaluation "
+                      f"{c.sample_time * 1e6:.1f} us/sample; {c.training / 3600:.2f} h training,"
+                      f" {c.evaluation / 3600:.2f} h evaluating", flush=True)
 
 
 if __name__ == "__main__":
