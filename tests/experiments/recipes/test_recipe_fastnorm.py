@@ -76,6 +76,9 @@ def test_jobs_expand_the_declared_grids_over_every_arm():
     assert {(j.dtype, j.batch_size) for j in jobs} == {
         ("float32", 1), ("bfloat16", 1), ("float32", 16)}
     assert len({j.key() for j in jobs}) == len(jobs)
+    # a sweep cut short has compared every arm at lr 0.03 on its first seeds
+    assert [(j.norm, j.seed, j.lr, j.dtype) for j in jobs[:8]] == [
+        (norm, seed, 0.03, "float32") for seed in (0, 1) for norm in recipe.ARMS]
 
 
 def test_quick_mode_runs_two_seeds_and_its_protocol_says_what_it_cuts():
