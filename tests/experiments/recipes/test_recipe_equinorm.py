@@ -10,6 +10,10 @@ QUICK = recipe.Settings("equinorm", quick=True, seeds=2, dataset="cifar10")
 def test_jobs_follow_section_6_1():
     jobs = equinorm.jobs(QUICK)
     assert len(jobs) == 4 * 2 * 2  # four variants, long and short schedules, two seeds
+    # the first seed's runs come first: a sweep cut short has a run of every claim's arms
+    assert {(j.seed, j.norm, j.lr_schedule) for j in jobs[:8]} == {
+        (0, norm, schedule) for norm in ("batch", "group", "equinorm")
+        for schedule in ("step", "linear")}
     quarter = [j for j in jobs if j.norm_kw == {"stat_fraction": 0.25}]
     assert quarter and all(j.norm == "equinorm" for j in quarter)
     long = [j for j in jobs if j.lr_schedule == "step"]
