@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--seeds", type=int, default=None,
                            help="seeds per configuration (default: the recipe's)")
     reproduce.add_argument("--workers", type=int, default=None,
-                           help="parallel runs (default: the number of cores)")
+                           help="parallel runs (default: the cores this process may use)")
     reproduce.add_argument("--executor", choices=("local", "ray"), default="local",
                            help="where the runs go: a process pool on this machine (default) "
                                 "or Ray tasks (pip install 'normlab[ray]')")
