@@ -494,7 +494,8 @@ def one_training_step(layer, x, lr=0.3, weight_decay=1e-3, eager=False, monkeypa
     optimizer = FastNormSGD(layer.parameters(), lr=lr, weight_decay=weight_decay)
     z = layer(x)
     (z * torch.linspace(-1, 2, z.shape[-1], dtype=z.dtype)).square().sum().backward()
-    grads = (x.grad, layer.gain.grad.clone(), layer.bias.grad.clone())
+    grads = (x.grad, layer.gain.grad.clone(),
+             layer.bias.grad.clone() if layer.bias is not None else torch.zeros(()))
     optimizer.step()
     if eager:
         monkeypatch.undo()
@@ -506,11 +507,12 @@ def one_training_step(layer, x, lr=0.3, weight_decay=1e-3, eager=False, monkeypa
     (F64, (1,), 1e-12), (F64, (5,), 1e-12), (F64, (2, 3), 1e-12),  # leading dims
     (F64, (20,), 1e-12),  # above max_tracked_batch: explicit norms
     (torch.float32, (4,), 1e-5), (torch.bfloat16, (3,), 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
 def test_the_compiled_kernels_compute_what_the_eager_path_computes(
-        dtype, batch_shape, tolerance, monkeypatch):
+        dtype, batch_shape, tolerance, bias, monkeypatch):
     compiled_kernel()
     torch.manual_seed(0)
-    layer = FastNormLinear(7, 5, dtype=dtype)
+    layer = FastNormLinear(7, 5, bias=bias, dtype=dtype)
     with torch.no_grad():  # rows off unit norm and s != 1, as after training
         layer.weight.mul_(torch.linspace(0.7, 1.6, 5).to(dtype)[:, None])
         layer.row_scale.mul_(torch.linspace(0.5, 2, 5))

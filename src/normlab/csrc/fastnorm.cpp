@@ -118,79 +118,98 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
   return explained;
 }
 
-// The fused mode's training forward on (B, n) rows x: q = x V^T and
-// z = q * gain t s + bias (per output i), in one pass over q. Returns (z, q).
-std::tuple<at::Tensor, at::Tensor> scaled_linear(const at::Tensor& x, const at::Tensor& weight,
-                                                 const at::Tensor& gain,
-                                                 const std::optional<at::Tensor>& bias,
-                                                 const at::Tensor& inv_norm,
-                                                 const at::Tensor& row_scale) {
-  const auto q = at::mm(x, weight.t());
-  auto z = at::empty_like(q);
-  const int64_t B = q.size(0), m = q.size(1);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const auto g = gain.contiguous(), t = inv_norm.contiguous(), s = row_scale.contiguous();
-  const auto b = has_bias ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scaled_linear", [&] {
-    using weight_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "scaled_linear_acc", [&] {
-      using acc_t = scalar_t;
-      const weight_t *q_ = q.data_ptr<weight_t>(), *g_ = g.data_ptr<weight_t>();
-      const weight_t* b_ = has_bias ? b.data_ptr<weight_t>() : nullptr;
-      const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
-      weight_t* z_ = z.data_ptr<weight_t>();
-      for (int64_t r = 0; r < B; ++r) {
-        for (int64_t i = 0; i < m; ++i) {
-          const acc_t scaled = acc_t(q_[r * m + i]) * (acc_t(g_[i]) * t_[i] * s_[i]);
-          z_[r * m + i] = weight_t(has_bias ? scaled + acc_t(b_[i]) : scaled);
-        }
-      }
-    });
-  });
-  return {z, q};
-}
-
-// Its backward from (B, m) rows of dL/dz: (dL/dx or undefined, dL/dgain, dL/dbias) with
-// dL/dgain_i = t_i s_i sum_b delta_bi q_bi, dL/dbias_i = sum_b delta_bi and
-// dL/dx = (delta * gain t s) V.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_linear_backward(
-    const at::Tensor& output_grads, const at::Tensor& outputs, const at::Tensor& weight,
-    const at::Tensor& gain, const at::Tensor& inv_norm, const at::Tensor& row_scale,
-    bool needs_input_grad) {
-  const auto delta = output_grads.contiguous(), q = outputs.contiguous();
-  const auto g = gain.contiguous(), t = inv_norm.contiguous(), s = row_scale.contiguous();
-  const int64_t B = q.size(0), m = q.size(1);
-  auto grad_gain = at::empty_like(g), grad_bias = at::empty_like(g);
-  at::Tensor scaled_delta = needs_input_grad ? at::empty_like(delta) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "scaled_linear_bw", [&] {
-    using weight_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "scaled_linear_bw_acc", [&] {
-      using acc_t = scalar_t;
-      const weight_t *d_ = delta.data_ptr<weight_t>(), *q_ = q.data_ptr<weight_t>();
-      const weight_t* g_ = g.data_ptr<weight_t>();
-      const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
-      weight_t *gg_ = grad_gain.data_ptr<weight_t>(), *gb_ = grad_bias.data_ptr<weight_t>();
-      weight_t* sd_ = needs_input_grad ? scaled_delta.data_ptr<weight_t>() : nullptr;
-      for (int64_t i = 0; i < m; ++i) {
-        const acc_t u = t_[i] * s_[i], scale = acc_t(g_[i]) * u;
-        acc_t delta_dot_q = 0, delta_sum = 0;
+// The fused mode's training forward on (B, n) rows x, an autograd function:
+// q = x V^T and z = q * gain t s + bias (per output i), in one pass over q.
+// `probe` (B, m) is a leaf that receives dL/dz as its gradient: autograd
+// accumulates the step's samples without a Python hook. V gets no gradient.
+// Returns (z, q), q not differentiable.
+struct RecordedLinear : public torch::autograd::Function<RecordedLinear> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gain,
+      const at::Tensor& bias, const at::Tensor& probe, const at::Tensor& weight,
+      const at::Tensor& inv_norm, const at::Tensor& row_scale) {
+    const auto q = at::mm(x, weight.t());
+    auto z = at::empty_like(q);
+    const int64_t B = q.size(0), m = q.size(1);
+    const bool has_bias = bias.numel() > 0;  // empty: no bias (an autograd input must exist)
+    const auto g = gain.contiguous(), t = inv_norm.contiguous(), s = row_scale.contiguous();
+    const auto b = has_bias ? bias.contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastnorm_forward", [&] {
+      using weight_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastnorm_forward_acc", [&] {
+        using acc_t = scalar_t;
+        const weight_t *q_ = q.data_ptr<weight_t>(), *g_ = g.data_ptr<weight_t>();
+        const weight_t* b_ = has_bias ? b.data_ptr<weight_t>() : nullptr;
+        const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
+        weight_t* z_ = z.data_ptr<weight_t>();
         for (int64_t r = 0; r < B; ++r) {
-          const acc_t d = acc_t(d_[r * m + i]);
-          delta_dot_q += d * acc_t(q_[r * m + i]);
-          delta_sum += d;
-          if (sd_ != nullptr) sd_[r * m + i] = weight_t(d * scale);
+          for (int64_t i = 0; i < m; ++i) {
+            const acc_t scaled = acc_t(q_[r * m + i]) * (acc_t(g_[i]) * t_[i] * s_[i]);
+            z_[r * m + i] = weight_t(has_bias ? scaled + acc_t(b_[i]) : scaled);
+          }
         }
-        gg_[i] = weight_t(delta_dot_q * u);
-        gb_[i] = weight_t(delta_sum);
-      }
+      });
     });
-  });
-  at::Tensor grad_input = needs_input_grad ? at::mm(scaled_delta, weight) : at::Tensor();
-  return {grad_input, grad_gain, grad_bias};
+    ctx->save_for_backward({weight, gain, inv_norm, row_scale});
+    ctx->saved_data["q"] = q;
+    ctx->mark_non_differentiable({q});
+    return {z, q};
+  }
+
+  // dL/dgain_i = t_i s_i sum_b delta_bi q_bi, dL/dbias_i = sum_b delta_bi,
+  // dL/dx = (delta * gain t s) V, and delta itself for the probe.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "FastNormLinear(mode='fused') has no double backward (create_graph=True); "
+                "use mode='dense'");
+    const auto saved = ctx->get_saved_variables();
+    const auto &weight = saved[0], &gain = saved[1], &inv_norm = saved[2], &row_scale = saved[3];
+    const auto q = ctx->saved_data["q"].toTensor();
+    const auto delta = grads[0].contiguous();
+    const auto g = gain.contiguous(), t = inv_norm.contiguous(), s = row_scale.contiguous();
+    const int64_t B = q.size(0), m = q.size(1);
+    const bool needs_x = ctx->needs_input_grad(0);
+    auto grad_gain = at::empty_like(g), grad_bias = at::empty_like(g);
+    at::Tensor scaled_delta = needs_x ? at::empty_like(delta) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastnorm_backward", [&] {
+      using weight_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastnorm_backward_acc", [&] {
+        using acc_t = scalar_t;
+        const weight_t *d_ = delta.data_ptr<weight_t>(), *q_ = q.data_ptr<weight_t>();
+        const weight_t* g_ = g.data_ptr<weight_t>();
+        const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
+        weight_t *gg_ = grad_gain.data_ptr<weight_t>(), *gb_ = grad_bias.data_ptr<weight_t>();
+        weight_t* sd_ = needs_x ? scaled_delta.data_ptr<weight_t>() : nullptr;
+        for (int64_t i = 0; i < m; ++i) {
+          const acc_t u = t_[i] * s_[i], scale = acc_t(g_[i]) * u;
+          acc_t delta_dot_q = 0, delta_sum = 0;
+          for (int64_t r = 0; r < B; ++r) {
+            const acc_t d = acc_t(d_[r * m + i]);
+            delta_dot_q += d * acc_t(q_[r * m + i]);
+            delta_sum += d;
+            if (sd_ != nullptr) sd_[r * m + i] = weight_t(d * scale);
+          }
+          gg_[i] = weight_t(delta_dot_q * u);
+          gb_[i] = weight_t(delta_sum);
+        }
+      });
+    });
+    const bool has_bias = ctx->needs_input_grad(2);
+    return {needs_x ? at::mm(scaled_delta, weight) : at::Tensor(), grad_gain,
+            has_bias ? grad_bias : at::Tensor(), delta, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> recorded_linear(const at::Tensor& x, const at::Tensor& gain,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& probe, const at::Tensor& weight,
+                                        const at::Tensor& inv_norm, const at::Tensor& row_scale) {
+  return RecordedLinear::apply(x, gain, bias.has_value() ? *bias : at::empty({0}, gain.options()),
+                               probe, weight, inv_norm, row_scale);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("fused_step", &fused_step);
-  module.def("scaled_linear", &scaled_linear);
-  module.def("scaled_linear_backward", &scaled_linear_backward);
+  module.def("recorded_linear", &recorded_linear);
 }

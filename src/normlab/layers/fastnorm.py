@@ -76,6 +76,7 @@ RENORM_DRIFT_BOUND = 0.05
 # only parameters, finds the layers among them (a plain dict lookup per
 # parameter and step; the owner's `weight is param` check rules out reused ids).
 _OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_owners_changed = [0]  # counts registrations: FastNormSGD's cached lookups go stale
 
 
 class _LogicalGradient(torch.autograd.Function):
@@ -115,71 +116,77 @@ class _Tracking:
 
 
 class _Record:
-    """One training forward: its inputs h, pre-scale outputs q = V h and (after
-    backward) the output gradients delta, each (B, features)."""
+    """One training forward: its inputs h and pre-scale outputs q = V h, each (B, features),
+    and a (B, m) leaf whose gradient autograd fills with dL/dz: the output gradients
+    delta (summed over backwards, as gradients are)."""
 
-    __slots__ = ("inputs", "outputs", "output_grads")
+    __slots__ = ("inputs", "outputs", "probe")
 
-    def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor):
-        self.inputs, self.outputs, self.output_grads = inputs, outputs, None
+    def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor, probe: torch.Tensor):
+        self.inputs, self.outputs, self.probe = inputs, outputs, probe
 
-    def capture(self, grad: torch.Tensor) -> None:
-        self.output_grads = grad if self.output_grads is None else self.output_grads + grad
+    @property
+    def output_grads(self) -> torch.Tensor | None:
+        return self.probe.grad
+
+
+def _recorded_forward(x, gain, bias, weight, inv_norm, row_scale, records):
+    """The fused mode's training forward, z = gain * t s * (V h) + bias (t s = 1/||V_i||),
+    recording its samples in `records`; V gets no gradient (FastNormSGD updates it)."""
+    rows = _rows(x)
+    probe = torch.empty(rows.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device,
+                        requires_grad=True)
+    kernel = _kernel(rows, weight, gain, bias, inv_norm, row_scale)
+    function = _RecordedLinear.apply if kernel is None else kernel.recorded_linear
+    z, q = function(rows, gain, bias, probe, weight.detach(), inv_norm, row_scale)
+    records.append(_Record(rows.detach(), q, probe))
+    return z if x.dim() == 2 else z.view(*x.shape[:-1], z.shape[-1])
+
+
+# torch.compile runs the recording forward outside its graph (one graph break):
+# a traced backward would record at trace time only.
+_recorded_forward_untraced = torch.compiler.disable(_recorded_forward)
 
 
 class _RecordedLinear(torch.autograd.Function):
-    """z = gain * t s * (V h) + bias for the fused mode's training forward (t s = 1/||V_i||),
-    V held fixed (FastNormSGD updates it): records (h, V h) in `records` and, at backward,
-    dL/dz, the samples of the step's rank-B update. V gets no gradient."""
+    """`_recorded_forward`'s autograd function: returns (z, q) and gives the probe dL/dz.
+    The eager path, and the specification, of RecordedLinear in csrc/fastnorm.cpp."""
 
     @staticmethod
-    def forward(ctx, x, gain, bias, weight, inv_norm, row_scale, records):
-        rows = _rows(x)
-        kernel = _kernel((rows, weight, gain) if bias is None else (rows, weight, gain, bias),
-                         inv_norm, row_scale)
-        if kernel is None:
-            q = F.linear(rows, weight)
-            scale = gain * _as(inv_norm * row_scale, weight.dtype)
-            z = q * scale if bias is None else torch.addcmul(bias, q, scale)
-        else:
-            z, q = kernel.scaled_linear(rows, weight, gain, bias, inv_norm, row_scale)
-        ctx.record, ctx.kernel = _Record(rows, q), kernel
-        records.append(ctx.record)
-        ctx.save_for_backward(weight, gain, inv_norm, row_scale)
-        return z if x.dim() == 2 else z.view(*x.shape[:-1], z.shape[-1])
+    def forward(ctx, rows, gain, bias, probe, weight, inv_norm, row_scale):
+        q = F.linear(rows, weight)
+        scale = gain * _as(inv_norm * row_scale, weight.dtype)
+        z = q * scale if bias is None else torch.addcmul(bias, q, scale)
+        ctx.mark_non_differentiable(q)
+        ctx.save_for_backward(weight, gain, inv_norm, row_scale, q)
+        return z, q
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, output_grads, _):
         if torch.is_grad_enabled():  # (cheaper than once_differentiable's wrapper)
             raise RuntimeError("FastNormLinear(mode='fused') has no double backward "
                                "(create_graph=True); use mode='dense'")
-        weight, gain, inv_norm, row_scale = ctx.saved_tensors
-        record, kernel = ctx.record, ctx.kernel
-        output_grads = _rows(grad)
-        record.capture(output_grads)
-        needs_x = ctx.needs_input_grad[0]
-        if kernel is not None and output_grads.dtype == weight.dtype and not _cpu_autocast():
-            grad_x, grad_gain, grad_bias = kernel.scaled_linear_backward(
-                output_grads, record.outputs, weight, gain, inv_norm, row_scale, needs_x)
-        else:
-            inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
-            grad_x = (F.linear(output_grads * (gain * inv_norm_stored), weight.T) if needs_x
-                      else None)
-            grad_gain = (output_grads * record.outputs).sum(0) * inv_norm_stored
-            grad_bias = output_grads.sum(0)
-        if needs_x and grad.dim() != 2:
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
-        return grad_x, grad_gain, grad_bias, None, None, None, None
+        weight, gain, inv_norm, row_scale, q = ctx.saved_tensors
+        inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
+        needs_x, _, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = F.linear(output_grads * (gain * inv_norm_stored), weight.T) if needs_x else None
+        grad_gain = (output_grads * q).sum(0) * inv_norm_stored
+        grad_bias = output_grads.sum(0) if needs_bias else None
+        return grad_x, grad_gain, grad_bias, output_grads, None, None, None
 
 
-def _kernel(tensors: tuple, inv_norm: torch.Tensor, row_scale: torch.Tensor):
-    """The compiled fused-mode kernels where they apply (CPU, no autocast; `tensors` of
-    the weight's dtype, t and s of one dtype), else None."""
-    dtype = tensors[0].dtype
-    if (tensors[0].is_cpu and all(x.dtype == dtype for x in tensors)
-            and inv_norm.dtype == row_scale.dtype and not _cpu_autocast()):
-        return _native.module("fastnorm")
-    return None
+def _kernel(*tensors):
+    """The compiled fused-mode kernels where they apply, else None: CPU, no autocast, the
+    weight-like tensors (all but the last two: t and s) of one dtype (None skipped), t
+    and s of one dtype."""
+    *like_weight, inv_norm, row_scale = tensors
+    dtype = like_weight[0].dtype
+    if not like_weight[0].is_cpu or inv_norm.dtype != row_scale.dtype or _cpu_autocast():
+        return None
+    for x in like_weight:
+        if x is not None and x.dtype != dtype:
+            return None
+    return _native.module("fastnorm")
 
 
 try:
@@ -187,11 +194,6 @@ try:
     _cpu_autocast = functools.partial(torch.is_autocast_enabled, "cpu")
 except TypeError:  # torch < 2.4
     _cpu_autocast = torch.is_autocast_cpu_enabled
-
-
-# torch.compile runs the recording forward outside its graph (one graph break):
-# a traced backward would record at trace time only.
-_record_outside_graph = torch.compiler.disable(_RecordedLinear.apply)
 
 
 def tracked_sq_norms(sq_norms: torch.Tensor, inputs: torch.Tensor, coefficients: torch.Tensor,
@@ -295,6 +297,7 @@ class _FastNorm(nn.Module):
         if tracking.weight_id != id(weight):
             tracking.weight_id = id(weight)
             _OWNERS[id(weight)] = self
+            _owners_changed[0] += 1
         tracking.weight_version = weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +316,7 @@ class _FastNorm(nn.Module):
         row_scale, inv_norm = self.row_scale, self.inv_norm
         if fused and self.training and weight.requires_grad and torch.is_grad_enabled():
             # the step needs this forward's samples (fused: FastNormLinear only)
-            record = _record_outside_graph if tracing else _RecordedLinear.apply
+            record = _recorded_forward_untraced if tracing else _recorded_forward
             return record(x, gain, bias, weight, inv_norm, row_scale, self._tracking.records)
         # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
         inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
@@ -496,7 +499,7 @@ class _FastNorm(nn.Module):
         # s' = c s, V' = V - lr (A / s')^T H
         weight, gain, inv_norm, row_scale = self.weight, self.gain, self.inv_norm, self.row_scale
         track = len(inputs) <= self.max_tracked_batch
-        kernel = _kernel((outputs, output_grads, gain, weight), inv_norm, row_scale)
+        kernel = _kernel(outputs, output_grads, gain, weight, inv_norm, row_scale)
         if kernel is None:
             self._fused_step(inputs, outputs, output_grads, lr, weight_decay, track)
         elif not kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale,
@@ -796,17 +799,18 @@ class FastNormSGD(torch.optim.SGD):
     def _fastnorm_layers(self) -> list:
         """(layer, param group, weight) of each FastNorm weight among the parameters.
 
-        Found once (a dict lookup per parameter) and kept while the groups are
-        (load_state_dict replaces them; add_param_group extends them) and each
-        layer still holds its weight."""
+        Found by a dict lookup per parameter, and kept while the groups are
+        (load_state_dict replaces them; add_param_group extends them), no layer
+        has registered a weight since, and each layer still holds its weight."""
         groups, cached = self.param_groups, self.__dict__.get("_layers")
-        if (cached is None or cached[0] is not groups or cached[1] != len(groups)
-                or any(layer.weight is not weight for layer, _, weight in cached[2])):
+        key = (groups, len(groups), _owners_changed[0])
+        if (cached is None or cached[0][0] is not groups or cached[0][1:] != key[1:]
+                or any(layer.weight is not weight for layer, _, weight in cached[1])):
             layers = [(layer, group, param) for group in groups for param in group["params"]
                       for layer in [_OWNERS.get(id(param))]
                       if layer is not None and layer.weight is param]
-            cached = self._layers = (groups, len(groups), layers)
-        return cached[2]
+            cached = self._layers = (key, layers)
+        return cached[1]
 
     @torch.no_grad()
     def step(self, closure=None):
