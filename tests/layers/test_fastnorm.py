@@ -495,7 +495,7 @@ def one_training_step(layer, x, lr=0.3, weight_decay=1e-3, eager=False, monkeypa
     z = layer(x)
     (z * torch.linspace(-1, 2, z.shape[-1], dtype=z.dtype)).square().sum().backward()
     grads = (x.grad, layer.gain.grad.clone(),
-             layer.bias.grad.clone() if layer.bias is not None else torch.zeros(()))
+             layer.bias.grad.clone() if layer.bias is not None else torch.ones(()))
     optimizer.step()
     if eager:
         monkeypatch.undo()
