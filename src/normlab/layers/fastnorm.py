@@ -422,8 +422,8 @@ class _FastNorm(nn.Module):
 
     # -- the optimizer's step (called by FastNormSGD) ---------------------------
 
-    @torch.no_grad()
     def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
+        # (under FastNormSGD.step's no_grad)
         if self.mode == "dense":
             if self.weight.grad is None:
                 return
@@ -497,7 +497,10 @@ class _FastNorm(nn.Module):
                       weight_decay: float) -> None:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
         # s' = c s, V' = V - lr (A / s')^T H
-        weight, gain, inv_norm, row_scale = self.weight, self.gain, self.inv_norm, self.row_scale
+        # one dict lookup each: nn.Module's attribute fallback is slow on this per-step path
+        params, buffers = self._parameters, self._buffers
+        weight, gain = params["weight"], params["gain"]
+        inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
         track = len(inputs) <= self.max_tracked_batch
         kernel = _kernel(outputs, output_grads, gain, weight, inv_norm, row_scale)
         if kernel is None:
