@@ -42,7 +42,7 @@ def update_paths(monkeypatch):
 
         def spy(self, *args, _original=original, _name=name):
             paths.append(_name)
-            _original(self, *args)
+            return _original(self, *args)
         monkeypatch.setattr(fastnorm._FastNorm, f"_{name}_update", spy)
     return paths
 
@@ -500,19 +500,20 @@ def one_training_step(layer, x, lr=0.3, weight_decay=1e-3, eager=False, monkeypa
     if eager:
         monkeypatch.undo()
     return (z.detach(), *grads, layer.weight.detach().clone(), layer.row_scale.clone(),
-            layer.inv_norm.clone())
+            layer.inv_norm.clone(), layer.gain.detach().clone(),
+            layer.bias.detach().clone() if layer.bias is not None else torch.ones(()))
 
 
-@pytest.mark.parametrize("dtype, batch_shape, tolerance", [
-    (F64, (1,), 1e-12), (F64, (5,), 1e-12), (F64, (2, 3), 1e-12),  # leading dims
-    (F64, (20,), 1e-12),  # above max_tracked_batch: explicit norms
-    (torch.float32, (4,), 1e-5), (torch.bfloat16, (3,), 2e-2)])
+@pytest.mark.parametrize("dtype, batch_shape, tolerance, max_tracked_batch", [
+    (F64, (1,), 1e-12, 16), (F64, (5,), 1e-12, 16), (F64, (2, 3), 1e-12, 16),  # leading dims
+    (F64, (6,), 1e-12, 4),  # above max_tracked_batch: explicit norms
+    (torch.float32, (4,), 1e-5, 16), (torch.bfloat16, (3,), 2e-2, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_compiled_kernels_compute_what_the_eager_path_computes(
-        dtype, batch_shape, tolerance, bias, monkeypatch):
+        dtype, batch_shape, tolerance, max_tracked_batch, bias, monkeypatch):
     compiled_kernel()
     torch.manual_seed(0)
-    layer = FastNormLinear(7, 5, bias=bias, dtype=dtype)
+    layer = FastNormLinear(7, 5, bias=bias, max_tracked_batch=max_tracked_batch, dtype=dtype)
     with torch.no_grad():  # rows off unit norm and s != 1, as after training
         layer.weight.mul_(torch.linspace(0.7, 1.6, 5).to(dtype)[:, None])
         layer.row_scale.mul_(torch.linspace(0.5, 2, 5))
@@ -526,8 +527,8 @@ def test_the_compiled_kernels_compute_what_the_eager_path_computes(
     compiled = one_training_step(layer, x)
     assert calls  # the compiled path ran
     eager = one_training_step(twin, x, eager=True, monkeypatch=monkeypatch)
-    for name, a, b in zip(("z", "x.grad", "gain.grad", "bias.grad", "V", "s", "t"),
-                          compiled, eager):
+    for name, a, b in zip(("z", "x.grad", "gain.grad", "bias.grad", "V", "s", "t", "gain",
+                           "bias"), compiled, eager):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert relative(a.double(), b.double()) < tolerance, name
 
@@ -558,3 +559,18 @@ def test_the_eager_path_is_equivalent_to_explicit_weight_norm_too(monkeypatch, u
     monkeypatch.setattr(fastnorm, "_kernel", lambda *args: None)
     train_twins_and_compare(300, 4, 1e-3)
     assert set(update_paths) == {"fused"}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fastnormsgd_steps_the_other_parameters_as_torch_sgd(weight_decay):
+    """Gains and biases (updated by the compiled step, or by torch's SGD on the eager path)
+    and a plain layer's parameters all get torch.optim.SGD's update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FastNormLinear(6, 5, dtype=F64), nn.ReLU(), nn.Linear(5, 3).double())
+    optimizer = FastNormSGD(model.parameters(), lr=0.3, weight_decay=weight_decay)
+    model(torch.randn(2, 6, dtype=F64)).square().sum().backward()
+    others = [model[0].gain, model[0].bias, model[2].weight, model[2].bias]
+    expected = [p.detach() - 0.3 * (p.grad + weight_decay * p.detach()) for p in others]
+    optimizer.step()
+    for param, value in zip(others, expected):
+        torch.testing.assert_close(param.detach(), value, rtol=1e-14, atol=1e-15)

@@ -62,6 +62,11 @@ from ..functional import _tracing
 # batch 16 and 1.25-1.76x at 32 (the third, 2026-12-02: 0.89x and 1.37x), so
 # the explicit norm takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
+# The compiled kernels (csrc/fastnorm.cpp) remove per-operation dispatch, which
+# dominates at small batches; their loops are scalar and single-threaded, so
+# above this many samples torch's vectorized operations are faster (measured
+# with `normlab bench --case fastnorm`: batch 128 went from 1.04x to 1.57x plain).
+KERNEL_MAX_BATCH = 16
 # Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
 # 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
 # tracked norms drift from the explicit ones by 1.7e-5 (relative, max over rows)
@@ -176,12 +181,13 @@ class _RecordedLinear(torch.autograd.Function):
 
 
 def _kernel(*tensors):
-    """The compiled fused-mode kernels where they apply, else None: CPU, no autocast, the
-    weight-like tensors (all but the last two: t and s) of one dtype (None skipped), t
-    and s of one dtype."""
+    """The compiled fused-mode kernels where they apply, else None: CPU, at most
+    KERNEL_MAX_BATCH rows in the first tensor, no autocast, the weight-like tensors (all
+    but the last two: t and s) of one dtype (None skipped), t and s of one dtype."""
     *like_weight, inv_norm, row_scale = tensors
     dtype = like_weight[0].dtype
-    if not like_weight[0].is_cpu or inv_norm.dtype != row_scale.dtype or _cpu_autocast():
+    if (not like_weight[0].is_cpu or len(like_weight[0]) > KERNEL_MAX_BATCH
+            or inv_norm.dtype != row_scale.dtype or _cpu_autocast()):
         return None
     for x in like_weight:
         if x is not None and x.dtype != dtype:
@@ -424,20 +430,23 @@ class _FastNorm(nn.Module):
 
     def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
         # (under FastNormSGD.step's no_grad)
+        # Returns the other parameters it updated (the compiled fused step also takes the
+        # gain's and bias's SGD update, so that torch's SGD need not run for them).
+        updated = ()
         if self.mode == "dense":
             if self.weight.grad is None:
-                return
+                return updated
             self._dense_update(_as(self.weight.grad, self.inv_norm.dtype), lr, weight_decay,
                                momentum, state)
         else:
             samples = self._consume_records()
             if samples is None:
-                return
+                return updated
             if momentum:
                 self._dense_update(self._materialized_gradient(*samples), lr, weight_decay,
                                    momentum, state)
             else:
-                self._fused_update(*samples, lr, weight_decay)
+                updated = self._fused_update(*samples, lr, weight_decay)
         self._mark_synced()
         tracking = self._tracking
         tracking.steps_since_renorm += 1
@@ -445,6 +454,7 @@ class _FastNorm(nn.Module):
             self.renormalize()
         else:
             self.steps_since_renorm.fill_(tracking.steps_since_renorm)
+        return updated
 
     def _consume_records(self):
         """(h, q, delta) of the recorded samples, each (B, features); None when none."""
@@ -494,23 +504,28 @@ class _FastNorm(nn.Module):
             "set_to_none=True; use mode='dense' for other workflows.")
 
     def _fused_update(self, inputs, outputs, output_grads, lr: float,
-                      weight_decay: float) -> None:
+                      weight_decay: float) -> tuple:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
         # s' = c s, V' = V - lr (A / s')^T H
         # one dict lookup each: nn.Module's attribute fallback is slow on this per-step path
         params, buffers = self._parameters, self._buffers
-        weight, gain = params["weight"], params["gain"]
+        weight, gain, bias = params["weight"], params["gain"], params.get("bias")
         inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
         track = len(inputs) <= self.max_tracked_batch
-        kernel = _kernel(outputs, output_grads, gain, weight, inv_norm, row_scale)
+        kernel = _kernel(outputs, output_grads, gain, weight, bias, inv_norm, row_scale)
+        updated = ()
         if kernel is None:
             self._fused_step(inputs, outputs, output_grads, lr, weight_decay, track)
-        elif not kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale,
-                                   weight, gain.grad, lr, weight_decay, track):
+        elif kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale, weight,
+                               gain.grad, bias, None if bias is None else bias.grad, lr,
+                               weight_decay, track):
+            updated = (gain,) if bias is None else (gain, bias)
+        else:
             self._raise_unexplained()
         if not track:  # above max_tracked_batch: explicit, after the update
             inv_norm.copy_(self.explicit_norms().clamp_min_(torch.finfo(inv_norm.dtype).tiny)
                            .reciprocal_())
+        return updated
 
     def _fused_step(self, inputs, outputs, output_grads, lr: float, weight_decay: float,
                     track: bool) -> None:
@@ -823,25 +838,31 @@ class FastNormSGD(torch.optim.SGD):
                 loss = closure()
         layers = self._fastnorm_layers()
         # The FastNorm weights first: their update reads the gains as the
-        # forward saw them. Then torch's SGD for the rest, with the dense-mode
-        # weight gradients hidden from it (it would update V as if it were W).
+        # forward saw them. Then torch's SGD for the rest (if any has a gradient),
+        # with what was updated here hidden from it: the dense-mode weight
+        # gradients (it would update V as if it were W), and the gains and biases
+        # that the compiled fused step updated itself.
         distributed = _distributed()
+        updated = []  # parameters updated here, hidden from torch's SGD
         for layer, group, weight in layers:
             if distributed and layer.mode == "fused":
                 raise RuntimeError(
                     f"{type(layer).__name__}(mode='fused') updates its weight from this "
                     "process's samples only; under torch.distributed use mode='dense' (or "
                     "normlab.convert_sync(model)), whose gradient DDP all-reduces.")
-            layer._sgd_step(group["lr"], group["weight_decay"], group["momentum"],
-                            self.state[weight])
-        hidden = [(weight, weight.grad) for _, _, weight in layers]
-        for weight, _ in hidden:
-            weight.grad = None
+            updated.append(weight)  # dense: its gradient is the logical weight's, not V's
+            updated.extend(layer._sgd_step(group["lr"], group["weight_decay"],
+                                           group["momentum"], self.state[weight]))
+        hidden = [(param, param.grad) for param in updated]
+        for param, _ in hidden:
+            param.grad = None
         try:
-            super().step()
+            if any(param.grad is not None for group in self.param_groups
+                   for param in group["params"]):
+                super().step()
         finally:
-            for weight, grad in hidden:
-                weight.grad = grad
+            for param, grad in hidden:
+                param.grad = grad
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
