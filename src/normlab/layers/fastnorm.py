@@ -141,7 +141,7 @@ def _recorded_forward(x, gain, bias, weight, inv_norm, row_scale, records):
     rows = _rows(x)
     probe = torch.empty(rows.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device,
                         requires_grad=True)
-    kernel = _kernel(rows, weight, gain, bias, inv_norm, row_scale)
+    kernel = _kernel(rows, inv_norm, row_scale, weight, gain, bias)
     function = _RecordedLinear.apply if kernel is None else kernel.recorded_linear
     z, q = function(rows, gain, bias, probe, weight.detach(), inv_norm, row_scale)
     records.append(_Record(rows.detach(), q, probe))
@@ -180,16 +180,15 @@ class _RecordedLinear(torch.autograd.Function):
         return grad_x, grad_gain, grad_bias, output_grads, None, None, None
 
 
-def _kernel(*tensors):
+def _kernel(rows, inv_norm, row_scale, *like_rows):
     """The compiled fused-mode kernels where they apply, else None: CPU, at most
-    KERNEL_MAX_BATCH rows in the first tensor, no autocast, the weight-like tensors (all
-    but the last two: t and s) of one dtype (None skipped), t and s of one dtype."""
-    *like_weight, inv_norm, row_scale = tensors
-    dtype = like_weight[0].dtype
-    if (not like_weight[0].is_cpu or len(like_weight[0]) > KERNEL_MAX_BATCH
+    KERNEL_MAX_BATCH `rows`, no autocast, t and s of one dtype, the tensors `like_rows`
+    (weight, gain, ...; None skipped) of the rows' dtype."""
+    if (not rows.is_cpu or rows.shape[0] > KERNEL_MAX_BATCH
             or inv_norm.dtype != row_scale.dtype or _cpu_autocast()):
         return None
-    for x in like_weight:
+    dtype = rows.dtype
+    for x in like_rows:
         if x is not None and x.dtype != dtype:
             return None
     return _native.module("fastnorm")
@@ -299,7 +298,7 @@ class _FastNorm(nn.Module):
 
     def _mark_synced(self) -> None:
         # The identity tells a new Parameter (deepcopy) from an in-place change.
-        tracking, weight = self._tracking, self.weight
+        tracking, weight = self._tracking, self._parameters["weight"]  # (a per-step path)
         if tracking.weight_id != id(weight):
             tracking.weight_id = id(weight)
             _OWNERS[id(weight)] = self
@@ -511,8 +510,8 @@ class _FastNorm(nn.Module):
         params, buffers = self._parameters, self._buffers
         weight, gain, bias = params["weight"], params["gain"], params.get("bias")
         inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
-        track = len(inputs) <= self.max_tracked_batch
-        kernel = _kernel(outputs, output_grads, gain, weight, bias, inv_norm, row_scale)
+        track = inputs.shape[0] <= self.max_tracked_batch
+        kernel = _kernel(outputs, inv_norm, row_scale, output_grads, gain, weight, bias)
         updated = ()
         if kernel is None:
             self._fused_step(inputs, outputs, output_grads, lr, weight_decay, track)
