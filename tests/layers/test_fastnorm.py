@@ -152,10 +152,31 @@ def weight_norm_twin(model, fast):
     return explicit
 
 
+def normprop_twin(model, fast):
+    """NormProp (normlab's, parametrized) on a copy of `model`, computing the same function
+    as the FastNorm copy `fast` (built with input_activation="relu"), with the same
+    direction vectors: FastNorm's logical rows."""
+    explicit = normlab.convert(model, "normprop")
+    for index, layer in enumerate(fast):
+        if isinstance(layer, fastnorm._FastNorm):
+            with torch.no_grad():
+                explicit[index].weight.copy_(layer.logical_weight())
+                explicit[index].gain.copy_(layer.gain)
+                explicit[index].bias.copy_(layer.bias)
+    return explicit
+
+
+def twin_weights(twin):
+    """(effective weight, logical weight) of a weight_norm_twin or normprop_twin layer."""
+    if hasattr(twin, "parametrizations"):
+        return twin.weight, twin.parametrizations.weight.original1
+    return twin.to_plain().weight, twin.weight
+
+
 def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.3,
-                            conv=False, **fast_kw):
-    """FastNorm (default settings unless `fast_kw`) + FastNormSGD against torch's
-    weight_norm + torch.optim.SGD from the same function, float64: outputs, effective
+                            conv=False, twin=weight_norm_twin, **fast_kw):
+    """FastNorm (default settings unless `fast_kw`) + FastNormSGD against `twin` (torch's
+    weight_norm) + torch.optim.SGD from the same function, float64: outputs, effective
     weights, logical weights and tracked norms agree to 1e-9."""
     torch.manual_seed(0)
     if conv:
@@ -166,7 +187,7 @@ def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.
         plain = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3)).double()
         sample = (8,)
     fast = normlab.convert(plain, "fastnorm", **fast_kw)
-    explicit = weight_norm_twin(plain, fast)
+    explicit = twin(plain, fast)
     fast_opt = FastNormSGD(fast.parameters(), lr=lr, weight_decay=weight_decay,
                            momentum=momentum)
     explicit_opt = torch.optim.SGD(explicit.parameters(), lr=lr, weight_decay=weight_decay,
@@ -185,9 +206,9 @@ def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.
     x = torch.randn(32, *sample, dtype=F64, generator=generator)
     assert relative(fast(x), explicit(x)) < 1e-9
     for index in (0, 2):
-        layer, twin = fast[index], explicit[index]
-        assert relative(layer.to_plain().weight, twin.weight) < 1e-9
-        assert relative(layer.logical_weight(), twin.parametrizations.weight.original1) < 1e-9
+        layer, (effective, logical) = fast[index], twin_weights(explicit[index])
+        assert relative(layer.to_plain().weight, effective) < 1e-9
+        assert relative(layer.logical_weight(), logical) < 1e-9
         assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-9
         assert (layer.explicit_norms() - 1).abs().max() > 1e-3  # the norms moved from 1
     return fast
@@ -218,6 +239,29 @@ def test_momentum_is_equivalent_for_200_steps(mode, update_paths):
 def test_conv2d_is_equivalent_to_explicit_weight_norm_for_200_steps(update_paths):
     fast = train_twins_and_compare(200, 8, 1e-3, conv=True)
     assert isinstance(fast[0], FastNormConv2d) and set(update_paths) == {"dense"}
+
+
+def test_with_normprops_input_standardization_it_trains_as_normprop():
+    """input_activation="relu": NormProp's forward with tracked norms (the FastNorm paper's
+    setting), on NormProp's trajectory; the first layer is left unstandardized."""
+    fast = train_twins_and_compare(300, 4, 1e-3, twin=normprop_twin, input_activation="relu")
+    assert fast[0].input_activation is None and fast[2].input_activation == "relu"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_standardization_keeps_the_source_function_and_folds_into_to_plain(bias):
+    torch.manual_seed(0)
+    source = nn.Linear(6, 4, bias=bias).double()
+    layer = FastNormLinear.from_module(source, input_activation="relu")
+    normprop = normlab.NormPropLinear.from_module(source, input_activation="relu")
+    x = torch.rand(5, 6, dtype=F64)
+    assert layer.bias is not None  # the standardization's shift needs one
+    for function in (layer, normprop, layer.to_plain()):
+        assert relative(function(x), source(x)) < 1e-12
+    with pytest.raises(ValueError, match="input_activation must be one of"):
+        FastNormLinear(6, 4, input_activation="tanh")
+    with pytest.raises(ValueError, match="use NormPropConv2d"):
+        FastNormConv2d(2, 3, 3, input_activation="relu")
 
 
 def test_renormalization_keeps_the_trajectory():

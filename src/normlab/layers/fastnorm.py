@@ -56,6 +56,7 @@ from torch.nn.modules.utils import _pair
 
 from .. import _native, checks
 from ..functional import _tracing
+from .weight_norm import _INPUT_STATS
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
 # over three runs the tracked update cost 0.79-0.90x an explicit norm pass at
@@ -233,6 +234,7 @@ class _FastNorm(nn.Module):
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
 
     _modes: tuple[str, ...] = ("fused", "dense")
+    input_activation: str | None = None  # NormProp's input standardization (Linear only)
 
     def _init_fastnorm(self, weight_shape: tuple[int, ...], bias: bool, mode: str,
                        renorm_every: int | None, renorm_resets_norm: bool, device, dtype):
@@ -257,7 +259,8 @@ class _FastNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         """The function of the freshly initialized torch layer, with unit-norm rows."""
-        reference = self._torch_layer(device=self.weight.device, dtype=self.weight.dtype)
+        reference = self._torch_layer(self.bias is not None, device=self.weight.device,
+                                      dtype=self.weight.dtype)
         self._load(reference.weight, reference.bias)
 
     @classmethod
@@ -267,8 +270,10 @@ class _FastNorm(nn.Module):
         if type(module) is not source:
             raise TypeError(f"{cls.__name__}.from_module expects an nn.{source.__name__}, "
                             f"got {type(module).__name__}")
-        layer = cls(**cls._torch_args(module), bias=module.bias is not None,
-                    device=module.weight.device, dtype=module.weight.dtype, **kw)
+        # standardizing the input shifts it: a bias keeps the function exact
+        bias = module.bias is not None or kw.get("input_activation") is not None
+        layer = cls(**cls._torch_args(module), bias=bias, device=module.weight.device,
+                    dtype=module.weight.dtype, **kw)
         layer._load(module.weight, module.bias)
         return layer
 
@@ -280,8 +285,14 @@ class _FastNorm(nn.Module):
         unit = torch.full_like(weight, 1 / math.sqrt(weight[0].numel()))
         self.weight.copy_(torch.where(norms > 0, weight / torch.where(norms > 0, norms, 1), unit))
         self.gain.copy_(norms.flatten())
-        if bias is not None:
-            self.bias.copy_(bias)
+        if self.bias is not None:
+            self.bias.copy_(bias) if bias is not None else self.bias.zero_()
+        stats = _INPUT_STATS[self.input_activation]
+        if stats is not None:  # undo the standardization x~ = (x - mean) / std
+            mean, std = stats
+            self.gain.mul_(std)
+            if self.bias is not None:
+                self.bias.add_(weight.flatten(1).sum(1), alpha=mean)
         self.inv_norm.fill_(1)
         self.row_scale.fill_(1)
         self._sync()
@@ -307,6 +318,10 @@ class _FastNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.input_activation is not None:
+            # explicitly (one pass over x), so that the rank-B update reads x~
+            mean, std = _INPUT_STATS[self.input_activation]
+            x = (x - mean) / std
         weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
         fused = self.mode == "fused"
         tracing = _tracing()
@@ -418,11 +433,17 @@ class _FastNorm(nn.Module):
     @torch.no_grad()
     def to_plain(self) -> nn.Module:
         """A plain torch layer computing this layer's function."""
-        plain = self._torch_layer(device=self.weight.device, dtype=self.weight.dtype)
+        stats = _INPUT_STATS[self.input_activation]
+        plain = self._torch_layer(bias=self.bias is not None or stats is not None,
+                                  device=self.weight.device, dtype=self.weight.dtype)
         scale = (self.gain * self.inv_norm * self.row_scale).to(self.weight.dtype)
         plain.weight.copy_(self.weight * scale.view(self._row_shape()))
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
+        if plain.bias is not None:
+            plain.bias.copy_(self.bias) if self.bias is not None else plain.bias.zero_()
+        if stats is not None:  # W x~ = (W / std) x - (mean / std) W 1
+            mean, std = stats
+            plain.weight.div_(std)
+            plain.bias.sub_(plain.weight.flatten(1).sum(1), alpha=mean)
         return plain
 
     # -- the optimizer's step (called by FastNormSGD) ---------------------------
@@ -626,6 +647,13 @@ class FastNormLinear(_FastNorm):
         max_tracked_batch: above this many samples per step the norms are
             computed explicitly after the fused update; default the measured
             crossover.
+        input_activation: ``"relu"`` standardizes the input as NormProp does
+            (:class:`~normlab.NormPropLinear`: the input is a ReLU output of a
+            unit Gaussian, x~ = (x - sqrt(1/(2 pi))) / sqrt((1 - 1/pi) / 2)),
+            one pass over x, so that the layer is NormProp's with tracked norms
+            (the FastNorm paper's setting); None (default) uses x as it is.
+            ``normlab.convert(model, "fastnorm", input_activation="relu")``
+            leaves the first layer unstandardized, as for NormProp.
         device, dtype: as torch.nn modules; t and s are kept in at least float32.
 
     Shape:
@@ -643,11 +671,16 @@ class FastNormLinear(_FastNorm):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mode: str = "fused", renorm_every: int | None = DEFAULT_RENORM_EVERY,
                  renorm_resets_norm: bool = False,
-                 max_tracked_batch: int = DEFAULT_MAX_TRACKED_BATCH, device=None, dtype=None):
+                 max_tracked_batch: int = DEFAULT_MAX_TRACKED_BATCH,
+                 input_activation: str | None = None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
             checks.positive_int("FastNormLinear", name, value)
+        checks.one_of("FastNormLinear", "input_activation", input_activation, _INPUT_STATS,
+                      " ('relu': the input is a ReLU output, standardized as NormProp does; "
+                      "None: used as it is)")
+        self.input_activation = input_activation
         self.in_features, self.out_features = in_features, out_features
         self.max_tracked_batch = max_tracked_batch
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
@@ -661,8 +694,8 @@ class FastNormLinear(_FastNorm):
     def _torch_args(module: nn.Linear) -> dict:
         return {"in_features": module.in_features, "out_features": module.out_features}
 
-    def _torch_layer(self, **factory) -> nn.Linear:
-        return nn.Linear(self.in_features, self.out_features, self.bias is not None, **factory)
+    def _torch_layer(self, bias: bool, **factory) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias, **factory)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -680,7 +713,9 @@ class FastNormLinear(_FastNorm):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self._extra_repr_tail()}, "
-                f"max_tracked_batch={self.max_tracked_batch}")
+                f"max_tracked_batch={self.max_tracked_batch}"
+                + (f", input_activation={self.input_activation!r}"
+                   if self.input_activation is not None else ""))
 
 
 class FastNormConv2d(_FastNorm):
@@ -719,8 +754,15 @@ class FastNormConv2d(_FastNorm):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, mode: str = "dense",
                  renorm_every: int | None = DEFAULT_RENORM_EVERY,
-                 renorm_resets_norm: bool = False, device=None, dtype=None):
+                 renorm_resets_norm: bool = False, input_activation: None = None, device=None,
+                 dtype=None):
         super().__init__()
+        if input_activation is not None:
+            # Standardizing x explicitly would also shift the zero padding; NormProp's
+            # fold into the bias would need each kernel's sum every step.
+            raise ValueError("FastNormConv2d: input_activation must be None (NormProp's input "
+                             "standardization exists for FastNormLinear; for convolutions use "
+                             f"NormPropConv2d), got {input_activation!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("groups", groups)):
             checks.positive_int("FastNormConv2d", name, value)
@@ -747,10 +789,9 @@ class FastNormConv2d(_FastNorm):
                 "padding": module.padding, "dilation": module.dilation,
                 "groups": module.groups}
 
-    def _torch_layer(self, **factory) -> nn.Conv2d:
+    def _torch_layer(self, bias: bool, **factory) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, self.bias is not None,
-                         **factory)
+                         self.padding, self.dilation, self.groups, bias, **factory)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
