@@ -32,6 +32,15 @@ refreshes t from the explicit norms (bounding the drift of the tracking in
 low precision). The paper's reset of ||W_i|| to 1, which also resets weight
 normalization's effective learning rate, is the option `renorm_resets_norm`.
 
+On CPU, up to KERNEL_MAX_BATCH samples, the fused mode's training forward,
+its backward and the step each run as one compiled call (csrc/fastnorm.cpp,
+built on first use: normlab._native), since at small batches the dozens of
+small tensor operations of the eager path cost more than the arithmetic. The
+forward's autograd function gives a per-forward leaf ("probe") the output
+gradient dL/dz, which is how the step gets its samples without a Python hook;
+the compiled step also applies SGD to the gain and bias. The eager path
+computes the same and is the specification (tests compare them).
+
 The *dense* mode (`mode="dense"`, and `FastNormConv2d` always) is the
 paper's hybrid mode: autograd gives `weight.grad` the true gradient with
 respect to the logical weight W (torch's `weight_norm`'s v), so gradient
