@@ -73,9 +73,10 @@ from .weight_norm import _INPUT_STATS
 # the explicit norm takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
 # The compiled kernels (csrc/fastnorm.cpp) remove per-operation dispatch, which
-# dominates at small batches; their loops are scalar and single-threaded, so
-# above this many samples torch's vectorized operations are faster (measured
-# with `normlab bench --case fastnorm`: batch 128 went from 1.04x to 1.57x plain).
+# dominates at small batches; their loops are scalar and single-threaded where
+# torch's elementwise operations are vectorized and threaded, so above this many
+# samples the eager path runs (one `normlab bench --case fastnorm` run with the
+# kernels at batch 128 measured 1.57x plain, on a noisy machine).
 KERNEL_MAX_BATCH = 16
 # Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
 # 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
@@ -457,10 +458,9 @@ class _FastNorm(nn.Module):
 
     # -- the optimizer's step (called by FastNormSGD) ---------------------------
 
-    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
-        # (under FastNormSGD.step's no_grad)
-        # Returns the other parameters it updated (the compiled fused step also takes the
-        # gain's and bias's SGD update, so that torch's SGD need not run for them).
+    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> tuple:
+        # (under FastNormSGD.step's no_grad) Returns the other parameters it updated: the
+        # compiled fused step also takes the gain's and bias's SGD update.
         updated = ()
         if self.mode == "dense":
             if self.weight.grad is None:
