@@ -332,8 +332,11 @@ class _FastNorm(nn.Module):
             # explicitly (one pass over x), so that the rank-B update reads x~
             mean, std = _INPUT_STATS[self.input_activation]
             x = (x - mean) / std
-        weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
-        fused = self.mode == "fused"
+        # dict lookups: nn.Module's attribute fallback is slow on this per-step path
+        params, buffers = self._parameters, self._buffers
+        weight, gain, bias = params["weight"], params["gain"], params.get("bias")
+        row_scale, inv_norm = buffers["row_scale"], buffers["inv_norm"]
+        fused = self._mode == "fused"
         tracing = _tracing()
         if not tracing:  # Python-side bookkeeping, which a traced graph cannot hold
             tracking = self._tracking
@@ -343,7 +346,6 @@ class _FastNorm(nn.Module):
                 self._weight_changed_outside()
             if fused and tracking.records:
                 self._drop_stale_records()
-        row_scale, inv_norm = self.row_scale, self.inv_norm
         if fused and self.training and weight.requires_grad and torch.is_grad_enabled():
             # the step needs this forward's samples (fused: FastNormLinear only)
             record = _recorded_forward_untraced if tracing else _recorded_forward
@@ -536,8 +538,7 @@ class _FastNorm(nn.Module):
                       weight_decay: float) -> tuple:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
         # s' = c s, V' = V - lr (A / s')^T H
-        # one dict lookup each: nn.Module's attribute fallback is slow on this per-step path
-        params, buffers = self._parameters, self._buffers
+        params, buffers = self._parameters, self._buffers  # (as in forward)
         weight, gain, bias = params["weight"], params["gain"], params.get("bias")
         inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
         track = inputs.shape[0] <= self.max_tracked_batch
