@@ -4,9 +4,9 @@ Each module in :mod:`normlab.layers` checks its arguments, owns its
 parameters and buffers, and calls one function here, as torch.nn.BatchNorm2d
 calls torch.nn.functional.batch_norm:
 
-* :func:`weight_normalized_linear`, :func:`weight_normalized_conv2d` and
-  :func:`row_norms`: weight normalization (WeightNorm, scaled WeightNorm,
-  NormProp, FastNorm).
+* :func:`weight_norm_linear`, :func:`weight_normalized_linear`,
+  :func:`weight_normalized_conv2d` and :func:`row_norms`: weight normalization
+  (WeightNorm, scaled WeightNorm, NormProp, FastNorm).
 * :func:`batch_renorm`: Batch Renormalization.
 * :func:`online_norm`: Online Normalization, forward and its control-process
   backward.
@@ -83,6 +83,72 @@ def weight_normalized_linear(x: torch.Tensor, weight: torch.Tensor, gain: torch.
     """
     z = F.linear(x, weight) * (gain * inv_norm)
     return z if bias is None else z + bias
+
+
+class _WeightNormLinear(torch.autograd.Function):
+    # One node for the whole layer, so that the weight gradient is made in one
+    # (out, in) buffer: the matmul's gradient, then the norm's term added in
+    # place. Through autograd the norm's term is a second (out, in) tensor that
+    # is then summed with the first: two more passes over the largest tensor
+    # than torch's fused weight_norm takes. The norm term's coefficient needs
+    # sum_n g_ni (w_i . x~_n), which comes from the (N, out) pre-scale output.
+    # Saved: x, weight, the norms and that (N, out) output, as autograd saves.
+    @staticmethod
+    def forward(ctx, x, weight, gain, bias, input_mean: float, eps: float):
+        norms = torch.linalg.vector_norm(weight, dim=1)
+        scale = gain / norms.clamp_min(eps)
+        direction = F.linear(x, weight)  # w_i . x, in autocast's dtype where it is on
+        ctx.matmul_dtype = direction.dtype  # backward's matmuls keep it, as autograd's do
+        if input_mean:  # w . (x - m) = w . x - m sum(w): no pass over x
+            direction = direction - input_mean * weight.sum(1)
+        z = direction * scale if bias is None else torch.addcmul(bias, direction, scale)
+        ctx.save_for_backward(x, weight, norms, scale, direction)
+        ctx.input_mean, ctx.eps = input_mean, eps
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, norms, scale, direction = ctx.saved_tensors
+        grad = grad.reshape(-1, weight.shape[0])
+        grad_direction = grad * scale
+        matmul_dtype = ctx.matmul_dtype
+        grad_x = grad_weight = grad_gain = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_direction.to(matmul_dtype) @ weight.to(matmul_dtype)).to(x.dtype)
+            grad_x = grad_x.reshape(x.shape)
+        direction_grad = (grad * direction.reshape(grad.shape)).sum(0)  # d loss / d scale
+        if ctx.needs_input_grad[1]:
+            inputs = x.reshape(-1, weight.shape[1]).to(matmul_dtype)
+            grad_weight = (grad_direction.to(matmul_dtype).T @ inputs).to(weight.dtype)
+            if ctx.input_mean:
+                grad_weight.sub_((ctx.input_mean * grad_direction.sum(0)).unsqueeze(1))
+            # d scale_i / d w_i = -scale_i w_i / ||w_i||^2 above eps, 0 below (flat clamp)
+            coefficient = torch.where(norms > ctx.eps, -scale * direction_grad / norms.square(),
+                                      torch.zeros_like(norms))
+            grad_weight.addcmul_(weight, coefficient.unsqueeze(1))
+        if ctx.needs_input_grad[2]:
+            grad_gain = direction_grad / norms.clamp_min(ctx.eps)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_gain, grad_bias, None, None
+
+
+def weight_norm_linear(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor,
+                       bias: torch.Tensor | None = None, input_mean: float = 0.0,
+                       eps: float = 1e-12) -> torch.Tensor:
+    """z_i = gain_i * (W_i . (x - m)) / max(||W_i||, eps) + bias_i, with the norms taken here.
+
+    The same map as :func:`weight_normalized_linear` given 1 / max(||W_i||, eps),
+    differentiated through the norms (the true weight-normalization gradient,
+    orthogonal to each W_i; 0 through a norm under the floor `eps`), in the
+    passes over `weight` torch's fused ``torch._weight_norm`` takes or fewer:
+    one norm pass and the matmul forward; the matmul's gradient and one in-place
+    pass for the norm's term backward. The scalar input shift m (NormProp's
+    ReLU mean) is folded into the output as -m sum_k W_ik, never applied to x.
+    Not twice differentiable.
+    """
+    return _WeightNormLinear.apply(x, weight, gain, bias, float(input_mean), eps)
 
 
 def weight_normalized_conv2d(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor,
