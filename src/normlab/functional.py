@@ -33,6 +33,7 @@ from .kernels import (
     batch_norm_backward,
     batch_statistics,
     clamp_backward,
+    column_sums,
     row_sums,
     scale_shift,
 )
@@ -117,12 +118,12 @@ class _WeightNormLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_direction.to(matmul_dtype) @ weight.to(matmul_dtype)).to(x.dtype)
             grad_x = grad_x.reshape(x.shape)
-        direction_grad = (grad * direction.reshape(grad.shape)).sum(0)  # d loss / d scale
+        direction_grad = column_sums(grad * direction.reshape(grad.shape))  # d loss / d scale
         if ctx.needs_input_grad[1]:
             inputs = x.reshape(-1, weight.shape[1]).to(matmul_dtype)
             grad_weight = (grad_direction.to(matmul_dtype).T @ inputs).to(weight.dtype)
             if ctx.input_mean:
-                grad_weight.sub_((ctx.input_mean * grad_direction.sum(0)).unsqueeze(1))
+                grad_weight.sub_((ctx.input_mean * column_sums(grad_direction)).unsqueeze(1))
             # d scale_i / d w_i = -scale_i w_i / ||w_i||^2 above eps, 0 below (flat clamp)
             coefficient = torch.where(norms > ctx.eps, -scale * direction_grad / norms.square(),
                                       torch.zeros_like(norms))
@@ -130,7 +131,7 @@ class _WeightNormLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_gain = direction_grad / norms.clamp_min(ctx.eps)
         if ctx.needs_input_grad[3]:
-            grad_bias = grad.sum(0)
+            grad_bias = column_sums(grad)
         return grad_x, grad_weight, grad_gain, grad_bias, None, None
 
 
@@ -407,8 +408,8 @@ class OnlineNormFunction(torch.autograd.Function):
         grad_x.addcmul_(y, (-leak * v_before * inv_std)[..., None].to(y.dtype))
         grad_weight = grad_bias = None
         if weight is not None:
-            grad_weight = grad_z_dot_y.sum(0).to(weight.dtype)
-            grad_bias = grad_z_sum.sum(0).to(bias.dtype)
+            grad_weight = column_sums(grad_z_dot_y).to(weight.dtype)
+            grad_bias = column_sums(grad_z_sum).to(bias.dtype)
         return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 
