@@ -11,6 +11,7 @@ layers fall back to it, with one warning saying why, where the build fails
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -34,7 +35,10 @@ def module(name: str):
     try:
         _put_pip_ninja_on_path()
         from torch.utils import cpp_extension
-        _loaded[name] = cpp_extension.load(f"normlab_{name}", [str(_SOURCES / f"{name}.cpp")],
+        source = _SOURCES / f"{name}.cpp"
+        # named by content: each version of the source gets its own cached build
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        _loaded[name] = cpp_extension.load(f"normlab_{name}_{digest}", [str(source)],
                                            extra_cflags=["-O3"], verbose=False)
     except Exception as error:  # no compiler, no headers, no ninja: the eager path serves
         warnings.warn(f"normlab: the compiled kernel {name!r} could not be built, so the "

@@ -7,7 +7,8 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 import normlab
-from normlab import FastNormConv2d, FastNormLinear, FastNormSGD, training
+from conftest import skip_unless_ci
+from normlab import FastNormConv2d, FastNormLinear, FastNormSGD, _native, training
 from normlab.layers import fastnorm
 from normlab.layers.fastnorm import (
     DEFAULT_RENORM_EVERY,
@@ -474,3 +475,86 @@ def test_a_checkpoint_without_the_row_scale_loads_with_unit_scales():
     restored.row_scale.fill_(2)
     restored.load_state_dict(state)
     assert torch.equal(restored.row_scale, torch.ones(3))
+
+
+# -- the compiled kernels (csrc/fastnorm.cpp) against their eager specification --
+
+def compiled_kernel():
+    kernel = _native.module("fastnorm")
+    if kernel is None:
+        skip_unless_ci("the compiled FastNorm kernel could not be built on this machine")
+    return kernel
+
+
+def one_training_step(layer, x, lr=0.3, weight_decay=1e-3, eager=False, monkeypatch=None):
+    """Forward, backward and FastNormSGD step on `layer`, returning what each produced."""
+    if eager:
+        monkeypatch.setattr(fastnorm, "_kernel", lambda *args: None)
+    x = x.clone().requires_grad_()
+    optimizer = FastNormSGD(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    z = layer(x)
+    (z * torch.linspace(-1, 2, z.shape[-1], dtype=z.dtype)).square().sum().backward()
+    grads = (x.grad, layer.gain.grad.clone(),
+             layer.bias.grad.clone() if layer.bias is not None else torch.ones(()))
+    optimizer.step()
+    if eager:
+        monkeypatch.undo()
+    return (z.detach(), *grads, layer.weight.detach().clone(), layer.row_scale.clone(),
+            layer.inv_norm.clone())
+
+
+@pytest.mark.parametrize("dtype, batch_shape, tolerance", [
+    (F64, (1,), 1e-12), (F64, (5,), 1e-12), (F64, (2, 3), 1e-12),  # leading dims
+    (F64, (20,), 1e-12),  # above max_tracked_batch: explicit norms
+    (torch.float32, (4,), 1e-5), (torch.bfloat16, (3,), 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_compiled_kernels_compute_what_the_eager_path_computes(
+        dtype, batch_shape, tolerance, bias, monkeypatch):
+    compiled_kernel()
+    torch.manual_seed(0)
+    layer = FastNormLinear(7, 5, bias=bias, dtype=dtype)
+    with torch.no_grad():  # rows off unit norm and s != 1, as after training
+        layer.weight.mul_(torch.linspace(0.7, 1.6, 5).to(dtype)[:, None])
+        layer.row_scale.mul_(torch.linspace(0.5, 2, 5))
+        layer.gain.mul_(torch.linspace(-1, 3, 5).to(dtype))
+    layer._refresh_norms()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(*batch_shape, 7, dtype=dtype)
+    calls = []
+    monkeypatch.setattr(_native, "module", lambda name, _m=_native.module: calls.append(name)
+                        or _m(name))
+    compiled = one_training_step(layer, x)
+    assert calls  # the compiled path ran
+    eager = one_training_step(twin, x, eager=True, monkeypatch=monkeypatch)
+    for name, a, b in zip(("z", "x.grad", "gain.grad", "bias.grad", "V", "s", "t"),
+                          compiled, eager):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert relative(a.double(), b.double()) < tolerance, name
+
+
+def test_the_compiled_step_writes_nothing_when_the_samples_do_not_explain_the_gradient():
+    compiled_kernel()
+    layer = FastNormLinear(6, 4, dtype=F64)
+    optimizer = FastNormSGD(layer.parameters(), lr=0.5)
+    x = torch.randn(3, 6, dtype=F64)
+    layer(x).square().sum().backward()
+    layer.gain.grad.add_(1.0)  # a gradient the recorded samples do not explain
+    before = [t.clone() for t in (layer.weight, layer.row_scale, layer.inv_norm)]
+    with pytest.raises(RuntimeError, match="do not explain the gradient"):
+        optimizer.step()
+    for old, new in zip(before, (layer.weight, layer.row_scale, layer.inv_norm)):
+        assert torch.equal(old, new)
+
+
+def test_the_fused_forward_has_no_double_backward():
+    layer = FastNormLinear(6, 4)
+    x = torch.randn(2, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+
+
+def test_the_eager_path_is_equivalent_to_explicit_weight_norm_too(monkeypatch, update_paths):
+    """What runs where the kernels do not (other devices, tracing, no C++ compiler)."""
+    monkeypatch.setattr(fastnorm, "_kernel", lambda *args: None)
+    train_twins_and_compare(300, 4, 1e-3)
+    assert set(update_paths) == {"fused"}

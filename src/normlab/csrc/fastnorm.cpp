@@ -1,15 +1,18 @@
-// FastNorm's fused SGD step for one layer: the per-row arithmetic in one pass.
+// FastNorm's fused mode on CPU: the training forward, its backward and the SGD
+// step of one layer, each one call with its per-row arithmetic in one pass.
 //
-// `_FastNorm._fused_terms` in normlab/layers/fastnorm.py is the eager path and
-// the specification; this computes the same quantities without the two dozen
-// tensor operations (each a dispatch and a pass over the m rows) that dominate
-// a batch-1 step. The rank-B update of the stored matrix stays a BLAS call.
+// The eager paths in normlab/layers/fastnorm.py (`_RecordedLinear`,
+// `_FastNorm._fused_step`) are the specification; these compute the same
+// quantities without the dozens of tensor operations (each a dispatch, at
+// batch 1 costing more than its arithmetic) that dominate a small-batch step.
+// The matrix products stay BLAS calls.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -72,14 +75,14 @@ bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
 
 }  // namespace
 
-// The coefficients A / s' (B, m) in the weight's dtype, with s (and, if `track`, t)
-// updated in place; None, with nothing written, when the samples do not explain
-// `gain_grad`.
-std::optional<at::Tensor> fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
-                                     const at::Tensor& output_grads, const at::Tensor& gain,
-                                     at::Tensor inv_norm, at::Tensor row_scale,
-                                     const std::optional<at::Tensor>& gain_grad, double lr,
-                                     double weight_decay, bool track) {
+// The whole fused update: s (and, if `track`, t) in place, then
+// V <- V - lr (A / s')^T H. Returns false, with nothing written, when the
+// samples do not explain `gain_grad`.
+bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
+                const at::Tensor& output_grads, const at::Tensor& gain, at::Tensor inv_norm,
+                at::Tensor row_scale, at::Tensor weight,
+                const std::optional<at::Tensor>& gain_grad, double lr, double weight_decay,
+                bool track) {
   TORCH_CHECK(inv_norm.is_contiguous() && row_scale.is_contiguous(),
               "fused_step: t and s must be contiguous");
   const auto q = outputs.contiguous(), delta = output_grads.contiguous();
@@ -111,10 +114,102 @@ std::optional<at::Tensor> fused_step(const at::Tensor& inputs, const at::Tensor&
           coef.data_ptr<weight_t>());
     });
   });
-  if (!explained) return std::nullopt;
-  return coef;
+  if (explained) weight.addmm_(coef.t(), inputs.to(weight.scalar_type()), 1, -lr);
+  return explained;
+}
+
+// The fused mode's training forward on (B, n) rows x, an autograd function:
+// q = x V^T and z = q * gain t s + bias (per output i), in one pass over q.
+// `probe` (B, m) is a leaf that receives dL/dz as its gradient: autograd
+// accumulates the step's samples without a Python hook. V gets no gradient.
+// Returns (z, q), q not differentiable.
+struct RecordedLinear : public torch::autograd::Function<RecordedLinear> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gain,
+      const at::Tensor& bias, const at::Tensor& probe, const at::Tensor& weight,
+      const at::Tensor& inv_norm, const at::Tensor& row_scale) {
+    const auto q = at::mm(x, weight.t());
+    auto z = at::empty_like(q);
+    const int64_t B = q.size(0), m = q.size(1);
+    const bool has_bias = bias.numel() > 0;  // empty: no bias (an autograd input must exist)
+    const auto g = gain.contiguous(), t = inv_norm.contiguous(), s = row_scale.contiguous();
+    const auto b = has_bias ? bias.contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastnorm_forward", [&] {
+      using weight_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastnorm_forward_acc", [&] {
+        using acc_t = scalar_t;
+        const weight_t *q_ = q.data_ptr<weight_t>(), *g_ = g.data_ptr<weight_t>();
+        const weight_t* b_ = has_bias ? b.data_ptr<weight_t>() : nullptr;
+        const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
+        weight_t* z_ = z.data_ptr<weight_t>();
+        for (int64_t r = 0; r < B; ++r) {
+          for (int64_t i = 0; i < m; ++i) {
+            const acc_t scaled = acc_t(q_[r * m + i]) * (acc_t(g_[i]) * t_[i] * s_[i]);
+            z_[r * m + i] = weight_t(has_bias ? scaled + acc_t(b_[i]) : scaled);
+          }
+        }
+      });
+    });
+    ctx->save_for_backward({weight, gain, inv_norm, row_scale});
+    ctx->saved_data["q"] = q;
+    ctx->mark_non_differentiable({q});
+    return {z, q};
+  }
+
+  // dL/dgain_i = t_i s_i sum_b delta_bi q_bi, dL/dbias_i = sum_b delta_bi,
+  // dL/dx = (delta * gain t s) V, and delta itself for the probe.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "FastNormLinear(mode='fused') has no double backward (create_graph=True); "
+                "use mode='dense'");
+    const auto saved = ctx->get_saved_variables();
+    const auto &weight = saved[0], &gain = saved[1], &inv_norm = saved[2], &row_scale = saved[3];
+    const auto q = ctx->saved_data["q"].toTensor();
+    const auto delta = grads[0].contiguous();
+    const auto g = gain.contiguous(), t = inv_norm.contiguous(), s = row_scale.contiguous();
+    const int64_t B = q.size(0), m = q.size(1);
+    const bool needs_x = ctx->needs_input_grad(0);
+    auto grad_gain = at::empty_like(g), grad_bias = at::empty_like(g);
+    at::Tensor scaled_delta = needs_x ? at::empty_like(delta) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastnorm_backward", [&] {
+      using weight_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fastnorm_backward_acc", [&] {
+        using acc_t = scalar_t;
+        const weight_t *d_ = delta.data_ptr<weight_t>(), *q_ = q.data_ptr<weight_t>();
+        const weight_t* g_ = g.data_ptr<weight_t>();
+        const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
+        weight_t *gg_ = grad_gain.data_ptr<weight_t>(), *gb_ = grad_bias.data_ptr<weight_t>();
+        weight_t* sd_ = needs_x ? scaled_delta.data_ptr<weight_t>() : nullptr;
+        for (int64_t i = 0; i < m; ++i) {
+          const acc_t u = t_[i] * s_[i], scale = acc_t(g_[i]) * u;
+          acc_t delta_dot_q = 0, delta_sum = 0;
+          for (int64_t r = 0; r < B; ++r) {
+            const acc_t d = acc_t(d_[r * m + i]);
+            delta_dot_q += d * acc_t(q_[r * m + i]);
+            delta_sum += d;
+            if (sd_ != nullptr) sd_[r * m + i] = weight_t(d * scale);
+          }
+          gg_[i] = weight_t(delta_dot_q * u);
+          gb_[i] = weight_t(delta_sum);
+        }
+      });
+    });
+    const bool has_bias = ctx->needs_input_grad(2);
+    return {needs_x ? at::mm(scaled_delta, weight) : at::Tensor(), grad_gain,
+            has_bias ? grad_bias : at::Tensor(), delta, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::vector<at::Tensor> recorded_linear(const at::Tensor& x, const at::Tensor& gain,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& probe, const at::Tensor& weight,
+                                        const at::Tensor& inv_norm, const at::Tensor& row_scale) {
+  return RecordedLinear::apply(x, gain, bias.has_value() ? *bias : at::empty({0}, gain.options()),
+                               probe, weight, inv_norm, row_scale);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("fused_step", &fused_step);
+  module.def("recorded_linear", &recorded_linear);
 }

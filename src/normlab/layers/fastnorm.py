@@ -45,6 +45,7 @@ it and computes the norms explicitly.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -75,6 +76,7 @@ RENORM_DRIFT_BOUND = 0.05
 # only parameters, finds the layers among them (a plain dict lookup per
 # parameter and step; the owner's `weight is param` check rules out reused ids).
 _OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_owners_changed = [0]  # counts registrations: FastNormSGD's cached lookups go stale
 
 
 class _LogicalGradient(torch.autograd.Function):
@@ -114,51 +116,84 @@ class _Tracking:
 
 
 class _Record:
-    """One training forward: its inputs h, pre-scale outputs q = V h and (after
-    backward) the output gradients delta, each (B, features)."""
+    """One training forward: its inputs h and pre-scale outputs q = V h, each (B, features),
+    and a (B, m) leaf whose gradient autograd fills with dL/dz: the output gradients
+    delta (summed over backwards, as gradients are)."""
 
-    __slots__ = ("inputs", "outputs", "output_grads")
+    __slots__ = ("inputs", "outputs", "probe")
 
-    def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor):
-        self.inputs, self.outputs, self.output_grads = inputs, outputs, None
+    def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor, probe: torch.Tensor):
+        self.inputs, self.outputs, self.probe = inputs, outputs, probe
 
-    def capture(self, grad: torch.Tensor) -> None:
-        self.output_grads = grad if self.output_grads is None else self.output_grads + grad
+    @property
+    def output_grads(self) -> torch.Tensor | None:
+        return self.probe.grad
 
 
-class _RecordedLinear(torch.autograd.Function):
-    """z = gain * u * (V h) + bias for the fused mode's training forward, with u = 1/||V_i||
-    and V held fixed (FastNormSGD updates it); records (h, V h) in `records` and, at
-    backward, dL/dz: the samples of the step's rank-B update. V gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, gain, bias, weight, inv_norm_stored, records):
-        q = F.linear(x, weight)
-        scale = gain * inv_norm_stored
-        z = q * scale if bias is None else torch.addcmul(bias, q, scale)
-        ctx.record = _Record(_rows(x), _rows(q))
-        records.append(ctx.record)
-        ctx.save_for_backward(weight, scale, inv_norm_stored)
-        return z
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        weight, scale, inv_norm_stored = ctx.saved_tensors
-        record = ctx.record
-        output_grads = _rows(grad)
-        record.capture(output_grads)
-        needs_x, needs_gain, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = F.linear(grad * scale, weight.T) if needs_x else None
-        grad_gain = ((output_grads * record.outputs).sum(0) * inv_norm_stored if needs_gain
-                     else None)
-        grad_bias = output_grads.sum(0) if needs_bias else None
-        return grad_x, grad_gain, grad_bias, None, None, None
+def _recorded_forward(x, gain, bias, weight, inv_norm, row_scale, records):
+    """The fused mode's training forward, z = gain * t s * (V h) + bias (t s = 1/||V_i||),
+    recording its samples in `records`; V gets no gradient (FastNormSGD updates it)."""
+    rows = _rows(x)
+    probe = torch.empty(rows.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device,
+                        requires_grad=True)
+    kernel = _kernel(rows, weight, gain, bias, inv_norm, row_scale)
+    function = _RecordedLinear.apply if kernel is None else kernel.recorded_linear
+    z, q = function(rows, gain, bias, probe, weight.detach(), inv_norm, row_scale)
+    records.append(_Record(rows.detach(), q, probe))
+    return z if x.dim() == 2 else z.view(*x.shape[:-1], z.shape[-1])
 
 
 # torch.compile runs the recording forward outside its graph (one graph break):
 # a traced backward would record at trace time only.
-_record_outside_graph = torch.compiler.disable(_RecordedLinear.apply)
+_recorded_forward_untraced = torch.compiler.disable(_recorded_forward)
+
+
+class _RecordedLinear(torch.autograd.Function):
+    """`_recorded_forward`'s autograd function: returns (z, q) and gives the probe dL/dz.
+    The eager path, and the specification, of RecordedLinear in csrc/fastnorm.cpp."""
+
+    @staticmethod
+    def forward(ctx, rows, gain, bias, probe, weight, inv_norm, row_scale):
+        q = F.linear(rows, weight)
+        scale = gain * _as(inv_norm * row_scale, weight.dtype)
+        z = q * scale if bias is None else torch.addcmul(bias, q, scale)
+        ctx.mark_non_differentiable(q)
+        ctx.save_for_backward(weight, gain, inv_norm, row_scale, q)
+        return z, q
+
+    @staticmethod
+    def backward(ctx, output_grads, _):
+        if torch.is_grad_enabled():  # (cheaper than once_differentiable's wrapper)
+            raise RuntimeError("FastNormLinear(mode='fused') has no double backward "
+                               "(create_graph=True); use mode='dense'")
+        weight, gain, inv_norm, row_scale, q = ctx.saved_tensors
+        inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
+        needs_x, _, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = F.linear(output_grads * (gain * inv_norm_stored), weight.T) if needs_x else None
+        grad_gain = (output_grads * q).sum(0) * inv_norm_stored
+        grad_bias = output_grads.sum(0) if needs_bias else None
+        return grad_x, grad_gain, grad_bias, output_grads, None, None, None
+
+
+def _kernel(*tensors):
+    """The compiled fused-mode kernels where they apply, else None: CPU, no autocast, the
+    weight-like tensors (all but the last two: t and s) of one dtype (None skipped), t
+    and s of one dtype."""
+    *like_weight, inv_norm, row_scale = tensors
+    dtype = like_weight[0].dtype
+    if not like_weight[0].is_cpu or inv_norm.dtype != row_scale.dtype or _cpu_autocast():
+        return None
+    for x in like_weight:
+        if x is not None and x.dtype != dtype:
+            return None
+    return _native.module("fastnorm")
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _cpu_autocast = functools.partial(torch.is_autocast_enabled, "cpu")
+except TypeError:  # torch < 2.4
+    _cpu_autocast = torch.is_autocast_cpu_enabled
 
 
 def tracked_sq_norms(sq_norms: torch.Tensor, inputs: torch.Tensor, coefficients: torch.Tensor,
@@ -262,6 +297,7 @@ class _FastNorm(nn.Module):
         if tracking.weight_id != id(weight):
             tracking.weight_id = id(weight)
             _OWNERS[id(weight)] = self
+            _owners_changed[0] += 1
         tracking.weight_version = weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,14 +313,13 @@ class _FastNorm(nn.Module):
                 self._weight_changed_outside()
             if fused and tracking.records:
                 self._drop_stale_records()
-        # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
-        row_scale = self.row_scale
-        inv_norm_stored = _as(self.inv_norm * row_scale, weight.dtype)
+        row_scale, inv_norm = self.row_scale, self.inv_norm
         if fused and self.training and weight.requires_grad and torch.is_grad_enabled():
-            # the step needs this forward's samples; a traced graph cannot record them
-            record = _record_outside_graph if tracing else _RecordedLinear.apply
-            return record(x, gain, bias, weight.detach(), inv_norm_stored,
-                          self._tracking.records)
+            # the step needs this forward's samples (fused: FastNormLinear only)
+            record = _recorded_forward_untraced if tracing else _recorded_forward
+            return record(x, gain, bias, weight, inv_norm, row_scale, self._tracking.records)
+        # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
+        inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
         if fused:
             q = self._map(x, weight.detach())
         else:
@@ -387,8 +422,8 @@ class _FastNorm(nn.Module):
 
     # -- the optimizer's step (called by FastNormSGD) ---------------------------
 
-    @torch.no_grad()
     def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
+        # (under FastNormSGD.step's no_grad)
         if self.mode == "dense":
             if self.weight.grad is None:
                 return
@@ -462,28 +497,25 @@ class _FastNorm(nn.Module):
                       weight_decay: float) -> None:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
         # s' = c s, V' = V - lr (A / s')^T H
+        # one dict lookup each: nn.Module's attribute fallback is slow on this per-step path
+        params, buffers = self._parameters, self._buffers
+        weight, gain = params["weight"], params["gain"]
+        inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
         track = len(inputs) <= self.max_tracked_batch
-        kernel = self._step_kernel(outputs, output_grads)
+        kernel = _kernel(outputs, output_grads, gain, weight, inv_norm, row_scale)
         if kernel is None:
-            coefficients = self._fused_step(inputs, outputs, output_grads, lr, weight_decay,
-                                            track)
-        else:
-            coefficients = kernel.fused_step(inputs, outputs, output_grads, self.gain,
-                                             self.inv_norm, self.row_scale, self.gain.grad, lr,
-                                             weight_decay, track)
-            if coefficients is None:
-                self._raise_unexplained()
-        self.weight.addmm_(coefficients.T, _as(inputs, self.weight.dtype), alpha=-lr)
+            self._fused_step(inputs, outputs, output_grads, lr, weight_decay, track)
+        elif not kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale,
+                                   weight, gain.grad, lr, weight_decay, track):
+            self._raise_unexplained()
         if not track:  # above max_tracked_batch: explicit, after the update
-            self.inv_norm.copy_(
-                self.explicit_norms().clamp_min_(torch.finfo(self.inv_norm.dtype).tiny)
-                .reciprocal_())
+            inv_norm.copy_(self.explicit_norms().clamp_min_(torch.finfo(inv_norm.dtype).tiny)
+                           .reciprocal_())
 
     def _fused_step(self, inputs, outputs, output_grads, lr: float, weight_decay: float,
-                    track: bool) -> torch.Tensor:
-        """s' (and, if `track`, the tracked t') written in place; returns the coefficients
-        A / s' in the weight's dtype. The eager path, and the specification, of the
-        compiled step in csrc/fastnorm.cpp."""
+                    track: bool) -> None:
+        """s', V' and, if `track`, the tracked t', in place: the eager path, and the
+        specification, of the compiled step in csrc/fastnorm.cpp."""
         a, a_dot_p = self._coefficients(outputs, output_grads)
         sq_inv_norm = self.inv_norm.square()
         kappa = sq_inv_norm * a_dot_p
@@ -492,17 +524,8 @@ class _FastNorm(nn.Module):
                                         a_dot_p, kappa, lr, weight_decay)
             torch.rsqrt(sq_norms.clamp_min_(torch.finfo(sq_norms.dtype).tiny), out=self.inv_norm)
         self.row_scale.mul_(kappa.mul_(lr).add_(1 - lr * weight_decay))
-        return _as(a / self.row_scale, self.weight.dtype)
-
-    def _step_kernel(self, outputs, output_grads):
-        """The compiled step where it applies (CPU, eager, one dtype for the weight and
-        the samples), else None."""
-        weight_dtype = outputs.dtype
-        if (outputs.device.type != "cpu" or output_grads.dtype != weight_dtype
-                or self.weight.dtype != weight_dtype or self.gain.dtype != weight_dtype
-                or self.row_scale.dtype != self.inv_norm.dtype or _tracing()):
-            return None
-        return _native.module("fastnorm")
+        self.weight.addmm_(_as(a / self.row_scale, self.weight.dtype).T,
+                           _as(inputs, self.weight.dtype), alpha=-lr)
 
     def _materialized_gradient(self, inputs, outputs, output_grads) -> torch.Tensor:
         """The dense gradient of the logical weight, A^T H - t^2 (a . p) W."""
@@ -776,12 +799,21 @@ class FastNormSGD(torch.optim.SGD):
             raise ValueError(f"FastNormSGD cannot track norms with {unsupported}")
         super().add_param_group(param_group)
 
-    def _fastnorm_layers(self):
-        for group in self.param_groups:
-            for param in group["params"]:
-                layer = _OWNERS.get(id(param))
-                if layer is not None and layer.weight is param:
-                    yield layer, group
+    def _fastnorm_layers(self) -> list:
+        """(layer, param group, weight) of each FastNorm weight among the parameters.
+
+        Found by a dict lookup per parameter, and kept while the groups are
+        (load_state_dict replaces them; add_param_group extends them), no layer
+        has registered a weight since, and each layer still holds its weight."""
+        groups, cached = self.param_groups, self.__dict__.get("_layers")
+        key = (groups, len(groups), _owners_changed[0])
+        if (cached is None or cached[0][0] is not groups or cached[0][1:] != key[1:]
+                or any(layer.weight is not weight for layer, _, weight in cached[1])):
+            layers = [(layer, group, param) for group in groups for param in group["params"]
+                      for layer in [_OWNERS.get(id(param))]
+                      if layer is not None and layer.weight is param]
+            cached = self._layers = (key, layers)
+        return cached[1]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -789,19 +821,20 @@ class FastNormSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layers = list(self._fastnorm_layers())
+        layers = self._fastnorm_layers()
         # The FastNorm weights first: their update reads the gains as the
         # forward saw them. Then torch's SGD for the rest, with the dense-mode
         # weight gradients hidden from it (it would update V as if it were W).
-        for layer, group in layers:
-            if layer.mode == "fused" and _distributed():
+        distributed = _distributed()
+        for layer, group, weight in layers:
+            if distributed and layer.mode == "fused":
                 raise RuntimeError(
                     f"{type(layer).__name__}(mode='fused') updates its weight from this "
                     "process's samples only; under torch.distributed use mode='dense' (or "
                     "normlab.convert_sync(model)), whose gradient DDP all-reduces.")
             layer._sgd_step(group["lr"], group["weight_decay"], group["momentum"],
-                            self.state[layer.weight])
-        hidden = [(layer.weight, layer.weight.grad) for layer, _ in layers]
+                            self.state[weight])
+        hidden = [(weight, weight.grad) for _, _, weight in layers]
         for weight, _ in hidden:
             weight.grad = None
         try:
@@ -812,7 +845,7 @@ class FastNormSGD(torch.optim.SGD):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for layer, _ in self._fastnorm_layers():  # backwards done: their gradient is gone
+        for layer, _, _ in self._fastnorm_layers():  # backwards done: their gradient is gone
             tracking = layer._tracking
             tracking.records = [r for r in tracking.records if r.output_grads is None]
         super().zero_grad(set_to_none)
