@@ -28,6 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from . import _native
 from .distributed import RankSlice, global_batch_norm
 from .kernels import (
     batch_norm_backward,
@@ -272,11 +273,22 @@ def linear_scan(coef: torch.Tensor | float, drive: torch.Tensor, init: torch.Ten
                 ) -> torch.Tensor:
     """h_t = coef_t * h_{t-1} + drive_t along dim 0, with h_{-1} = init; returns all h_t.
 
-    A Hillis-Steele scan of the affine maps h -> coef_t h + drive_t: log2(N)
-    steps of tensor operations, no division, so it stays as stable as the
-    sequential loop (callers pass float64).
+    On CPU in float64 for (N, C) drives, the sequential loop, compiled
+    (csrc/scan.cpp); elsewhere, and where it cannot be built, the Hillis-Steele
+    scan of :func:`_linear_scan_eager`, which computes the same.
     """
     coef = torch.as_tensor(coef, dtype=drive.dtype, device=drive.device)
+    if (drive.device.type == "cpu" and drive.dtype == torch.float64 and drive.dim() == 2
+            and not _tracing() and (kernel := _native.module("scan")) is not None):
+        return kernel.linear_scan(coef.expand(drive.shape), drive, init.expand(drive.shape[1]))
+    return _linear_scan_eager(coef, drive, init)
+
+
+def _linear_scan_eager(coef: torch.Tensor, drive: torch.Tensor, init: torch.Tensor
+                       ) -> torch.Tensor:
+    """`linear_scan` as a Hillis-Steele scan of the affine maps h -> coef_t h + drive_t:
+    log2(N) steps of tensor operations, no division, so it stays as stable as the
+    sequential loop (callers pass float64)."""
     # One coefficient for all: the composed ones vary along dim 0 only, so they are
     # kept as (N, 1, ...), the same products on N values instead of N * C.
     coef = coef.expand(drive.shape if coef.dim() else (drive.shape[0],) + (1,) * (drive.dim() - 1))
