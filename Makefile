@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python tools/torch_ok.py || \
 		$(BIN)/pip install "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
 	$(BIN)/pip install -e ".[dev,ray]"
+	# the compiled kernels, built once here rather than inside the first run (about 40 s)
+	$(BIN)/python -c "import normlab._native as native; native.module('fastnorm')"
 	touch $@
 
 data: setup

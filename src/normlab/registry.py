@@ -198,7 +198,7 @@ register(Method("fastnorm", "weight",
                 "training with efficient normalization (ICLR submission)",
                 "weight normalization whose row norms are tracked, not computed",
                 replaces={nn.Linear: FastNormLinear, nn.Conv2d: FastNormConv2d},
-                optimizer=FastNormSGD))
+                optimizer=FastNormSGD, first_layer_kw={"input_activation": None}))
 register(Method("equinorm", "weight",
                 "Defazio and Bottou (2018), Controlling covariate shift using equilibrium "
                 "normalization of weights, arXiv:1812.04549",

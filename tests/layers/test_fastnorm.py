@@ -42,7 +42,7 @@ def update_paths(monkeypatch):
 
         def spy(self, *args, _original=original, _name=name):
             paths.append(_name)
-            _original(self, *args)
+            return _original(self, *args)
         monkeypatch.setattr(fastnorm._FastNorm, f"_{name}_update", spy)
     return paths
 
@@ -152,10 +152,31 @@ def weight_norm_twin(model, fast):
     return explicit
 
 
+def normprop_twin(model, fast):
+    """NormProp (normlab's, parametrized) on a copy of `model`, computing the same function
+    as the FastNorm copy `fast` (built with input_activation="relu"), with the same
+    direction vectors: FastNorm's logical rows."""
+    explicit = normlab.convert(model, "normprop")
+    for index, layer in enumerate(fast):
+        if isinstance(layer, fastnorm._FastNorm):
+            with torch.no_grad():
+                explicit[index].weight.copy_(layer.logical_weight())
+                explicit[index].gain.copy_(layer.gain)
+                explicit[index].bias.copy_(layer.bias)
+    return explicit
+
+
+def twin_weights(twin):
+    """(effective weight, logical weight) of a weight_norm_twin or normprop_twin layer."""
+    if hasattr(twin, "parametrizations"):
+        return twin.weight, twin.parametrizations.weight.original1
+    return twin.to_plain().weight, twin.weight
+
+
 def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.3,
-                            conv=False, **fast_kw):
-    """FastNorm (default settings unless `fast_kw`) + FastNormSGD against torch's
-    weight_norm + torch.optim.SGD from the same function, float64: outputs, effective
+                            conv=False, twin=weight_norm_twin, **fast_kw):
+    """FastNorm (default settings unless `fast_kw`) + FastNormSGD against `twin` (torch's
+    weight_norm) + torch.optim.SGD from the same function, float64: outputs, effective
     weights, logical weights and tracked norms agree to 1e-9."""
     torch.manual_seed(0)
     if conv:
@@ -166,7 +187,7 @@ def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.
         plain = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3)).double()
         sample = (8,)
     fast = normlab.convert(plain, "fastnorm", **fast_kw)
-    explicit = weight_norm_twin(plain, fast)
+    explicit = twin(plain, fast)
     fast_opt = FastNormSGD(fast.parameters(), lr=lr, weight_decay=weight_decay,
                            momentum=momentum)
     explicit_opt = torch.optim.SGD(explicit.parameters(), lr=lr, weight_decay=weight_decay,
@@ -185,9 +206,9 @@ def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.
     x = torch.randn(32, *sample, dtype=F64, generator=generator)
     assert relative(fast(x), explicit(x)) < 1e-9
     for index in (0, 2):
-        layer, twin = fast[index], explicit[index]
-        assert relative(layer.to_plain().weight, twin.weight) < 1e-9
-        assert relative(layer.logical_weight(), twin.parametrizations.weight.original1) < 1e-9
+        layer, (effective, logical) = fast[index], twin_weights(explicit[index])
+        assert relative(layer.to_plain().weight, effective) < 1e-9
+        assert relative(layer.logical_weight(), logical) < 1e-9
         assert relative(layer.tracked_norms(), layer.explicit_norms()) < 1e-9
         assert (layer.explicit_norms() - 1).abs().max() > 1e-3  # the norms moved from 1
     return fast
@@ -218,6 +239,29 @@ def test_momentum_is_equivalent_for_200_steps(mode, update_paths):
 def test_conv2d_is_equivalent_to_explicit_weight_norm_for_200_steps(update_paths):
     fast = train_twins_and_compare(200, 8, 1e-3, conv=True)
     assert isinstance(fast[0], FastNormConv2d) and set(update_paths) == {"dense"}
+
+
+def test_with_normprops_input_standardization_it_trains_as_normprop():
+    """input_activation="relu": NormProp's forward with tracked norms (the FastNorm paper's
+    setting), on NormProp's trajectory; the first layer is left unstandardized."""
+    fast = train_twins_and_compare(300, 4, 1e-3, twin=normprop_twin, input_activation="relu")
+    assert fast[0].input_activation is None and fast[2].input_activation == "relu"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_standardization_keeps_the_source_function_and_folds_into_to_plain(bias):
+    torch.manual_seed(0)
+    source = nn.Linear(6, 4, bias=bias).double()
+    layer = FastNormLinear.from_module(source, input_activation="relu")
+    normprop = normlab.NormPropLinear.from_module(source, input_activation="relu")
+    x = torch.rand(5, 6, dtype=F64)
+    assert layer.bias is not None  # the standardization's shift needs one
+    for function in (layer, normprop, layer.to_plain()):
+        assert relative(function(x), source(x)) < 1e-12
+    with pytest.raises(ValueError, match="input_activation must be one of"):
+        FastNormLinear(6, 4, input_activation="tanh")
+    with pytest.raises(ValueError, match="use NormPropConv2d"):
+        FastNormConv2d(2, 3, 3, input_activation="relu")
 
 
 def test_renormalization_keeps_the_trajectory():
@@ -500,19 +544,20 @@ def one_training_step(layer, x, lr=0.3, weight_decay=1e-3, eager=False, monkeypa
     if eager:
         monkeypatch.undo()
     return (z.detach(), *grads, layer.weight.detach().clone(), layer.row_scale.clone(),
-            layer.inv_norm.clone())
+            layer.inv_norm.clone(), layer.gain.detach().clone(),
+            layer.bias.detach().clone() if layer.bias is not None else torch.ones(()))
 
 
-@pytest.mark.parametrize("dtype, batch_shape, tolerance", [
-    (F64, (1,), 1e-12), (F64, (5,), 1e-12), (F64, (2, 3), 1e-12),  # leading dims
-    (F64, (20,), 1e-12),  # above max_tracked_batch: explicit norms
-    (torch.float32, (4,), 1e-5), (torch.bfloat16, (3,), 2e-2)])
+@pytest.mark.parametrize("dtype, batch_shape, tolerance, max_tracked_batch", [
+    (F64, (1,), 1e-12, 16), (F64, (5,), 1e-12, 16), (F64, (2, 3), 1e-12, 16),  # leading dims
+    (F64, (6,), 1e-12, 4),  # above max_tracked_batch: explicit norms
+    (torch.float32, (4,), 1e-5, 16), (torch.bfloat16, (3,), 2e-2, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_compiled_kernels_compute_what_the_eager_path_computes(
-        dtype, batch_shape, tolerance, bias, monkeypatch):
+        dtype, batch_shape, tolerance, max_tracked_batch, bias, monkeypatch):
     compiled_kernel()
     torch.manual_seed(0)
-    layer = FastNormLinear(7, 5, bias=bias, dtype=dtype)
+    layer = FastNormLinear(7, 5, bias=bias, max_tracked_batch=max_tracked_batch, dtype=dtype)
     with torch.no_grad():  # rows off unit norm and s != 1, as after training
         layer.weight.mul_(torch.linspace(0.7, 1.6, 5).to(dtype)[:, None])
         layer.row_scale.mul_(torch.linspace(0.5, 2, 5))
@@ -526,8 +571,8 @@ def test_the_compiled_kernels_compute_what_the_eager_path_computes(
     compiled = one_training_step(layer, x)
     assert calls  # the compiled path ran
     eager = one_training_step(twin, x, eager=True, monkeypatch=monkeypatch)
-    for name, a, b in zip(("z", "x.grad", "gain.grad", "bias.grad", "V", "s", "t"),
-                          compiled, eager):
+    for name, a, b in zip(("z", "x.grad", "gain.grad", "bias.grad", "V", "s", "t", "gain",
+                           "bias"), compiled, eager):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert relative(a.double(), b.double()) < tolerance, name
 
@@ -558,3 +603,18 @@ def test_the_eager_path_is_equivalent_to_explicit_weight_norm_too(monkeypatch, u
     monkeypatch.setattr(fastnorm, "_kernel", lambda *args: None)
     train_twins_and_compare(300, 4, 1e-3)
     assert set(update_paths) == {"fused"}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fastnormsgd_steps_the_other_parameters_as_torch_sgd(weight_decay):
+    """Gains and biases (updated by the compiled step, or by torch's SGD on the eager path)
+    and a plain layer's parameters all get torch.optim.SGD's update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FastNormLinear(6, 5, dtype=F64), nn.ReLU(), nn.Linear(5, 3).double())
+    optimizer = FastNormSGD(model.parameters(), lr=0.3, weight_decay=weight_decay)
+    model(torch.randn(2, 6, dtype=F64)).square().sum().backward()
+    others = [model[0].gain, model[0].bias, model[2].weight, model[2].bias]
+    expected = [p.detach() - 0.3 * (p.grad + weight_decay * p.detach()) for p in others]
+    optimizer.step()
+    for param, value in zip(others, expected):
+        torch.testing.assert_close(param.detach(), value, rtol=1e-14, atol=1e-15)

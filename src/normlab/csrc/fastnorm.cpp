@@ -75,13 +75,21 @@ bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
 
 }  // namespace
 
+// torch.optim.SGD's update without momentum, as its single-tensor path computes it.
+void sgd_update(at::Tensor param, const std::optional<at::Tensor>& grad, double lr,
+                double weight_decay) {
+  if (!grad.has_value() || !grad->defined()) return;
+  param.add_(weight_decay != 0 ? grad->add(param, weight_decay) : *grad, -lr);
+}
+
 // The whole fused update: s (and, if `track`, t) in place, then
-// V <- V - lr (A / s')^T H. Returns false, with nothing written, when the
-// samples do not explain `gain_grad`.
+// V <- V - lr (A / s')^T H, then SGD on the gain and the bias (given).
+// Returns false, with nothing written, when the samples do not explain `gain_grad`.
 bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
-                const at::Tensor& output_grads, const at::Tensor& gain, at::Tensor inv_norm,
+                const at::Tensor& output_grads, at::Tensor gain, at::Tensor inv_norm,
                 at::Tensor row_scale, at::Tensor weight,
-                const std::optional<at::Tensor>& gain_grad, double lr, double weight_decay,
+                const std::optional<at::Tensor>& gain_grad, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& bias_grad, double lr, double weight_decay,
                 bool track) {
   TORCH_CHECK(inv_norm.is_contiguous() && row_scale.is_contiguous(),
               "fused_step: t and s must be contiguous");
@@ -114,8 +122,11 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
           coef.data_ptr<weight_t>());
     });
   });
-  if (explained) weight.addmm_(coef.t(), inputs.to(weight.scalar_type()), 1, -lr);
-  return explained;
+  if (!explained) return false;
+  weight.addmm_(coef.t(), inputs.to(weight.scalar_type()), 1, -lr);
+  sgd_update(gain, gain_grad, lr, weight_decay);
+  if (bias.has_value() && bias->defined()) sgd_update(*bias, bias_grad, lr, weight_decay);
+  return true;
 }
 
 // The fused mode's training forward on (B, n) rows x, an autograd function:

@@ -32,6 +32,15 @@ refreshes t from the explicit norms (bounding the drift of the tracking in
 low precision). The paper's reset of ||W_i|| to 1, which also resets weight
 normalization's effective learning rate, is the option `renorm_resets_norm`.
 
+On CPU, up to KERNEL_MAX_BATCH samples, the fused mode's training forward,
+its backward and the step each run as one compiled call (csrc/fastnorm.cpp,
+built on first use: normlab._native), since at small batches the dozens of
+small tensor operations of the eager path cost more than the arithmetic. The
+forward's autograd function gives a per-forward leaf ("probe") the output
+gradient dL/dz, which is how the step gets its samples without a Python hook;
+the compiled step also applies SGD to the gain and bias. The eager path
+computes the same and is the specification (tests compare them).
+
 The *dense* mode (`mode="dense"`, and `FastNormConv2d` always) is the
 paper's hybrid mode: autograd gives `weight.grad` the true gradient with
 respect to the logical weight W (torch's `weight_norm`'s v), so gradient
@@ -56,12 +65,18 @@ from torch.nn.modules.utils import _pair
 
 from .. import _native, checks
 from ..functional import _tracing
+from .weight_norm import _INPUT_STATS
 
 # Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
 # over three runs the tracked update cost 0.79-0.90x an explicit norm pass at
 # batch 16 and 1.25-1.76x at 32 (the third, 2026-12-02: 0.89x and 1.37x), so
 # the explicit norm takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
+# The compiled kernels (csrc/fastnorm.cpp) remove per-operation dispatch, which
+# dominates at small batches; their loops are scalar and single-threaded, so
+# above this many samples torch's vectorized operations are faster (measured
+# with `normlab bench --case fastnorm`: batch 128 went from 1.04x to 1.57x plain).
+KERNEL_MAX_BATCH = 16
 # Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
 # 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
 # tracked norms drift from the explicit ones by 1.7e-5 (relative, max over rows)
@@ -136,7 +151,7 @@ def _recorded_forward(x, gain, bias, weight, inv_norm, row_scale, records):
     rows = _rows(x)
     probe = torch.empty(rows.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device,
                         requires_grad=True)
-    kernel = _kernel(rows, weight, gain, bias, inv_norm, row_scale)
+    kernel = _kernel(rows, inv_norm, row_scale, weight, gain, bias)
     function = _RecordedLinear.apply if kernel is None else kernel.recorded_linear
     z, q = function(rows, gain, bias, probe, weight.detach(), inv_norm, row_scale)
     records.append(_Record(rows.detach(), q, probe))
@@ -175,15 +190,15 @@ class _RecordedLinear(torch.autograd.Function):
         return grad_x, grad_gain, grad_bias, output_grads, None, None, None
 
 
-def _kernel(*tensors):
-    """The compiled fused-mode kernels where they apply, else None: CPU, no autocast, the
-    weight-like tensors (all but the last two: t and s) of one dtype (None skipped), t
-    and s of one dtype."""
-    *like_weight, inv_norm, row_scale = tensors
-    dtype = like_weight[0].dtype
-    if not like_weight[0].is_cpu or inv_norm.dtype != row_scale.dtype or _cpu_autocast():
+def _kernel(rows, inv_norm, row_scale, *like_rows):
+    """The compiled fused-mode kernels where they apply, else None: CPU, at most
+    KERNEL_MAX_BATCH `rows`, no autocast, t and s of one dtype, the tensors `like_rows`
+    (weight, gain, ...; None skipped) of the rows' dtype."""
+    if (not rows.is_cpu or rows.shape[0] > KERNEL_MAX_BATCH
+            or inv_norm.dtype != row_scale.dtype or _cpu_autocast()):
         return None
-    for x in like_weight:
+    dtype = rows.dtype
+    for x in like_rows:
         if x is not None and x.dtype != dtype:
             return None
     return _native.module("fastnorm")
@@ -228,6 +243,7 @@ class _FastNorm(nn.Module):
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
 
     _modes: tuple[str, ...] = ("fused", "dense")
+    input_activation: str | None = None  # NormProp's input standardization (Linear only)
 
     def _init_fastnorm(self, weight_shape: tuple[int, ...], bias: bool, mode: str,
                        renorm_every: int | None, renorm_resets_norm: bool, device, dtype):
@@ -252,7 +268,8 @@ class _FastNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         """The function of the freshly initialized torch layer, with unit-norm rows."""
-        reference = self._torch_layer(device=self.weight.device, dtype=self.weight.dtype)
+        reference = self._torch_layer(self.bias is not None, device=self.weight.device,
+                                      dtype=self.weight.dtype)
         self._load(reference.weight, reference.bias)
 
     @classmethod
@@ -262,8 +279,10 @@ class _FastNorm(nn.Module):
         if type(module) is not source:
             raise TypeError(f"{cls.__name__}.from_module expects an nn.{source.__name__}, "
                             f"got {type(module).__name__}")
-        layer = cls(**cls._torch_args(module), bias=module.bias is not None,
-                    device=module.weight.device, dtype=module.weight.dtype, **kw)
+        # standardizing the input shifts it: a bias keeps the function exact
+        bias = module.bias is not None or kw.get("input_activation") is not None
+        layer = cls(**cls._torch_args(module), bias=bias, device=module.weight.device,
+                    dtype=module.weight.dtype, **kw)
         layer._load(module.weight, module.bias)
         return layer
 
@@ -275,8 +294,14 @@ class _FastNorm(nn.Module):
         unit = torch.full_like(weight, 1 / math.sqrt(weight[0].numel()))
         self.weight.copy_(torch.where(norms > 0, weight / torch.where(norms > 0, norms, 1), unit))
         self.gain.copy_(norms.flatten())
-        if bias is not None:
-            self.bias.copy_(bias)
+        if self.bias is not None:
+            self.bias.copy_(bias) if bias is not None else self.bias.zero_()
+        stats = _INPUT_STATS[self.input_activation]
+        if stats is not None:  # undo the standardization x~ = (x - mean) / std
+            mean, std = stats
+            self.gain.mul_(std)
+            if self.bias is not None:
+                self.bias.add_(weight.flatten(1).sum(1), alpha=mean)
         self.inv_norm.fill_(1)
         self.row_scale.fill_(1)
         self._sync()
@@ -293,7 +318,7 @@ class _FastNorm(nn.Module):
 
     def _mark_synced(self) -> None:
         # The identity tells a new Parameter (deepcopy) from an in-place change.
-        tracking, weight = self._tracking, self.weight
+        tracking, weight = self._tracking, self._parameters["weight"]  # (a per-step path)
         if tracking.weight_id != id(weight):
             tracking.weight_id = id(weight)
             _OWNERS[id(weight)] = self
@@ -302,6 +327,10 @@ class _FastNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.input_activation is not None:
+            # explicitly (one pass over x), so that the rank-B update reads x~
+            mean, std = _INPUT_STATS[self.input_activation]
+            x = (x - mean) / std
         weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
         fused = self.mode == "fused"
         tracing = _tracing()
@@ -413,31 +442,40 @@ class _FastNorm(nn.Module):
     @torch.no_grad()
     def to_plain(self) -> nn.Module:
         """A plain torch layer computing this layer's function."""
-        plain = self._torch_layer(device=self.weight.device, dtype=self.weight.dtype)
+        stats = _INPUT_STATS[self.input_activation]
+        plain = self._torch_layer(bias=self.bias is not None or stats is not None,
+                                  device=self.weight.device, dtype=self.weight.dtype)
         scale = (self.gain * self.inv_norm * self.row_scale).to(self.weight.dtype)
         plain.weight.copy_(self.weight * scale.view(self._row_shape()))
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
+        if plain.bias is not None:
+            plain.bias.copy_(self.bias) if self.bias is not None else plain.bias.zero_()
+        if stats is not None:  # W x~ = (W / std) x - (mean / std) W 1
+            mean, std = stats
+            plain.weight.div_(std)
+            plain.bias.sub_(plain.weight.flatten(1).sum(1), alpha=mean)
         return plain
 
     # -- the optimizer's step (called by FastNormSGD) ---------------------------
 
     def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
         # (under FastNormSGD.step's no_grad)
+        # Returns the other parameters it updated (the compiled fused step also takes the
+        # gain's and bias's SGD update, so that torch's SGD need not run for them).
+        updated = ()
         if self.mode == "dense":
             if self.weight.grad is None:
-                return
+                return updated
             self._dense_update(_as(self.weight.grad, self.inv_norm.dtype), lr, weight_decay,
                                momentum, state)
         else:
             samples = self._consume_records()
             if samples is None:
-                return
+                return updated
             if momentum:
                 self._dense_update(self._materialized_gradient(*samples), lr, weight_decay,
                                    momentum, state)
             else:
-                self._fused_update(*samples, lr, weight_decay)
+                updated = self._fused_update(*samples, lr, weight_decay)
         self._mark_synced()
         tracking = self._tracking
         tracking.steps_since_renorm += 1
@@ -445,6 +483,7 @@ class _FastNorm(nn.Module):
             self.renormalize()
         else:
             self.steps_since_renorm.fill_(tracking.steps_since_renorm)
+        return updated
 
     def _consume_records(self):
         """(h, q, delta) of the recorded samples, each (B, features); None when none."""
@@ -494,23 +533,28 @@ class _FastNorm(nn.Module):
             "set_to_none=True; use mode='dense' for other workflows.")
 
     def _fused_update(self, inputs, outputs, output_grads, lr: float,
-                      weight_decay: float) -> None:
+                      weight_decay: float) -> tuple:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
         # s' = c s, V' = V - lr (A / s')^T H
         # one dict lookup each: nn.Module's attribute fallback is slow on this per-step path
         params, buffers = self._parameters, self._buffers
-        weight, gain = params["weight"], params["gain"]
+        weight, gain, bias = params["weight"], params["gain"], params.get("bias")
         inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
-        track = len(inputs) <= self.max_tracked_batch
-        kernel = _kernel(outputs, output_grads, gain, weight, inv_norm, row_scale)
+        track = inputs.shape[0] <= self.max_tracked_batch
+        kernel = _kernel(outputs, inv_norm, row_scale, output_grads, gain, weight, bias)
+        updated = ()
         if kernel is None:
             self._fused_step(inputs, outputs, output_grads, lr, weight_decay, track)
-        elif not kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale,
-                                   weight, gain.grad, lr, weight_decay, track):
+        elif kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale, weight,
+                               gain.grad, bias, None if bias is None else bias.grad, lr,
+                               weight_decay, track):
+            updated = (gain,) if bias is None else (gain, bias)
+        else:
             self._raise_unexplained()
         if not track:  # above max_tracked_batch: explicit, after the update
             inv_norm.copy_(self.explicit_norms().clamp_min_(torch.finfo(inv_norm.dtype).tiny)
                            .reciprocal_())
+        return updated
 
     def _fused_step(self, inputs, outputs, output_grads, lr: float, weight_decay: float,
                     track: bool) -> None:
@@ -612,6 +656,13 @@ class FastNormLinear(_FastNorm):
         max_tracked_batch: above this many samples per step the norms are
             computed explicitly after the fused update; default the measured
             crossover.
+        input_activation: ``"relu"`` standardizes the input as NormProp does
+            (:class:`~normlab.NormPropLinear`: the input is a ReLU output of a
+            unit Gaussian, x~ = (x - sqrt(1/(2 pi))) / sqrt((1 - 1/pi) / 2)),
+            one pass over x, so that the layer is NormProp's with tracked norms
+            (the FastNorm paper's setting); None (default) uses x as it is.
+            ``normlab.convert(model, "fastnorm", input_activation="relu")``
+            leaves the first layer unstandardized, as for NormProp.
         device, dtype: as torch.nn modules; t and s are kept in at least float32.
 
     Shape:
@@ -629,11 +680,16 @@ class FastNormLinear(_FastNorm):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mode: str = "fused", renorm_every: int | None = DEFAULT_RENORM_EVERY,
                  renorm_resets_norm: bool = False,
-                 max_tracked_batch: int = DEFAULT_MAX_TRACKED_BATCH, device=None, dtype=None):
+                 max_tracked_batch: int = DEFAULT_MAX_TRACKED_BATCH,
+                 input_activation: str | None = None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
             checks.positive_int("FastNormLinear", name, value)
+        checks.one_of("FastNormLinear", "input_activation", input_activation, _INPUT_STATS,
+                      " ('relu': the input is a ReLU output, standardized as NormProp does; "
+                      "None: used as it is)")
+        self.input_activation = input_activation
         self.in_features, self.out_features = in_features, out_features
         self.max_tracked_batch = max_tracked_batch
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
@@ -647,8 +703,8 @@ class FastNormLinear(_FastNorm):
     def _torch_args(module: nn.Linear) -> dict:
         return {"in_features": module.in_features, "out_features": module.out_features}
 
-    def _torch_layer(self, **factory) -> nn.Linear:
-        return nn.Linear(self.in_features, self.out_features, self.bias is not None, **factory)
+    def _torch_layer(self, bias: bool, **factory) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias, **factory)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -666,7 +722,9 @@ class FastNormLinear(_FastNorm):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self._extra_repr_tail()}, "
-                f"max_tracked_batch={self.max_tracked_batch}")
+                f"max_tracked_batch={self.max_tracked_batch}"
+                + (f", input_activation={self.input_activation!r}"
+                   if self.input_activation is not None else ""))
 
 
 class FastNormConv2d(_FastNorm):
@@ -705,8 +763,15 @@ class FastNormConv2d(_FastNorm):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, mode: str = "dense",
                  renorm_every: int | None = DEFAULT_RENORM_EVERY,
-                 renorm_resets_norm: bool = False, device=None, dtype=None):
+                 renorm_resets_norm: bool = False, input_activation: None = None, device=None,
+                 dtype=None):
         super().__init__()
+        if input_activation is not None:
+            # Standardizing x explicitly would also shift the zero padding; NormProp's
+            # fold into the bias would need each kernel's sum every step.
+            raise ValueError("FastNormConv2d: input_activation must be None (NormProp's input "
+                             "standardization exists for FastNormLinear; for convolutions use "
+                             f"NormPropConv2d), got {input_activation!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("groups", groups)):
             checks.positive_int("FastNormConv2d", name, value)
@@ -733,10 +798,9 @@ class FastNormConv2d(_FastNorm):
                 "padding": module.padding, "dilation": module.dilation,
                 "groups": module.groups}
 
-    def _torch_layer(self, **factory) -> nn.Conv2d:
+    def _torch_layer(self, bias: bool, **factory) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, self.bias is not None,
-                         **factory)
+                         self.padding, self.dilation, self.groups, bias, **factory)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -823,25 +887,31 @@ class FastNormSGD(torch.optim.SGD):
                 loss = closure()
         layers = self._fastnorm_layers()
         # The FastNorm weights first: their update reads the gains as the
-        # forward saw them. Then torch's SGD for the rest, with the dense-mode
-        # weight gradients hidden from it (it would update V as if it were W).
+        # forward saw them. Then torch's SGD for the rest (if any has a gradient),
+        # with what was updated here hidden from it: the dense-mode weight
+        # gradients (it would update V as if it were W), and the gains and biases
+        # that the compiled fused step updated itself.
         distributed = _distributed()
+        updated = []  # parameters updated here, hidden from torch's SGD
         for layer, group, weight in layers:
             if distributed and layer.mode == "fused":
                 raise RuntimeError(
                     f"{type(layer).__name__}(mode='fused') updates its weight from this "
                     "process's samples only; under torch.distributed use mode='dense' (or "
                     "normlab.convert_sync(model)), whose gradient DDP all-reduces.")
-            layer._sgd_step(group["lr"], group["weight_decay"], group["momentum"],
-                            self.state[weight])
-        hidden = [(weight, weight.grad) for _, _, weight in layers]
-        for weight, _ in hidden:
-            weight.grad = None
+            updated.append(weight)  # dense: its gradient is the logical weight's, not V's
+            updated.extend(layer._sgd_step(group["lr"], group["weight_decay"],
+                                           group["momentum"], self.state[weight]))
+        hidden = [(param, param.grad) for param in updated]
+        for param, _ in hidden:
+            param.grad = None
         try:
-            super().step()
+            if any(param.grad is not None for group in self.param_groups
+                   for param in group["params"]):
+                super().step()
         finally:
-            for weight, grad in hidden:
-                weight.grad = grad
+            for param, grad in hidden:
+                param.grad = grad
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

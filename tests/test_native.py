@@ -1,0 +1,37 @@
+import pytest
+
+from conftest import skip_unless_ci
+from normlab import _native
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """An empty cache of loaded kernels, restored afterwards."""
+    monkeypatch.setattr(_native, "_loaded", {})
+
+
+def test_the_fastnorm_kernel_builds_and_is_named_by_its_source(fresh, monkeypatch):
+    built = []
+    from torch.utils import cpp_extension
+    original = cpp_extension.load
+    monkeypatch.setattr(cpp_extension, "load",
+                        lambda name, *a, **kw: built.append(name) or original(name, *a, **kw))
+    kernel = _native.module("fastnorm")
+    if kernel is None:
+        skip_unless_ci("the compiled FastNorm kernel could not be built on this machine")
+    assert hasattr(kernel, "fused_step") and hasattr(kernel, "recorded_linear")
+    assert len(built) == 1 and built[0].startswith("normlab_fastnorm_")
+    assert _native.module("fastnorm") is kernel and len(built) == 1  # loaded once
+
+
+def test_normlab_native_0_turns_the_kernels_off(fresh, monkeypatch):
+    monkeypatch.setenv("NORMLAB_NATIVE", "0")
+    assert not _native.enabled() and _native.module("fastnorm") is None
+
+
+def test_a_kernel_that_cannot_be_built_warns_and_gives_none(fresh, monkeypatch, tmp_path):
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(_native, "_SOURCES", tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    with pytest.warns(RuntimeWarning, match="'broken' could not be built"):
+        assert _native.module("broken") is None
