@@ -94,7 +94,8 @@ class _WeightNormLinear(torch.autograd.Function):
     # is then summed with the first: two more passes over the largest tensor
     # than torch's fused weight_norm takes. The norm term's coefficient needs
     # sum_n g_ni (w_i . x~_n), which comes from the (N, out) pre-scale output.
-    # Saved: x, weight, the norms and that (N, out) output, as autograd saves.
+    # Saved: x, weight, the norms and scales, and that (N, out) output: what autograd
+    # saved, less the cast copy of the weight it kept under autocast.
     @staticmethod
     def forward(ctx, x, weight, gain, bias, input_mean: float, eps: float):
         norms = torch.linalg.vector_norm(weight, dim=1)
