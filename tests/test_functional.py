@@ -1,7 +1,13 @@
+import pytest
 import torch
 from torch.nn import functional as F
 
-from normlab.functional import row_norms, weight_normalized_conv2d, weight_normalized_linear
+from normlab.functional import (
+    row_norms,
+    weight_norm_linear,
+    weight_normalized_conv2d,
+    weight_normalized_linear,
+)
 
 
 def test_weight_normalized_linear_matches_normalized_rows_and_its_gradient():
@@ -20,6 +26,50 @@ def test_weight_normalized_linear_matches_normalized_rows_and_its_gradient():
     z.sum().backward()
     assert torch.allclose((weight.grad * weight).sum(1), torch.zeros(4, dtype=torch.float64),
                           atol=1e-12)
+
+
+@pytest.mark.parametrize("input_mean", [0.0, 0.4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_weight_norm_linear_matches_the_normalized_rows_and_gradchecks(input_mean, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    gain = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True) if with_bias else None
+    unit_rows = weight / torch.sqrt((weight * weight).sum(1, keepdim=True))
+    reference = (x - input_mean) @ (gain[:, None] * unit_rows).T
+    reference = reference + bias if with_bias else reference
+    assert torch.allclose(weight_norm_linear(x, weight, gain, bias, input_mean), reference,
+                          atol=1e-12)
+    inputs = (x, weight, gain) + ((bias,) if with_bias else ())
+    assert torch.autograd.gradcheck(
+        lambda x, w, g, *b: weight_norm_linear(x, w, g, *(b or (None,)), input_mean), inputs)
+
+
+def test_weight_norm_linear_zero_row_and_autocast_gradients_follow_autograds():
+    """Against the autograd composition: a zero row (norm at its floor: no gradient through
+    it) and bfloat16 autocast, where both keep the matmuls in bfloat16."""
+    torch.manual_seed(0)
+    x, gain, bias = torch.randn(6, 8), torch.rand(5) + 0.5, torch.randn(5)
+    for autocast in (False, True):
+        weight = torch.randn(5, 8)
+        if not autocast:  # its gradient is 1 / eps times the others': no common tolerance
+            weight[2] = 0
+        grads = []
+        for fused in (True, False):
+            params = [t.clone().requires_grad_(True) for t in (x, weight, gain, bias)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if fused:
+                    z = weight_norm_linear(*params)
+                else:
+                    z = weight_normalized_linear(params[0], params[1], params[2],
+                                                 row_norms(params[1]).reciprocal(), params[3])
+            z.backward(torch.linspace(-1, 1, z.numel()).view_as(z))
+            grads.append([z.detach()] + [p.grad for p in params])
+        for fused, composed in zip(*grads):
+            assert fused.dtype == composed.dtype and torch.isfinite(fused).all()
+            tolerance = 2e-2 * composed.abs().max() if autocast else 1e-5
+            assert torch.allclose(fused, composed, atol=tolerance)
 
 
 def test_weight_normalized_conv2d_matches_normalized_kernels_and_its_gradient():

@@ -10,6 +10,7 @@ from normlab.kernels import (
     batch_norm_backward,
     batch_statistics,
     clamp_backward,
+    column_sums,
     row_sums,
     scale_shift,
 )
@@ -32,6 +33,17 @@ def test_row_sums_are_the_dot_product_and_the_sum_of_each_row():
     dot, total = row_sums(a, b)
     torch.testing.assert_close(dot, (a * b).sum(-1))
     torch.testing.assert_close(total, a.sum(-1))
+
+
+def test_column_sums_are_the_sums_over_dim_0_in_the_tensors_dtype():
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        a = torch.randn(7, 3, dtype=dtype)
+        sums = column_sums(a)
+        assert sums.dtype == dtype
+        torch.testing.assert_close(sums, a.sum(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert column_sums(a).dtype == torch.float32
 
 
 def test_clamp_backward_passes_the_gradient_strictly_inside_the_limits():

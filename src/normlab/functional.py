@@ -4,9 +4,9 @@ Each module in :mod:`normlab.layers` checks its arguments, owns its
 parameters and buffers, and calls one function here, as torch.nn.BatchNorm2d
 calls torch.nn.functional.batch_norm:
 
-* :func:`weight_normalized_linear`, :func:`weight_normalized_conv2d` and
-  :func:`row_norms`: weight normalization (WeightNorm, scaled WeightNorm,
-  NormProp, FastNorm).
+* :func:`weight_norm_linear`, :func:`weight_normalized_linear`,
+  :func:`weight_normalized_conv2d` and :func:`row_norms`: weight normalization
+  (WeightNorm, scaled WeightNorm, NormProp, FastNorm).
 * :func:`batch_renorm`: Batch Renormalization.
 * :func:`online_norm`: Online Normalization, forward and its control-process
   backward.
@@ -28,11 +28,13 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from . import _native
 from .distributed import RankSlice, global_batch_norm
 from .kernels import (
     batch_norm_backward,
     batch_statistics,
     clamp_backward,
+    column_sums,
     row_sums,
     scale_shift,
 )
@@ -83,6 +85,73 @@ def weight_normalized_linear(x: torch.Tensor, weight: torch.Tensor, gain: torch.
     """
     z = F.linear(x, weight) * (gain * inv_norm)
     return z if bias is None else z + bias
+
+
+class _WeightNormLinear(torch.autograd.Function):
+    # One node for the whole layer, so that the weight gradient is made in one
+    # (out, in) buffer: the matmul's gradient, then the norm's term added in
+    # place. Through autograd the norm's term is a second (out, in) tensor that
+    # is then summed with the first: two more passes over the largest tensor
+    # than torch's fused weight_norm takes. The norm term's coefficient needs
+    # sum_n g_ni (w_i . x~_n), which comes from the (N, out) pre-scale output.
+    # Saved: x, weight, the norms and scales, and that (N, out) output: what autograd
+    # saved, less the cast copy of the weight it kept under autocast.
+    @staticmethod
+    def forward(ctx, x, weight, gain, bias, input_mean: float, eps: float):
+        norms = torch.linalg.vector_norm(weight, dim=1)
+        scale = gain / norms.clamp_min(eps)
+        direction = F.linear(x, weight)  # w_i . x, in autocast's dtype where it is on
+        ctx.matmul_dtype = direction.dtype  # backward's matmuls keep it, as autograd's do
+        if input_mean:  # w . (x - m) = w . x - m sum(w): no pass over x
+            direction = direction - input_mean * weight.sum(1)
+        z = direction * scale if bias is None else torch.addcmul(bias, direction, scale)
+        ctx.save_for_backward(x, weight, norms, scale, direction)
+        ctx.input_mean, ctx.eps = input_mean, eps
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, norms, scale, direction = ctx.saved_tensors
+        grad = grad.reshape(-1, weight.shape[0])
+        grad_direction = grad * scale
+        matmul_dtype = ctx.matmul_dtype
+        grad_x = grad_weight = grad_gain = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_direction.to(matmul_dtype) @ weight.to(matmul_dtype)).to(x.dtype)
+            grad_x = grad_x.reshape(x.shape)
+        direction_grad = column_sums(grad * direction.reshape(grad.shape))  # d loss / d scale
+        if ctx.needs_input_grad[1]:
+            inputs = x.reshape(-1, weight.shape[1]).to(matmul_dtype)
+            grad_weight = (grad_direction.to(matmul_dtype).T @ inputs).to(weight.dtype)
+            if ctx.input_mean:
+                grad_weight.sub_((ctx.input_mean * column_sums(grad_direction)).unsqueeze(1))
+            # d scale_i / d w_i = -scale_i w_i / ||w_i||^2 above eps, 0 below (flat clamp)
+            coefficient = torch.where(norms > ctx.eps, -scale * direction_grad / norms.square(),
+                                      torch.zeros_like(norms))
+            grad_weight.addcmul_(weight, coefficient.unsqueeze(1))
+        if ctx.needs_input_grad[2]:
+            grad_gain = direction_grad / norms.clamp_min(ctx.eps)
+        if ctx.needs_input_grad[3]:
+            grad_bias = column_sums(grad)
+        return grad_x, grad_weight, grad_gain, grad_bias, None, None
+
+
+def weight_norm_linear(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor,
+                       bias: torch.Tensor | None = None, input_mean: float = 0.0,
+                       eps: float = 1e-12) -> torch.Tensor:
+    """z_i = gain_i * (W_i . (x - m)) / max(||W_i||, eps) + bias_i, with the norms taken here.
+
+    The same map as :func:`weight_normalized_linear` given 1 / max(||W_i||, eps),
+    differentiated through the norms (the true weight-normalization gradient,
+    orthogonal to each W_i; 0 through a norm under the floor `eps`), in the
+    passes over `weight` torch's fused ``torch._weight_norm`` takes or fewer:
+    one norm pass and the matmul forward; the matmul's gradient and one in-place
+    pass for the norm's term backward. The scalar input shift m (NormProp's
+    ReLU mean) is folded into the output as -m sum_k W_ik, never applied to x.
+    Not twice differentiable.
+    """
+    return _WeightNormLinear.apply(x, weight, gain, bias, float(input_mean), eps)
 
 
 def weight_normalized_conv2d(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor,
@@ -205,11 +274,22 @@ def linear_scan(coef: torch.Tensor | float, drive: torch.Tensor, init: torch.Ten
                 ) -> torch.Tensor:
     """h_t = coef_t * h_{t-1} + drive_t along dim 0, with h_{-1} = init; returns all h_t.
 
-    A Hillis-Steele scan of the affine maps h -> coef_t h + drive_t: log2(N)
-    steps of tensor operations, no division, so it stays as stable as the
-    sequential loop (callers pass float64).
+    On CPU in float64 for (N, C) drives, the sequential loop, compiled
+    (csrc/scan.cpp); elsewhere, and where it cannot be built, the Hillis-Steele
+    scan of :func:`_linear_scan_eager`, which computes the same.
     """
     coef = torch.as_tensor(coef, dtype=drive.dtype, device=drive.device)
+    if (drive.device.type == "cpu" and drive.dtype == torch.float64 and drive.dim() == 2
+            and not _tracing() and (kernel := _native.module("scan")) is not None):
+        return kernel.linear_scan(coef.expand(drive.shape), drive, init.expand(drive.shape[1]))
+    return _linear_scan_eager(coef, drive, init)
+
+
+def _linear_scan_eager(coef: torch.Tensor, drive: torch.Tensor, init: torch.Tensor
+                       ) -> torch.Tensor:
+    """`linear_scan` as a Hillis-Steele scan of the affine maps h -> coef_t h + drive_t:
+    log2(N) steps of tensor operations, no division, so it stays as stable as the
+    sequential loop (callers pass float64)."""
     # One coefficient for all: the composed ones vary along dim 0 only, so they are
     # kept as (N, 1, ...), the same products on N values instead of N * C.
     coef = coef.expand(drive.shape if coef.dim() else (drive.shape[0],) + (1,) * (drive.dim() - 1))
@@ -341,8 +421,8 @@ class OnlineNormFunction(torch.autograd.Function):
         grad_x.addcmul_(y, (-leak * v_before * inv_std)[..., None].to(y.dtype))
         grad_weight = grad_bias = None
         if weight is not None:
-            grad_weight = grad_z_dot_y.sum(0).to(weight.dtype)
-            grad_bias = grad_z_sum.sum(0).to(bias.dtype)
+            grad_weight = column_sums(grad_z_dot_y).to(weight.dtype)
+            grad_bias = column_sums(grad_z_sum).to(bias.dtype)
         return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 

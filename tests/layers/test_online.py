@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.functional import linear_scan
+from conftest import skip_unless_ci
+from normlab import _native
+from normlab.functional import _linear_scan_eager, linear_scan
 from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
 
 
@@ -156,15 +158,23 @@ def test_float32_moments_stay_accurate_with_a_large_channel_offset():
     assert_close(layer32.running_var.double(), layer64.running_var, 1e-3)
 
 
-def test_linear_scan_matches_sequential_loop_with_zero_and_negative_coefficients():
+@pytest.mark.parametrize("coef_shape", ["full", "column", "scalar"])
+def test_linear_scan_matches_sequential_loop_with_zero_and_negative_coefficients(coef_shape):
+    """Both paths: the compiled loop (linear_scan on CPU float64) and the eager scan."""
     torch.manual_seed(3)
-    coef = torch.randn(37, 5, dtype=torch.float64)
-    coef[10] = 0
+    coef = {"full": torch.randn(37, 5, dtype=torch.float64),
+            "column": torch.randn(37, 1, dtype=torch.float64),
+            "scalar": torch.tensor(-0.7, dtype=torch.float64)}[coef_shape]
+    if coef.dim():
+        coef[10] = 0
     drive, init = torch.randn(37, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     h, expected = init, []
-    for c, d in zip(coef, drive):
+    for c, d in zip(coef.expand(drive.shape), drive):
         h = c * h + d
         expected.append(h)
+    assert_close(_linear_scan_eager(coef, drive, init), torch.stack(expected), 1e-12)
+    if _native.module("scan") is None:
+        skip_unless_ci("the compiled scan kernel could not be built on this machine")
     assert_close(linear_scan(coef, drive, init), torch.stack(expected), 1e-12)
 
 

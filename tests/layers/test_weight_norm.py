@@ -391,3 +391,19 @@ def test_converted_mlp_trains_on_mnist(name, data_root):
     losses = [point["train_loss"] for point in result.history]
     assert result.status == "done" and losses[-1] < 0.6 * losses[0]
     assert result.final["test_acc"] > 0.6  # chance is 0.1
+
+
+@pytest.mark.parametrize("cls", LINEARS)
+def test_linear_saves_at_most_torch_linears_tensors_plus_its_output_and_norms(cls):
+    """Beyond what nn.Linear saves (the input; the weight is a parameter): the (N, out)
+    output before the scale, and two floats per unit (norm and scale), in float32 and under
+    bfloat16 autocast, where nothing else may be kept (no cast copy of the weight)."""
+    from normlab.experiments.memory import saved_bytes
+
+    x = torch.randn(3, 40, requires_grad=True)
+    layer, plain = cls(40, 30), nn.Linear(40, 30)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ours, torchs = saved_bytes(layer, x), saved_bytes(plain, x)
+        beyond = 3 * 30 * x.element_size() + 2 * 30 * x.element_size()
+        assert ours <= torchs + beyond, (autocast, ours, torchs)

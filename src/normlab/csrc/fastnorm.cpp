@@ -26,7 +26,7 @@ namespace {
 template <typename weight_t, typename acc_t>
 bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
                const weight_t* gain_grad, double grad_eps, acc_t* t, acc_t* s,
-               const acc_t* gram, int64_t B, int64_t m, double lr, double wd, weight_t* coef) {
+               const acc_t* gram_a, int64_t B, int64_t m, double lr, double wd, weight_t* coef) {
   std::vector<acc_t> a(B);
   auto load_a = [&](int64_t i) {
     const acc_t u = acc_t(gain[i]) * t[i];
@@ -57,13 +57,9 @@ bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
     const acc_t kappa = t[i] * t[i] * a_dot_p;
     const acc_t scale = (decay + acc_t(lr) * kappa) * s[i];
     for (int64_t b = 0; b < B; ++b) coef[b * m + i] = weight_t(a[b] / scale);
-    if (gram != nullptr) {
+    if (gram_a != nullptr) {
       acc_t a_gram_a = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        acc_t gram_a = 0;
-        for (int64_t c = 0; c < B; ++c) gram_a += gram[b * B + c] * a[c];
-        a_gram_a += a[b] * gram_a;
-      }
+      for (int64_t b = 0; b < B; ++b) a_gram_a += a[b] * gram_a[b * m + i];
       const acc_t grad_sq = std::max(a_gram_a - kappa * a_dot_p, acc_t(0));
       const acc_t sq = decay * decay / (t[i] * t[i]) + acc_t(lr * lr) * grad_sq;
       t[i] = acc_t(1) / std::sqrt(std::max(sq, tiny));
@@ -97,11 +93,13 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
   const auto g = gain.contiguous();
   const int64_t B = q.size(0), m = q.size(1);
   auto coef = at::empty_like(q);
-  at::Tensor gram, grad;
+  at::Tensor gram_a, grad;
   double grad_eps = 0;
   if (track) {
     const auto h = inputs.to(inv_norm.scalar_type());
-    gram = at::mm(h, h.t()).contiguous();
+    // K A with K = H H^T and A the a_bi: O(B) per row below instead of O(B^2)
+    const auto acc = inv_norm.scalar_type();
+    gram_a = at::mm(at::mm(h, h.t()), delta.to(acc) * (g.to(acc) * inv_norm)).contiguous();
   }
   if (gain_grad.has_value() && gain_grad->defined()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gain_grad->scalar_type(), "eps", [&] {
@@ -118,7 +116,7 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
           q.data_ptr<weight_t>(), delta.data_ptr<weight_t>(), g.data_ptr<weight_t>(),
           grad.defined() ? grad.data_ptr<weight_t>() : nullptr, grad_eps,
           inv_norm.data_ptr<acc_t>(), row_scale.data_ptr<acc_t>(),
-          track ? gram.data_ptr<acc_t>() : nullptr, B, m, lr, weight_decay,
+          track ? gram_a.data_ptr<acc_t>() : nullptr, B, m, lr, weight_decay,
           coef.data_ptr<weight_t>());
     });
   });

@@ -73,9 +73,10 @@ from .weight_norm import _INPUT_STATS
 # the explicit norm takes over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
 # The compiled kernels (csrc/fastnorm.cpp) remove per-operation dispatch, which
-# dominates at small batches; their loops are scalar and single-threaded, so
-# above this many samples torch's vectorized operations are faster (measured
-# with `normlab bench --case fastnorm`: batch 128 went from 1.04x to 1.57x plain).
+# dominates at small batches; their loops are scalar and single-threaded where
+# torch's elementwise operations are vectorized and threaded, so above this many
+# samples the eager path runs (one `normlab bench --case fastnorm` run with the
+# kernels at batch 128 measured 1.57x plain, on a noisy machine).
 KERNEL_MAX_BATCH = 16
 # Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
 # 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
@@ -331,8 +332,11 @@ class _FastNorm(nn.Module):
             # explicitly (one pass over x), so that the rank-B update reads x~
             mean, std = _INPUT_STATS[self.input_activation]
             x = (x - mean) / std
-        weight, gain, bias = self.weight, self.gain, self.bias  # one nn.Module lookup each
-        fused = self.mode == "fused"
+        # dict lookups: nn.Module's attribute fallback is slow on this per-step path
+        params, buffers = self._parameters, self._buffers
+        weight, gain, bias = params["weight"], params["gain"], params.get("bias")
+        row_scale, inv_norm = buffers["row_scale"], buffers["inv_norm"]
+        fused = self._mode == "fused"
         tracing = _tracing()
         if not tracing:  # Python-side bookkeeping, which a traced graph cannot hold
             tracking = self._tracking
@@ -342,7 +346,6 @@ class _FastNorm(nn.Module):
                 self._weight_changed_outside()
             if fused and tracking.records:
                 self._drop_stale_records()
-        row_scale, inv_norm = self.row_scale, self.inv_norm
         if fused and self.training and weight.requires_grad and torch.is_grad_enabled():
             # the step needs this forward's samples (fused: FastNormLinear only)
             record = _recorded_forward_untraced if tracing else _recorded_forward
@@ -457,10 +460,9 @@ class _FastNorm(nn.Module):
 
     # -- the optimizer's step (called by FastNormSGD) ---------------------------
 
-    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> None:
-        # (under FastNormSGD.step's no_grad)
-        # Returns the other parameters it updated (the compiled fused step also takes the
-        # gain's and bias's SGD update, so that torch's SGD need not run for them).
+    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> tuple:
+        # (under FastNormSGD.step's no_grad) Returns the other parameters it updated: the
+        # compiled fused step also takes the gain's and bias's SGD update.
         updated = ()
         if self.mode == "dense":
             if self.weight.grad is None:
@@ -536,8 +538,7 @@ class _FastNorm(nn.Module):
                       weight_decay: float) -> tuple:
         # W' = c W - lr A^T H with c = 1 - lr wd + lr kappa, kappa = t^2 (a . p):
         # s' = c s, V' = V - lr (A / s')^T H
-        # one dict lookup each: nn.Module's attribute fallback is slow on this per-step path
-        params, buffers = self._parameters, self._buffers
+        params, buffers = self._parameters, self._buffers  # (as in forward)
         weight, gain, bias = params["weight"], params["gain"], params.get("bias")
         inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
         track = inputs.shape[0] <= self.max_tracked_batch

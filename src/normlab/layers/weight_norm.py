@@ -41,7 +41,7 @@ _INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
 class _WeightNormalized:
     """The shared part, mixed in before nn.Linear / nn.Conv2d.
 
-    A geometry class provides `_map(x, gain, inv_norm, bias)`, `_check_input`,
+    A geometry class provides `_map(x)`, `_check_input`,
     `fan_in`/`fan_out`, `_unit_dim` and `_torch_args`; a method mixin
     overrides `_factor` and `_input_stats`.
     """
@@ -64,15 +64,22 @@ class _WeightNormalized:
     def _input_stats(self) -> tuple[float, float] | None:
         return None
 
+    def _gain_and_input_mean(self):
+        """(gain', m) such that z = gain' * (w . (x - m)) / ||w|| + bias."""
+        factor, stats = self._factor(), self._input_stats()
+        gain = self.gain if factor == 1.0 else self.gain * factor
+        if stats is None:
+            return gain, 0.0
+        mean, std = stats
+        return gain / std, mean
+
     def _scale_and_bias(self):
         """(gain', inv_norm, bias') such that z = gain' * inv_norm * (w . x) + bias'."""
         weight = self.weight.flatten(1)
         inv_norm = functional.row_norms(self.weight, NORM_EPS).reciprocal()
-        gain, bias = self.gain * self._factor(), self.bias
-        stats = self._input_stats()
-        if stats is not None:
-            mean, std = stats
-            gain = gain / std
+        gain, mean = self._gain_and_input_mean()
+        bias = self.bias
+        if mean:
             # w . (x - mean) = w . x - mean * sum(w): folded into the bias, so no
             # pass over x. A convolution's zero padding counts as a ReLU output of
             # 0, standardized like the rest; from_module stays exact with padding.
@@ -83,7 +90,7 @@ class _WeightNormalized:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         checks.floating_point_input(type(self).__name__, x)
         self._check_input(x)
-        return self._map(x, *self._scale_and_bias())
+        return self._map(x)
 
     @torch.no_grad()
     def to_plain(self) -> nn.Linear | nn.Conv2d:
@@ -233,8 +240,10 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
             raise ValueError(f"{type(self).__name__}: expected input of shape "
                              f"(*, {self.in_features}), got {tuple(x.shape)}")
 
-    def _map(self, x, gain, inv_norm, bias):
-        return functional.weight_normalized_linear(x, self.weight, gain, inv_norm, bias)
+    def _map(self, x):
+        gain, input_mean = self._gain_and_input_mean()
+        return functional.weight_norm_linear(x, self.weight, gain, self.bias, input_mean,
+                                             NORM_EPS)
 
     @staticmethod
     def _torch_args(module: nn.Linear) -> dict:
@@ -291,7 +300,8 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
                              f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
 
-    def _map(self, x, gain, inv_norm, bias):
+    def _map(self, x):
+        gain, inv_norm, bias = self._scale_and_bias()
         padding = self.padding
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, then convolve
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
