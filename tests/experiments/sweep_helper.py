@@ -73,11 +73,15 @@ def jobs(count: int, seconds: float, pid_dir: str | None = None) -> list[Probe]:
             for seed in range(count)]
 
 
-def main(folder: str, count: int, seconds: float, pid_dir: str | None = None) -> None:
-    """A sweep as a program: exit status 130 when interrupted."""
+def main(folder: str, count: int, seconds: float, pid_dir: str | None = None,
+         gate: str | None = None) -> None:
+    """A sweep as a program: exit status 130 when interrupted. With `gate`, two probes of
+    0.2 s, then `count - 2` that wait while `gate` exists (`seconds` unused)."""
+    sweep = (jobs(count, seconds, pid_dir) if gate is None
+             else gated_jobs(2, count - 2, gate, pid_dir))
     with Store.in_folder(folder) as store:
         try:
-            run_sweep(jobs(count, seconds, pid_dir), store, workers=2)
+            run_sweep(sweep, store, workers=2)
         except Interrupted:
             sys.exit(130)
 

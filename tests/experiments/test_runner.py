@@ -122,8 +122,10 @@ def test_nan_loss_is_recorded_as_diverged():
     assert all(math.isfinite(p["test_loss"]) for p in run.history[:-1])
 
 
-def _start_sweep(folder: Path, count: int, seconds: float, pid_dir: Path):
-    call = f"sweep_helper.main({str(folder)!r}, {count}, {seconds}, {str(pid_dir)!r})"
+def _start_sweep(folder: Path, count: int, seconds: float, pid_dir: Path,
+                 gate: Path | None = None):
+    gate_arg = repr(str(gate)) if gate else None
+    call = f"sweep_helper.main({str(folder)!r}, {count}, {seconds}, {str(pid_dir)!r}, {gate_arg})"
     args = [sys.executable, "-c", f"import sweep_helper; {call}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
     return subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
@@ -150,13 +152,20 @@ def _check_complete(folder: Path, count: int) -> None:
             run.config["seed"] * 100 + i for i in range(sweep_helper.POINTS)]
 
 
-# Each case starts two sweeps of fresh interpreters (~10 s).
+# Each case starts two sweeps of fresh interpreters (~10 s). The runs after the
+# first two wait on a gate, so the interruption always comes mid-sweep, however
+# slow the machine.
 @pytest.mark.parametrize("interruption", ["sigterm", "ctrl-c", "killed worker"])
 def test_an_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, interruption):
-    count, pid_dir = 8, tmp_path / "pids"
+    count, pid_dir, gate = 8, tmp_path / "pids", tmp_path / "gate"
     pid_dir.mkdir()
-    sweep = _start_sweep(tmp_path, count, 0.25, pid_dir)
+    gate.touch()
+    sweep = _start_sweep(tmp_path, count, 0.0, pid_dir, gate)
     _wait_for_runs(tmp_path, 2)
+    deadline = time.monotonic() + 60
+    while not any(pid_dir.iterdir()):  # a gated run is busy
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     if interruption == "killed worker":
         os.kill(int(next(pid_dir.iterdir()).name), signal.SIGKILL)
     else:
@@ -166,7 +175,8 @@ def test_an_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, inter
     assert 2 <= len(runs_before) < count
     # every stored run is whole: POINTS points of two metrics each
     assert len(metrics_before) == len(runs_before) * sweep_helper.POINTS * 2
-    assert _start_sweep(tmp_path, count, 0.25, pid_dir).wait(timeout=60) == 0
+    gate.unlink()
+    assert _start_sweep(tmp_path, count, 0.0, pid_dir, gate).wait(timeout=60) == 0
     _check_complete(tmp_path, count)
     runs_after, _ = _db_rows(tmp_path)
     assert set(runs_before) <= set(runs_after)  # runs finished before are kept as they were

@@ -464,7 +464,7 @@ class _FastNorm(nn.Module):
         # (under FastNormSGD.step's no_grad) Returns the other parameters it updated: the
         # compiled fused step also takes the gain's and bias's SGD update.
         updated = ()
-        if self.mode == "dense":
+        if self._mode == "dense":
             if self.weight.grad is None:
                 return updated
             self._dense_update(_as(self.weight.grad, self.inv_norm.dtype), lr, weight_decay,
@@ -484,7 +484,7 @@ class _FastNorm(nn.Module):
         if self.renorm_every is not None and tracking.steps_since_renorm >= self.renorm_every:
             self.renormalize()
         else:
-            self.steps_since_renorm.fill_(tracking.steps_since_renorm)
+            self._buffers["steps_since_renorm"].fill_(tracking.steps_since_renorm)
         return updated
 
     def _consume_records(self):
@@ -873,7 +873,8 @@ class FastNormSGD(torch.optim.SGD):
         groups, cached = self.param_groups, self.__dict__.get("_layers")
         key = (groups, len(groups), _owners_changed[0])
         if (cached is None or cached[0][0] is not groups or cached[0][1:] != key[1:]
-                or any(layer.weight is not weight for layer, _, weight in cached[1])):
+                or any(layer._parameters["weight"] is not weight
+                       for layer, _, weight in cached[1])):
             layers = [(layer, group, param) for group in groups for param in group["params"]
                       for layer in [_OWNERS.get(id(param))]
                       if layer is not None and layer.weight is param]
