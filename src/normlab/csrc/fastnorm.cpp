@@ -12,7 +12,6 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <tuple>
 #include <vector>
 
 namespace {
