@@ -79,6 +79,7 @@ def main(folder: str, count: int, seconds: float, pid_dir: str | None = None,
     0.2 s, then `count - 2` that wait while `gate` exists (`seconds` unused)."""
     sweep = (jobs(count, seconds, pid_dir) if gate is None
              else gated_jobs(2, count - 2, gate, pid_dir))
+    hear_ctrl_c()
     with Store.in_folder(folder) as store:
         try:
             run_sweep(sweep, store, workers=2)
@@ -105,7 +106,14 @@ def reproduce_main(out: str, fast: int, gated: int, gate: str, pid_dir: str, *op
     from normlab import cli, experiments
 
     experiments.RECIPES["probes"] = probe_recipe(gated_jobs(fast, gated, gate, pid_dir))
+    hear_ctrl_c()
     sys.exit(cli.main(["reproduce", "probes", "--out", out, *options]))
+
+
+def hear_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt here even when the tests run as a background job
+    of a shell (`make test &`), whose children start with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def full_disk_main(folder: str, count: int, spare_bytes: int) -> None:

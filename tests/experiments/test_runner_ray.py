@@ -155,7 +155,7 @@ def test_ctrl_c_cancels_the_outstanding_tasks_and_the_rerun_completes_the_sweep(
             assert time.monotonic() < deadline and driver.poll() is None, driver.stderr.read()
             time.sleep(0.1)
         driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=120) == 130, driver.stderr.read()
+        assert driver.wait(timeout=60) == 130, driver.stderr.read()
     finally:
         driver.kill()
     _wait_until(lambda: not any(map(_alive, busy)), f"the workers {busy} stop")
