@@ -70,10 +70,7 @@ def test_a_worker_gets_threads_for_the_cpus_the_sweep_may_use_not_the_machines(t
             "        run_sweep([Probe(sweep_helper.threads_probe, 0)], store, workers=1,\n"
             "                  stream=open(os.devnull, 'w'))\n"
             "        print(store.runs()[0].history[0]['value'])\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = _run_script(code, tmp_path)
     assert float(result.stdout) == 1
 
 
@@ -120,6 +117,15 @@ def test_nan_loss_is_recorded_as_diverged():
     # recorded up to the first non-finite test loss, and no further
     assert len(run.history) >= 2 and not math.isfinite(run.history[-1]["test_loss"])
     assert all(math.isfinite(p["test_loss"]) for p in run.history[:-1])
+
+
+def _run_script(code: str, folder: Path) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter with `folder` as its argument; it must succeed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def _start_sweep(folder: Path, count: int, seconds: float, pid_dir: Path,
@@ -205,8 +211,4 @@ def test_a_finished_sweep_leaves_no_leaked_semaphore(tmp_path):
             "    jobs = [Probe(sweep_helper.progress_probe, seed) for seed in range(2)]\n"
             "    with Store.in_folder(sys.argv[1]) as store:\n"
             "        run_sweep(jobs, store, workers=2)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "leaked semaphore" not in result.stderr
+    assert "leaked semaphore" not in _run_script(code, tmp_path).stderr
