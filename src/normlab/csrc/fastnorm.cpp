@@ -22,48 +22,65 @@ namespace {
 //   tracked: ||W_i'||^2 = (1 - lr wd)^2 / t_i^2 + lr^2 max(a_i^T K a_i - kappa_i a.p_i, 0)
 // First the check that the samples explain the gain's gradient (nothing is
 // written if they do not), then the update of s and t in place.
+// The (B, m) arrays are walked sample by sample along i, with per-row sums:
+// walking a row's B samples instead strides by m elements, and at m = 1024
+// float32 that 4 KiB stride maps every sample to one cache set.
 template <typename weight_t, typename acc_t>
 bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
                const weight_t* gain_grad, double grad_eps, acc_t* t, acc_t* s,
-               const acc_t* gram_a, int64_t B, int64_t m, double lr, double wd, weight_t* coef) {
-  std::vector<acc_t> a(B);
-  auto load_a = [&](int64_t i) {
-    const acc_t u = acc_t(gain[i]) * t[i];
-    acc_t a_dot_q = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      a[b] = acc_t(delta[b * m + i]) * u;
-      a_dot_q += a[b] * acc_t(q[b * m + i]);
+               const acc_t* gram, int64_t B, int64_t m, double lr, double wd, weight_t* coef) {
+  std::vector<acc_t> u(m), a(B * m), a_dot_p(m, acc_t(0)), a_gram_a(m, acc_t(0));
+  for (int64_t i = 0; i < m; ++i) u[i] = acc_t(gain[i]) * t[i];
+  acc_t magnitude = 0;  // sum |a_bi p_bi|: the rounding scale of the check
+  for (int64_t b = 0; b < B; ++b) {
+    const weight_t *q_b = q + b * m, *delta_b = delta + b * m;
+    acc_t* a_b = a.data() + b * m;
+    for (int64_t i = 0; i < m; ++i) {
+      a_b[i] = acc_t(delta_b[i]) * u[i];
+      const acc_t a_q = a_b[i] * acc_t(q_b[i]);
+      a_dot_p[i] += a_q;
+      magnitude += std::abs(a_q * s[i]);
     }
-    return a_dot_q * s[i];  // a . p
-  };
+  }
+  acc_t explained = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    a_dot_p[i] *= s[i];
+    explained += a_dot_p[i];
+  }
   if (gain_grad != nullptr) {
     // sum_i gain_i dL/dgain_i = sum_i a_i . p_i, up to rounding ~ sum |a_bi p_bi|
-    acc_t gain_dot_grad = 0, explained = 0, magnitude = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      gain_dot_grad += acc_t(gain[i]) * acc_t(gain_grad[i]);
-      explained += load_a(i);
-      for (int64_t b = 0; b < B; ++b) magnitude += std::abs(a[b] * acc_t(q[b * m + i]) * s[i]);
-    }
+    acc_t gain_dot_grad = 0;
+    for (int64_t i = 0; i < m; ++i) gain_dot_grad += acc_t(gain[i]) * acc_t(gain_grad[i]);
     if (std::abs(double(gain_dot_grad - explained)) >
         double(magnitude) * std::sqrt(grad_eps) + 1e-30) {
       return false;
     }
   }
   const acc_t decay = acc_t(1) - acc_t(lr * wd);
+  std::vector<acc_t> new_scale(m);
+  for (int64_t i = 0; i < m; ++i) new_scale[i] = (decay + acc_t(lr) * t[i] * t[i] * a_dot_p[i]) * s[i];
+  for (int64_t b = 0; b < B; ++b) {
+    const acc_t* a_b = a.data() + b * m;
+    weight_t* coef_b = coef + b * m;
+    for (int64_t i = 0; i < m; ++i) coef_b[i] = weight_t(a_b[i] / new_scale[i]);
+    if (gram != nullptr) {
+      // a_i^T K a_i over the pairs c <= b of the symmetric K (B x B)
+      for (int64_t c = 0; c <= b; ++c) {
+        const acc_t k = gram[b * B + c] * (c == b ? acc_t(1) : acc_t(2));
+        const acc_t* a_c = a.data() + c * m;
+        for (int64_t i = 0; i < m; ++i) a_gram_a[i] += k * a_b[i] * a_c[i];
+      }
+    }
+  }
   const acc_t tiny = std::numeric_limits<acc_t>::min();
   for (int64_t i = 0; i < m; ++i) {
-    const acc_t a_dot_p = load_a(i);
-    const acc_t kappa = t[i] * t[i] * a_dot_p;
-    const acc_t scale = (decay + acc_t(lr) * kappa) * s[i];
-    for (int64_t b = 0; b < B; ++b) coef[b * m + i] = weight_t(a[b] / scale);
-    if (gram_a != nullptr) {
-      acc_t a_gram_a = 0;
-      for (int64_t b = 0; b < B; ++b) a_gram_a += a[b] * gram_a[b * m + i];
-      const acc_t grad_sq = std::max(a_gram_a - kappa * a_dot_p, acc_t(0));
+    if (gram != nullptr) {
+      const acc_t kappa = t[i] * t[i] * a_dot_p[i];
+      const acc_t grad_sq = std::max(a_gram_a[i] - kappa * a_dot_p[i], acc_t(0));
       const acc_t sq = decay * decay / (t[i] * t[i]) + acc_t(lr * lr) * grad_sq;
       t[i] = acc_t(1) / std::sqrt(std::max(sq, tiny));
     }
-    s[i] = scale;
+    s[i] = new_scale[i];
   }
   return true;
 }
@@ -92,13 +109,11 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
   const auto g = gain.contiguous();
   const int64_t B = q.size(0), m = q.size(1);
   auto coef = at::empty_like(q);
-  at::Tensor gram_a, grad;
+  at::Tensor gram, grad;
   double grad_eps = 0;
   if (track) {
     const auto h = inputs.to(inv_norm.scalar_type());
-    // K A with K = H H^T and A the a_bi: O(B) per row below instead of O(B^2)
-    const auto acc = inv_norm.scalar_type();
-    gram_a = at::mm(at::mm(h, h.t()), delta.to(acc) * (g.to(acc) * inv_norm)).contiguous();
+    gram = at::mm(h, h.t()).contiguous();  // K = H H^T
   }
   if (gain_grad.has_value() && gain_grad->defined()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gain_grad->scalar_type(), "eps", [&] {
@@ -115,7 +130,7 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
           q.data_ptr<weight_t>(), delta.data_ptr<weight_t>(), g.data_ptr<weight_t>(),
           grad.defined() ? grad.data_ptr<weight_t>() : nullptr, grad_eps,
           inv_norm.data_ptr<acc_t>(), row_scale.data_ptr<acc_t>(),
-          track ? gram_a.data_ptr<acc_t>() : nullptr, B, m, lr, weight_decay,
+          track ? gram.data_ptr<acc_t>() : nullptr, B, m, lr, weight_decay,
           coef.data_ptr<weight_t>());
     });
   });
@@ -189,17 +204,26 @@ struct RecordedLinear : public torch::autograd::Function<RecordedLinear> {
         const acc_t *t_ = t.data_ptr<acc_t>(), *s_ = s.data_ptr<acc_t>();
         weight_t *gg_ = grad_gain.data_ptr<weight_t>(), *gb_ = grad_bias.data_ptr<weight_t>();
         weight_t* sd_ = needs_x ? scaled_delta.data_ptr<weight_t>() : nullptr;
+        // sample by sample along i (see step_rows), with per-row sums
+        std::vector<acc_t> u(m), scale(m), delta_dot_q(m, acc_t(0)), delta_sum(m, acc_t(0));
         for (int64_t i = 0; i < m; ++i) {
-          const acc_t u = t_[i] * s_[i], scale = acc_t(g_[i]) * u;
-          acc_t delta_dot_q = 0, delta_sum = 0;
-          for (int64_t r = 0; r < B; ++r) {
-            const acc_t d = acc_t(d_[r * m + i]);
-            delta_dot_q += d * acc_t(q_[r * m + i]);
-            delta_sum += d;
-            if (sd_ != nullptr) sd_[r * m + i] = weight_t(d * scale);
+          u[i] = t_[i] * s_[i];
+          scale[i] = acc_t(g_[i]) * u[i];
+        }
+        for (int64_t r = 0; r < B; ++r) {
+          const weight_t *d_r = d_ + r * m, *q_r = q_ + r * m;
+          for (int64_t i = 0; i < m; ++i) {
+            const acc_t d = acc_t(d_r[i]);
+            delta_dot_q[i] += d * acc_t(q_r[i]);
+            delta_sum[i] += d;
           }
-          gg_[i] = weight_t(delta_dot_q * u);
-          gb_[i] = weight_t(delta_sum);
+          if (sd_ != nullptr) {
+            for (int64_t i = 0; i < m; ++i) sd_[r * m + i] = weight_t(acc_t(d_r[i]) * scale[i]);
+          }
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          gg_[i] = weight_t(delta_dot_q[i] * u[i]);
+          gb_[i] = weight_t(delta_sum[i]);
         }
       });
     });
