@@ -2,8 +2,10 @@
 
 These machines are shared and noisy, so a case never reports an absolute
 time alone: it times the baseline and the method alternately, several rounds
-each with `torch.utils.benchmark`, and reports the ratio of the medians with
-the medians beside it. Cases register themselves with `@case("name")`.
+each with `torch.utils.benchmark`, and reports the median over rounds of the
+method's time over the baseline's in that round (a burst of load from
+elsewhere then moves one round, and a slow drift moves both sides of a round
+alike), with the medians of the times beside it. Cases register themselves with `@case("name")`.
 """
 
 from __future__ import annotations
@@ -44,13 +46,18 @@ class Row:
     baseline: str
     method_s: float  # median seconds per call
     baseline_s: float
+    ratio: float  # median over rounds of method / baseline seconds in the round
 
-    @property
-    def ratio(self) -> float:
-        return self.method_s / self.baseline_s
+    @classmethod
+    def from_rounds(cls, case_name: str, variant: str, method: str, baseline: str,
+                    method_times: list[float], baseline_times: list[float]) -> Row:
+        """A row from the per-call seconds of each round, paired by round."""
+        ratios = [m / b for m, b in zip(method_times, baseline_times, strict=True)]
+        return cls(case_name, variant, method, baseline, statistics.median(method_times),
+                   statistics.median(baseline_times), statistics.median(ratios))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio}
+        return asdict(self)
 
 
 CASES: dict[str, Callable[[float], list[Row]]] = {}
@@ -71,15 +78,14 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
 
 def compare(case_name: str, variant: str, method: str, method_fn: Callable[[], object],
             baseline: str, baseline_fn: Callable[[], object], min_run_time: float,
-            rounds: int = 3) -> Row:
-    """Time `method_fn` against `baseline_fn`, alternating, and keep the medians."""
+            rounds: int = 7) -> Row:
+    """Time `method_fn` against `baseline_fn`, alternating, `rounds` rounds of each."""
     method_fn(), baseline_fn()  # warm-up: allocator, lazy init
     method_times, baseline_times = [], []
     for _ in range(rounds):
         baseline_times.append(median_seconds(baseline_fn, min_run_time / rounds))
         method_times.append(median_seconds(method_fn, min_run_time / rounds))
-    return Row(case_name, variant, method, baseline, statistics.median(method_times),
-               statistics.median(baseline_times))
+    return Row.from_rounds(case_name, variant, method, baseline, method_times, baseline_times)
 
 
 def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -319,9 +325,8 @@ def _time_synced_steps(rank: int, world_size: int, min_run_time: float, out: str
         for _ in range(rounds):
             for synced in (False, True):
                 times[synced].append(_lockstep_seconds(steps[synced], count))
-        rows.append(Row("sync", "cifar_resnet8, 2 processes x 16", f"{norm} synced",
-                        f"{norm} unsynced", statistics.median(times[True]),
-                        statistics.median(times[False])))
+        rows.append(Row.from_rounds("sync", "cifar_resnet8, 2 processes x 16", f"{norm} synced",
+                                    f"{norm} unsynced", times[True], times[False]))
     if rank == 0:
         (Path(out) / "rows.json").write_text(json.dumps([asdict(row) for row in rows]))
 
