@@ -5,7 +5,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from normlab import ENorm, models, registry
+from conftest import skip_unless_ci
+from normlab import ENorm, _native, models, registry
+from normlab.enorm import SCHEDULES
 from normlab.training import TrainConfig, train
 
 
@@ -379,3 +381,124 @@ def test_registered_as_a_rebalancer_and_trains_with_and_without_batchnorm():
         columns = result.model.get_submodule(second).weight.detach().double().norm(dim=0)
         torch.testing.assert_close(columns / rows, torch.full_like(rows, 1.2), rtol=1e-5,
                                    atol=0)
+
+
+# -- the compiled cycle (csrc/enorm.cpp) against the eager path, its specification --
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the compiled cycle's calls (a test of it that silently ran the eager path
+    would compare the eager path with itself)."""
+    if _native.module("enorm", openmp=True) is None:
+        skip_unless_ci("the compiled ENorm kernel could not be built on this machine")
+    calls = []
+    compiled = ENorm.__dict__["_kernel"].__func__
+
+    class Spy:
+        def __init__(self, module):
+            self.module = module
+
+        def balance_chain(self, *args):
+            calls.append(args)
+            return self.module.balance_chain(*args)
+
+    def spied(chain, states):
+        module = compiled(chain, states)
+        return None if module is None else Spy(module)
+    monkeypatch.setattr(ENorm, "_kernel", staticmethod(spied))
+    return calls
+
+
+def _eager_only(monkeypatch):
+    monkeypatch.setattr(ENorm, "_kernel", staticmethod(lambda chain, states: None))
+
+
+_OPTIMIZERS = {
+    "none": None,
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True),
+}
+_CHAINS = {  # (build, input shape, classes)
+    "mlp": (_mlp, (8, 6), 3),
+    "fc": (lambda: models.fc_cifar(2, width=9, in_features=12, bias=True), (8, 12), 10),
+    "conv+flatten": (_FunctionalCNN, (4, 3, 8, 8), 2),
+}
+
+
+def _trained(chain: str, optimizer: str, dtype: torch.dtype):
+    """Unbalanced weights with one optimizer step's state (None: no optimizer)."""
+    build, shape, classes = _CHAINS[chain]
+    model = _randomize(build()).to(dtype).eval()
+    if _OPTIMIZERS[optimizer] is None:
+        return model, None
+    opt = _OPTIMIZERS[optimizer](model.parameters())
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=generator).to(dtype)
+    y = torch.randint(0, classes, (shape[0],), generator=generator)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return model, opt
+
+
+def _state_tensors(model, optimizer) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [value for param in model.parameters() for value in optimizer.state[param].values()
+            if value.shape == param.shape]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 8e-7)])
+@pytest.mark.parametrize("chain, optimizer", [("mlp", "sgd"), ("fc", "none"), ("fc", "adam"),
+                                              ("conv+flatten", "sgd"), ("conv+flatten", "adam")])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("p, balance_bias", [(2, False), (2, True), (3, True)])
+def test_the_compiled_cycle_equals_the_eager_one(kernel_calls, monkeypatch, dtype, rtol, chain,
+                                                  optimizer, schedule, p, balance_bias):
+    kw = dict(c=1.2, p=p, balance_bias=balance_bias, schedule=schedule)
+    compiled, compiled_opt = _trained(chain, optimizer, dtype)
+    before = [param.detach().clone() for param in compiled.parameters()]
+    ENorm(compiled, compiled_opt, **kw).step()
+    assert len(kernel_calls) == 1
+    _eager_only(monkeypatch)
+    eager, eager_opt = _trained(chain, optimizer, dtype)
+    ENorm(eager, eager_opt, **kw).step()
+    for got, want in zip([*compiled.parameters(), *_state_tensors(compiled, compiled_opt)],
+                         [*eager.parameters(), *_state_tensors(eager, eager_opt)]):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    assert len(_state_tensors(compiled, compiled_opt)) == {"none": 0, "sgd": 1, "adam": 3}[
+        optimizer] * len(before)
+    assert not all(torch.equal(b, a) for b, a in zip(before, compiled.parameters()))
+
+
+def test_the_compiled_cycle_leaves_dead_units_unscaled_as_the_eager_one(kernel_calls,
+                                                                        monkeypatch):
+    def with_dead_units():
+        model = _randomize(_mlp()).double()
+        with torch.no_grad():
+            model[0].weight[2], model[0].bias[2] = 0, 0  # unit 2 receives nothing
+            model[2].weight[:, 5] = 0  # unit 5 sends nothing
+        return model
+    compiled, eager = with_dead_units(), with_dead_units()
+    ENorm(compiled, balance_bias=True).step()
+    assert len(kernel_calls) == 1
+    _eager_only(monkeypatch)
+    ENorm(eager, balance_bias=True).step()
+    assert all(torch.isfinite(param).all() for param in compiled.parameters())
+    for got, want in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_the_eager_path_runs_where_the_kernel_does_not_apply(kernel_calls, monkeypatch):
+    ENorm(_randomize(_mlp()).to(torch.bfloat16)).step()  # dtype
+    model = _randomize(_mlp()).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    optimizer.state[model[0].weight]["momentum_buffer"] = \
+        optimizer.state[model[0].weight]["momentum_buffer"].float()  # state of another dtype
+    ENorm(model, optimizer).step()
+    assert kernel_calls == []
+    monkeypatch.setenv("NORMLAB_NATIVE", "0")
+    monkeypatch.setattr(_native, "_loaded", {})
+    ENorm(_randomize(_mlp())).step()
+    assert kernel_calls == []

@@ -25,8 +25,13 @@ def enabled() -> bool:
     return os.environ.get("NORMLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no")
 
 
-def module(name: str):
-    """The compiled extension ``csrc/<name>.cpp``, or None where it cannot be had."""
+def module(name: str, openmp: bool = False):
+    """The compiled extension ``csrc/<name>.cpp``, or None where it cannot be had.
+
+    `openmp`: compile and link with OpenMP, so that the kernel's ``at::parallel_for``
+    runs on torch's intra-op threads (without it, on the calling thread only). The
+    runtime is the one torch loaded: libgomp, found by its name, is loaded once.
+    """
     if name in _loaded:
         return _loaded[name]
     _loaded[name] = None
@@ -36,10 +41,12 @@ def module(name: str):
         _put_pip_ninja_on_path()
         from torch.utils import cpp_extension
         source = _SOURCES / f"{name}.cpp"
-        # named by content: each version of the source gets its own cached build
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        flags = ["-O3"] + ["-fopenmp"] * openmp
+        # named by content and flags: each version of the source gets its own cached build
+        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
         _loaded[name] = cpp_extension.load(f"normlab_{name}_{digest}", [str(source)],
-                                           extra_cflags=["-O3"], verbose=False)
+                                           extra_cflags=flags, extra_ldflags=flags[1:],
+                                           verbose=False)
     except Exception as error:  # no compiler, no headers, no ninja: the eager path serves
         warnings.warn(f"normlab: the compiled kernel {name!r} could not be built, so the "
                       f"slower torch path runs instead ({type(error).__name__}: {error})",

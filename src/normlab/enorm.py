@@ -36,6 +36,9 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from . import _native
+from .functional import _tracing
+
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                         nn.Identity)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -348,6 +351,20 @@ class ENorm:
             torch.abs(weight, out=out).pow_(self.p)
 
     def _balance(self, chain: list[_Layer]) -> None:
+        weight_states = [self._state(layer.weight) for layer in chain]
+        bias_states = [self._state(layer.bias) for layer in chain]
+        kernel = self._kernel(chain, weight_states + bias_states)
+        if kernel is not None:
+            kernel.balance_chain(
+                [layer.weight for layer in chain], [layer.bias for layer in chain],
+                [layer.in_units for layer in chain],
+                [[tensor for tensor, _ in states] for states in weight_states],
+                [[power for _, power in states] for states in weight_states],
+                [[tensor for tensor, _ in states] for states in bias_states],
+                [[power for _, power in states] for states in bias_states],
+                len(chain) - 1 - self._skipped, self.p, self.c, self.balance_bias,
+                self.schedule == "paper")
+            return
         current = self._powered_sums(chain[0], "powered 0")
         in_scale = current.new_ones(1)  # the head's columns are not rescaled
         last = len(chain) - 1 - self._skipped  # the last layer whose columns are rescaled
@@ -376,9 +393,28 @@ class ENorm:
         if d is not None and layer.bias is not None:
             self._scale(layer.bias, d, lambda t: t)
 
+    def _state(self, param: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
+        """The optimizer's tensors for `param` that ENorm rescales, with their powers."""
+        state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
+        return [(state[key], power) for key, power in self._state_powers.items()
+                if isinstance(state.get(key), torch.Tensor)]
+
     def _scale(self, param: torch.Tensor, factor: torch.Tensor, view) -> None:
         view(param).mul_(factor.to(param.dtype))
-        state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
-        for key, power in self._state_powers.items():
-            if isinstance(state.get(key), torch.Tensor):
-                view(state[key]).mul_(factor.pow(power).to(state[key].dtype))
+        for tensor, power in self._state(param):
+            view(tensor).mul_(factor.pow(power).to(tensor.dtype))
+
+    @staticmethod
+    def _kernel(chain: list[_Layer], states: list[list[tuple[torch.Tensor, int]]]):
+        """The compiled cycle (csrc/enorm.cpp) where it applies, else None: CPU, float32 or
+        float64 parameters and optimizer state of one dtype, contiguous, not traced."""
+        dtype = chain[0].weight.dtype
+        if dtype not in (torch.float32, torch.float64) or _tracing():
+            return None
+        tensors = [param for layer in chain for param in (layer.weight, layer.bias)
+                   if param is not None]
+        tensors += [tensor for params in states for tensor, _ in params]
+        if any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
+               for t in tensors):
+            return None
+        return _native.module("enorm", openmp=True)
