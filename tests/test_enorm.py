@@ -392,7 +392,7 @@ def kernel_calls(monkeypatch):
     if _native.module("enorm", openmp=True) is None:
         skip_unless_ci("the compiled ENorm kernel could not be built on this machine")
     calls = []
-    compiled = ENorm.__dict__["_kernel"].__func__
+    compiled = ENorm._kernel
 
     class Spy:
         def __init__(self, module):
@@ -402,15 +402,15 @@ def kernel_calls(monkeypatch):
             calls.append(args)
             return self.module.balance_chain(*args)
 
-    def spied(chain, states):
-        module = compiled(chain, states)
+    def spied(enorm, params, states):
+        module = compiled(enorm, params, states)
         return None if module is None else Spy(module)
-    monkeypatch.setattr(ENorm, "_kernel", staticmethod(spied))
+    monkeypatch.setattr(ENorm, "_kernel", spied)
     return calls
 
 
 def _eager_only(monkeypatch):
-    monkeypatch.setattr(ENorm, "_kernel", staticmethod(lambda chain, states: None))
+    monkeypatch.setattr(ENorm, "_kernel", lambda enorm, params, states: None)
 
 
 _OPTIMIZERS = {
@@ -490,6 +490,7 @@ def test_the_compiled_cycle_leaves_dead_units_unscaled_as_the_eager_one(kernel_c
 
 def test_the_eager_path_runs_where_the_kernel_does_not_apply(kernel_calls, monkeypatch):
     ENorm(_randomize(_mlp()).to(torch.bfloat16)).step()  # dtype
+    ENorm(_randomize(_mlp()).double(), p=2.5).step()  # p
     model = _randomize(_mlp()).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()

@@ -10,18 +10,23 @@ def fresh(monkeypatch):
     monkeypatch.setattr(_native, "_loaded", {})
 
 
-def test_the_fastnorm_kernel_builds_and_is_named_by_its_source(fresh, monkeypatch):
+@pytest.mark.parametrize("name, openmp, functions", [
+    ("fastnorm", False, ["fused_step", "recorded_linear"]),
+    ("enorm", True, ["balance_chain"]),
+])
+def test_a_kernel_builds_and_is_named_by_its_source_and_flags(fresh, monkeypatch, name, openmp,
+                                                              functions):
     built = []
     from torch.utils import cpp_extension
     original = cpp_extension.load
     monkeypatch.setattr(cpp_extension, "load",
                         lambda name, *a, **kw: built.append(name) or original(name, *a, **kw))
-    kernel = _native.module("fastnorm")
+    kernel = _native.module(name, openmp=openmp)
     if kernel is None:
-        skip_unless_ci("the compiled FastNorm kernel could not be built on this machine")
-    assert hasattr(kernel, "fused_step") and hasattr(kernel, "recorded_linear")
-    assert len(built) == 1 and built[0].startswith("normlab_fastnorm_")
-    assert _native.module("fastnorm") is kernel and len(built) == 1  # loaded once
+        skip_unless_ci(f"the compiled kernel {name!r} could not be built on this machine")
+    assert all(hasattr(kernel, function) for function in functions)
+    assert len(built) == 1 and built[0].startswith(f"normlab_{name}_")
+    assert _native.module(name, openmp=openmp) is kernel and len(built) == 1  # loaded once
 
 
 def test_normlab_native_0_turns_the_kernels_off(fresh, monkeypatch):

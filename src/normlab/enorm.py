@@ -48,6 +48,9 @@ _POOL_FUNCTIONS = (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 BATCHNORM_MODES = ("official", "affine")
 SCHEDULES = ("paper", "official")
+# The norms the compiled cycle takes: |w|^p is written out as products (other p take the
+# eager path, whose vectorized pow is ~8x faster than a scalar std::pow per weight).
+KERNEL_POWERS = (1, 2, 3, 4)
 
 # Optimizer state that ENorm rescales, as the power of the weight's factor:
 # gradients scale by the inverse factor, so first moments do too, second
@@ -312,6 +315,8 @@ class ENorm:
             return {}
         powers = next((table for kind, table in _STATE_POWERS.items()
                        if type(self.optimizer) is kind), {})
+        if not self.optimizer.state:  # e.g. SGD without momentum
+            return powers
         for layer in (layer for chain in self._chains for layer in chain):
             for param in (layer.weight, layer.bias):
                 state = self.optimizer.state.get(param, {})
@@ -351,17 +356,16 @@ class ENorm:
             torch.abs(weight, out=out).pow_(self.p)
 
     def _balance(self, chain: list[_Layer]) -> None:
-        weight_states = [self._state(layer.weight) for layer in chain]
-        bias_states = [self._state(layer.bias) for layer in chain]
-        kernel = self._kernel(chain, weight_states + bias_states)
+        params = [param for layer in chain for param in (layer.weight, layer.bias)]
+        states = [self._state(param) for param in params]  # weight, bias of each layer
+        kernel = self._kernel(params, states)
         if kernel is not None:
             kernel.balance_chain(
-                [layer.weight for layer in chain], [layer.bias for layer in chain],
-                [layer.in_units for layer in chain],
-                [[tensor for tensor, _ in states] for states in weight_states],
-                [[power for _, power in states] for states in weight_states],
-                [[tensor for tensor, _ in states] for states in bias_states],
-                [[power for _, power in states] for states in bias_states],
+                params[::2], params[1::2], [layer.in_units for layer in chain],
+                [[tensor for tensor, _ in state] for state in states[::2]],
+                [[power for _, power in state] for state in states[::2]],
+                [[tensor for tensor, _ in state] for state in states[1::2]],
+                [[power for _, power in state] for state in states[1::2]],
                 len(chain) - 1 - self._skipped, self.p, self.c, self.balance_bias,
                 self.schedule == "paper")
             return
@@ -395,7 +399,9 @@ class ENorm:
 
     def _state(self, param: torch.Tensor | None) -> list[tuple[torch.Tensor, int]]:
         """The optimizer's tensors for `param` that ENorm rescales, with their powers."""
-        state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
+        state = self.optimizer.state.get(param) if self.optimizer is not None else None
+        if not state:
+            return []
         return [(state[key], power) for key, power in self._state_powers.items()
                 if isinstance(state.get(key), torch.Tensor)]
 
@@ -404,16 +410,19 @@ class ENorm:
         for tensor, power in self._state(param):
             view(tensor).mul_(factor.pow(power).to(tensor.dtype))
 
-    @staticmethod
-    def _kernel(chain: list[_Layer], states: list[list[tuple[torch.Tensor, int]]]):
-        """The compiled cycle (csrc/enorm.cpp) where it applies, else None: CPU, float32 or
-        float64 parameters and optimizer state of one dtype, contiguous, not traced."""
-        dtype = chain[0].weight.dtype
-        if dtype not in (torch.float32, torch.float64) or _tracing():
+    def _kernel(self, params: list[torch.Tensor | None],
+                states: list[list[tuple[torch.Tensor, int]]]):
+        """The compiled cycle (csrc/enorm.cpp) where it applies, else None: p = 1, 2, 3 or 4,
+        the parameters (None: no bias) and optimizer state on the CPU, all float32 or all
+        float64, contiguous, not traced. It covers all else that the eager path does: chains
+        of Linear, Conv2d and (affine mode) BatchNorm, flatten blocks, both schedules,
+        balance_bias, dead units, the state of SGD, Adam and AdamW."""
+        dtype = params[0].dtype
+        if self.p not in KERNEL_POWERS or dtype not in (torch.float32, torch.float64) \
+                or _tracing():
             return None
-        tensors = [param for layer in chain for param in (layer.weight, layer.bias)
-                   if param is not None]
-        tensors += [tensor for params in states for tensor, _ in params]
+        tensors = [param for param in params if param is not None]
+        tensors += [tensor for state in states for tensor, _ in state]
         if any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
                for t in tensors):
             return None
