@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -503,3 +504,31 @@ def test_the_eager_path_runs_where_the_kernel_does_not_apply(kernel_calls, monke
     monkeypatch.setattr(_native, "_loaded", {})
     ENorm(_randomize(_mlp())).step()
     assert kernel_calls == []
+
+
+def _cpu_ticks_by_thread() -> dict[str, int]:
+    ticks = {}
+    for thread in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{thread}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks[thread] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+def test_the_compiled_cycle_runs_on_torchs_threads(kernel_calls):
+    model = nn.Sequential(*[module for _ in range(4) for module in (nn.Linear(512, 512),
+                                                                    nn.ReLU())])
+    enorm = ENorm(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        enorm.step()
+        before = _cpu_ticks_by_thread()
+        for _ in range(150):
+            enorm.step()
+        after = _cpu_ticks_by_thread()
+    finally:
+        torch.set_num_threads(threads)
+    busy = [thread for thread in after if after[thread] > before.get(thread, 0)]
+    assert len(kernel_calls) == 151 and len(busy) >= 2, busy

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 _SOURCES = Path(__file__).parent / "csrc"
-_loaded: dict[str, object] = {}
+_loaded: dict[tuple[str, bool], object] = {}  # by (name, openmp)
 
 
 def enabled() -> bool:
@@ -32,9 +32,10 @@ def module(name: str, openmp: bool = False):
     runs on torch's intra-op threads (without it, on the calling thread only). The
     runtime is the one torch loaded: libgomp, found by its name, is loaded once.
     """
-    if name in _loaded:
-        return _loaded[name]
-    _loaded[name] = None
+    key = (name, openmp)
+    if key in _loaded:
+        return _loaded[key]
+    _loaded[key] = None
     if not enabled():
         return None
     try:
@@ -44,14 +45,14 @@ def module(name: str, openmp: bool = False):
         flags = ["-O3"] + ["-fopenmp"] * openmp
         # named by content and flags: each version of the source gets its own cached build
         digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-        _loaded[name] = cpp_extension.load(f"normlab_{name}_{digest}", [str(source)],
+        _loaded[key] = cpp_extension.load(f"normlab_{name}_{digest}", [str(source)],
                                            extra_cflags=flags, extra_ldflags=flags[1:],
                                            verbose=False)
     except Exception as error:  # no compiler, no headers, no ninja: the eager path serves
         warnings.warn(f"normlab: the compiled kernel {name!r} could not be built, so the "
                       f"slower torch path runs instead ({type(error).__name__}: {error})",
                       RuntimeWarning, stacklevel=3)
-    return _loaded[name]
+    return _loaded[key]
 
 
 def _put_pip_ninja_on_path() -> None:

@@ -26,6 +26,10 @@ has scaled its columns. ``"official"`` is the authors' code
 and the classifier) is left alone, and every d is computed from the norms as
 they were at the start of the cycle (the code reads W_k's row norms before
 applying the previous pair's column scaling).
+
+On the CPU a cycle runs as one compiled call per chain (csrc/enorm.cpp, built by
+normlab._native, on torch's threads) where `ENorm._kernel` says it applies; the
+eager torch code of `ENorm._balance` is its specification and runs everywhere else.
 """
 
 from __future__ import annotations
