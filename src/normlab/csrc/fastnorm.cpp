@@ -6,6 +6,7 @@
 // quantities without the dozens of tensor operations (each a dispatch, at
 // batch 1 costing more than its arithmetic) that dominate a small-batch step.
 // The matrix products stay BLAS calls.
+#include <ATen/OpMathType.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -87,11 +88,26 @@ bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
 
 }  // namespace
 
-// torch.optim.SGD's update without momentum, as its single-tensor path computes it.
+// torch.optim.SGD's update without momentum, p <- p - lr (g + wd p), of a (m,) parameter,
+// rounded as torch's single-tensor path rounds it (the direction first, in p's dtype).
 void sgd_update(at::Tensor param, const std::optional<at::Tensor>& grad, double lr,
                 double weight_decay) {
   if (!grad.has_value() || !grad->defined()) return;
-  param.add_(weight_decay != 0 ? grad->add(param, weight_decay) : *grad, -lr);
+  TORCH_CHECK(param.is_contiguous() && param.dim() == 1 &&
+                  grad->scalar_type() == param.scalar_type(),
+              "fused_step: expected a contiguous (m,) gain or bias, and its gradient");
+  const auto grad_values = grad->contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "sgd", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* p = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad_values.data_ptr<scalar_t>();
+    const opmath_t step = opmath_t(-lr), decay = opmath_t(weight_decay);
+    for (int64_t i = 0; i < param.numel(); ++i) {
+      const scalar_t direction =
+          weight_decay != 0 ? scalar_t(opmath_t(g[i]) + decay * opmath_t(p[i])) : g[i];
+      p[i] = scalar_t(opmath_t(p[i]) + step * opmath_t(direction));
+    }
+  });
 }
 
 // The whole fused update: s (and, if `track`, t) in place, then
@@ -108,12 +124,14 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
   const auto q = outputs.contiguous(), delta = output_grads.contiguous();
   const auto g = gain.contiguous();
   const int64_t B = q.size(0), m = q.size(1);
+  const auto h = inputs.contiguous();
+  TORCH_CHECK(h.scalar_type() == q.scalar_type(), "fused_step: inputs and outputs of one dtype");
   auto coef = at::empty_like(q);
   at::Tensor gram, grad;
   double grad_eps = 0;
   if (track) {
-    const auto h = inputs.to(inv_norm.scalar_type());
-    gram = at::mm(h, h.t()).contiguous();  // K = H H^T
+    const auto h_acc = h.to(inv_norm.scalar_type());
+    gram = at::mm(h_acc, h_acc.t());  // K = H H^T
   }
   if (gain_grad.has_value() && gain_grad->defined()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gain_grad->scalar_type(), "eps", [&] {
@@ -135,7 +153,7 @@ bool fused_step(const at::Tensor& inputs, const at::Tensor& outputs,
     });
   });
   if (!explained) return false;
-  weight.addmm_(coef.t(), inputs.to(weight.scalar_type()), 1, -lr);
+  weight.addmm_(coef.t(), h, 1, -lr);
   sgd_update(gain, gain_grad, lr, weight_decay);
   if (bias.has_value() && bias->defined()) sgd_update(*bias, bias_grad, lr, weight_decay);
   return true;
@@ -174,6 +192,7 @@ struct RecordedLinear : public torch::autograd::Function<RecordedLinear> {
       });
     });
     ctx->save_for_backward({weight, gain, inv_norm, row_scale});
+    ctx->set_materialize_grads(false);  // q's gradient stays undefined: no zeros made
     ctx->saved_data["q"] = q;
     ctx->mark_non_differentiable({q});
     return {z, q};

@@ -174,6 +174,7 @@ class _RecordedLinear(torch.autograd.Function):
         scale = gain * _as(inv_norm * row_scale, weight.dtype)
         z = q * scale if bias is None else torch.addcmul(bias, q, scale)
         ctx.mark_non_differentiable(q)
+        ctx.set_materialize_grads(False)  # q's gradient stays None: no zeros made
         ctx.save_for_backward(weight, gain, inv_norm, row_scale, q)
         return z, q
 
