@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from normlab import bench
 
@@ -23,6 +24,16 @@ def test_compare_alternates_and_keeps_medians():
     row = bench.compare("c", "v", "m", lambda: calls.append("m"), "b",
                         lambda: calls.append("b"), min_run_time=0.01, rounds=2)
     assert {"m", "b"} <= set(calls) and row.ratio > 0
+
+
+def test_timings_run_on_torchs_threads_as_set():
+    threads, seen = torch.get_num_threads(), set()
+    torch.set_num_threads(2)
+    try:
+        bench.median_seconds(lambda: seen.add(torch.get_num_threads()), min_run_time=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {2}
 
 
 def test_the_ratio_pairs_the_times_by_round(monkeypatch):

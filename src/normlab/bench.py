@@ -72,7 +72,8 @@ def case(name: str):
 
 
 def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # on torch's threads as set (OMP_NUM_THREADS, set_num_threads): the Timer's default is 1
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
