@@ -59,7 +59,9 @@ bool step_rows(const weight_t* q, const weight_t* delta, const weight_t* gain,
   }
   const acc_t decay = acc_t(1) - acc_t(lr * wd);
   std::vector<acc_t> new_scale(m);
-  for (int64_t i = 0; i < m; ++i) new_scale[i] = (decay + acc_t(lr) * t[i] * t[i] * a_dot_p[i]) * s[i];
+  for (int64_t i = 0; i < m; ++i) {
+    new_scale[i] = (decay + acc_t(lr) * t[i] * t[i] * a_dot_p[i]) * s[i];  // c_i s_i
+  }
   for (int64_t b = 0; b < B; ++b) {
     const acc_t* a_b = a.data() + b * m;
     weight_t* coef_b = coef + b * m;
