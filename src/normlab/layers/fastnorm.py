@@ -67,10 +67,11 @@ from .. import _native, checks
 from ..functional import _tracing
 from .weight_norm import _INPUT_STATS
 
-# Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer):
-# over three runs the tracked update cost 0.79-0.90x an explicit norm pass at
-# batch 16 and 1.25-1.76x at 32 (the third, 2026-12-02: 0.89x and 1.37x), so
-# the explicit norm takes over above 16.
+# Measured with `normlab bench --case fastnorm_crossover` (784 -> 1024 layer, the
+# eager formula, one thread): over three runs the tracked update cost 0.79-0.90x an
+# explicit norm pass at batch 16 and 1.25-1.76x at 32, so the explicit norm takes
+# over above 16. With the compiled step (2 threads, whole MLP step, 2026-12-02) the
+# two tie at batch 32 (1.03x and 1.06x plain) and tracking costs more at 64.
 DEFAULT_MAX_TRACKED_BATCH = 16
 # The compiled kernels (csrc/fastnorm.cpp) remove per-operation dispatch, which
 # dominates at small batches; their loops are single-threaded where torch's
