@@ -137,7 +137,8 @@ def cmd_reproduce(args) -> int:
         executor = experiments.LocalPool(args.workers)
     try:
         path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
-                                     data_dir=args.data_dir, executor=executor)
+                                     data_dir=args.data_dir, executor=executor,
+                                     resume_from=args.resume_from)
     except experiments.Interrupted as err:
         print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: runs/RECIPE[-quick]); rerunning resumes it")
     reproduce.add_argument("--data-dir", default=None,
                            help="dataset root (default: $NORMLAB_DATA, else ~/.cache/normlab)")
+    reproduce.add_argument("--resume-from", metavar="EXPORTED", default=None,
+                           help="an exported results folder (`normlab report --export`, e.g. "
+                                "results/RECIPE/...) of the same settings: its finished runs "
+                                "are copied into --out and not run again")
     reproduce.set_defaults(run=cmd_reproduce)
 
     report = sub.add_parser("report", help="re-render report.md from a results folder")

@@ -1,4 +1,6 @@
+import csv
 import dataclasses
+import io
 import sqlite3
 
 import pytest
@@ -30,6 +32,45 @@ def test_results_of_other_settings_are_not_mixed(tmp_path, tiny):
     experiments.reproduce("tiny", tmp_path, quick=True, seeds=1, workers=1)
     with pytest.raises(ValueError, match="use another --out"):
         experiments.reproduce("tiny", tmp_path, quick=True, seeds=2, workers=1)
+
+
+def test_a_sweep_resumes_from_an_exported_folder_without_rerunning_its_runs(tmp_path, tiny):
+    experiments.reproduce("tiny", tmp_path / "first", quick=True, seeds=2, workers=1)
+    exported = tmp_path / "exported"
+    experiments.export(tmp_path / "first", exported, commit="abc", machine="here")
+    # a sweep cut short: the export holds seed 0's runs only
+    header, *rows = csv.reader(io.StringIO((exported / "runs.csv").read_text()))
+    seed = header.index("seed")  # by position: a metric may share a config column's name
+    out = io.StringIO()
+    csv.writer(out).writerows([header] + [row for row in rows if row[seed] == "0"])
+    (exported / "runs.csv").write_text(out.getvalue())
+    said = []
+    experiments.reproduce("tiny", tmp_path / "second", quick=True, seeds=2, workers=1,
+                          resume_from=exported, say=said.append)
+    with experiments.Store.in_folder(tmp_path / "first") as store:
+        first = {r.key: r for r in store.runs() if r.config["seed"] == 0}
+    with experiments.Store.in_folder(tmp_path / "second") as store:
+        second = {r.key: r for r in store.runs()}
+    assert said == [f"resumed from {exported}: 3 finished runs copied, 0 left "
+                    f"(already here, failed, or not in this recipe)"]
+    assert len(first) == 3 and len(second) == 6 and set(first) < set(second)
+    for key, run in first.items():  # copied, not rerun: a rerun would time differently
+        copied = second[key]
+        assert copied.wall_time == round(run.wall_time, 3) and copied.history == run.history
+    assert {second[k].config["seed"] for k in set(second) - set(first)} == {1}
+
+
+def test_resuming_from_an_export_of_other_settings_fails_before_any_run(tmp_path, tiny):
+    experiments.reproduce("tiny", tmp_path / "first", quick=True, seeds=1, workers=1)
+    experiments.export(tmp_path / "first", tmp_path / "exported", commit="abc", machine="here")
+    with pytest.raises(ValueError, match="exported holds results of .*'quick': True"):
+        experiments.reproduce("tiny", tmp_path / "second", quick=False, seeds=1, workers=1,
+                              resume_from=tmp_path / "exported")
+    with experiments.Store.in_folder(tmp_path / "second") as store:
+        assert store.runs() == []
+    with pytest.raises(ValueError, match="not an exported results folder: expected runs.csv"):
+        experiments.reproduce("tiny", tmp_path / "third", quick=True, seeds=1, workers=1,
+                              resume_from=tmp_path / "first")
 
 
 def test_a_method_not_registered_fails_before_any_run(tmp_path, monkeypatch):

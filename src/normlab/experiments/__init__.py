@@ -13,9 +13,9 @@ from pathlib import Path
 from .. import data
 from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
 from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
-from .report import export, render, runs_csv
+from .report import export, exported_runs, render, runs_csv
 from .runner import Executor, Interrupted, LocalPool, Probe, RayCluster, run_sweep
-from .store import FolderInUse, FolderLock, OutputError, Store
+from .store import FINISHED, FolderInUse, FolderLock, OutputError, Store
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     fastnorm.RECIPE, lecture.RECIPE, enorm.RECIPE, equinorm.RECIPE, onlinenorm.RECIPE)}
@@ -30,10 +30,13 @@ def get_recipe(name: str) -> Recipe:
 
 def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None = None,
               workers: int | None = None, data_dir=None, say=print,
-              executor: Executor | None = None) -> Path:
+              executor: Executor | None = None, resume_from: str | Path | None = None) -> Path:
     """Run recipe `name` into folder `out` (resuming what is there); returns the report path.
 
     The jobs run on `executor` (default: a local pool of `workers` processes).
+    `resume_from` names an exported folder (``normlab report --export``) of the
+    same recipe and settings: its finished runs are copied into `out` first and
+    not run again, so a sweep continues on another machine from what was committed.
     When the recipe needs MNIST and it can be neither read nor downloaded,
     the runs use scikit-learn's digits instead and the report says so. Raises
     `FolderInUse` at once when another sweep is running in `out`, and
@@ -61,9 +64,27 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
             raise ValueError(f"{out} holds results of {stored}; use another --out for "
                              f"{settings.to_dict()}")
         store.set_meta(settings=settings.to_dict())
+        if resume_from is not None:
+            _copy_finished_runs(resume_from, settings, jobs, store, say)
         run_sweep(jobs, store, workers=workers, data_dir=data_dir, log_path=out / "log.txt",
                   label=label, executor=executor)
         return render(out)
+
+
+def _copy_finished_runs(source: str | Path, settings: Settings, jobs: list, store: Store,
+                        say) -> None:
+    """Record into `store` the finished runs of exported folder `source` that are among
+    `jobs` and not yet finished in `store`."""
+    meta, runs = exported_runs(source)
+    if meta.get("settings") != settings.to_dict():
+        raise ValueError(f"{source} holds results of {meta.get('settings')}; this sweep has "
+                         f"{settings.to_dict()}")
+    wanted = {job.key() for job in jobs} - store.finished_keys()
+    copied = [run for run in runs if run.key in wanted and run.status in FINISHED]
+    for run in copied:
+        store.record(run)
+    say(f"resumed from {source}: {len(copied)} finished runs copied, "
+        f"{len(runs) - len(copied)} left (already here, failed, or not in this recipe)")
 
 
 __all__ = ["RECIPES", "Claim", "Executor", "Figure", "FolderInUse", "FolderLock", "Interrupted",

@@ -148,6 +148,16 @@ def export(source: str | Path, dest: str | Path, commit: str, machine: str,
 CSV_NAME, META_NAME, LOG_NAME = "runs.csv", "meta.json", "log.txt"
 
 
+def exported_runs(folder: str | Path) -> tuple[dict, list[Run]]:
+    """(meta, runs) of an exported folder (``runs.csv`` and ``meta.json``)."""
+    folder = Path(folder)
+    if not (folder / CSV_NAME).exists() or not (folder / META_NAME).exists():
+        raise ValueError(f"{folder} is not an exported results folder: expected "
+                         f"{CSV_NAME} and {META_NAME} there (`normlab report --export`)")
+    return (json.loads((folder / META_NAME).read_text()),
+            runs_from_csv((folder / CSV_NAME).read_text()))
+
+
 def _load(folder: Path) -> tuple[dict, list[Run]]:
     """(meta, runs) of a results folder: its database, else its exported CSV."""
     from .store import DB_NAME
@@ -156,8 +166,7 @@ def _load(folder: Path) -> tuple[dict, list[Run]]:
         with Store.in_folder(folder) as store:
             return store.meta(), store.runs()
     if (folder / CSV_NAME).exists() and (folder / META_NAME).exists():
-        return (json.loads((folder / META_NAME).read_text()),
-                runs_from_csv((folder / CSV_NAME).read_text()))
+        return exported_runs(folder)
     raise ValueError(f"no results database at {folder / DB_NAME} (nor an exported "
                      f"{CSV_NAME} and {META_NAME}); run `normlab reproduce RECIPE --out "
                      f"{folder}` first")
