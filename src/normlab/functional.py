@@ -316,6 +316,26 @@ def _affine_clamp(y: torch.Tensor, weight, bias, clamp_val: float | None) -> tor
     return out
 
 
+def _online_kernel(x: torch.Tensor):
+    """The compiled passes of csrc/online.cpp where they run (CPU, float32/float64, not
+    tracing), else None: the eager torch path, their specification, runs instead."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _tracing():
+        return _native.module("online", openmp=True)
+    return None
+
+
+def _affine_or_identity(weight, bias, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, beta) per channel: weight and bias, or ones and zeros without them."""
+    if weight is not None:
+        return weight, bias
+    return like.new_ones(like.shape[1]), like.new_zeros(like.shape[1])
+
+
+def _bound(clamp_val: float | None) -> float:
+    """The kernels' clamp bound: infinity stands for no clamp."""
+    return math.inf if clamp_val is None else clamp_val
+
+
 def _sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance over positions of each (sample, channel) row of (N, C, S), float64.
 
@@ -359,18 +379,23 @@ class OnlineNormFunction(torch.autograd.Function):
         running_mean.copy_(means_after[-1])
         running_var.copy_(variances_after[-1])
 
-        if ranks is None:
-            y = scale_shift(x, inv_std, -mu_before * inv_std)
+        scale, shift = inv_std, -mu_before * inv_std
+        if ranks is not None:
+            scale, shift = ranks.mine(scale), ranks.mine(shift)
+        kernel = _online_kernel(x)
+        if kernel is not None and (weight is not None or clamp_val is not None):
+            y, out = kernel.forward(x, scale.to(x.dtype), shift.to(x.dtype),
+                                    *_affine_or_identity(weight, bias, x), _bound(clamp_val))
         else:
-            my_inv_std = ranks.mine(inv_std)
-            y = scale_shift(x, my_inv_std, -ranks.mine(mu_before) * my_inv_std)
+            y = scale_shift(x, scale, shift)
+            out = _affine_clamp(y, weight, bias, clamp_val)
         # mean(y) and mean(y^2) of each sample follow from its moments: no pass over y.
         y_mean = deviation * inv_std
         y_square_mean = (var + deviation ** 2) * inv_std ** 2
         ctx.save_for_backward(y, weight, bias, inv_std, y_mean, y_square_mean)
         ctx.control = (mean_control, correlation_control)
         ctx.alpha_bkw, ctx.clamp_val, ctx.ranks = alpha_bkw, clamp_val, ranks
-        return _affine_clamp(y, weight, bias, clamp_val)
+        return out
 
     @staticmethod
     @once_differentiable  # the control process is not a true gradient to differentiate again
@@ -378,14 +403,20 @@ class OnlineNormFunction(torch.autograd.Function):
         y, weight, bias, inv_std, y_mean, y_square_mean = ctx.saved_tensors
         mean_control, correlation_control = ctx.control
         leak = 1 - ctx.alpha_bkw
-        grad_z = grad_out
-        if ctx.clamp_val is not None:
-            z = _affine_clamp(y, weight, bias, None)
-            # z's buffer takes grad_z, then grad_x: a fresh activation-sized buffer costs
-            # its page faults, about a pass. Without weight z is y, which is still needed.
-            grad_z = clamp_backward(grad_out, z, ctx.clamp_val, out=None if z is y else z)
-        # One fused reduction pass; the gradient w.r.t. y is weight * grad_z, never materialized.
-        grad_z_dot_y, grad_z_sum = (t.double() for t in row_sums(grad_z, y))
+        # grad_z: grad_out through the clamp's mask; the gradient w.r.t. y is weight * grad_z,
+        # never materialized. The kernel recomputes the mask in each of its two passes.
+        kernel = _online_kernel(y)
+        if kernel is not None:
+            affine, bound = _affine_or_identity(weight, bias, y), _bound(ctx.clamp_val)
+            grad_z_dot_y, grad_z_sum = kernel.backward_sums(grad_out, y, *affine, bound)
+        else:
+            grad_z = grad_out
+            if ctx.clamp_val is not None:
+                z = _affine_clamp(y, weight, bias, None)
+                # z's buffer takes grad_z, then grad_x: a fresh activation-sized buffer costs
+                # its page faults, about a pass. Without weight z is y, which is still needed.
+                grad_z = clamp_backward(grad_out, z, ctx.clamp_val, out=None if z is y else z)
+            grad_z_dot_y, grad_z_sum = (t.double() for t in row_sums(grad_z, y))
         gamma = 1.0 if weight is None else weight.double()
         positions = y.shape[-1]
         grad_y_dot_y_mean = gamma * grad_z_dot_y / positions
@@ -416,9 +447,16 @@ class OnlineNormFunction(torch.autograd.Function):
             v_before, u_before, inv_std = map(ranks.mine, (v_before, u_before, inv_std))
 
         # x'_t = (g_t - leak v_{t-1} y_t) inv_std_t - leak u_{t-1}
-        grad_x = scale_shift(grad_z, gamma * inv_std, -leak * u_before,
-                             out=None if grad_z is grad_out else grad_z)
-        grad_x.addcmul_(y, (-leak * v_before * inv_std)[..., None].to(y.dtype))
+        grad_scale, grad_shift = gamma * inv_std, -leak * u_before
+        y_scale = -leak * v_before * inv_std
+        if kernel is not None:
+            grad_x = kernel.backward_input(grad_out, y, *affine, bound,
+                                           *(t.to(y.dtype) for t in (grad_scale, grad_shift,
+                                                                     y_scale)))
+        else:
+            grad_x = scale_shift(grad_z, grad_scale, grad_shift,
+                                 out=None if grad_z is grad_out else grad_z)
+            grad_x.addcmul_(y, y_scale[..., None].to(y.dtype))
         grad_weight = grad_bias = None
         if weight is not None:
             grad_weight = column_sums(grad_z_dot_y).to(weight.dtype)

@@ -1,10 +1,12 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 import normlab
 from conftest import skip_unless_ci
-from normlab import _native
+from normlab import _native, functional
 from normlab.functional import _linear_scan_eager, linear_scan
 from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
 
@@ -81,6 +83,17 @@ def random_layer(cls, c, dtype=torch.float64, **kw):
     return layer
 
 
+@pytest.fixture(params=["compiled", "eager"])
+def passes(request, monkeypatch):
+    """Each test using this runs twice: on the compiled passes over the activations
+    (csrc/online.cpp, where CPU float32/float64 runs) and on the eager torch path."""
+    if request.param == "eager":
+        monkeypatch.setattr(functional, "_online_kernel", lambda x: None)
+    elif _native.module("online", openmp=True) is None:
+        skip_unless_ci("the compiled online kernel could not be built on this machine")
+    return request.param
+
+
 @pytest.mark.parametrize("cls,shape,kw", [
     (OnlineNorm2d, (7, 3, 4, 5), {}),
     (OnlineNorm2d, (7, 3, 4, 5), {"ecm": "ac", "clamp_val": 1.5}),
@@ -89,7 +102,7 @@ def random_layer(cls, c, dtype=torch.float64, **kw):
     (OnlineNorm1d, (5, 4, 6), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.9}),
     (OnlineNorm1d, (6, 4, 5), {"ecm": "ls", "alpha_fwd": 0.9}),
 ])
-def test_matches_per_sample_reference_over_consecutive_batches(cls, shape, kw):
+def test_matches_per_sample_reference_over_consecutive_batches(cls, shape, kw, passes):
     torch.manual_seed(0)
     layer = random_layer(cls, shape[1], **kw)
     batches = [torch.randn(shape, dtype=torch.float64) * 2 + 1 for _ in range(3)]
@@ -112,7 +125,7 @@ def test_clamp_is_active_in_the_reference_case():
     assert (out.abs() == 1.5).float().mean() > 0.05
 
 
-def test_one_batch_of_n_equals_n_batches_of_one():
+def test_one_batch_of_n_equals_n_batches_of_one(passes):
     torch.manual_seed(1)
     x, grad = torch.randn(6, 3, 4, 4, dtype=torch.float64) + 2, torch.randn(6, 3, 4, 4,
                                                                             dtype=torch.float64)
@@ -128,6 +141,45 @@ def test_one_batch_of_n_equals_n_batches_of_one():
         assert_close(got, want, 1e-12)
     assert_close(single.weight.grad, whole.weight.grad, 1e-12)
     assert_close(single.bias.grad, whole.bias.grad, 1e-12)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ecm": "ls"}, {"ecm": None, "affine": False},
+                                {"clamp_val": 0.7, "affine": False}])
+def test_the_compiled_passes_compute_what_the_eager_path_computes(kw, monkeypatch):
+    """float32, rows longer than the kernel's summing block (256), a gradient that is not
+    contiguous, two threads: outputs, gradients and state agree to float32 rounding."""
+    if _native.module("online", openmp=True) is None:
+        skip_unless_ci("the compiled online kernel could not be built on this machine")
+    torch.manual_seed(4)
+    shape = (6, 5, 30, 11)
+    batches = [torch.randn(shape) * 3 + 1 for _ in range(2)]
+    grads = [torch.randn(shape[1:]).expand(shape) for _ in range(2)]
+    results = []
+    for kernel in (functional._online_kernel, lambda x: None):
+        monkeypatch.setattr(functional, "_online_kernel", kernel)
+        torch.manual_seed(5)
+        layer = random_layer(OnlineNorm2d, 5, dtype=torch.float32, alpha_fwd=0.9, **kw)
+        with torch.no_grad():
+            if layer.affine:
+                layer.weight.mul_(3)  # large enough that the default clamp at 5 acts
+        with _threads(2):
+            outs, grads_x, state = run_layer(layer, batches, grads)
+        params = [p.grad for p in layer.parameters()]
+        results.append(outs + grads_x + list(state) + params)
+    if kw.get("ecm", "ac") == "ac":
+        assert (results[1][0].abs() == layer.clamp_val).any()
+    for got, want in zip(*results):
+        assert_close(got, want, 1e-5)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_float32_batch_of_1024_is_stable_against_float64_reference():
