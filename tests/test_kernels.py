@@ -4,8 +4,11 @@ These helpers borrow torch's batch-norm and clamp kernels, some through
 undocumented aten ops; a torch release that changes one fails here.
 """
 
+import pytest
 import torch
 
+from conftest import skip_unless_ci
+from normlab import _native
 from normlab.kernels import (
     batch_norm_backward,
     batch_statistics,
@@ -57,7 +60,19 @@ def test_clamp_backward_passes_the_gradient_strictly_inside_the_limits():
     torch.testing.assert_close(x, expected)
 
 
-def test_batch_statistics_are_the_mean_and_biased_variance_and_update_the_running_ones():
+@pytest.fixture(params=["compiled", "torch"])
+def statistics_path(request, monkeypatch):
+    """Batch statistics on the compiled channel moments (csrc/activations.cpp, CPU float32
+    and float64) and on torch's batch_norm_update_stats."""
+    if request.param == "torch":
+        monkeypatch.setattr(_native, "for_tensor", lambda *args, **kwargs: None)
+    elif _native.module("activations", openmp=True) is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
+    return request.param
+
+
+def test_batch_statistics_are_the_mean_and_biased_variance_and_update_the_running_ones(
+        statistics_path):
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     running_mean = torch.randn(3, dtype=torch.float64)
@@ -72,6 +87,19 @@ def test_batch_statistics_are_the_mean_and_biased_variance_and_update_the_runnin
     torch.testing.assert_close(var, x.detach().var((0, 2, 3), unbiased=False))
     assert not mean.requires_grad and not var.requires_grad
     torch.testing.assert_close((running_mean, running_var), expected_running)
+
+
+def test_float32_batch_statistics_stay_accurate_with_a_large_channel_offset(statistics_path):
+    torch.manual_seed(1)
+    # rows longer than the compiled path's summing block (256), channels far from 0
+    x = torch.randn(5, 3, 20, 30) * torch.tensor([0.01, 1.0, 100.0]).view(1, 3, 1, 1) \
+        + torch.tensor([1e3, -1e4, 5.0]).view(1, 3, 1, 1)
+    exact = x.double()
+    mean, var = batch_statistics(x, torch.zeros(3), torch.ones(3), 0.1)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), exact.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), exact.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=0)
 
 
 def test_batch_norm_backward_is_the_gradient_of_the_affine_batch_norm():

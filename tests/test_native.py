@@ -13,7 +13,8 @@ def fresh(monkeypatch):
 @pytest.mark.parametrize("name, openmp, functions", [
     ("fastnorm", False, ["fused_step", "recorded_linear"]),
     ("enorm", True, ["balance_chain"]),
-    ("online", True, ["forward", "backward_sums", "backward_input"]),
+    ("activations", True, ["online_forward", "online_backward_sums", "online_backward_input",
+                           "channel_moments"]),
 ])
 def test_a_kernel_builds_and_is_named_by_its_source_and_flags(fresh, monkeypatch, name, openmp,
                                                               functions):

@@ -16,6 +16,8 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
+
 _SOURCES = Path(__file__).parent / "csrc"
 _loaded: dict[tuple[str, bool], object] = {}  # by (name, openmp)
 
@@ -23,6 +25,20 @@ _loaded: dict[tuple[str, bool], object] = {}  # by (name, openmp)
 def enabled() -> bool:
     """False when the environment variable NORMLAB_NATIVE is 0."""
     return os.environ.get("NORMLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing (is_exporting: torch >= 2.5)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or is_exporting()
+
+
+def for_tensor(name: str, x: torch.Tensor, openmp: bool = False):
+    """`module(name, openmp)` where its kernels serve `x` (a CPU float32 or float64 tensor,
+    out of tracing), else None: the caller's eager torch path runs instead."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not tracing():
+        return module(name, openmp)
+    return None
 
 
 def module(name: str, openmp: bool = False):

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from . import _native
+from ._native import tracing as _tracing
 from .distributed import RankSlice, global_batch_norm
 from .kernels import (
     batch_norm_backward,
@@ -317,11 +318,9 @@ def _affine_clamp(y: torch.Tensor, weight, bias, clamp_val: float | None) -> tor
 
 
 def _online_kernel(x: torch.Tensor):
-    """The compiled passes of csrc/online.cpp where they run (CPU, float32/float64, not
-    tracing), else None: the eager torch path, their specification, runs instead."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _tracing():
-        return _native.module("online", openmp=True)
-    return None
+    """The compiled passes of csrc/activations.cpp where they serve x, else None: the eager
+    torch path, their specification, runs instead."""
+    return _native.for_tensor("activations", x, openmp=True)
 
 
 def _affine_or_identity(weight, bias, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,7 +383,7 @@ class OnlineNormFunction(torch.autograd.Function):
             scale, shift = ranks.mine(scale), ranks.mine(shift)
         kernel = _online_kernel(x)
         if kernel is not None and (weight is not None or clamp_val is not None):
-            y, out = kernel.forward(x, scale.to(x.dtype), shift.to(x.dtype),
+            y, out = kernel.online_forward(x, scale.to(x.dtype), shift.to(x.dtype),
                                     *_affine_or_identity(weight, bias, x), _bound(clamp_val))
         else:
             y = scale_shift(x, scale, shift)
@@ -408,7 +407,7 @@ class OnlineNormFunction(torch.autograd.Function):
         kernel = _online_kernel(y)
         if kernel is not None:
             affine, bound = _affine_or_identity(weight, bias, y), _bound(ctx.clamp_val)
-            grad_z_dot_y, grad_z_sum = kernel.backward_sums(grad_out, y, *affine, bound)
+            grad_z_dot_y, grad_z_sum = kernel.online_backward_sums(grad_out, y, *affine, bound)
         else:
             grad_z = grad_out
             if ctx.clamp_val is not None:
@@ -450,7 +449,7 @@ class OnlineNormFunction(torch.autograd.Function):
         grad_scale, grad_shift = gamma * inv_std, -leak * u_before
         y_scale = -leak * v_before * inv_std
         if kernel is not None:
-            grad_x = kernel.backward_input(grad_out, y, *affine, bound,
+            grad_x = kernel.online_backward_input(grad_out, y, *affine, bound,
                                            *(t.to(y.dtype) for t in (grad_scale, grad_shift,
                                                                      y_scale)))
         else:
@@ -609,12 +608,6 @@ def _guarded(denominator: torch.Tensor, floor: torch.Tensor, what: str) -> torch
     # A zero floor means zero inputs or zero weights: the numerator is zero too.
     fallback = torch.where(fallback == 0, torch.ones_like(fallback), fallback)
     return torch.where(degenerate, fallback, denominator)
-
-
-def _tracing() -> bool:
-    """Whether torch.compile or torch.export is tracing (is_exporting: torch >= 2.5)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or is_exporting()
 
 
 def _warn_degenerate(degenerate: torch.Tensor, what: str) -> None:

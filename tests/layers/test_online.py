@@ -86,11 +86,11 @@ def random_layer(cls, c, dtype=torch.float64, **kw):
 @pytest.fixture(params=["compiled", "eager"])
 def passes(request, monkeypatch):
     """Each test using this runs twice: on the compiled passes over the activations
-    (csrc/online.cpp, where CPU float32/float64 runs) and on the eager torch path."""
+    (csrc/activations.cpp, where CPU float32/float64 runs) and on the eager torch path."""
     if request.param == "eager":
         monkeypatch.setattr(functional, "_online_kernel", lambda x: None)
-    elif _native.module("online", openmp=True) is None:
-        skip_unless_ci("the compiled online kernel could not be built on this machine")
+    elif _native.module("activations", openmp=True) is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
     return request.param
 
 
@@ -148,8 +148,8 @@ def test_one_batch_of_n_equals_n_batches_of_one(passes):
 def test_the_compiled_passes_compute_what_the_eager_path_computes(kw, monkeypatch):
     """float32, rows longer than the kernel's summing block (256), a gradient that is not
     contiguous, two threads: outputs, gradients and state agree to float32 rounding."""
-    if _native.module("online", openmp=True) is None:
-        skip_unless_ci("the compiled online kernel could not be built on this machine")
+    if _native.module("activations", openmp=True) is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
     torch.manual_seed(4)
     shape = (6, 5, 30, 11)
     batches = [torch.randn(shape) * 3 + 1 for _ in range(2)]
