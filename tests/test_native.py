@@ -13,6 +13,7 @@ def fresh(monkeypatch):
 @pytest.mark.parametrize("name, openmp, functions", [
     ("fastnorm", False, ["fused_step", "recorded_linear"]),
     ("enorm", True, ["balance_chain"]),
+    ("equinorm", False, ["forward", "backward"]),
     ("activations", True, ["online_forward", "online_backward_sums", "online_backward_input",
                            "channel_moments"]),
 ])

@@ -7,9 +7,32 @@ from torch import nn
 from torch.nn import functional as F
 
 import normlab
-from normlab import models
-from normlab.functional import equilibrium_shift_scale
+from conftest import skip_unless_ci
+from normlab import _native, functional, models
+from normlab.functional import equi_norm, equilibrium_shift_scale
 from normlab.layers.equinorm import EquiNormConv2d, EquiNormLinear, balance_signs_
+
+
+@pytest.fixture(autouse=True, params=["compiled", "eager"])
+def kernel_transform(request, monkeypatch):
+    """Every test runs twice: with the kernel transform compiled (csrc/equinorm.cpp, CPU
+    float32/float64) and on the eager torch path, its specification."""
+    if request.param == "eager":
+        monkeypatch.setattr(functional, "_native", _EagerOnly())
+    elif _native.module("equinorm") is None:
+        skip_unless_ci("the compiled equinorm kernel could not be built on this machine")
+    return request.param
+
+
+class _EagerOnly:
+    """normlab._native with no kernel for any tensor."""
+
+    def __getattr__(self, name):
+        return getattr(_native, name)
+
+    @staticmethod
+    def for_tensor(*args, **kwargs):
+        return None
 
 
 def reference_weight(x, w, stride, out_hw, single_pass, groups=1):
@@ -246,6 +269,34 @@ def test_gradient_is_exact_where_a_denominator_falls_back():
     with pytest.warns(RuntimeWarning, match=r"output channel\(s\) \[0\]"):  # single-pass
         assert torch.autograd.gradcheck(lambda w: equilibrium_shift_scale(w, mean, 1.0),
                                         (weight,))
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_the_kernel_gradient_is_autograds_where_each_denominator_falls_back(single_pass,
+                                                                           monkeypatch):
+    """Row 0 shares one sign (its contribution falls back to its floor), the input means
+    of group 1 cancel (its input sum falls back): the compiled transform's output and
+    gradients against autograd through the eager path (gradcheck cannot cross the floors'
+    band of ~1e-8 with its finite differences; the test above checks the eager path)."""
+    if _native.module("equinorm") is None:
+        skip_unless_ci("the compiled equinorm kernel could not be built on this machine")
+    weight = torch.tensor([[-0.07, -0.46, -0.2], [0.4, -0.3, 0.1], [0.2, -0.5, 0.3],
+                           [-0.1, 0.6, -0.2]], dtype=torch.float64, requires_grad=True)
+    mean = torch.tensor([0.5, 1.5, 0.7, 0.9, -0.4, -0.5], dtype=torch.float64,
+                        requires_grad=True)
+    gain = torch.tensor([1.2, 0.8, 1.1, 0.9], dtype=torch.float64, requires_grad=True)
+    projection = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for kernels in (_native, _EagerOnly()):
+        monkeypatch.setattr(functional, "_native", kernels)
+        with pytest.warns(RuntimeWarning) as caught:
+            out = equi_norm(weight, mean, gain, 1.3, groups=2, single_pass=single_pass)
+        said = " ".join(str(w.message) for w in caught)
+        assert "input sum" in said and "channel(s) [2, 3]" in said and "contribution" in said
+        results.append([out, *torch.autograd.grad(out, (weight, mean, gain), projection)])
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12,
+                                   atol=1e-12 * eager.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
