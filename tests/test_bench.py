@@ -14,6 +14,12 @@ def test_torch_norms_case_reports_ratios_against_the_copy():
     assert "ratio" in table.splitlines()[0] and len(table.splitlines()) == 2 + len(rows)
 
 
+def test_the_table_gives_three_significant_digits_of_small_ratios():
+    # ENorm's target is 0.03x: two decimals would print 0.0295x as 0.03x
+    row = bench.Row("c", "v", "m", "b", 0.0295e-3, 1e-3, 0.0295)
+    assert bench.format_table([row]).splitlines()[-1].endswith(" 0.0295x")
+
+
 def test_unknown_case_lists_valid_cases():
     with pytest.raises(ValueError, match="valid cases: torch_norms"):
         bench.run(["nope"])

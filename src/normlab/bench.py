@@ -391,6 +391,6 @@ def run(names: list[str] | None = None, min_run_time: float = 1.0) -> list[Row]:
 def format_table(rows: list[Row]) -> str:
     header = ("case", "variant", "method", "baseline", "method ms", "baseline ms", "ratio")
     lines = [(r.case, r.variant, r.method, r.baseline, f"{r.method_s * 1e3:.3f}",
-              f"{r.baseline_s * 1e3:.3f}", f"{r.ratio:.2f}x") for r in rows]
+              f"{r.baseline_s * 1e3:.3f}", f"{r.ratio:.3g}x") for r in rows]
     return text_table(header, lines)
 
