@@ -13,8 +13,9 @@
 //      nothing but that sum and the next layer's column sum i, so the row is scaled
 //      by d_i s_j (and its optimizer state by (d_i s_j)^power) while it is in cache.
 // A weight is read as (units, in_units, positions), contiguous, like its state
-// tensors. Sums of |w|^p run in double; d and the factors in the weight's dtype,
-// as the eager path computes them.
+// tensors. Sums of |w|^p run in the weight's dtype over blocks (as the eager path's torch
+// sums do) and in double across blocks; d and the factors in the weight's dtype, as the
+// eager path computes them.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -40,8 +41,9 @@ namespace {
 template <int P>
 struct IntegerPower {
   static_assert(1 <= P && P <= 4, "p in 1 .. 4");
-  double operator()(double x) const {
-    const double a = std::abs(x);
+  template <typename T>
+  T operator()(T x) const {
+    const T a = std::abs(x);
     if constexpr (P == 1) return a;
     if constexpr (P == 2) return x * x;
     if constexpr (P == 3) return a * a * a;
@@ -77,18 +79,32 @@ struct Layer {
   int64_t row_size() const { return in_units * positions; }
 };
 
+// Sums of |w|^p run in the weight's dtype over blocks (vectorized without converting each
+// element), in double across blocks.
+constexpr int64_t kRowBlock = 32, kSumBlock = 256;
+
 // acc[j] += sum over rows i in [begin, end) and positions r of |w_ijr|^p.
 template <typename scalar_t, typename Power>
 ENORM_ROW_LOOP void add_column_powers(const Layer<scalar_t>& layer, int64_t begin, int64_t end, double* acc,
                        Power power) {
   const int64_t in_units = layer.in_units, positions = layer.positions;
+  if (positions == 1) {
+    // blocks of kRowBlock rows summed in the dtype, then into acc in double
+    std::vector<scalar_t> block(in_units);
+    scalar_t* __restrict__ partial = block.data();
+    for (int64_t first = begin; first < end; first += kRowBlock) {
+      std::fill(block.begin(), block.end(), scalar_t(0));
+      for (int64_t i = first; i < std::min(end, first + kRowBlock); ++i) {
+        const scalar_t* __restrict__ row = layer.weight + i * in_units;
+#pragma omp simd
+        for (int64_t j = 0; j < in_units; ++j) partial[j] += power(row[j]);
+      }
+      for (int64_t j = 0; j < in_units; ++j) acc[j] += partial[j];
+    }
+    return;
+  }
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* __restrict__ row = layer.weight + i * layer.row_size();
-    if (positions == 1) {
-#pragma omp simd
-      for (int64_t j = 0; j < in_units; ++j) acc[j] += power(double(row[j]));
-      continue;
-    }
     for (int64_t j = 0; j < in_units; ++j) {
       double total = 0;
 #pragma omp simd reduction(+ : total)
@@ -101,25 +117,35 @@ ENORM_ROW_LOOP void add_column_powers(const Layer<scalar_t>& layer, int64_t begi
 // sum over j and r of column_weight_j |w_ijr|^p for one row (column_weight empty: 1).
 template <typename scalar_t, typename Power>
 ENORM_ROW_LOOP double row_powers(const scalar_t* __restrict__ row, int64_t in_units, int64_t positions,
-                  const std::vector<double>& column_weight, Power power) {
+                  const std::vector<scalar_t>& column_weight, Power power) {
   double total = 0;
   if (column_weight.empty()) {
     const int64_t size = in_units * positions;
-#pragma omp simd reduction(+ : total)
-    for (int64_t e = 0; e < size; ++e) total += power(double(row[e]));
+    for (int64_t first = 0; first < size; first += kSumBlock) {  // blocks in the dtype
+      scalar_t block = 0;
+#pragma omp simd reduction(+ : block)
+      for (int64_t e = first; e < std::min(size, first + kSumBlock); ++e) block += power(row[e]);
+      total += block;
+    }
     return total;
   }
-  const double* __restrict__ weight = column_weight.data();
+  const scalar_t* __restrict__ weight = column_weight.data();
   if (positions == 1) {
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < in_units; ++j) total += weight[j] * power(double(row[j]));
+    for (int64_t first = 0; first < in_units; first += kSumBlock) {
+      scalar_t block = 0;
+#pragma omp simd reduction(+ : block)
+      for (int64_t j = first; j < std::min(in_units, first + kSumBlock); ++j) {
+        block += weight[j] * power(row[j]);
+      }
+      total += block;
+    }
     return total;
   }
   for (int64_t j = 0; j < in_units; ++j) {
     double block = 0;
 #pragma omp simd reduction(+ : block)
     for (int64_t r = 0; r < positions; ++r) block += power(double(row[j * positions + r]));
-    total += weight[j] * block;
+    total += double(weight[j]) * block;
   }
   return total;
 }
@@ -188,10 +214,10 @@ void balance(std::vector<Layer<scalar_t>>& chain, int64_t last, double p, double
   for (int64_t k = 0; k <= last; ++k) {
     Layer<scalar_t>& layer = chain[k];
     const double* next_columns = k < last ? column_powers.data() + offset[k + 1] : nullptr;
-    std::vector<double> column_weight;  // s^p, for the paper schedule's row sums
+    std::vector<scalar_t> column_weight;  // s^p, for the paper schedule's row sums
     if (weighted_rows && !s.empty()) {
       column_weight.resize(s.size());
-      for (size_t j = 0; j < s.size(); ++j) column_weight[j] = std::pow(double(s[j]), p);
+      for (size_t j = 0; j < s.size(); ++j) column_weight[j] = power(s[j]);
     }
     std::vector<scalar_t> d(layer.units, scalar_t(1));
     const int64_t size = layer.row_size();
