@@ -74,7 +74,8 @@ def test_fastnorm_cases_report_every_variant_against_its_baseline():
     updates = [r.variant for r in rows if r.case == "fastnorm" and r.method == "tracked"]
     assert updates == [f"norm update {w}x{w}, batch 1" for w in (256, 1024, 4096)]
     crossover = [r for r in rows if r.case == "fastnorm_crossover"]
-    assert [r.variant.split()[-1] for r in crossover] == ["1", "8", "16", "32", "64", "128", "256"]
+    assert [r.variant.split()[-1] for r in crossover] == ["2", "8", "16", "32", "64", "128", "256"]
+    assert all((r.method, r.baseline) == ("tracked", "explicit norms") for r in crossover)
 
 
 @pytest.mark.parametrize("name,method,baseline", [

@@ -279,14 +279,21 @@ def fastnorm(min_run_time: float) -> list[Row]:
 
 @case("fastnorm_crossover")
 def fastnorm_crossover(min_run_time: float) -> list[Row]:
-    """FastNorm's tracked update against an explicit norm pass for the 784 -> 1024 layer, by
-    batch: where the hybrid mode should take over."""
+    """FastNorm's 784-1024-10 MLP step on fresh batches with the norms tracked, against the
+    same step with explicit norms after each update (max_tracked_batch=1), by batch: where
+    DEFAULT_MAX_TRACKED_BATCH should sit. Both run the layer's step as training does (the
+    compiled kernels on CPU)."""
     torch.manual_seed(0)
     rows = []
-    for batch_size in (1, 8, 16, 32, 64, 128, 256):
-        tracked, explicit_norms = _norm_updates(784, 1024, batch_size)
-        rows.append(compare("fastnorm_crossover", f"784->1024, batch {batch_size}", "tracked",
-                            tracked, "explicit norms", explicit_norms, min_run_time))
+    for batch_size in (2, 8, 16, 32, 64, 128, 256):
+        pool = [(torch.randn(batch_size, 784), torch.randint(0, 10, (batch_size,)))
+                for _ in range(max(4, 1024 // batch_size))]
+        steps = []
+        for limit in (batch_size, 1):
+            model = models.mlp("fastnorm", max_tracked_batch=limit)
+            steps.append(cycling_sgd_step(model, FastNormSGD(model.parameters(), lr=0.01), pool))
+        rows.append(compare("fastnorm_crossover", f"mlp step, batch {batch_size}", "tracked",
+                            steps[0], "explicit norms", steps[1], min_run_time))
     return rows
 
 
