@@ -383,8 +383,9 @@ class OnlineNormFunction(torch.autograd.Function):
             scale, shift = ranks.mine(scale), ranks.mine(shift)
         kernel = _online_kernel(x)
         if kernel is not None and (weight is not None or clamp_val is not None):
-            y, out = kernel.online_forward(x, scale.to(x.dtype), shift.to(x.dtype),
-                                    *_affine_or_identity(weight, bias, x), _bound(clamp_val))
+            affine = _affine_or_identity(weight, bias, x)
+            y, out = kernel.online_forward(x, scale.to(x.dtype), shift.to(x.dtype), *affine,
+                                           _bound(clamp_val))
         else:
             y = scale_shift(x, scale, shift)
             out = _affine_clamp(y, weight, bias, clamp_val)
@@ -449,9 +450,8 @@ class OnlineNormFunction(torch.autograd.Function):
         grad_scale, grad_shift = gamma * inv_std, -leak * u_before
         y_scale = -leak * v_before * inv_std
         if kernel is not None:
-            grad_x = kernel.online_backward_input(grad_out, y, *affine, bound,
-                                           *(t.to(y.dtype) for t in (grad_scale, grad_shift,
-                                                                     y_scale)))
+            per_row = (t.to(y.dtype) for t in (grad_scale, grad_shift, y_scale))
+            grad_x = kernel.online_backward_input(grad_out, y, *affine, bound, *per_row)
         else:
             grad_x = scale_shift(grad_z, grad_scale, grad_shift,
                                  out=None if grad_z is grad_out else grad_z)
@@ -582,23 +582,28 @@ def unit_row_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
     # over absolute values: a threshold with the method's scale invariances.
     # The floors are differentiated through, as the sums they stand in for: the
     # gradient stays that of the function computed.
-    floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
+    floor_scale = _floor_scale(weight.dtype)
     input_floor = floor_scale * mean.abs().sum(1)
     contribution_floor = floor_scale * (mean.abs() * kernel.abs().sum(2)).sum(1)
-    input_sum = _guarded(mean.sum(1), input_floor, INPUT_SUM)
+    input_sum = _guarded(mean.sum(1), input_floor, _INPUT_SUM)
     shift = -(mean * kernel.sum(2)).sum(1) / (kernel.shape[2] * input_sum)
     if single_pass:
         positive = kernel > 0
         positive_sum = (kernel * positive).sum(2) + shift[:, None] * positive.sum(2)
     else:
         positive_sum = (kernel + shift[:, None, None]).clamp(min=0).sum(2)
-    contribution = _guarded((mean * positive_sum).sum(1), contribution_floor, CONTRIBUTION)
+    contribution = _guarded((mean * positive_sum).sum(1), contribution_floor, _CONTRIBUTION)
     return shift, positions_ratio / contribution, row_max
 
 
 # The denominators that may fall back to a floor, as the warnings name them.
-INPUT_SUM, CONTRIBUTION = "the input sum sum_c v_c", "the positive weights' contribution " \
-    "sum_c v_c w'_dc"
+_INPUT_SUM = "the input sum sum_c v_c"
+_CONTRIBUTION = "the positive weights' contribution sum_c v_c w'_dc"
+
+
+def _floor_scale(dtype: torch.dtype) -> float:
+    """A denominator under this times the same sum over absolute values is degenerate."""
+    return math.sqrt(torch.finfo(dtype).eps)
 
 
 def _row_input_means(input_mean: torch.Tensor, weight: torch.Tensor, groups: int
@@ -638,7 +643,9 @@ def equi_norm(weight: torch.Tensor, input_mean: torch.Tensor, gain: torch.Tensor
 
     b and s are those of :func:`equilibrium_shift_scale` (same arguments),
     differentiable in `weight` and `input_mean`; `gain` (out,) is the learned
-    length. A conv2d (or linear) with this kernel is the EquiNorm layer.
+    length. A conv2d (or linear) with this kernel is the EquiNorm layer. On CPU
+    (float32, float64, out of tracing) the transform and its gradient run compiled,
+    once differentiable; elsewhere the torch operations of `unit_row_shift_scale`.
     """
     kernel = _native.for_tensor("equinorm", weight)
     if kernel is not None and gain.dtype == weight.dtype:
@@ -661,11 +668,11 @@ class _CompiledEquiNorm(torch.autograd.Function):
                 single_pass: bool, kernel):
         rows = weight.reshape(weight.shape[0], weight.shape[1], -1)
         mean = _row_input_means(input_mean, weight, groups)
-        floor_scale = math.sqrt(torch.finfo(weight.dtype).eps)
+        floor_scale = _floor_scale(weight.dtype)
         out, *solved = kernel.forward(rows, mean, gain, positions_ratio, single_pass,
                                       floor_scale)
         guards = solved[-1]
-        for taken, what in zip(guards, (INPUT_SUM, CONTRIBUTION)):
+        for taken, what in zip(guards, (_INPUT_SUM, _CONTRIBUTION)):
             _warn_degenerate(taken != 0, what)
         ctx.save_for_backward(rows, mean, gain, *solved)
         ctx.kernel, ctx.single_pass, ctx.floor_scale = kernel, single_pass, floor_scale
