@@ -58,6 +58,10 @@ def test_a_sweep_resumes_from_an_exported_folder_without_rerunning_its_runs(tmp_
         copied = second[key]
         assert copied.wall_time == round(run.wall_time, 3) and copied.history == run.history
     assert {second[k].config["seed"] for k in set(second) - set(first)} == {1}
+    # the log keeps the first sweep's lines, then the new runs'
+    first_log = (exported / "log.txt").read_text().splitlines()
+    second_log = (tmp_path / "second" / "log.txt").read_text().splitlines()
+    assert second_log[:len(first_log)] == first_log and len(second_log) == len(first_log) + 3
 
 
 def test_resuming_from_an_export_of_other_settings_fails_before_any_run(tmp_path, tiny):

@@ -8,12 +8,13 @@ this module.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from .. import data
 from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
 from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
-from .report import export, exported_runs, render, runs_csv
+from .report import LOG_NAME, export, exported_runs, render, runs_csv
 from .runner import Executor, Interrupted, LocalPool, Probe, RayCluster, run_sweep
 from .store import FINISHED, FolderInUse, FolderLock, OutputError, Store
 
@@ -64,17 +65,18 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
             raise ValueError(f"{out} holds results of {stored}; use another --out for "
                              f"{settings.to_dict()}")
         store.set_meta(settings=settings.to_dict())
+        log_path = out / LOG_NAME
         if resume_from is not None:
-            _copy_finished_runs(resume_from, settings, jobs, store, say)
-        run_sweep(jobs, store, workers=workers, data_dir=data_dir, log_path=out / "log.txt",
+            _copy_finished_runs(Path(resume_from), settings, jobs, store, log_path, say)
+        run_sweep(jobs, store, workers=workers, data_dir=data_dir, log_path=log_path,
                   label=label, executor=executor)
         return render(out)
 
 
-def _copy_finished_runs(source: str | Path, settings: Settings, jobs: list, store: Store,
-                        say) -> None:
+def _copy_finished_runs(source: Path, settings: Settings, jobs: list, store: Store,
+                        log_path: Path, say) -> None:
     """Record into `store` the finished runs of exported folder `source` that are among
-    `jobs` and not yet finished in `store`."""
+    `jobs` and not yet finished in `store`; a new sweep's log starts as the export's."""
     meta, runs = exported_runs(source)
     if meta.get("settings") != settings.to_dict():
         raise ValueError(f"{source} holds results of {meta.get('settings')}; this sweep has "
@@ -83,6 +85,8 @@ def _copy_finished_runs(source: str | Path, settings: Settings, jobs: list, stor
     copied = [run for run in runs if run.key in wanted and run.status in FINISHED]
     for run in copied:
         store.record(run)
+    if (source / LOG_NAME).exists() and not log_path.exists():
+        shutil.copyfile(source / LOG_NAME, log_path)
     say(f"resumed from {source}: {len(copied)} finished runs copied, "
         f"{len(runs) - len(copied)} left (already here, failed, or not in this recipe)")
 
