@@ -173,6 +173,28 @@ def test_minibatch_claim_reads_the_batch_16_runs(normprop_noise, fastnorm_noise,
     assert result.verdict == verdict and "batch 16" in result.ours
 
 
+def test_the_window_spans_the_same_training_samples_at_every_batch_size():
+    full = Settings("fastnorm", quick=False, seeds=5)
+    assert [recipe.window(full, b) for b in (1, 16)] == [100, 6]
+    assert [recipe.window(QUICK, b) for b in (1, 16)] == [30, 2]
+
+
+def test_at_batch_16_a_rising_curve_with_the_same_noise_is_about_as_stable():
+    """37 evaluations, as in an epoch at batch 16: a window over all of them counts one
+    arm's rise as instability (std ratios 2.8-4.0 here); windows of 6 evaluations mostly
+    see the noise, the same in both arms (1.1-1.25)."""
+    full = Settings("fastnorm", quick=False, seeds=5)
+    noise = [np.array(_noisy(0.005, s, n=37)) for s in range(5)]
+    rise = np.linspace(-0.05, 0, 37)
+    rising = [_run("normprop+renorm", 0.03, s, list(n + rise), batch=16)
+              for s, n in enumerate(noise)]
+    flat = [_run("fastnorm", 0.03, s, list(n), batch=16) for s, n in enumerate(noise)]
+    ratios = recipe.std_ratios(Results(rising + flat), full, lr=0.03, batch=16)
+    assert len(ratios) == 5 and all(1 < r < 1.3 for r in ratios)
+    whole = [recipe.sliding_std(n + rise, 37)[0] / recipe.sliding_std(n, 37)[0] for n in noise]
+    assert all(r > 2.5 for r in whole)
+
+
 def test_accuracy_claim_not_reproduced_when_normprop_is_ahead_in_both_comparisons():
     runs = [_run("normprop+renorm", 0.06, s, [0.93]) for s in range(3)]
     runs += [_run("fastnorm", 0.075, s, [0.90]) for s in range(3)]

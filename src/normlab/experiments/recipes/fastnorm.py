@@ -28,6 +28,8 @@ parametrized NormProp / FastNorm the tracked arithmetic alone.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ... import training
@@ -62,6 +64,13 @@ EVAL_EVERY = 100  # iterations between validation accuracies, as in Figures 3 an
 # Quick mode: the first samples of each split (a batch-1 step costs milliseconds on CPU)
 QUICK_TRAIN, QUICK_TEST = 4_000, 1_000
 WINDOW = {True: 30, False: 100}  # sliding window (evaluations) for Figure 4, by quick mode
+
+
+def window(settings: Settings, batch: int) -> int:
+    """Figure 4's window at `batch`: as many training samples as the batch-1 window spans
+    (at batch 16 an epoch has 37 evaluations, and a window of 100 would span the whole
+    learning curve, its rise included)."""
+    return max(2, round(WINDOW[settings.quick] / batch))
 # Seeds (quick, full): quick mode's 2 keep it well within its 10-minute budget on 2 cores
 # (its cost is the 30 batch-1 runs of 4000 steps each); the paper's figures need the full 5.
 SEEDS = (2, 5)
@@ -109,7 +118,7 @@ def std_ratios(results: Results, settings: Settings, lr: float, dtype: str = "fl
     for seed in sorted(set(first) & set(second)):
         runs = first[seed], second[seed]
         if all(r.status == "done" for r in runs):
-            stds = [sliding_std(_accuracies(r), WINDOW[settings.quick]).mean() for r in runs]
+            stds = [sliding_std(_accuracies(r), window(settings, batch)).mean() for r in runs]
             ratios.append(stds[0] / stds[1])
     return ratios
 
@@ -271,6 +280,10 @@ def check_mechanism(results: Results, settings: Settings) -> Verdict:
                    f"{ACCURACY_EFFECT:.0%})")
 
 
+def _window_stds(run, width: int) -> np.ndarray:
+    return sliding_std(_accuracies(run), width)
+
+
 def _curves(results: Results, dtype: str, batch: int, lrs, series):
     panels = []
     for lr in lrs:
@@ -290,11 +303,14 @@ def draw_accuracy(results: Results, settings: Settings, path) -> None:
 
 
 def draw_stability(results: Results, settings: Settings, path) -> None:
-    panels = [p for axes in variants(settings)
-              for p in _curves(results, axes["dtype"][0], axes["batch_size"][0], axes["lr"][:1],
-                               lambda r: sliding_std(_accuracies(r), WINDOW[settings.quick]))]
+    panels = []
+    for axes in variants(settings):
+        batch = axes["batch_size"][0]
+        series = functools.partial(_window_stds, width=window(settings, batch))
+        panels += _curves(results, axes["dtype"][0], batch, axes["lr"][:1], series)
     band_panels(path, panels, None, "window start (evaluation)",
-                f"accuracy std over {WINDOW[settings.quick]} evaluations", logy=True)
+                f"accuracy std over {WINDOW[settings.quick]} evaluations (batch 1; "
+                f"the same samples at batch 16)", logy=True)
 
 
 def draw_variants(results: Results, settings: Settings, path) -> None:
@@ -326,7 +342,8 @@ def protocol(settings: Settings) -> list[str]:
              f"Variants: {grids}.",
              f"Seeds: {settings.seeds} per configuration; Figure 4's statistic is the mean of the "
              f"sliding-window std over a window of {WINDOW[settings.quick]} evaluations "
-             f"(the seed: 100), compared per seed as a ratio of two arms."]
+             f"(the seed: 100) at batch 1 and over as many training samples at batch 16 "
+             f"({window(settings, 16)} evaluations), compared per seed as a ratio of two arms."]
     if settings.quick:
         lines.append(f"Quick mode: {SEEDS[0]} seeds by default (full mode: {SEEDS[1]}); the "
                      f"first {QUICK_TRAIN} training samples (of MNIST's 60000; "
