@@ -82,9 +82,11 @@ def clamp_backward(grad: torch.Tensor, x: torch.Tensor, limit: float,
 
 def batch_statistics(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                      momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance of (N, C, *) x over all dims but 1, in one pass, no gradient.
+    """Mean and biased variance of (N, C, *) x over all dims but 1, no gradient.
 
-    The running statistics are updated in place as BatchNorm does:
+    On CPU (float32, float64) the compiled channel moments (csrc/activations.cpp, two
+    passes); elsewhere torch's ``batch_norm_update_stats`` (one pass). The running
+    statistics are updated in place as BatchNorm does:
     running <- (1 - momentum) running + momentum batch, the variance unbiased.
     """
     if x.device.type == "meta":  # the op has no meta kernel; meta tensors carry only shapes
