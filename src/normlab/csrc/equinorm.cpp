@@ -14,6 +14,7 @@
 // weight's dtype. The backward is the chain rule of these lines, written out.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
