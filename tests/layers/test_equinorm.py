@@ -7,8 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import normlab
-from conftest import skip_unless_ci
-from normlab import _native, functional, models
+from conftest import no_kernel, skip_unless_ci
+from normlab import _native, models
 from normlab.functional import equi_norm, equilibrium_shift_scale
 from normlab.layers.equinorm import EquiNormConv2d, EquiNormLinear, balance_signs_
 
@@ -18,21 +18,13 @@ def kernel_transform(request, monkeypatch):
     """Every test runs twice: with the kernel transform compiled (csrc/equinorm.cpp, CPU
     float32/float64) and on the eager torch path, its specification."""
     if request.param == "eager":
-        monkeypatch.setattr(functional, "_native", _EagerOnly())
+        monkeypatch.setattr(_native, "for_tensor", no_kernel)
     elif _native.module("equinorm") is None:
         skip_unless_ci("the compiled equinorm kernel could not be built on this machine")
     return request.param
 
 
-class _EagerOnly:
-    """normlab._native with no kernel for any tensor."""
-
-    def __getattr__(self, name):
-        return getattr(_native, name)
-
-    @staticmethod
-    def for_tensor(*args, **kwargs):
-        return None
+FOR_TENSOR = _native.for_tensor  # as imported, before any test patches it
 
 
 def reference_weight(x, w, stride, out_hw, single_pass, groups=1):
@@ -287,8 +279,8 @@ def test_the_kernel_gradient_is_autograds_where_each_denominator_falls_back(sing
     gain = torch.tensor([1.2, 0.8, 1.1, 0.9], dtype=torch.float64, requires_grad=True)
     projection = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     results = []
-    for kernels in (_native, _EagerOnly()):
-        monkeypatch.setattr(functional, "_native", kernels)
+    for for_tensor in (FOR_TENSOR, no_kernel):
+        monkeypatch.setattr(_native, "for_tensor", for_tensor)
         with pytest.warns(RuntimeWarning) as caught:
             out = equi_norm(weight, mean, gain, 1.3, groups=2, single_pass=single_pass)
         said = " ".join(str(w.message) for w in caught)

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import normlab
-from conftest import skip_unless_ci
-from normlab import _native, functional
+from conftest import no_kernel, skip_unless_ci
+from normlab import _native
 from normlab.functional import _linear_scan_eager, linear_scan
 from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
 
@@ -88,7 +88,7 @@ def passes(request, monkeypatch):
     """Each test using this runs twice: on the compiled passes over the activations
     (csrc/activations.cpp, where CPU float32/float64 runs) and on the eager torch path."""
     if request.param == "eager":
-        monkeypatch.setattr(functional, "_online_kernel", lambda x: None)
+        monkeypatch.setattr(_native, "for_tensor", no_kernel)
     elif _native.module("activations", openmp=True) is None:
         skip_unless_ci("the compiled activations kernel could not be built on this machine")
     return request.param
@@ -155,8 +155,8 @@ def test_the_compiled_passes_compute_what_the_eager_path_computes(kw, monkeypatc
     batches = [torch.randn(shape) * 3 + 1 for _ in range(2)]
     grads = [torch.randn(shape[1:]).expand(shape) for _ in range(2)]
     results = []
-    for kernel in (functional._online_kernel, lambda x: None):
-        monkeypatch.setattr(functional, "_online_kernel", kernel)
+    for for_tensor in (_native.for_tensor, no_kernel):
+        monkeypatch.setattr(_native, "for_tensor", for_tensor)
         torch.manual_seed(5)
         layer = random_layer(OnlineNorm2d, 5, dtype=torch.float32, alpha_fwd=0.9, **kw)
         with torch.no_grad():

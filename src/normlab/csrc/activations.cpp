@@ -50,8 +50,8 @@ inline scalar_t masked(scalar_t grad, scalar_t z, scalar_t limit) {
 
 template <typename scalar_t>
 ROW_LOOP void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t size,
-                                 scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
-                                 scalar_t limit) {
+                          scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
+                          scalar_t limit) {
   for (int64_t i = 0; i < size; ++i) {
     const scalar_t normalized = x[i] * scale + shift;
     y[i] = normalized;
@@ -64,9 +64,8 @@ ROW_LOOP void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t
 // in float32, converting every element to double took ~4x the time of torch's float
 // sums) and in double across blocks.
 template <typename scalar_t>
-ROW_LOOP void reduce_row(const scalar_t* grad, const scalar_t* y, int64_t size,
-                                scalar_t gamma, scalar_t beta, scalar_t limit, double* dot,
-                                double* total) {
+ROW_LOOP void reduce_row(const scalar_t* grad, const scalar_t* y, int64_t size, scalar_t gamma,
+                         scalar_t beta, scalar_t limit, double* dot, double* total) {
   double dot_sum = 0, grad_sum = 0;
   for (int64_t start = 0; start < size; start += kSumBlock) {
     const int64_t stop = std::min(size, start + kSumBlock);
@@ -113,8 +112,8 @@ ROW_LOOP double row_square_deviation(const scalar_t* x, int64_t size, scalar_t c
 
 template <typename scalar_t>
 ROW_LOOP void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* out,
-                                    int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
-                                    scalar_t p, scalar_t q, scalar_t r) {
+                             int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
+                             scalar_t p, scalar_t q, scalar_t r) {
   for (int64_t i = 0; i < size; ++i) {
     const scalar_t g = masked(grad[i], affine(gamma, y[i], beta), limit);
     out[i] = g * p + q + r * y[i];
