@@ -165,7 +165,9 @@ def test_bfloat16_claim_compares_the_std_ratios_of_both_precisions(bfloat16_norm
 
 
 @pytest.mark.parametrize("normprop_noise, fastnorm_noise, verdict", [
-    (0.03, 0.01, "reproduced"), (0.01, 0.03, "not reproduced")])
+    (0.03, 0.01, "reproduced"), (0.01, 0.03, "not reproduced"),
+    (0.012, 0.01, "not reproduced"),  # IQR about [1.09x, 1.28x]: steadier, but no effect
+])
 def test_minibatch_claim_reads_the_batch_16_runs(normprop_noise, fastnorm_noise, verdict):
     runs = _variant_runs(normprop_noise, fastnorm_noise, batch=16)
     runs += _variant_runs(fastnorm_noise, normprop_noise)  # batch 1, the other way round
