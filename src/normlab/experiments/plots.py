@@ -30,6 +30,7 @@ def band_panels(path: Path, panels: Sequence[tuple[str, Sequence[tuple[str, Seri
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels):
+        drew_a_point = False
         for label, series in lines:
             series = [s for s in series if len(s)]
             if not series:
@@ -41,10 +42,13 @@ def band_panels(path: Path, panels: Sequence[tuple[str, Sequence[tuple[str, Seri
             xs = np.asarray(x[:length] if x is not None else np.arange(1, length + 1))
             (line,) = ax.plot(xs, median, label=f"{label} (n={len(series)})")
             ax.fill_between(xs, q1, q3, color=line.get_color(), alpha=0.25, linewidth=0)
+            drew_a_point = drew_a_point or bool(np.isfinite(median).any())
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        if logx:
+        # A log axis without a finite point (no run yet, or all diverged) makes matplotlib
+        # refuse the whole figure; a partial report must still render.
+        if logx and drew_a_point:
             ax.set_xscale("log")
-        if logy:
+        if logy and drew_a_point:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
