@@ -122,7 +122,10 @@ def _fmt(value, percent: bool = False) -> str:
 def cmd_reproduce(args) -> int:
     from . import experiments
 
-    out = args.out or f"runs/{args.recipe}{'-quick' if args.quick else ''}"
+    if args.quick and args.protocol != "full":
+        raise ValueError("--quick and --protocol exclude each other")
+    mode = "quick" if args.quick else args.protocol
+    out = args.out or f"runs/{args.recipe}{'' if mode == 'full' else '-' + mode}"
     if args.executor == "ray":
         local = args.address is None
         if args.workers is not None and not local:
@@ -138,7 +141,7 @@ def cmd_reproduce(args) -> int:
     try:
         path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
                                      data_dir=args.data_dir, executor=executor,
-                                     resume_from=args.resume_from)
+                                     resume_from=args.resume_from, protocol=args.protocol)
     except experiments.Interrupted as err:
         print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
@@ -228,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fastnorm, lecture, enorm, equinorm or onlinenorm")
     reproduce.add_argument("--quick", action="store_true",
                            help="a cut-down protocol that finishes in minutes")
+    reproduce.add_argument("--protocol", choices=("full", "decisive"), default="full",
+                           help="full: the paper's protocol as far as a CPU allows (default); "
+                                "decisive: the fewest runs that decide every claim on 3 seeds "
+                                "(enorm, equinorm, onlinenorm)")
     reproduce.add_argument("--seeds", type=int, default=None,
                            help="seeds per configuration (default: the recipe's)")
     reproduce.add_argument("--workers", type=int, default=None,
@@ -242,13 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --executor ray: CPUs (torch threads) each run asks Ray for")
     reproduce.add_argument("--out", default=None,
                            help="folder for results.db, log.txt and report.md "
-                                "(default: runs/RECIPE[-quick]); rerunning resumes it")
+                                "(default: runs/RECIPE[-quick|-decisive]); rerunning resumes it")
     reproduce.add_argument("--data-dir", default=None,
                            help="dataset root (default: $NORMLAB_DATA, else ~/.cache/normlab)")
     reproduce.add_argument("--resume-from", metavar="EXPORTED", default=None,
                            help="an exported results folder (`normlab report --export`, e.g. "
-                                "results/RECIPE/...) of the same settings: its finished runs "
-                                "are copied into --out and not run again")
+                                "results/RECIPE/MODE) of the same recipe: its finished runs that "
+                                "this sweep also runs are copied into --out and not run again")
     reproduce.set_defaults(run=cmd_reproduce)
 
     report = sub.add_parser("report", help="re-render report.md from a results folder")

@@ -92,7 +92,8 @@ def probe_recipe(jobs: list[Probe], name: str = "probes"):
     from normlab.experiments import Recipe
 
     return Recipe(name, "Probes", "none.txt", lambda settings: jobs, [], [],
-                  lambda settings: [f"{len(jobs)} probes"], seeds=(1, 1), dataset="digits")
+                  lambda settings: [f"{len(jobs)} probes"], seeds={"quick": 1, "full": 1},
+                  dataset="digits")
 
 
 def gated_jobs(fast: int, gated: int, gate: str, pid_dir: str) -> list[Probe]:
@@ -144,14 +145,14 @@ def tiny_jobs(settings, norms=("none", "batch")):
 
 def tiny_recipe(name: str = "tiny", norms=("none", "batch")):
     """A recipe of seconds: two norms on digits, one probe, one claim, one figure."""
-    from normlab.experiments import Claim, Figure, Recipe, Verdict
+    from normlab.experiments import Claim, Figure, Recipe, Rule, Verdict
     from normlab.experiments.plots import band_panels
     from normlab.experiments.recipe import final, median_iqr
 
     def check(results, settings):
         accs = [final(r, "test_acc") for r in results.select(norm="batch")]
         return Verdict(median_iqr(accs), "reproduced" if min(accs) > 0.5 else "not reproduced",
-                       "above chance")
+                       "above chance", len(accs))
 
     def draw(results, settings, path):
         band_panels(path, [("acc", [(n, [[p["test_acc"] for p in r.history]
@@ -159,6 +160,8 @@ def tiny_recipe(name: str = "tiny", norms=("none", "batch")):
                     None, "evaluation", "accuracy")
 
     return Recipe(name, "A tiny recipe", "none.txt", lambda s: tiny_jobs(s, norms),
-                  [Claim("batch learns", "batch norm beats chance", "> 10%", check)],
+                  [Claim("batch learns", "batch norm beats chance", "> 10%", check,
+                         Rule("every seed above 50%", "with the test"))],
                   [Figure("tiny.png", "accuracy", draw)],
-                  lambda s: [f"{s.seeds} seeds, 320 digits"], seeds=(2, 3), dataset="digits")
+                  lambda s: [f"{s.seeds} seeds, 320 digits"], seeds={"quick": 2, "full": 3},
+                  dataset="digits")

@@ -64,17 +64,36 @@ def test_a_sweep_resumes_from_an_exported_folder_without_rerunning_its_runs(tmp_
     assert second_log[:len(first_log)] == first_log and len(second_log) == len(first_log) + 3
 
 
-def test_resuming_from_an_export_of_other_settings_fails_before_any_run(tmp_path, tiny):
+def test_resuming_from_an_export_of_another_recipe_fails_before_any_run(tmp_path, tiny,
+                                                                        monkeypatch):
     experiments.reproduce("tiny", tmp_path / "first", quick=True, seeds=1, workers=1)
     experiments.export(tmp_path / "first", tmp_path / "exported", commit="abc", machine="here")
-    with pytest.raises(ValueError, match="exported holds results of .*'quick': True"):
-        experiments.reproduce("tiny", tmp_path / "second", quick=False, seeds=1, workers=1,
+    other = sweep_helper.tiny_recipe("other")
+    monkeypatch.setitem(experiments.RECIPES, other.name, other)
+    with pytest.raises(ValueError, match="exported holds results of .*'recipe': 'tiny'"):
+        experiments.reproduce("other", tmp_path / "second", quick=True, seeds=1, workers=1,
                               resume_from=tmp_path / "exported")
     with experiments.Store.in_folder(tmp_path / "second") as store:
         assert store.runs() == []
     with pytest.raises(ValueError, match="not an exported results folder: expected runs.csv"):
         experiments.reproduce("tiny", tmp_path / "third", quick=True, seeds=1, workers=1,
                               resume_from=tmp_path / "first")
+
+
+def test_a_sweep_of_another_mode_copies_only_the_runs_it_shares(tmp_path, tiny):
+    """The decisive mode resumes from a full export: a run's key hashes its whole
+    configuration, so only identical runs are copied, and the log is not mixed."""
+    experiments.reproduce("tiny", tmp_path / "first", quick=True, seeds=1, workers=1)
+    experiments.export(tmp_path / "first", tmp_path / "exported", commit="abc", machine="here")
+    said = []
+    experiments.reproduce("tiny", tmp_path / "second", quick=False, seeds=2, workers=1,
+                          resume_from=tmp_path / "exported", say=said.append)
+    assert said[0].endswith(": 3 finished runs copied, 0 left (already here, failed, or not "
+                            "in this recipe)")
+    with experiments.Store.in_folder(tmp_path / "second") as store:
+        assert sorted(r.config["seed"] for r in store.runs()) == [0, 0, 0, 1, 1, 1]
+    log = (tmp_path / "second" / "log.txt").read_text()
+    assert "--quick" not in log
 
 
 def test_a_method_not_registered_fails_before_any_run(tmp_path, monkeypatch):

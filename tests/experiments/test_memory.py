@@ -125,3 +125,16 @@ def test_online_norm_stores_per_sample_what_batch_norm_stores():
         stored[norm] = memory.saved_bytes(model, x)
     per_channel_numbers = 4 * 8 * 8  # a few float64 statistics per sample and channel
     assert abs(stored["online"] - stored["batch"]) <= per_channel_numbers * 8
+
+
+def test_state_is_parameters_gradients_and_momentum():
+    model = on_meta(lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    assert memory.state_bytes(model) == 3 * (4 * 3 + 3) * FLOAT32
+    assert memory.state_bytes(model, torch.bfloat16) == 3 * (4 * 3 + 3) * 2
+
+
+def test_measure_adds_the_state_to_the_saved_activations():
+    (row,) = memory.measure(memory.NETWORKS[:1])
+    assert row["total_gb"] == pytest.approx(tuple(a + s for a, s in
+                                                  zip(row["ours_gb"], row["state_gb"])))
+    assert row["state_gb"][0] == pytest.approx(3 * 25_557_032 * FLOAT32 / memory.GB)

@@ -33,7 +33,8 @@ def test_report_renders_from_the_database_alone_and_says_what_is_missing(tmp_pat
     assert text.count("| **(") == 6  # one row per claim of the recipe
     assert "inconclusive" in text and "Quick mode" in text
     # quick mode's 18 runs per seed (3 arms); the synthetic keys match none of them
-    assert "**Partial: 18 of the protocol's 18 runs are missing**" in text
+    assert "**Partial: 18 of the mode's 18 runs are missing**" in text
+    assert "**quick mode**" in text and "0 of the mode's 18 runs finished" in text
     assert "## Failed runs" in text and "RuntimeError: out of memory" in text
     assert all((tmp_path / name).stat().st_size > 0 for name in
                ["fastnorm_accuracy.png", "fastnorm_stability.png", "fastnorm_variants.png"])
@@ -74,4 +75,4 @@ def test_a_folder_without_results_is_a_clear_error(tmp_path):
 def test_norm_bars_in_claims_do_not_split_table_cells(tmp_path):
     text = render(_folder_with_runs(tmp_path)).read_text()
     rows = [line for line in text.splitlines() if line.startswith("| **")]
-    assert all(line.replace("\\|", "").count("|") == 6 for line in rows)
+    assert all(line.replace("\\|", "").count("|") == 7 for line in rows)

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from .. import data
-from .recipe import Claim, Figure, Recipe, Results, Settings, Verdict
+from .recipe import Claim, Figure, Recipe, Results, Rule, Settings, Verdict, decide
 from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .report import LOG_NAME, export, exported_runs, render, runs_csv
 from .runner import Executor, Interrupted, LocalPool, Probe, RayCluster, run_sweep
@@ -31,13 +31,17 @@ def get_recipe(name: str) -> Recipe:
 
 def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None = None,
               workers: int | None = None, data_dir=None, say=print,
-              executor: Executor | None = None, resume_from: str | Path | None = None) -> Path:
+              executor: Executor | None = None, resume_from: str | Path | None = None,
+              protocol: str = "full") -> Path:
     """Run recipe `name` into folder `out` (resuming what is there); returns the report path.
 
-    The jobs run on `executor` (default: a local pool of `workers` processes).
-    `resume_from` names an exported folder (``normlab report --export``) of the
-    same recipe and settings: its finished runs are copied into `out` first and
-    not run again, so a sweep continues on another machine from what was committed.
+    `protocol` is "full" or "decisive" (ignored with `quick`); the recipe
+    says which modes it has. The jobs run on `executor` (default: a local
+    pool of `workers` processes). `resume_from` names an exported folder
+    (``normlab report --export``) of the same recipe and dataset: those of its
+    finished runs that this sweep also runs (the same configuration, whatever
+    the mode) are copied into `out` first and not run again, so a sweep
+    continues on another machine from what was committed.
     When the recipe needs MNIST and it can be neither read nor downloaded,
     the runs use scikit-learn's digits instead and the report says so. Raises
     `FolderInUse` at once when another sweep is running in `out`, and
@@ -45,7 +49,11 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
     """
     recipe = get_recipe(name)
     out = Path(out)
-    seeds = seeds or recipe.seeds[0 if quick else 1]
+    mode = "quick" if quick else protocol
+    if mode not in recipe.seeds:
+        raise ValueError(f"recipe {name!r} has no {mode} protocol; expected one of "
+                         f"{recipe.modes()}")
+    seeds = seeds or recipe.seeds[mode]
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     dataset = recipe.dataset
@@ -56,12 +64,12 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
             say(f"MNIST unavailable ({err}); falling back to the digits dataset that ships "
                 f"with scikit-learn: the paper's numbers are not comparable.")
             dataset = "digits"
-    settings = Settings(recipe.name, quick, seeds, dataset)
+    settings = Settings(recipe.name, quick, seeds, dataset, protocol="full" if quick else protocol)
     jobs = recipe.jobs(settings)  # unknown method names fail here, before any run
-    label = f"{name}{' --quick' if quick else ''}"
+    label = f"{name} --{'quick' if quick else f'protocol {protocol}'}"
     with FolderLock(out, command=f"normlab reproduce {label}"), Store.in_folder(out) as store:
         stored = store.meta().get("settings")
-        if stored is not None and stored != settings.to_dict():
+        if stored is not None and Settings(**stored) != settings:
             raise ValueError(f"{out} holds results of {stored}; use another --out for "
                              f"{settings.to_dict()}")
         store.set_meta(settings=settings.to_dict())
@@ -76,22 +84,26 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
 def _copy_finished_runs(source: Path, settings: Settings, jobs: list, store: Store,
                         log_path: Path, say) -> None:
     """Record into `store` the finished runs of exported folder `source` that are among
-    `jobs` and not yet finished in `store`; a new sweep's log starts as the export's."""
+    `jobs` and not yet finished in `store`; a new sweep's log starts as the export's.
+
+    A run's key hashes its whole configuration, so runs of another mode of the same recipe
+    and dataset are copied only where this sweep runs exactly the same configuration."""
     meta, runs = exported_runs(source)
-    if meta.get("settings") != settings.to_dict():
+    theirs = Settings(**meta["settings"]) if "settings" in meta else None
+    if theirs is None or (theirs.recipe, theirs.dataset) != (settings.recipe, settings.dataset):
         raise ValueError(f"{source} holds results of {meta.get('settings')}; this sweep has "
                          f"{settings.to_dict()}")
     wanted = {job.key() for job in jobs} - store.finished_keys()
     copied = [run for run in runs if run.key in wanted and run.status in FINISHED]
     for run in copied:
         store.record(run)
-    if (source / LOG_NAME).exists() and not log_path.exists():
+    if theirs == settings and (source / LOG_NAME).exists() and not log_path.exists():
         shutil.copyfile(source / LOG_NAME, log_path)
     say(f"resumed from {source}: {len(copied)} finished runs copied, "
         f"{len(runs) - len(copied)} left (already here, failed, or not in this recipe)")
 
 
 __all__ = ["RECIPES", "Claim", "Executor", "Figure", "FolderInUse", "FolderLock", "Interrupted",
-           "LocalPool", "OutputError", "Probe", "RayCluster", "Recipe", "Results", "Settings",
-           "Store", "Verdict", "export", "get_recipe", "render", "reproduce", "run_sweep",
-           "runs_csv"]
+           "LocalPool", "OutputError", "Probe", "RayCluster", "Recipe", "Results", "Rule",
+           "Settings", "Store", "Verdict", "decide", "export", "get_recipe", "render",
+           "reproduce", "run_sweep", "runs_csv"]

@@ -17,8 +17,9 @@ of estimating them by hand:
   parameters and buffers are left out (they are not activations).
 
 So the count is what PyTorch itself stores for backward, in the precision of
-the pass (float32 by default; max-pooling indices are int64), and no more:
-no gradients, no optimizer state, no workspace. GB means 10^9 bytes.
+the pass (float32 by default; max-pooling indices are int64). `state_bytes`
+adds what a training step keeps besides: the parameters, their gradients and
+SGD's momentum buffers (no workspace, no allocator slack). GB means 10^9 bytes.
 
 Example:
     >>> from normlab.experiments import memory
@@ -203,6 +204,13 @@ def activation_bytes(model: nn.Module, input_shape: tuple[int, ...],
     return saved_bytes(model, torch.empty(input_shape, device="meta", dtype=dtype))
 
 
+def state_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the parameters, their gradients and SGD's momentum buffers, in `dtype`:
+    the memory of a training step that does not grow with the batch."""
+    elements = sum(p.numel() for p in model.parameters())
+    return 3 * elements * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class Network:
     name: str
@@ -229,25 +237,32 @@ def measure(networks=NETWORKS, dtype: torch.dtype = torch.float32) -> list[dict]
 
     The Online Normalization column counts the network with its `batch_1_norm`
     (OnlineNorm2d; BatchNorm3d for the 3-D U-Nets, normlab having no 3-D Online
-    Normalization) at batch 1; the others, BatchNorm.
+    Normalization) at batch 1; the others, BatchNorm. ``ours_gb`` is the
+    activations autograd saves, ``state_gb`` the parameters, gradients and
+    momentum buffers, ``total_gb`` their sum: a training step's memory.
     """
     rows = []
     for net in networks:
-        ours = []
+        ours, state = [], []
         for batch in BATCHES:
             with torch.device("meta"):
                 model = net.build(net.batch_1_norm if batch == 1 else "batch")
             ours.append(activation_bytes(model, (batch, *net.input_shape), dtype) / GB)
-        rows.append({"network": net.name, "poster_gb": net.poster_gb, "ours_gb": tuple(ours)})
+            state.append(state_bytes(model, dtype) / GB)
+        rows.append({"network": net.name, "poster_gb": net.poster_gb, "ours_gb": tuple(ours),
+                     "state_gb": tuple(state),
+                     "total_gb": tuple(a + b for a, b in zip(ours, state))})
     return rows
 
 
 def assumptions(dtype: torch.dtype = torch.float32) -> str:
-    return (f"Activation memory of one training step: the tensors PyTorch autograd saves for "
+    return (f"Memory of one training step: the tensors PyTorch autograd saves for "
             f"backward, each storage once, parameters and buffers excluded, in {dtype} "
-            f"(max-pool indices int64); no gradients, optimizer state or workspace; counted on "
-            f"the meta device. GB = 10^9 bytes. The Online Normalization column counts the "
-            f"network at batch 1 with normlab's OnlineNorm2d layers (the 3D U-Nets with "
+            f"(max-pool indices int64), plus the parameters, their gradients and SGD's momentum "
+            f"buffers; no workspace or allocator slack; counted at the poster's input sizes on "
+            f"the meta device (nothing allocated, so no scaling). GB = 10^9 bytes. The Online "
+            f"Normalization column counts the network at batch 1 with normlab's OnlineNorm2d "
+            f"layers (the 3D U-Nets with "
             f"BatchNorm3d: normlab has no 3-D Online Normalization; per sample it stores "
             f"the same, up to a few numbers per channel).")
 
@@ -257,7 +272,7 @@ def table(rows: list[dict] | None = None, dtype: torch.dtype = torch.float32) ->
     rows = measure(dtype=dtype) if rows is None else rows
     header = ("network", "OnlineNorm b=1 poster/ours", "BatchNorm b=32 poster/ours",
               "BatchNorm b=128 poster/ours")
-    lines = [(r["network"], *(f"{p:g} / {o:.1f}" for p, o in zip(r["poster_gb"], r["ours_gb"])))
+    lines = [(r["network"], *(f"{p:g} / {o:.1f}" for p, o in zip(r["poster_gb"], r["total_gb"])))
              for r in rows]
     return text_table(header, lines) + "\n\n" + assumptions(dtype)
 

@@ -16,7 +16,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .recipe import Results, Settings, Verdict
+from .recipe import MIN_SEEDS, Results, Settings, Verdict, decide
 from .store import Run, Store
 
 
@@ -30,30 +30,34 @@ def render(folder: str | Path) -> Path:
     recipe = get_recipe(settings.recipe)
     results = Results(runs)
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "diverged", "failed")}
+    protocol_keys = {job.key() for job in recipe.jobs(settings)}
+    finished = protocol_keys & {r.key for r in runs if r.status in ("done", "diverged")}
     lines = [f"# {recipe.title}", "",
-             f"Recipe `{recipe.name}` ({'quick' if settings.quick else 'full'} mode), "
-             f"seed document `{recipe.seed_doc}`. Runs in the database: "
+             f"Recipe `{recipe.name}`, **{settings.mode} mode**, seed document "
+             f"`{recipe.seed_doc}`: {len(finished)} of the mode's {len(protocol_keys)} runs "
+             f"finished. Runs in the database: "
              f"{len(runs)} ({counts['done']} done, {counts['diverged']} diverged, "
              f"{counts['failed']} failed); compute time {sum(r.wall_time for r in runs):.0f} s "
              f"summed over runs. Figures over seeds are the median and the interquartile "
-             f"range (IQR).", ""]
-    protocol_keys = {job.key() for job in recipe.jobs(settings)}
-    missing = protocol_keys - {r.key for r in runs if r.status in ("done", "diverged")}
-    if missing:
-        lines += [f"**Partial: {len(missing)} of the protocol's {len(protocol_keys)} runs are "
-                  f"missing** (the sweep stopped before them); the claims that need them "
-                  f"say so.", ""]
+             f"range (IQR). A verdict needs {MIN_SEEDS} seeds per compared arm "
+             f"(\"indicative\" below that); each claim's rule is printed beside it with the "
+             f"date it was fixed, and marked where it was set after this mode's runs existed.",
+             ""]
+    if len(finished) < len(protocol_keys):
+        lines += [f"**Partial: {len(protocol_keys) - len(finished)} of the mode's "
+                  f"{len(protocol_keys)} runs are missing** (the sweep stopped before them); "
+                  f"the claims that need them say so.", ""]
     if "provenance" in meta:
         where = meta["provenance"]
         lines += [f"Ran on {where['machine']}, {where['date']}, code at commit "
                   f"`{where['commit']}`; exported from `results.db` to `{CSV_NAME}`, from which "
                   f"`normlab report` re-renders this page.", ""]
     lines += ["## Claims", "",
-             "| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
+             "| claim | paper | ours | rule | verdict | why |", "|---|---|---|---|---|---|"]
     for claim in recipe.claims:
         verdict = _checked(claim, results, settings)
         cells = [f"**{claim.name}**: {claim.statement}", claim.paper, verdict.ours,
-                 verdict.verdict, verdict.why]
+                 claim.rule.describe(settings), verdict.verdict, verdict.why]
         # norms are written |x|: escaped so they do not split the table's cells
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "## Protocol used", ""] + [f"- {line}" for line in recipe.protocol(settings)]
@@ -73,7 +77,7 @@ def render(folder: str | Path) -> Path:
 
 def _checked(claim, results: Results, settings: Settings) -> Verdict:
     try:
-        return claim.check(results, settings)
+        return decide(claim, results, settings)
     except (KeyError, ValueError, ZeroDivisionError) as err:  # missing runs: say so
         return Verdict("-", "inconclusive", f"could not evaluate: {err!r}")
 

@@ -1,3 +1,4 @@
+import falsification
 import numpy as np
 import pytest
 
@@ -50,7 +51,7 @@ def test_equal_noise_is_not_a_reproduction():
     ("diverged", "diverged", "not reproduced"),
 ])
 def test_divergence_claim(normprop_status, fastnorm_status, verdict):
-    runs = [_run("normprop+renorm", 0.07, s, [0.1], normprop_status) for s in range(3)]
+    runs = [_run("normprop+renorm", 0.07, s, [0.9], normprop_status) for s in range(3)]
     runs += [_run("fastnorm", 0.075, s, [0.9], fastnorm_status) for s in range(3)]
     result = recipe.check_divergence(Results(runs), QUICK)
     assert result.verdict == verdict
@@ -96,7 +97,7 @@ def test_the_fastnorm_arm_is_normprop_with_tracked_norms():
 
 
 def test_quick_mode_runs_two_seeds_and_its_protocol_says_what_it_cuts():
-    quick_seeds, full_seeds = recipe.RECIPE.seeds
+    quick_seeds, full_seeds = recipe.RECIPE.seeds["quick"], recipe.RECIPE.seeds["full"]
     settings = Settings("fastnorm", quick=True, seeds=quick_seeds)
     batch_1 = [j for j in recipe.jobs(settings) if j.batch_size == 1]
     # the quick budget's cost: 30 batch-1 runs of 4000 steps (5 configurations per arm)
@@ -204,3 +205,55 @@ def test_accuracy_claim_not_reproduced_when_normprop_is_ahead_in_both_comparison
     runs += [_run("fastnorm", 0.03, s, [0.88]) for s in range(3)]
     verdict = recipe.check_accuracy(Results(runs), QUICK)
     assert verdict.verdict == "not reproduced" and "NormProp ahead in both" in verdict.why
+
+
+FULL = Settings("fastnorm", quick=False, seeds=5)
+
+
+def _mechanism_runs(amplitude):
+    return Results([_run(n, 0.03, s, _noisy(a, 11 * s + i)) for i, (n, a) in
+                    enumerate(amplitude.items()) for s in range(5)])
+
+
+def _divergence_runs(normprop_status, normprop_acc=0.1):
+    runs = [_run("normprop+renorm", 0.07, s, [normprop_acc], normprop_status) for s in range(5)]
+    return Results(runs + [_run("fastnorm", 0.075, s, [0.9]) for s in range(5)])
+
+
+def _accuracy_runs(normprop_06, fastnorm_075, normprop_03, fastnorm_03):
+    return Results([_run(norm, lr, s, [acc]) for norm, lr, acc in (
+        ("normprop+renorm", 0.06, normprop_06), ("fastnorm", 0.075, fastnorm_075),
+        ("normprop+renorm", 0.03, normprop_03), ("fastnorm", 0.03, fastnorm_03))
+        for s in range(5)])
+
+
+def falsification_cases():
+    return {
+        "(a) stability": lambda: (FULL, Results(_variant_runs(0.05, 0.01)),
+                                  Results(_variant_runs(0.02, 0.02))),
+        # the collapse reading: NormProp ends at 90% without a NaN, so it trained
+        "(b) learning-rate range": lambda: (FULL, _divergence_runs("diverged"),
+                                            _divergence_runs("done", 0.9)),
+        "(c) accuracy": lambda: (FULL, _accuracy_runs(0.86, 0.91, 0.88, 0.885),
+                                 _accuracy_runs(0.91, 0.86, 0.885, 0.88)),
+        "(d) bfloat16": lambda: (FULL,
+                                 Results(_variant_runs(0.02, 0.01)
+                                         + _variant_runs(0.2, 0.01, "bfloat16")),
+                                 Results(_variant_runs(0.02, 0.01)
+                                         + _variant_runs(0.01, 0.01, "bfloat16"))),
+        "(e) minibatch 16": lambda: (FULL, Results(_variant_runs(0.03, 0.01, batch=16)),
+                                     Results(_variant_runs(0.01, 0.03, batch=16))),
+        "(f) mechanism": lambda: (
+            FULL, _mechanism_runs({"normprop+renorm": 0.25, "normprop": 0.05, "fastnorm": 0.01}),
+            _mechanism_runs({"normprop+renorm": 0.05, "normprop": 0.01, "fastnorm": 0.01})),
+    }
+
+
+def test_every_claim_rule_can_fail():
+    falsification.check_recipe(recipe.RECIPE, falsification_cases())
+
+
+def test_a_collapsed_normprop_run_failed_to_train_without_a_nan():
+    verdict = recipe.check_divergence(_divergence_runs("done", 0.2), FULL)
+    assert verdict.verdict == "reproduced"
+    assert "NormProp, explicit (seed's) 0/5 of 5" in verdict.ours

@@ -1,5 +1,6 @@
 import math
 
+import falsification
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from normlab.experiments.runner import execute, job_config
 from normlab.experiments.store import Run
 
 QUICK = Settings("lecture", quick=True, seeds=2)
+THREE = Settings("lecture", quick=True, seeds=3)
 
 
 def test_residual_ratio_matches_a_per_sample_loop_with_the_same_weights():
@@ -66,14 +68,14 @@ def _probe_run(fn, seed, points, **params):
     return Run(job.key(), job_config(job), "done", 1.0, points)
 
 
-def _propagation_runs(ratio):
-    """Two seeds of every (sweep, scheme) probe, with ratio(scheme, blocks, width)."""
+def _propagation_runs(ratio, seeds=2):
+    """`seeds` seeds of every (sweep, scheme) probe, with ratio(scheme, blocks, width)."""
     grids = {"depth": [(b, 100) for b in recipe.DEPTHS], "width": [(10, w) for w in recipe.WIDTHS]}
     return Results([_probe_run(recipe.propagation_probe, seed,
                                [{"blocks": b, "width": w, "ratio": ratio(scheme, b, w)}
                                 for b, w in grid], sweep=sweep, scheme=scheme)
                     for sweep, grid in grids.items() for scheme in recipe.SCHEMES
-                    for seed in range(2)])
+                    for seed in range(seeds)])
 
 
 def _bounded(scheme, blocks, width):
@@ -92,6 +94,57 @@ def _bounded(scheme, blocks, width):
 def test_propagation_claim_from_synthetic_probes(ratio, verdict):
     assert recipe.check_propagation(_propagation_runs(ratio), QUICK).verdict == verdict
     assert recipe.check_propagation(Results([]), QUICK).verdict == "inconclusive"
+
+
+def _batch_norm_runs(diff, grad_ratio):
+    return Results([_probe_run(recipe.batch_norm_scale_probe, seed,
+                               [{"c": c, "output_diff": diff if c == 100.0 else 0.0,
+                                 "grad_ratio_times_c": grad_ratio if c == 0.01 else 1.0,
+                                 "output_diff_fixed_eps": 1e-3 * (c < 1)}
+                                for c in recipe.SCALES]) for seed in range(2)])
+
+
+def _weight_norm_runs(cos, growth):
+    return Results([_probe_run(recipe.weight_norm_update_probe, seed,
+                               [{"step": step,
+                                 "max_abs_cos": cos if (seed, step) == (1, 20) else 0.0,
+                                 "max_growth_error": growth if (seed, step) == (1, 20) else 0.0,
+                                 "norm": 1 + step / 10} for step in range(1, 21)])
+                    for seed in range(2)])
+
+
+def _learning_rate_runs(weight_norm_diverged: int):
+    """Three seeds at the top rate: 'none' diverged, the others at 0.3, weight
+    normalization diverged in the given number of seeds."""
+    top = recipe.LR_GRID[True][-1]
+    runs = [_loss_run("none", top, s, 9.0, "diverged") for s in range(3)]
+    runs += [_loss_run(n, top, s, 0.3, "diverged" if n == "weight_norm" and
+                       s < weight_norm_diverged else "done")
+             for n in recipe.SWEEP_NORMS[1:] for s in range(3)]
+    return Results(runs)
+
+
+def falsification_cases():
+    return {
+        "scaled WN": lambda: (THREE, _propagation_runs(_bounded, 3), _propagation_runs(
+            lambda s, b, w: 3.0 if s == "scaled_weight_norm" and w == 500
+            else _bounded(s, b, w), 3)),
+        "BN scale invariance": lambda: (THREE, _batch_norm_runs(1e-15, 1 + 1e-14),
+                                        _batch_norm_runs(1e-6, 1.0)),
+        "WN update": lambda: (THREE, _weight_norm_runs(1e-15, 1e-15),
+                              _weight_norm_runs(1e-3, 1e-15)),
+        # weight normalization diverges in 2 of 3 seeds: not "tolerates large rates"
+        "large learning rates": lambda: (THREE, _learning_rate_runs(0), _learning_rate_runs(2)),
+    }
+
+
+def test_every_claim_rule_can_fail():
+    falsification.check_recipe(recipe.RECIPE, falsification_cases())
+
+
+def test_learning_rate_claim_shows_the_diverged_seeds():
+    verdict = recipe.check_learning_rate(_learning_rate_runs(1), THREE)
+    assert verdict.verdict == "reproduced" and "weight_norm 0.3 (1/3)" in verdict.ours
 
 
 @pytest.mark.parametrize("diff, grad_ratio, verdict", [
