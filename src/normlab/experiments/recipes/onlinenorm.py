@@ -286,7 +286,7 @@ RECIPE = Recipe(
     jobs=jobs,
     claims=[
         Claim("memory", "training at batch 1 with Online Normalization needs a fraction of "
-              "BatchNorm's activation memory at batches 32 and 128",
+              "BatchNorm's training memory at batches 32 and 128",
               "GB, Online b=1 / BN b=32 / BN b=128: ResNet-50 1/2/4; 3D U-Net 150^3 1/29/115, "
               "250^3 6/195/785; 2D U-Net 1024^2 2/31/123, 2048^2 5/137/546 (theory)",
               check_memory,
