@@ -28,9 +28,11 @@ def render(folder: str | Path) -> Path:
     meta, runs = _load(folder)
     settings = Settings(**meta["settings"])
     recipe = get_recipe(settings.recipe)
-    results = Results(runs)
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "diverged", "failed")}
     protocol_keys = {job.key() for job in recipe.jobs(settings)}
+    # the claims judge the mode's runs only: a run of an earlier protocol (an arm since
+    # changed) stays in the database and the CSV, but no verdict reads it
+    results = Results([r for r in runs if r.key in protocol_keys])
     finished = protocol_keys & {r.key for r in runs if r.status in ("done", "diverged")}
     lines = [f"# {recipe.title}", "",
              f"Recipe `{recipe.name}`, **{settings.mode} mode**, seed document "

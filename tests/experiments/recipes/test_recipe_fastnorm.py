@@ -257,3 +257,33 @@ def test_a_collapsed_normprop_run_failed_to_train_without_a_nan():
     verdict = recipe.check_divergence(_divergence_runs("done", 0.2), FULL)
     assert verdict.verdict == "reproduced"
     assert "NormProp, explicit (seed's) 0/5 of 5" in verdict.ours
+
+
+def test_parametrized_normprop_and_fastnorm_differ_only_in_how_the_norm_is_kept():
+    """Both arms start from unit rows: the same function, and SGD on it keeps them together
+    (FastNorm's tracking only rounds differently)."""
+    import torch
+
+    from normlab import training
+
+    torch.manual_seed(0)
+    by_norm = {j.norm: j for j in recipe.jobs(QUICK) if j.seed == 0}
+    models, optimizers = {}, {}
+    for norm in ("normprop", "fastnorm"):
+        torch.manual_seed(0)
+        models[norm] = training.build_model(by_norm[norm])
+        optimizers[norm] = training.build_optimizer(models[norm], by_norm[norm])
+        first = next(m for m in models[norm].modules() if hasattr(m, "weight"))
+        torch.testing.assert_close(first.weight.norm(dim=1), torch.ones(1024))
+    data = torch.randn(64, 784, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(2))
+    for x, y in zip(data.split(1), labels.split(1)):
+        for norm, model in models.items():
+            optimizers[norm].zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            for group in optimizers[norm].param_groups:
+                group["lr"] = 0.03
+            optimizers[norm].step()
+    probe = torch.randn(8, 784, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(models["normprop"](probe), models["fastnorm"](probe),
+                               rtol=1e-4, atol=1e-4)
