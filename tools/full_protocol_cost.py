@@ -1,6 +1,6 @@
-"""Estimate the CPU-hours of a recipe's full protocol from measured step times.
+"""Estimate the CPU-hours of a recipe's full (or decisive) protocol from measured step times.
 
-For every distinct training configuration of the recipe's full-mode jobs
+For every distinct training configuration of the recipe's jobs in that mode
 (learning rate and seed aside, which do not change the cost), times some
 optimizer steps (median) and one evaluation pass on 1000 test samples in CPU seconds
 (`time.process_time`, one thread), then sums steps x step time + evaluated
@@ -10,7 +10,8 @@ left out. An estimate: it leaves out data loading and start-up, and CPU time
 measured on a loaded machine runs somewhat above a quiet one's.
 
     PYTHONPATH=src python tools/full_protocol_cost.py enorm equinorm [--data-dir DIR]
-        [--detail]  (one line per distinct configuration: training and evaluation hours)
+        [--protocol decisive] [--detail]  (one line per distinct configuration: training and
+        evaluation hours)
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ STEPS = 20  # timed steps per configuration; their median is the step time
 DATASET_SIZES = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}
 
 
-def train_configs(name: str) -> list[training.TrainConfig]:
+def train_configs(name: str, protocol: str = "full") -> list[training.TrainConfig]:
     recipe = get_recipe(name)
-    settings = Settings(name, quick=False, seeds=recipe.seeds[1], dataset=recipe.dataset)
+    settings = Settings(name, quick=False, seeds=recipe.seeds[protocol], dataset=recipe.dataset,
+                        protocol=protocol)
     configs = []
     for job in recipe.jobs(settings):
         if isinstance(job, Probe):
@@ -99,10 +101,10 @@ class Cost:
     evaluation: float = 0.0  # CPU seconds, all its runs' evaluations
 
 
-def costs(name: str, data_dir, steps: int = STEPS) -> list[Cost]:
+def costs(name: str, data_dir, steps: int = STEPS, protocol: str = "full") -> list[Cost]:
     """One `Cost` per distinct configuration of the recipe's full protocol."""
     by_signature: dict[str, Cost] = {}
-    for config in train_configs(name):
+    for config in train_configs(name, protocol):
         key = signature(config)
         if key not in by_signature:
             by_signature[key] = Cost(config)
@@ -132,13 +134,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--steps", type=int, default=STEPS,
                         help=f"optimizer steps timed per configuration (median; default {STEPS})")
+    parser.add_argument("--protocol", choices=("full", "decisive"), default="full")
     parser.add_argument("--detail", action="store_true",
                         help="one line per distinct configuration: where the hours go")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data.load("mnist", "test", root=args.data_dir)  # fail early without the data
     for name in args.recipes:
-        rows = costs(name, args.data_dir, args.steps)
+        rows = costs(name, args.data_dir, args.steps, args.protocol)
         training_h = sum(c.training for c in rows) / 3600
         evaluation_h = sum(c.evaluation for c in rows) / 3600
         print(f"{name}: {sum(c.runs for c in rows)} training runs, about "
