@@ -138,7 +138,8 @@ def cmd_reproduce(args) -> int:
     try:
         path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
                                      data_dir=args.data_dir, executor=executor,
-                                     resume_from=args.resume_from)
+                                     resume_from=args.resume_from,
+                                     checkpoint_every=args.checkpoint_every)
     except experiments.Interrupted as err:
         print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
@@ -249,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="an exported results folder (`normlab report --export`, e.g. "
                                 "results/RECIPE/...) of the same settings: its finished runs "
                                 "are copied into --out and not run again")
+    reproduce.add_argument("--checkpoint-every", metavar="SECONDS", type=float, default=300.0,
+                           help="each training run saves its state into OUT/checkpoints this "
+                                "often (default 300; 0: never), and a rerun continues it from "
+                                "there")
     reproduce.set_defaults(run=cmd_reproduce)
 
     report = sub.add_parser("report", help="re-render report.md from a results folder")
