@@ -278,8 +278,15 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_to_the_same_numbers
     _assert_same_run(result, reference)
 
 
-def test_a_resumed_run_continues_the_augmentation_draws_mid_epoch(tmp_path, monkeypatch):
-    augmented = training.Task("digits", training.TASKS["digits-mlp"].build, augment=True)
+def _dropout_mlp(norm, hidden):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Dropout(0.2), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def test_a_resumed_run_continues_the_draws_of_augmentation_and_dropout_mid_epoch(
+        tmp_path, monkeypatch):
+    # augmentation draws from the run's generator, dropout from torch's global one
+    augmented = training.Task("digits", _dropout_mlp, augment=True)
     monkeypatch.setitem(training.TASKS, "digits-augmented", augmented)
     config = _resumable(task="digits-augmented", standardize=False)
     reference = train(config)
