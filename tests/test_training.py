@@ -373,6 +373,13 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
         train(other, checkpoint=checkpoint)
 
 
+def test_an_unreadable_checkpoint_is_named_in_the_error(tmp_path):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"checkpoint {path} cannot be read .*; remove it"):
+        train(_resumable(), checkpoint=Checkpoint(path, steps=3))
+
+
 def test_checkpoint_interval_in_seconds_or_steps():
     by_time = Checkpoint("run.pt", seconds=60)
     assert not by_time.due(7, seconds_since_last=59.9) and by_time.due(7, seconds_since_last=60)
@@ -382,3 +389,11 @@ def test_checkpoint_interval_in_seconds_or_steps():
         Checkpoint("run.pt", steps=0)
     with pytest.raises(ValueError, match="seconds must be > 0"):
         Checkpoint("run.pt", seconds=0)
+
+
+def test_checkpointing_a_run_of_several_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(training.Ranks, "current",
+                        classmethod(lambda cls: training.Ranks(None, rank=0, size=2)))
+    with pytest.raises(ValueError, match="checkpointing a run of 2 processes is not supported"):
+        train(_resumable(), checkpoint=Checkpoint(tmp_path / "run.pt", steps=3))
+    assert not (tmp_path / "run.pt").exists()

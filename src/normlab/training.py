@@ -277,7 +277,11 @@ class Checkpoint:
         path = Path(self.path)
         if not path.exists():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not written by `save`: its writes are atomic
+            raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}, "
+                             f"above); remove it to start the run over") from err
         saved_key = state.get("config_key") if isinstance(state, dict) else None
         if saved_key != config.key():
             raise ValueError(f"checkpoint {path} belongs to run {saved_key!r}, "
