@@ -1,4 +1,11 @@
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from normlab import models, training
-from normlab.training import TrainConfig, split_norm, train
+from normlab.training import Checkpoint, TrainConfig, split_norm, train
 
 pytestmark = pytest.mark.usefixtures("needs_sklearn")  # digits: the fast dataset for these tests
 
@@ -208,3 +215,185 @@ def test_non_finite_test_loss_ends_the_run_as_diverged(monkeypatch):
     assert math.isfinite(result.history[0]["train_loss"])
     assert not math.isfinite(result.history[0]["test_loss"])
     assert sum(call["grad"] for call in probe.calls) == 3  # no step after the divergence
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _resumable(norm: str = "online", **kw) -> TrainConfig:
+    """16 steps (2 epochs of 8 batches of 16) evaluated every 5, with a decaying rate: an
+    interruption at step 10 falls mid-epoch, between evaluations and rate changes."""
+    return TrainConfig(**{"task": "digits-mlp", "norm": norm, "lr": 0.05, "momentum": 0.9,
+                          "epochs": 2, "batch_size": 16, "train_limit": 128, "test_limit": 200,
+                          "eval_every": 5, "lr_schedule": "linear", "model_kw": {"hidden": 32},
+                          **kw})
+
+
+class _Stop(Exception):
+    """Stands for the kill: the run's process state is abandoned at this point."""
+
+
+def _stop_at(step: int):
+    def on_eval(point):
+        if point["step"] >= step:
+            raise _Stop
+    return on_eval
+
+
+def _resume(config: TrainConfig, checkpoint: Checkpoint):
+    """The rerun after an interruption, with the steps it evaluated itself."""
+    evaluated = []
+    result = train(config, checkpoint=checkpoint, on_eval=lambda p: evaluated.append(p["step"]))
+    return result, evaluated
+
+
+def _assert_same_run(result, reference):
+    assert result.status == reference.status == "done"
+    assert [_drop_time(p) for p in result.history] == [_drop_time(p) for p in reference.history]
+    state, expected = result.model.state_dict(), reference.model.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("norm, momentum, every, last_saved", [
+    ("online", 0.9, 3, 9),  # buffers: running stats and the backward's controls
+    ("batch_renorm", 0.9, 3, 9),
+    ("batch+enorm", 0.9, 3, 9),  # ENorm rescales the momentum buffers
+    ("fastnorm", 0.0, 3, 9),  # the fused step's tracked norms (batch 16 is tracked)
+    ("enorm", 0.0, 4, 8),  # saved at the end of the first epoch: the next draws its order
+])
+def test_an_interrupted_run_resumes_from_its_last_checkpoint_to_the_same_numbers(
+        tmp_path, norm, momentum, every, last_saved):
+    config = _resumable(norm, momentum=momentum)
+    reference = train(config)
+    checkpoint = Checkpoint(tmp_path / "run.pt", steps=every)
+    with pytest.raises(_Stop):
+        train(config, checkpoint=checkpoint, on_eval=_stop_at(10))
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == last_saved
+    result, evaluated = _resume(config, checkpoint)
+    assert evaluated == [10, 15, 16]  # continued after its checkpoint, not from the start
+    _assert_same_run(result, reference)
+
+
+def _dropout_mlp(norm, hidden):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.Dropout(0.2), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def test_a_resumed_run_continues_the_draws_of_augmentation_and_dropout_mid_epoch(
+        tmp_path, monkeypatch):
+    # augmentation draws from the run's generator, dropout from torch's global one
+    augmented = training.Task("digits", _dropout_mlp, augment=True)
+    monkeypatch.setitem(training.TASKS, "digits-augmented", augmented)
+    config = _resumable(task="digits-augmented", standardize=False)
+    reference = train(config)
+    checkpoint = Checkpoint(tmp_path / "run.pt", steps=3)
+    with pytest.raises(_Stop):
+        train(config, checkpoint=checkpoint, on_eval=_stop_at(10))
+    result, evaluated = _resume(config, checkpoint)
+    assert evaluated == [10, 15, 16]
+    _assert_same_run(result, reference)
+
+
+_KILLED_RUN = """
+import json, sys, time, torch
+from pathlib import Path
+from normlab.training import Checkpoint, TrainConfig, train
+path, threads, config = sys.argv[1], int(sys.argv[2]), TrainConfig(**json.loads(sys.argv[3]))
+torch.set_num_threads(threads)  # the parent's: the same reductions, the same rounding
+
+def wait_to_be_killed(point):
+    if point["step"] >= 10:  # one step past the checkpoint at 9: that work dies with us
+        Path(path + ".waiting").touch()
+        time.sleep(300)
+
+train(config, checkpoint=Checkpoint(path, steps=3), on_eval=wait_to_be_killed)
+"""
+
+
+def test_a_run_killed_with_sigkill_after_a_checkpoint_resumes_to_the_same_numbers(tmp_path):
+    config = _resumable("online")
+    path = tmp_path / "run.pt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN, str(path), str(torch.get_num_threads()),
+         json.dumps(config.to_dict())],
+        env={**os.environ, "PYTHONPATH": str(SRC)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{path}.waiting").exists():
+            assert child.poll() is None, f"the run ended before the kill: {child.stderr.read()}"
+            assert time.monotonic() < deadline, "the run never reached step 10"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.stderr.close()
+    assert torch.load(path, weights_only=True)["step"] == 9
+    result, evaluated = _resume(config, Checkpoint(path, steps=3))
+    assert evaluated == [10, 15, 16]
+    _assert_same_run(result, train(config))
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_usable(tmp_path,
+                                                                          monkeypatch):
+    config = _resumable("batch_renorm")
+    checkpoint = Checkpoint(tmp_path / "run.pt", steps=3)
+    real_replace, replaced = os.replace, []
+
+    def crash_on_the_second_replace(source, target):
+        if replaced:
+            Path(source).write_bytes(Path(source).read_bytes()[:100])  # cut off mid-write
+            raise OSError("killed while writing")
+        replaced.append(target)
+        real_replace(source, target)
+    monkeypatch.setattr(os, "replace", crash_on_the_second_replace)
+    with pytest.raises(OSError, match="killed while writing"):
+        train(config, checkpoint=checkpoint)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert checkpoint.partial_path().stat().st_size == 100
+    saved = torch.load(checkpoint.path, weights_only=True)
+    assert saved["step"] == 3 and saved["config_key"] == config.key()
+    assert saved["generator"].dtype == saved["torch_rng"].dtype == torch.uint8
+    result, evaluated = _resume(config, checkpoint)
+    assert evaluated == [5, 10, 15, 16]  # from step 3: before the first evaluation
+    _assert_same_run(result, train(config))
+
+
+def test_a_checkpoint_of_another_config_is_refused(tmp_path):
+    checkpoint = Checkpoint(tmp_path / "run.pt", steps=3)
+    with pytest.raises(_Stop):
+        train(_resumable("none"), checkpoint=checkpoint, on_eval=_stop_at(5))
+    other = _resumable("none", seed=1)
+    with pytest.raises(ValueError, match=f"belongs to run '{_resumable('none').key()}', not "
+                                         f"to this config \\(key '{other.key()}'\\)"):
+        train(other, checkpoint=checkpoint)
+
+
+def test_an_unreadable_checkpoint_is_named_in_the_error(tmp_path):
+    path = tmp_path / "run.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"checkpoint {path} cannot be read .*; remove it"):
+        train(_resumable(), checkpoint=Checkpoint(path, steps=3))
+
+
+def test_checkpoint_interval_in_seconds_or_steps():
+    by_time = Checkpoint("run.pt", seconds=60)
+    assert not by_time.due(7, seconds_since_last=59.9) and by_time.due(7, seconds_since_last=60)
+    by_steps = Checkpoint("run.pt", seconds=60, steps=4)
+    assert by_steps.due(8, 0.0) and not by_steps.due(9, 1e6)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        Checkpoint("run.pt", steps=0)
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        Checkpoint("run.pt", seconds=0)
+
+
+def test_checkpointing_a_run_of_several_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(training.Ranks, "current",
+                        classmethod(lambda cls: training.Ranks(None, rank=0, size=2)))
+    with pytest.raises(ValueError, match="checkpointing a run of 2 processes is not supported"):
+        train(_resumable(), checkpoint=Checkpoint(tmp_path / "run.pt", steps=3))
+    assert not (tmp_path / "run.pt").exists()

@@ -141,7 +141,8 @@ def cmd_reproduce(args) -> int:
     try:
         path = experiments.reproduce(args.recipe, out, quick=args.quick, seeds=args.seeds,
                                      data_dir=args.data_dir, executor=executor,
-                                     resume_from=args.resume_from, protocol=args.protocol)
+                                     resume_from=args.resume_from, protocol=args.protocol,
+                                     checkpoint_every=args.checkpoint_every)
     except experiments.Interrupted as err:
         print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
               f"run the same command again to resume", file=sys.stderr)
@@ -256,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="an exported results folder (`normlab report --export`, e.g. "
                                 "results/RECIPE/MODE) of the same recipe: its finished runs that "
                                 "this sweep also runs are copied into --out and not run again")
+    reproduce.add_argument("--checkpoint-every", metavar="SECONDS", type=float, default=300.0,
+                           help="each training run saves its state into OUT/checkpoints this "
+                                "often (default 300; 0: never), and a rerun continues it from "
+                                "there")
     reproduce.set_defaults(run=cmd_reproduce)
 
     report = sub.add_parser("report", help="re-render report.md from a results folder")

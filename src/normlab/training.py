@@ -13,9 +13,11 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -226,6 +228,73 @@ class Ranks:
         return total.tolist()
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where and how often `train` saves a run's whole state, to resume it after a kill.
+
+    Written every `seconds` of wall time, or every `steps` optimizer steps
+    when given (deterministic: the tests use it). Not part of the run's
+    config: a run's numbers (and key) do not depend on it.
+    """
+
+    path: str | Path
+    seconds: float = 300.0
+    steps: int | None = None
+
+    def __post_init__(self):
+        if self.steps is not None and not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"Checkpoint.steps must be an int >= 1 (or None), got {self.steps!r}")
+        if not self.seconds > 0:
+            raise ValueError(f"Checkpoint.seconds must be > 0, got {self.seconds!r}")
+
+    def due(self, step: int, seconds_since_last: float) -> bool:
+        if self.steps is not None:
+            return step % self.steps == 0
+        return seconds_since_last >= self.seconds
+
+    def partial_path(self) -> Path:
+        """The temporary file a checkpoint is written to before it replaces the last one."""
+        path = Path(self.path)
+        return path.with_name(path.name + ".partial")
+
+    def save(self, state: dict) -> None:
+        """Atomically: a crash while writing leaves the previous checkpoint as it was."""
+        path, partial = Path(self.path), self.partial_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename itself survives a power loss only once the folder is synced
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def load(self, config: TrainConfig) -> dict | None:
+        """The saved state of `config`'s run, or None when there is none yet."""
+        path = Path(self.path)
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not written by `save`: its writes are atomic
+            raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}, "
+                             f"above); remove it to start the run over") from err
+        saved_key = state.get("config_key") if isinstance(state, dict) else None
+        if saved_key != config.key():
+            raise ValueError(f"checkpoint {path} belongs to run {saved_key!r}, "
+                             f"not to this config (key {config.key()!r}); remove it or give "
+                             f"this run another checkpoint path")
+        return state
+
+    def remove(self) -> None:
+        """Delete the checkpoint and any half-written one (once the run is stored)."""
+        Path(self.path).unlink(missing_ok=True)
+        self.partial_path().unlink(missing_ok=True)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 1000, ranks: Ranks | None = None) -> dict:
@@ -248,8 +317,20 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train(config: TrainConfig, data_dir=None, progress: bool = False,
-          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+          on_eval: Callable[[dict], None] | None = None,
+          checkpoint: Checkpoint | None = None) -> TrainResult:
     """Train `config` and evaluate on the test split; see `TrainConfig`.
+
+    With `checkpoint`, the run's whole state (model with its normalizers'
+    buffers, optimizer, step and the epoch's data order, the data generator's
+    and torch's RNG states, history, running train-loss sums, elapsed time)
+    is saved there at the checkpoint's interval, and a call that finds a
+    checkpoint of the same config continues from it: the finished run equals
+    an uninterrupted one bit for bit on the CPU with the same thread count
+    (the learning rate is a function of the step, and the rebalancers keep no
+    state between steps). The checkpoint is left in place at the end (the
+    caller deletes it once the result is safe). Refused under torch.distributed
+    with several processes.
 
     Under torch.distributed with several processes (as `normlab train
     --nproc-per-node` runs it), the run is data-parallel and equals the
@@ -264,6 +345,10 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
     if ranks is not None and config.batch_size < ranks.size:
         raise ValueError(f"batch_size is the global batch: it must be at least the number of "
                          f"processes ({ranks.size}), got {config.batch_size}")
+    if ranks is not None and checkpoint is not None:
+        raise ValueError(f"checkpointing a run of {ranks.size} processes is not supported; "
+                         f"run it without a checkpoint, or as one process")
+    saved = checkpoint.load(config) if checkpoint is not None else None
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train_x, train_y = load_split(config, "train", data_dir)
@@ -275,6 +360,17 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
     # and convert_sync keeps the parameter objects it holds.
     rebalancer = (registry.get(rebalancer_name).build(model, optimizer, **config.rebalancer_kw)
                   if rebalancer_name else None)
+    history: list[dict] = []
+    status, step, loss_sum, loss_count, order = "done", 0, 0.0, 0, None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        history, step = saved["history"], saved["step"]
+        loss_sum, loss_count = saved["loss_sum"], saved["loss_count"]
+        order = saved["order"]
+        start_time -= saved["elapsed"]
     trained = model
     if ranks is not None:
         model = distributed.convert_sync(model)
@@ -283,14 +379,18 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
     steps_per_epoch = math.ceil(len(train_y) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     eval_every = config.eval_every or steps_per_epoch
-    history: list[dict] = []
-    status, step, loss_sum, loss_count = "done", 0, 0.0, 0
+    if step % steps_per_epoch == 0:  # a checkpoint at an epoch's end: the next draws its order
+        order = None
+    last_saved = time.perf_counter()
     bar = _progress_bar(total_steps, f"{config.task} {config.norm}",
                         progress and (ranks is None or ranks.rank == 0))
+    bar.update(step)
     model.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(train_y), generator=generator)
-        for start in range(0, len(order), config.batch_size):
+    for _ in range(step // steps_per_epoch, config.epochs):
+        if order is None:
+            order = torch.randperm(len(train_y), generator=generator)
+        first = (step % steps_per_epoch) * config.batch_size
+        for start in range(first, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
             inputs, target = train_x[index], train_y[index]
             if TASKS[config.task].augment:
@@ -334,6 +434,16 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
                     on_eval(point)
                 if status == "diverged":
                     break
+            if (checkpoint is not None and step < total_steps
+                    and checkpoint.due(step, time.perf_counter() - last_saved)):
+                checkpoint.save({
+                    "config_key": config.key(), "step": step, "order": order,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "history": history, "loss_sum": loss_sum, "loss_count": loss_count,
+                    "elapsed": time.perf_counter() - start_time})
+                last_saved = time.perf_counter()
+        order = None
         if status == "diverged":
             break
     bar.close()

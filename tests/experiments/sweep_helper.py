@@ -165,3 +165,41 @@ def tiny_recipe(name: str = "tiny", norms=("none", "batch")):
                   [Figure("tiny.png", "accuracy", draw)],
                   lambda s: [f"{s.seeds} seeds, 320 digits"], seeds={"quick": 2, "full": 3},
                   dataset="digits")
+
+
+def training_job():
+    """A training run of about a second: 16 steps of a small digits MLP, evaluated every 5."""
+    from normlab import training
+
+    return training.TrainConfig(task="digits-mlp", norm="online", lr=0.05, epochs=2,
+                                batch_size=16, train_limit=128, test_limit=200, eval_every=5,
+                                model_kw={"hidden": 32})
+
+
+RESUMED_MARK = -1.0
+
+
+def plant_checkpoint(store: Store, job) -> Path:
+    """Leave `job`'s checkpoint in `store`'s folder as a sweep killed at step 10 would (saved
+    at step 9), with its first evaluation's test accuracy set to RESUMED_MARK: a run that
+    continued from it reports that mark, one that started over does not. Returns its path."""
+    import torch
+
+    from normlab import training
+    from normlab.experiments.runner import checkpoint_for
+
+    path = checkpoint_for(store, job).path
+    checkpoint = training.Checkpoint(path, steps=3)
+
+    def kill_at_step_10(point):
+        if point["step"] >= 10:
+            raise Interrupted("killed")
+    try:
+        training.train(job, checkpoint=checkpoint, on_eval=kill_at_step_10)
+    except Interrupted:
+        pass
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 9 and [p["step"] for p in state["history"]] == [5]
+    state["history"][0]["test_acc"] = RESUMED_MARK
+    checkpoint.save(state)
+    return path

@@ -12,8 +12,9 @@ import pytest
 import sweep_helper
 
 from normlab import training
-from normlab.experiments import Probe, RayCluster, Store, run_sweep
-from normlab.experiments.runner import execute, job_config
+from normlab.experiments import Executor, Probe, RayCluster, Store, run_sweep
+from normlab.experiments.runner import checkpoint_for, execute, job_config
+from normlab.experiments.store import Run
 
 HELPER = Path(sweep_helper.__file__)
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -212,3 +213,98 @@ def test_a_finished_sweep_leaves_no_leaked_semaphore(tmp_path):
             "    with Store.in_folder(sys.argv[1]) as store:\n"
             "        run_sweep(jobs, store, workers=2)\n")
     assert "leaked semaphore" not in _run_script(code, tmp_path).stderr
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+class _InProcess(Executor):
+    """Runs each job here, as `status` says: ``"real"`` executes it; otherwise the run is
+    faked with that status after its checkpoint file, if it has one, is touched.
+    Notes the checkpoint each job was given and whether its file existed as the run ended."""
+
+    def __init__(self, status: str = "real"):
+        self.status, self.given, self.existed = status, {}, {}
+
+    def start(self, job_count):
+        pass
+
+    def completed(self, jobs, data_dir, checkpoints):
+        for job in jobs:
+            checkpoint = self.given[job.key()] = checkpoints.get(job.key())
+            if self.status == "real":
+                run = execute(job, data_dir, checkpoint)
+            else:
+                if checkpoint is not None:  # as a run that saved one
+                    Path(checkpoint.path).parent.mkdir(parents=True, exist_ok=True)
+                    Path(checkpoint.path).touch()
+                run = Run(job.key(), job_config(job), self.status, 0.1, [])
+            self.existed[job.key()] = checkpoint is not None and Path(checkpoint.path).exists()
+            yield job, run
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.usefixtures("needs_sklearn")
+def test_a_training_run_checkpoints_into_the_sweep_folder_which_drops_it_once_stored(tmp_path):
+    job, probe = sweep_helper.training_job(), Probe(sweep_helper.slow_probe, 0, {"seconds": 0})
+    executor = _InProcess()
+    with Store.in_folder(tmp_path) as store:
+        run_sweep([job, probe], store, executor=executor, checkpoint_every=1e-9,
+                  stream=open(os.devnull, "w"))
+        runs = {run.key: run for run in store.runs()}
+    checkpoint = executor.given[job.key()]
+    assert Path(checkpoint.path) == tmp_path.resolve() / "checkpoints" / f"{job.key()}.pt"
+    assert checkpoint.seconds == 1e-9 and executor.given[probe.key()] is None
+    assert executor.existed[job.key()]  # saved during the run (after every step here)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # and gone once stored
+    # checkpointing changes neither the run's key nor its numbers
+    assert runs[job.key()].status == "done"
+    assert _numbers(runs[job.key()].history) == _numbers(training.train(job).history)
+
+
+def _numbers(history: list[dict]) -> list[dict]:
+    """A history as stored (every value a float), less the wall times."""
+    return [{name: float(value) for name, value in point.items() if name != "wall_time"}
+            for point in history]
+
+
+def test_a_failed_runs_checkpoint_is_kept_for_the_retry_and_a_finished_runs_is_removed(
+        tmp_path):
+    job, quiet = sweep_helper.training_job(), open(os.devnull, "w")
+    with Store.in_folder(tmp_path) as store:
+        path = Path(checkpoint_for(store, job).path)
+        run_sweep([job], store, executor=_InProcess("failed"), stream=quiet)
+        assert path.exists()
+        run_sweep([job], store, executor=_InProcess("done"), stream=quiet)
+        assert not path.exists()
+        # a sweep killed between storing a run and deleting its checkpoint: the next drops it
+        path.touch()
+        Path(f"{path}.partial").touch()
+        assert run_sweep([job], store, executor=_InProcess("done"), stream=quiet)["skipped"] == 1
+        assert list(path.parent.iterdir()) == []
+
+
+def test_checkpoint_every_zero_gives_no_checkpoint_and_a_negative_one_is_refused(tmp_path):
+    job, executor = sweep_helper.training_job(), _InProcess("done")
+    with Store.in_folder(tmp_path) as store:
+        with pytest.raises(ValueError, match=r"checkpoint_every must be a number of seconds "
+                                             r">= 0 \(0: no checkpoints\), got -1"):
+            run_sweep([job], store, executor=executor, checkpoint_every=-1)
+        assert run_sweep([job], store, executor=executor, checkpoint_every=0,
+                         stream=open(os.devnull, "w"))["done"] == 1
+    assert executor.given == {job.key(): None}
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.usefixtures("needs_sklearn")
+def test_a_killed_sweeps_training_run_resumes_from_its_checkpoint_in_a_worker(tmp_path):
+    job = sweep_helper.training_job()
+    with Store.in_folder(tmp_path) as store:
+        path = sweep_helper.plant_checkpoint(store, job)
+        counts = run_sweep([job], store, workers=1, stream=open(os.devnull, "w"))
+        (run,) = store.runs()
+    assert counts["done"] == 1 and run.key == job.key()
+    assert [point["step"] for point in run.history] == [5, 10, 15, 16]
+    assert run.history[0]["test_acc"] == sweep_helper.RESUMED_MARK  # continued, not redone
+    assert not path.exists()

@@ -86,6 +86,21 @@ def test_a_task_whose_worker_dies_is_recorded_failed_then_retried(tmp_path, clus
             seed: sweep_helper.points(seed) for seed in (0, 1, 9)}
 
 
+@pytest.mark.usefixtures("needs_sklearn")
+def test_a_ray_task_resumes_a_training_run_from_its_checkpoint_in_the_sweep_folder(
+        tmp_path, cluster, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out: the workers get the absolute path
+    job = sweep_helper.training_job()
+    with Store.in_folder("sweep") as store:
+        path = sweep_helper.plant_checkpoint(store, job)
+        assert run_sweep([job], store, executor=RayCluster(),
+                         stream=open(os.devnull, "w"))["done"] == 1
+        (run,) = store.runs()
+    assert [point["step"] for point in run.history] == [5, 10, 15, 16]
+    assert run.history[0]["test_acc"] == sweep_helper.RESUMED_MARK  # continued, not redone
+    assert not path.exists()
+
+
 def test_a_sweep_that_stops_cancels_its_busy_tasks(tmp_path, cluster, monkeypatch):
     gate, pid_dir = tmp_path / "gate", tmp_path / "pids"
     pid_dir.mkdir()

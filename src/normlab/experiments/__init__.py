@@ -32,7 +32,7 @@ def get_recipe(name: str) -> Recipe:
 def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None = None,
               workers: int | None = None, data_dir=None, say=print,
               executor: Executor | None = None, resume_from: str | Path | None = None,
-              protocol: str = "full") -> Path:
+              protocol: str = "full", checkpoint_every: float = 300.0) -> Path:
     """Run recipe `name` into folder `out` (resuming what is there); returns the report path.
 
     `protocol` is "full" or "decisive" (ignored with `quick`); the recipe
@@ -41,7 +41,9 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
     (``normlab report --export``) of the same recipe and dataset: those of its
     finished runs that this sweep also runs (the same configuration, whatever
     the mode) are copied into `out` first and not run again, so a sweep
-    continues on another machine from what was committed.
+    continues on another machine from what was committed. Each training run
+    checkpoints every `checkpoint_every` seconds (0: never) into
+    ``out/checkpoints``, so a rerun continues an unfinished run mid-way.
     When the recipe needs MNIST and it can be neither read nor downloaded,
     the runs use scikit-learn's digits instead and the report says so. Raises
     `FolderInUse` at once when another sweep is running in `out`, and
@@ -77,7 +79,7 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
         if resume_from is not None:
             _copy_finished_runs(Path(resume_from), settings, jobs, store, log_path, say)
         run_sweep(jobs, store, workers=workers, data_dir=data_dir, log_path=log_path,
-                  label=label, executor=executor)
+                  label=label, executor=executor, checkpoint_every=checkpoint_every)
         return render(out)
 
 

@@ -7,6 +7,14 @@ a `RayCluster` of Ray tasks. Workers only compute; the driver process writes
 each finished run to the database in one transaction. Jobs already finished
 in the database are skipped, so an interrupted sweep (Ctrl-C, SIGTERM, a
 killed worker) resumes where it stopped when the same command runs again.
+
+A training job also checkpoints its whole state every few minutes into
+``checkpoints/<job key>.pt`` beside the database (`training.Checkpoint`),
+so the rerun continues an unfinished run from its last checkpoint rather
+than from scratch; a checkpoint is deleted once its run is stored. The Ray
+executor gives the workers the same absolute path: the sweep's folder must be
+on storage that the driver and every worker node share, and a run then
+resumes on whichever node picks it up.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import training
-from .store import OutputError, Run, Store
+from .store import FINISHED, OutputError, Run, Store
+
+CHECKPOINT_DIR = "checkpoints"  # beside the database
 
 
 @dataclass(frozen=True)
@@ -63,26 +73,33 @@ def job_config(job: Job) -> dict:
     return {"kind": "probe" if isinstance(job, Probe) else "train", **job.to_dict()}
 
 
-def execute(job: Job, data_dir=None) -> Run:
-    """Run one job; an exception becomes status ``failed`` with its traceback."""
+def execute(job: Job, data_dir=None, checkpoint: training.Checkpoint | None = None) -> Run:
+    """Run one job; an exception becomes status ``failed`` with its traceback.
+
+    A training job with a `checkpoint` continues from it when it exists and
+    saves its state there as it goes; its wall time then includes the time of
+    the interrupted attempts up to their last checkpoint."""
     start = time.perf_counter()
     try:
         if isinstance(job, Probe):
             data_kw = {"data_dir": data_dir} if job.uses_data else {}
             status, history = "done", job.fn(seed=job.seed, **job.params, **data_kw)
+            wall_time = time.perf_counter() - start
         else:
-            result = training.train(job, data_dir=data_dir)
-            status, history = result.status, result.history
+            result = training.train(job, data_dir=data_dir, checkpoint=checkpoint)
+            status, history, wall_time = result.status, result.history, result.wall_time
         error = None
     except Exception:  # a failed run is recorded, not fatal to the sweep
         status, history, error = "failed", [], traceback.format_exc()
-    return Run(job.key(), job_config(job), status, time.perf_counter() - start, history, error)
+        wall_time = time.perf_counter() - start
+    return Run(job.key(), job_config(job), status, wall_time, history, error)
 
 
-def execute_with_threads(job: Job, data_dir, threads: int) -> Run:
+def execute_with_threads(job: Job, data_dir, threads: int,
+                         checkpoint: training.Checkpoint | None = None) -> Run:
     """`execute` with `threads` torch threads: the CPUs the job was given."""
     torch.set_num_threads(threads)
-    return execute(job, data_dir)
+    return execute(job, data_dir, checkpoint)
 
 
 class Interrupted(Exception):
@@ -102,8 +119,10 @@ class Executor(abc.ABC):
         """Get ready to run `job_count` jobs."""
 
     @abc.abstractmethod
-    def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
-        """Submit `jobs`; yield each with its run as it finishes."""
+    def completed(self, jobs: list[Job], data_dir,
+                  checkpoints: dict[str, training.Checkpoint]) -> Iterator[tuple[Job, Run]]:
+        """Submit `jobs` (each with its checkpoint in `checkpoints`, by key, if it has one);
+        yield each with its run as it finishes."""
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -142,8 +161,10 @@ class LocalPool(Executor):
                                          initializer=_init_worker, initargs=(threads,))
         self._drained = False
 
-    def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
-        job_of = {self._pool.submit(execute, job, data_dir): job for job in jobs}
+    def completed(self, jobs: list[Job], data_dir,
+                  checkpoints: dict[str, training.Checkpoint]) -> Iterator[tuple[Job, Run]]:
+        job_of = {self._pool.submit(execute, job, data_dir, checkpoints.get(job.key())): job
+                  for job in jobs}
         running = set(job_of)
         try:
             while running:
@@ -188,8 +209,10 @@ class RayCluster(Executor):
     `num_cpus` CPUs, default all) that ends with the sweep. Each job declares
     `cpus_per_job` CPUs to Ray and runs with as many torch threads. Ray does
     not retry a task whose worker dies (``max_retries=0``): it is recorded as
-    failed, and the next sweep reruns it. Training runs on the CPU, so no job
-    asks Ray for a GPU.
+    failed, and the next sweep reruns it (from its checkpoint, which sits in the
+    sweep's folder: that folder must be shared storage, seen at the same
+    absolute path by the driver and every worker). Training runs on the CPU,
+    so no job asks Ray for a GPU.
     """
 
     def __init__(self, address: str | None = None, cpus_per_job: int = 1,
@@ -221,9 +244,11 @@ class RayCluster(Executor):
         self._task = ray.remote(execute_with_threads).options(
             num_cpus=self.cpus_per_job, max_retries=0)
 
-    def completed(self, jobs: list[Job], data_dir) -> Iterator[tuple[Job, Run]]:
+    def completed(self, jobs: list[Job], data_dir,
+                  checkpoints: dict[str, training.Checkpoint]) -> Iterator[tuple[Job, Run]]:
         ray = self._ray
-        self._outstanding = {self._task.remote(job, data_dir, self.cpus_per_job): job
+        self._outstanding = {self._task.remote(job, data_dir, self.cpus_per_job,
+                                               checkpoints.get(job.key())): job
                              for job in jobs}
         while self._outstanding:
             (ref,), _ = ray.wait(list(self._outstanding), num_returns=1)
@@ -246,18 +271,30 @@ class RayCluster(Executor):
 
 def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_dir=None,
               log_path=None, label: str = "sweep", stream=None,
-              executor: Executor | None = None) -> dict:
+              executor: Executor | None = None, checkpoint_every: float = 300.0) -> dict:
     """Run the jobs not yet finished in `store`; returns counts by status.
 
     Jobs run on `executor` (default: a `LocalPool` of `workers` processes).
+    Each training job checkpoints every `checkpoint_every` seconds (0: never)
+    into `checkpoint_for(store, job)` and resumes from there when rerun; its
+    checkpoint is deleted once the run is stored as finished (a failed run's is
+    kept for the retry). Probes are short and never checkpoint.
     Progress (runs done / total, ETA) goes to `stream` (None: sys.stderr): one line updated in
     place on a terminal, one line per finished run otherwise. One line per
     finished run goes to `log_path`. Raises `Interrupted` when stopped early;
     every run finished before that is in the store.
     """
+    if not checkpoint_every >= 0:
+        raise ValueError(f"checkpoint_every must be a number of seconds >= 0 (0: no "
+                         f"checkpoints), got {checkpoint_every!r}")
     unique = list({job.key(): job for job in jobs}.values())
     finished = store.finished_keys()
     pending = [job for job in unique if job.key() not in finished]
+    for job in unique:  # a sweep killed between storing a run and deleting its checkpoint
+        if job.key() in finished and isinstance(job, training.TrainConfig):
+            checkpoint_for(store, job).remove()
+    checkpoints = {job.key(): checkpoint_for(store, job, checkpoint_every) for job in pending
+                   if checkpoint_every and isinstance(job, training.TrainConfig)}
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": len(unique) - len(pending)}
     # sys.stderr as it is now, not at import (pytest's capture, a redirect, may have closed it)
     progress = _Progress(label, len(unique), counts["skipped"], stream or sys.stderr)
@@ -270,11 +307,13 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
     try:
         executor.start(len(pending))  # after which SIGTERM is ours (ray.init sets its own)
         signal.signal(signal.SIGTERM, _raise_interrupted)
-        for job, run in executor.completed(pending, data_dir):
+        for job, run in executor.completed(pending, data_dir, checkpoints):
             # key and config as the driver sees them: a worker may name a job's
             # module differently (__main__ is __mp_main__ there)
             run = dataclasses.replace(run, key=job.key(), config=job_config(job))
             store.record(run)
+            if run.status in FINISHED and job.key() in checkpoints:
+                checkpoints[job.key()].remove()
             counts[run.status] += 1
             progress.update(run.status)
             if log:
@@ -293,6 +332,14 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
         if log:
             log.close()
     return counts
+
+
+def checkpoint_for(store: Store, job: training.TrainConfig,
+                   seconds: float = 300.0) -> training.Checkpoint:
+    """Training `job`'s checkpoint in `store`'s folder, ``checkpoints/<job key>.pt``, by its
+    absolute path (what a Ray worker on another node sees of the shared folder)."""
+    path = store.path.parent.resolve() / CHECKPOINT_DIR / f"{job.key()}.pt"
+    return training.Checkpoint(path, seconds=seconds)
 
 
 def _log_line(run: Run) -> str:
@@ -352,5 +399,5 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-__all__ = ["Executor", "Interrupted", "Job", "LocalPool", "Probe", "RayCluster", "execute",
-           "job_config", "run_sweep"]
+__all__ = ["Executor", "Interrupted", "Job", "LocalPool", "Probe", "RayCluster",
+           "checkpoint_for", "execute", "job_config", "run_sweep"]
