@@ -13,6 +13,12 @@ from normlab import bench, cli, training
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def _env(**extra) -> dict:
+    """The environment of a `normlab` subprocess: this checkout's sources first."""
+    return {**os.environ, **extra,
+            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_list_prints_the_registry(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
@@ -45,12 +51,10 @@ def test_train_on_two_processes_matches_one_process(tmp_path):
     """--nproc-per-node 2: torchrun, DDP with synced layers, each rank its contiguous half of
     every global batch; a batch of 51 splits 26 + 25, so uneven splits are in every step."""
     norms = ["batch", "online"]
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "normlab", "train", "--task", "digits-mlp", "--norm",
          ",".join(norms), "--batch-size", "51", "--nproc-per-node", "2", "--out", str(tmp_path),
-         "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+         "--quiet"], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("2 processes") == 1  # rank 0 alone reports
     for norm in norms:
@@ -147,3 +151,16 @@ def test_rebalancer_keywords_reach_the_rebalancer_only(monkeypatch, capsys):
     assert "needs a rebalancer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--norm", "enorm", "--rebalancer-kw", "c"])
+
+
+def test_list_runs_without_posix_only_modules():
+    """Windows has no fcntl: importing normlab, its results store included, and `normlab list`
+    must not need it (the folder lock goes through filelock)."""
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import normlab, normlab.experiments\n"
+            "from normlab import cli\n"
+            "sys.exit(cli.main(['list']))")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "batch_renorm" in done.stdout

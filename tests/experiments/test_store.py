@@ -17,6 +17,7 @@ from normlab import cli, experiments
 from normlab.experiments import run_sweep
 from normlab.experiments.store import (
     DB_NAME,
+    HOLDER_NAME,
     LOCK_NAME,
     FolderInUse,
     FolderLock,
@@ -120,10 +121,10 @@ def test_the_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     finally:
         holder.kill()  # a crash: the lock file stays, naming a dead process
     holder.wait()
-    assert (tmp_path / LOCK_NAME).read_text()
+    assert (tmp_path / LOCK_NAME).exists() and (tmp_path / HOLDER_NAME).read_text()
     with FolderLock(tmp_path):  # not blocked
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert (tmp_path / LOCK_NAME).read_text() == ""  # released: names nobody
+        assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert (tmp_path / HOLDER_NAME).read_text() == ""  # released: names nobody
 
 
 def _reproduce(out: Path, gate: Path, pid_dir: Path) -> subprocess.Popen:
