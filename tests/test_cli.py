@@ -189,32 +189,55 @@ def _refused(done: subprocess.CompletedProcess, command: str, *expected: str) ->
         assert text in done.stderr, done.stderr
 
 
-# Each training refusal below names MNIST's full epoch (90 s here): a run that trained
-# before refusing could not end within _normlab's timeout.
+def _watch_training(marker: Path) -> str:
+    """Code for `_normlab` that makes training.train leave `marker` behind when it is called
+    (and then train as usual): a refusal must come before any training."""
+    return ("import normlab.training as training\n"
+            "_train = training.train\n"
+            "def train(*args, **kwargs):\n"
+            f"    open({str(marker)!r}, 'w').close()\n"
+            "    return _train(*args, **kwargs)\n"
+            "training.train = train\n")
+
+
+@pytest.fixture
+def marker(tmp_path_factory) -> Path:
+    """Where `_watch_training` marks a training run: outside tmp_path, which must stay as
+    the command found it."""
+    return tmp_path_factory.mktemp("watch") / "trained"
+
+
 @pytest.mark.parametrize("where", ["under a file", "an existing file", pytest.param(
     "in /proc", marks=pytest.mark.skipif(sys.platform != "linux", reason="Linux's /proc"))])
-def test_train_refuses_an_output_it_cannot_write_before_training(tmp_path, data_root, where):
+def test_train_refuses_an_output_it_cannot_write_before_training(tmp_path, data_root, where,
+                                                                  marker):
     (tmp_path / "file").write_text("")
     out = {"under a file": tmp_path / "file" / "out", "an existing file": tmp_path / "file",
            "in /proc": Path("/proc/normlab-cli-test/out")}[where]
     done = _normlab("train", "--norm", "batch", "--data-dir", str(data_root), "--out", str(out),
-                    "--quiet")
+                    "--quiet", code=_watch_training(marker))
     _refused(done, "train", f"--out: {'' if where == 'an existing file' else 'cannot write to '}"
                             f"{out}")
+    assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
     assert (tmp_path / "file").read_text() == ""
 
 
-def test_train_checks_every_name_and_number_before_training_and_reports_them_all(tmp_path,
-                                                                                 data_root):
+def test_train_checks_every_name_and_number_before_training_and_reports_them_all(
+        tmp_path, data_root, marker):
     out = tmp_path / "new" / "out"
     done = _normlab("train", "--norm", "batch,nosuch,batch", "--lr", "0", "--epochs", "0",
-                    "--rebalancer-kw", "c=1.2", "--data-dir", str(data_root), "--out", str(out))
+                    "--rebalancer-kw", "c=1.2", "--data-dir", str(data_root), "--out", str(out),
+                    code=_watch_training(marker))
     _refused(done, "train", "5 problems:", "--epochs: expected an integer >= 1, got 0",
              "--lr: expected a number > 0, got 0.0", "--norm: unknown normalization 'nosuch'",
              "--norm: 'batch' is named twice", "--rebalancer-kw: needs a rebalancer in --norm")
     assert len(done.stderr.splitlines()) == 6  # the count, then one line per problem
-    assert list(tmp_path.iterdir()) == []  # --out was claimed and given back
+    assert list(tmp_path.iterdir()) == [] and not marker.exists()  # --out claimed, given back
+    unknown = _normlab("train", "--norm", "batch,nosuch", "--data-dir", str(data_root),
+                       code=_watch_training(marker))
+    _refused(unknown, "train", "--norm: unknown normalization 'nosuch'; valid names: none, ")
+    assert not marker.exists()
 
 
 OFFLINE = ("import normlab.data as data\n"
@@ -223,16 +246,16 @@ OFFLINE = ("import normlab.data as data\n"
 
 
 @pytest.mark.parametrize("how", ["--data-dir", "NORMLAB_DATA"])
-def test_train_without_data_names_where_it_looked_and_the_fallback(tmp_path, how):
+def test_train_without_data_names_where_it_looked_and_the_fallback(tmp_path, how, marker):
     nowhere = tmp_path / "nowhere"
     options, env = (["--data-dir", str(nowhere)], {}) if how == "--data-dir" else \
         ([], {"NORMLAB_DATA": str(nowhere)})
     done = _normlab("train", "--norm", "none", "--out", str(tmp_path / "out"), *options,
-                    code=OFFLINE, **env)
+                    code=OFFLINE + "\n" + _watch_training(marker), **env)
     _refused(done, "train", f"--data-dir: missing {nowhere / 'mnist'}", "--data-dir or "
              "$NORMLAB_DATA", "--fallback-digits", "could not download it",
              "the root argument" if how == "--data-dir" else "from $NORMLAB_DATA")
-    assert len(done.stderr.splitlines()) == 1
+    assert len(done.stderr.splitlines()) == 1 and not marker.exists()
     assert list(tmp_path.iterdir()) == []  # no mnist/ folder, no --out
     cifar = _normlab("train", "--task", "cifar10-fc", "--data-dir", str(nowhere), code=OFFLINE)
     _refused(cifar, "train", "--data-dir: missing", "cifar-10-python.tar.gz")
