@@ -352,4 +352,9 @@ def test_report_csv_goes_to_a_file_or_standard_output_and_checks_it_first(tmp_pa
                        "--commit", "abc")
     _refused(refused, "report", "2 problems", "--commit: applies to --export only",
              f"--csv: the folder {tmp_path / 'no'} does not exist")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(_normlab("report", str(empty), "--csv", str(tmp_path / "out.csv")), "report",
+             f"DIR: {empty} holds no results: expected results.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "runs.csv"]
+    assert list(empty.iterdir()) == []

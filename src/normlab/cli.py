@@ -300,10 +300,10 @@ def cmd_report(args) -> int:
                         f"output)")
     elif csv_file is not None and not csv_file.parent.is_dir():
         problems.append(f"--csv: the folder {csv_file.parent} does not exist")
-    try:
-        experiments.exported_runs(args.dir) if not _holds_database(args.dir) else None
-    except ValueError as err:
-        problems.append(f"DIR: {err}")
+    if not _holds_results(Path(args.dir)):
+        problems.append(f"DIR: {args.dir} holds no results: expected results.db (the --out "
+                        f"folder of `normlab reproduce`) or runs.csv and meta.json (an "
+                        f"exported folder)")
     if problems:
         raise InputError(problems)
     if args.csv is not None:
@@ -322,10 +322,12 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _holds_database(folder: str) -> bool:
+def _holds_results(folder: Path) -> bool:
+    from .experiments.report import CSV_NAME, META_NAME
     from .experiments.store import DB_NAME
 
-    return (Path(folder) / DB_NAME).exists()
+    return (folder / DB_NAME).exists() or all((folder / name).exists()
+                                              for name in (CSV_NAME, META_NAME))
 
 
 def keyword(text: str) -> tuple[str, object]:
