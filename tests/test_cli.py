@@ -237,6 +237,13 @@ def test_train_checks_every_name_and_number_before_training_and_reports_them_all
     unknown = _normlab("train", "--norm", "batch,nosuch", "--data-dir", str(data_root),
                        code=_watch_training(marker))
     _refused(unknown, "train", "--norm: unknown normalization 'nosuch'; valid names: none, ")
+    bad_keywords = _normlab("train", "--norm", "enorm", "--rebalancer-kw", "c=abc",
+                            "--rebalancer-kw", "nosuch=1", "--data-dir", str(data_root),
+                            code=_watch_training(marker))
+    _refused(bad_keywords, "train", "--rebalancer-kw: enorm takes no keyword(s) ['nosuch']")
+    only_the_value = _normlab("train", "--norm", "enorm", "--rebalancer-kw", "c=abc",
+                              "--data-dir", str(data_root), code=_watch_training(marker))
+    _refused(only_the_value, "train", "--rebalancer-kw: ", "(for enorm)")
     assert not marker.exists()
 
 

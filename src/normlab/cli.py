@@ -145,10 +145,13 @@ def _train_plan(args, say) -> list:
         problems.append("--rebalancer-kw: needs a rebalancer in --norm, e.g. enorm or "
                         "batch+enorm")
     for norm in sorted(rebalanced) if rebalancer_kw else []:
-        try:  # the keywords the rebalancer takes (numbers are checked above)
-            training.TrainConfig(task=args.task, norm=norm, rebalancer_kw=rebalancer_kw)
-        except ValueError as err:
-            problems.append(f"--rebalancer-kw: {err}")
+        try:  # the rebalancer built with these keywords, on the task's (untrained) model
+            config = training.TrainConfig(task=args.task, norm=norm, rebalancer_kw=rebalancer_kw)
+            model = training.build_model(config)
+            registry.get(training.split_norm(norm)[1]).build(
+                model, training.build_optimizer(model, config), **rebalancer_kw)
+        except (TypeError, ValueError) as err:  # a name it does not take, a value it refuses
+            problems.append(f"--rebalancer-kw: {err} (for {norm})")
     created, out_problems = _claim_output(args.out, "--out") if args.out else ([], [])
     if problems or out_problems:
         _release_output(created)
