@@ -42,4 +42,5 @@ def test_readme_methods_table_follows_the_registry():
     table = [(name.strip("`"), family, paper) for name, family, paper, *_ in rows]
     records = [(m.name, m.family, _short_citation(m.paper))
                for m in map(registry.get, registry.available())]
-    assert table == records
+    # sorted: a test that takes a method out and puts it back moves it to the registry's end
+    assert sorted(table) == sorted(records)
