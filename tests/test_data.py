@@ -2,8 +2,10 @@ import gzip
 import hashlib
 import http.server
 import pickle
+import re
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +235,56 @@ def test_cifar10_download_with_a_wrong_checksum_leaves_nothing_behind(server, tm
     with pytest.raises(data.DataError, match="arrived corrupted"):
         data.load("cifar10", "test", root=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_download_creates_no_folder_and_names_the_data_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MNIST_MIRRORS", ("http://127.0.0.1:9/",))  # nothing listens
+    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/cifar.tar.gz")
+    root = tmp_path / "nowhere" / "data"
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(data.DataError, match=re.escape(
+                f"(data root {root}, the root argument)")):
+            data.load(name, "test", root=root)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("NORMLAB_DATA", str(root))
+    with pytest.raises(data.DataError, match=r"from \$NORMLAB_DATA\)"):
+        data.load("mnist", "test")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _RunsCode:
+    """Pickles as a call of exec: what a tampered batch file could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    payload = {b"data": _RunsCode(marker), b"labels": [0] * 10000}
+    (folder / "test_batch").write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(data.DataError, match=r"test_batch is not a CIFAR-10 batch \(it asks "
+                                             r"for __builtin__\.exec, and a batch holds only"):
+        data.load("cifar10", "test", root=tmp_path, download=False)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(payload, protocol=2))  # the payload does run when unpickled
+    assert marker.exists()
+
+
+def test_cifar_batches_pickled_by_numpy_1_are_read(data_root, tmp_path):
+    """The official files name numpy 1's module (numpy.core.multiarray); numpy 2 writes
+    numpy._core.multiarray, as the materialized test copy does."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = (data_root / "cifar-10-batches-py" / "test_batch").read_bytes()
+    numpy_1 = batch.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert numpy_1 != batch
+    (folder / "test_batch").write_bytes(numpy_1)
+    x, y = data.load("cifar10", "test", root=tmp_path, download=False)
+    expected_x, expected_y = data.load("cifar10", "test", root=data_root)
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)

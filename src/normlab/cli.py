@@ -1,33 +1,86 @@
-"""The `normlab` command: list | train | reproduce | report | bench."""
+"""The `normlab` command: list | train | reproduce | report | bench.
+
+Every command checks all of its inputs before it does any work and reports
+every problem found in one message, each naming its flag (exit status 2);
+nothing is created for a command it refuses.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import math
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from . import registry
 from .text import text_table
 
+WIDTH = 100  # the columns `normlab list` fits in
+
+
+class InputError(ValueError):
+    """Bad command-line input: every problem found, each naming its flag."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+
 
 def cmd_list(args) -> int:
-    rows = [(m.name, m.family, m.paper, m.summary)
+    rows = [(m.name, m.family, f"{m.paper}\n{m.summary}")
             for m in map(registry.get, registry.available())]
-    print(text_table(("name", "family", "paper", "what it does"), rows))
+    print(text_table(("name", "family", "paper; what it does"), rows, width=WIDTH))
     return 0
 
 
+def _number_problems(*checks: tuple[str, float, bool, str]) -> list[str]:
+    """``(flag, value, acceptable, expected)`` -> a line for each unacceptable value."""
+    return [f"{flag}: expected {expected}, got {value}"
+            for flag, value, acceptable, expected in checks if not acceptable]
+
+
+def _claim_output(folder: str | os.PathLike, flag: str) -> tuple[list[Path], list[str]]:
+    """Create `folder` (with its missing parents) and check that a file can be written in it.
+
+    Returns the folders it created, deepest first (`_release_output` removes them when the
+    command is refused after all), and the problems found: none, or one naming `flag`.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        return [], [f"{flag}: {path} exists and is not a folder; name a folder"]
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        _release_output(created)
+        return [], [f"{flag}: cannot write to {path} ({err.strerror or err}); "
+                    f"name a folder that can be created and written"]
+    return created, []
+
+
+def _release_output(created: list[Path]) -> None:
+    for folder in created:  # deepest first; one that holds files stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def cmd_train(args) -> int:
-    if args.nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker that torchrun started
-        return _train_in_process_group(args)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker that torchrun started: the launcher
+        return _train_in_process_group(args)  # checked the input and prepared --out
+    plan = _train_plan(args, say=print)
     if args.nproc_per_node > 1:
         return _launch(args.nproc_per_node, args.argv)
-    return _train(args, report=True)
+    return _train(args, plan, report=True)
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
@@ -52,44 +105,98 @@ def _train_in_process_group(args) -> int:
     dist.init_process_group("gloo")
     try:
         args.nproc_per_node = dist.get_world_size()
-        return _train(args, report=dist.get_rank() == 0)
+        return _train(args, _train_plan(args, say=None), report=dist.get_rank() == 0)
     finally:
         dist.destroy_process_group()
 
 
-def _train(args, report: bool) -> int:
+def _train_plan(args, say) -> list:
+    """The runs `normlab train` will do (`TrainConfig`s), once every input is checked: numbers,
+    names, --out (created), the data (read or downloaded; MNIST falls back to digits with
+    --fallback-digits, which `say` announces). Raises `InputError` listing every problem."""
     from . import data, training
 
-    task = args.task
-    if args.fallback_digits and task == "mnist-mlp":
-        try:
-            data.load("mnist", "test", root=args.data_dir)
-        except data.DataError as err:
-            print(f"MNIST unavailable ({err}); falling back to the digits dataset "
-                  f"that ships with scikit-learn.")
-            task = "digits-mlp"
+    problems = _number_problems(
+        ("--epochs", args.epochs, args.epochs >= 1, "an integer >= 1"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a number > 0"),
+        ("--momentum", args.momentum, 0 <= args.momentum < 1, "a number in [0, 1)"),
+        ("--weight-decay", args.weight_decay,
+         math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a number >= 0"),
+        ("--nproc-per-node", args.nproc_per_node, args.nproc_per_node >= 1, "an integer >= 1"))
+    if args.nproc_per_node > args.batch_size >= 1:
+        problems.append(f"--batch-size: the global batch must be at least --nproc-per-node "
+                        f"({args.nproc_per_node}), got {args.batch_size}")
+    if args.fallback_digits and args.task != "mnist-mlp":
+        problems.append(f"--fallback-digits: replaces MNIST for --task mnist-mlp; "
+                        f"--task {args.task} has no fallback")
     norms = args.norm.split(",")
-    if args.rebalancer_kw and not any(training.split_norm(norm)[1] for norm in norms):
-        raise ValueError("--rebalancer-kw needs a rebalancer in --norm, e.g. enorm or batch+enorm")
-    results = []
+    rebalancer_kw = dict(args.rebalancer_kw)
+    rebalanced = set()
     for norm in norms:
-        rebalancer_kw = dict(args.rebalancer_kw) if training.split_norm(norm)[1] else {}
-        config = training.TrainConfig(task=task, norm=norm, lr=args.lr, epochs=args.epochs,
-                                      batch_size=args.batch_size, seed=args.seed,
-                                      momentum=args.momentum, weight_decay=args.weight_decay,
-                                      rebalancer_kw=rebalancer_kw)
+        try:
+            if training.split_norm(norm)[1]:
+                rebalanced.add(norm)
+        except ValueError as err:
+            problems.append(f"--norm: {err}")
+    for norm in sorted({n for n in norms if norms.count(n) > 1}):
+        problems.append(f"--norm: {norm!r} is named twice")
+    if rebalancer_kw and not rebalanced:
+        problems.append("--rebalancer-kw: needs a rebalancer in --norm, e.g. enorm or "
+                        "batch+enorm")
+    for norm in sorted(rebalanced) if rebalancer_kw else []:
+        try:  # the rebalancer built with these keywords, on the task's (untrained) model
+            config = training.TrainConfig(task=args.task, norm=norm, rebalancer_kw=rebalancer_kw)
+            model = training.build_model(config)
+            registry.get(training.split_norm(norm)[1]).build(
+                model, training.build_optimizer(model, config), **rebalancer_kw)
+        except (TypeError, ValueError) as err:  # a name it does not take, a value it refuses
+            problems.append(f"--rebalancer-kw: {err} (for {norm})")
+    created, out_problems = _claim_output(args.out, "--out") if args.out else ([], [])
+    if problems or out_problems:
+        _release_output(created)
+        raise InputError(problems + out_problems)
+
+    task = args.task
+    dataset = training.TASKS[task].dataset
+    try:  # last, as it may download; both splits, which training then reads from memory
+        for split in ("test", "train"):
+            data.load(dataset, split, root=args.data_dir)
+    except data.DataError as err:
+        if args.fallback_digits:
+            if say:
+                say(f"MNIST unavailable ({err}); falling back to the digits dataset "
+                    f"that ships with scikit-learn.")
+            task = "digits-mlp"
+        else:
+            _release_output(created)
+            fallback = (", or add --fallback-digits to train on scikit-learn's digits"
+                        if task == "mnist-mlp" else "")
+            raise InputError([f"--data-dir: {err}. Point --data-dir or $NORMLAB_DATA at a "
+                              f"folder that holds the files, or let normlab download them "
+                              f"(needs the network){fallback}"]) from None
+    return [training.TrainConfig(
+        task=task, norm=norm, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        seed=args.seed, momentum=args.momentum, weight_decay=args.weight_decay,
+        rebalancer_kw=rebalancer_kw if norm in rebalanced else {}) for norm in norms]
+
+
+def _train(args, configs: list, report: bool) -> int:
+    from . import training
+
+    task = configs[0].task
+    results = []
+    for config in configs:
         # a bar on a terminal; elsewhere (a cluster job's log, | tee) a line per evaluation
         on_terminal = sys.stderr.isatty()
         show = report and not args.quiet
         result = training.train(config, data_dir=args.data_dir,
                                 progress=show and on_terminal,
-                                on_eval=_print_eval(f"{task} {norm}") if show and not on_terminal
-                                else None)
+                                on_eval=_print_eval(f"{task} {config.norm}")
+                                if show and not on_terminal else None)
         results.append(result)
         if args.out and report:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"{task}-{norm}-seed{args.seed}.json"
+            path = Path(args.out) / f"{task}-{config.norm}-seed{args.seed}.json"
             path.write_text(json.dumps(result.to_dict(), indent=2))
     if not report:
         return 0
@@ -122,20 +229,47 @@ def _fmt(value, percent: bool = False) -> str:
 def cmd_reproduce(args) -> int:
     from . import experiments
 
-    if args.quick and args.protocol != "full":
-        raise ValueError("--quick and --protocol exclude each other")
     mode = "quick" if args.quick else args.protocol
-    out = args.out or f"runs/{args.recipe}{'' if mode == 'full' else '-' + mode}"
+    out = Path(args.out or f"runs/{args.recipe}{'' if mode == 'full' else '-' + mode}")
+    problems = []
+    if args.quick and args.protocol != "full":
+        problems.append("--quick and --protocol exclude each other")
+    try:
+        recipe = experiments.get_recipe(args.recipe)
+    except ValueError as err:
+        problems.append(f"recipe: {err}")
+    else:
+        if mode not in recipe.seeds:
+            problems.append(f"--protocol: recipe {args.recipe!r} has no {mode} protocol; "
+                            f"expected one of {recipe.modes()}")
+    problems += _number_problems(
+        ("--seeds", args.seeds, args.seeds is None or args.seeds >= 1, "an integer >= 1"),
+        ("--workers", args.workers, args.workers is None or args.workers >= 1,
+         "an integer >= 1"),
+        ("--cpus-per-job", args.cpus_per_job, args.cpus_per_job >= 1, "an integer >= 1"),
+        ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 0,
+         "seconds >= 0 (0: never)"))
+    local = args.address is None
+    if args.executor == "ray" and args.workers is not None and not local:
+        problems.append("--workers: sizes the local pool or a local Ray instance; a Ray "
+                        "cluster runs as many jobs as its CPUs allow")
+    if args.executor != "ray" and (args.address is not None or args.cpus_per_job != 1):
+        problems.append("--address and --cpus-per-job apply to --executor ray")
+    if args.resume_from is not None:
+        try:
+            experiments.exported_runs(args.resume_from)
+        except ValueError as err:
+            problems.append(f"--resume-from: {err}")
+    # the sweep creates --out itself (its lock is its first write): claimed here only to
+    # check it, and released
+    created, out_problems = _claim_output(out, "--out")
+    _release_output(created)
+    if problems or out_problems:
+        raise InputError(problems + out_problems)
     if args.executor == "ray":
-        local = args.address is None
-        if args.workers is not None and not local:
-            raise ValueError("--workers sizes the local pool or a local Ray instance; a Ray "
-                             "cluster runs as many jobs as its CPUs allow")
         executor = experiments.RayCluster(
             args.address, cpus_per_job=args.cpus_per_job,
             num_cpus=args.workers * args.cpus_per_job if args.workers and local else None)
-    elif args.address is not None or args.cpus_per_job != 1:
-        raise ValueError("--address and --cpus-per-job apply to --executor ray")
     else:
         executor = experiments.LocalPool(args.workers)
     try:
@@ -144,28 +278,69 @@ def cmd_reproduce(args) -> int:
                                      resume_from=args.resume_from, protocol=args.protocol,
                                      checkpoint_every=args.checkpoint_every)
     except experiments.Interrupted as err:
-        print(f"normlab reproduce: interrupted ({err}); finished runs are saved in {out}; "
-              f"run the same command again to resume", file=sys.stderr)
-        return 130
+        why = "interrupted" if err.signum else f"stopped: {err}"
+        print(f"normlab reproduce: {why}; {_saved_runs(out)} runs saved in {out}; rerun the "
+              f"same command to continue", file=sys.stderr)
+        return err.exit_status
     print(f"report: {path}")
     return 0
+
+
+def _saved_runs(folder: Path) -> int:
+    """The finished runs stored in results folder `folder` (which an interrupted sweep holds)."""
+    from .experiments.store import DB_NAME, Store
+
+    if not (folder / DB_NAME).exists():
+        return 0
+    with Store.in_folder(folder) as store:
+        return len(store.finished_keys())
 
 
 def cmd_report(args) -> int:
     from . import experiments
 
-    if args.csv:
-        sys.stdout.write(experiments.runs_csv(args.dir))
+    problems = []
+    if not args.export:
+        problems += [f"{flag}: applies to --export only" for flag, value in (
+            ("--commit", args.commit), ("--machine", args.machine), ("--date", args.date))
+            if value is not None]
+    elif not args.commit or not args.machine:
+        problems.append("--export needs --commit (the code the runs ran on) and --machine "
+                        "(where they ran)")
+    csv_file = None if args.csv in (None, "-") else Path(args.csv)
+    if csv_file is not None and csv_file.is_dir():
+        problems.append(f"--csv: {csv_file} is a folder; name a file (or none: standard "
+                        f"output)")
+    elif csv_file is not None and not csv_file.parent.is_dir():
+        problems.append(f"--csv: the folder {csv_file.parent} does not exist")
+    if not _holds_results(Path(args.dir)):
+        problems.append(f"DIR: {args.dir} holds no results: expected results.db (the --out "
+                        f"folder of `normlab reproduce`) or runs.csv and meta.json (an "
+                        f"exported folder)")
+    if problems:
+        raise InputError(problems)
+    if args.csv is not None:
+        text = experiments.runs_csv(args.dir)
+        if csv_file is None:
+            sys.stdout.write(text)
+        else:
+            csv_file.write_text(text)
+            print(f"runs: {csv_file}")
         return 0
     if args.export:
-        if not args.commit or not args.machine:
-            raise ValueError("--export needs --commit (the code the runs ran on) and "
-                             "--machine (where they ran)")
         path = experiments.export(args.dir, args.export, args.commit, args.machine, args.date)
         print(f"report: {path}")
         return 0
     print(f"report: {experiments.render(args.dir)}")
     return 0
+
+
+def _holds_results(folder: Path) -> bool:
+    from .experiments.report import CSV_NAME, META_NAME
+    from .experiments.store import DB_NAME
+
+    return (folder / DB_NAME).exists() or all((folder / name).exists()
+                                              for name in (CSV_NAME, META_NAME))
 
 
 def keyword(text: str) -> tuple[str, object]:
@@ -182,6 +357,11 @@ def keyword(text: str) -> tuple[str, object]:
 def cmd_bench(args) -> int:
     from . import bench
 
+    problems = _number_problems(("--min-run-time", args.min_run_time,
+                                 math.isfinite(args.min_run_time) and args.min_run_time > 0,
+                                 "a number of seconds > 0"))
+    if problems:
+        raise InputError(problems)
     rows = bench.run(args.case, min_run_time=args.min_run_time)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
@@ -191,6 +371,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import CASES
     from .training import TASKS
 
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
@@ -266,8 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render report.md from a results folder")
     report.add_argument("dir", help="the --out folder of `normlab reproduce`, or an exported "
                                     "results folder")
-    report.add_argument("--csv", action="store_true", help="print every run as CSV instead")
-    report.add_argument("--export", metavar="DEST", default=None,
+    output = report.add_mutually_exclusive_group()
+    output.add_argument("--csv", nargs="?", const="-", default=None, metavar="FILE",
+                        help="instead of the report, every run as CSV, one row per evaluation "
+                             "point (columns config.*, run.*, eval.*), written to FILE, or to "
+                             "standard output without FILE (or with -)")
+    output.add_argument("--export", metavar="DEST", default=None,
                         help="write the runs as runs.csv and meta.json to DEST (a results/ "
                              "folder) and render the report there, from them alone")
     report.add_argument("--commit", default=None, help="with --export: the commit the runs "
@@ -278,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=cmd_report)
 
     bench = sub.add_parser("bench", help="micro-benchmarks, as ratios against a baseline")
-    bench.add_argument("--case", action="append", default=None,
-                       help="a case to run (repeatable; default: all)")
+    bench.add_argument("--case", action="append", default=None, choices=list(CASES),
+                       metavar="CASE",
+                       help=f"a case to run (repeatable; default: all): {', '.join(CASES)}")
     bench.add_argument("--min-run-time", type=float, default=1.0,
                        help="seconds of timing per measurement")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
@@ -288,19 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .experiments.store import OutputError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # --nproc-per-node reruns the command in each process
+    from .data import DataError
+    from .experiments.store import OutputError
+
     try:
         return args.run(args)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except ValueError as err:  # bad input: one clear message, no traceback
         print(f"normlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # a dataset a sweep needs (`train` says this in its check)
+        print(f"normlab {args.command}: error: {err}; point --data-dir or $NORMLAB_DATA at a "
+              f"folder that holds it", file=sys.stderr)
         return 2
     except OutputError as err:  # a results folder that is busy, unwritable or damaged
         print(f"normlab {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep (which says what it saved)
+        print(f"normlab {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

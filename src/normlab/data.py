@@ -4,13 +4,16 @@
 ``ROOT/mnist/`` and CIFAR-10's ``ROOT/cifar-10-batches-py/``. ROOT is the
 `root` argument, else ``$NORMLAB_DATA``, else ``~/.cache/normlab``. Missing
 files are downloaded from the usual mirrors and checked before use; a file
-that fails its check is never used: the error names it and says what to do.
-``digits`` is scikit-learn's 8x8 digits, which ship with the package (the
-offline fallback).
+that fails its check is never used: the error names it, says where ROOT came
+from and what to do. A download that fails leaves no folder behind. The
+CIFAR-10 batches are unpickled by an unpickler that builds only what the
+format holds (a tampered file cannot run code). ``digits`` is scikit-learn's
+8x8 digits, which ship with the package (the offline fallback).
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import hashlib
@@ -73,8 +76,7 @@ def load(name: str, split: str = "train", root: str | os.PathLike | None = None,
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    root = Path(root) if root is not None else default_root()
-    pixels, labels = _load_uint8(name, split, root.expanduser().resolve(), download)
+    pixels, labels = _read(name, split, root, download)
     images = torch.from_numpy(pixels).float().div_(_PIXEL_MAX[name])
     if normalize:
         mean, std = channel_stats(name, root, download)
@@ -86,13 +88,28 @@ def load(name: str, split: str = "train", root: str | os.PathLike | None = None,
 def channel_stats(name: str, root: str | os.PathLike | None = None,
                   download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation of the training split, in [0, 1] units."""
-    root = Path(root) if root is not None else default_root()
-    pixels, _ = _load_uint8(name, "train", root.expanduser().resolve(), download)
+    pixels, _ = _read(name, "train", root, download)
     x = torch.from_numpy(pixels).double().div_(_PIXEL_MAX[name]).transpose(0, 1).flatten(1)
     return x.mean(1).float(), x.std(1).float()
 
 
 _PIXEL_MAX = {"mnist": 255.0, "cifar10": 255.0, "digits": 16.0}
+
+
+def _read(name: str, split: str, root: str | os.PathLike | None, download: bool):
+    """`_load_uint8` at `root` (None: the default root); a `DataError` says where ROOT
+    came from, since a user who did not choose it cannot fix it otherwise."""
+    if root is not None:
+        origin = "the root argument"
+    elif os.environ.get("NORMLAB_DATA"):
+        origin = "from $NORMLAB_DATA"
+    else:
+        origin = "the default: set $NORMLAB_DATA or pass root= to read another folder"
+    folder = (Path(root) if root is not None else default_root()).expanduser().resolve()
+    try:
+        return _load_uint8(name, split, folder, download)
+    except DataError as err:
+        raise DataError(f"{err} (data root {folder}, {origin})") from err
 
 
 @functools.lru_cache(maxsize=8)
@@ -180,9 +197,12 @@ def _read_cifar_batch(path: Path):
         raise DataError(f"missing {path}: {fix}")
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _BatchUnpickler(f, encoding="bytes").load()
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         labels = np.asarray(entry[b"labels"], dtype=np.uint8)
+    except UnsafePickleError as err:
+        raise DataError(f"{path} is not a CIFAR-10 batch ({err}); it was not loaded: {fix}") \
+            from err
     except Exception as err:  # a damaged pickle can raise almost anything
         raise DataError(f"{path} is truncated or corrupted ({err!r}): {fix}") from err
     if data.shape != (10000, 3072) or labels.shape != (10000,) or labels.max() > 9:
@@ -190,8 +210,34 @@ def _read_cifar_batch(path: Path):
     return data, labels
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names a type that a CIFAR-10 batch does not hold."""
+
+
+# Dicts, lists, strings and numbers need no lookup. Bytes do in Python 3's protocol 2
+# (_codecs.encode(text, "latin1")), and numpy arrays are _reconstruct(ndarray, ...) with a
+# dtype, under numpy 1's module name (the official files) or numpy 2's.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_BATCH_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                  ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                  ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                  ("_codecs", "encode"): codecs.encode}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR-10 batch holds; any other class or
+    function (os.system, builtins.eval, ...) raises `UnsafePickleError` before it runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _BATCH_GLOBALS[module, name]
+        except KeyError:
+            raise UnsafePickleError(
+                f"it asks for {module}.{name}, and a batch holds only dicts, lists, bytes, "
+                f"strings, numbers and numpy arrays") from None
+
+
 def _download_cifar10(root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
     archive = root / "cifar-10-python.tar.gz"
     try:
         _download(CIFAR10_URL, archive, md5=CIFAR10_MD5)
@@ -230,22 +276,31 @@ def _download(url: str, dest: Path, md5: str | None = None) -> None:
     """Download `url` to `dest` atomically (and check its md5 when given)."""
     from tqdm import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]
     partial = dest.with_name(dest.name + ".part")
-    digest, received = hashlib.md5(), 0
-    with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    # read(n) returns what came before a dropped connection without raising
-    if total is not None and received != total:
-        partial.unlink()
-        raise OSError(f"{url} stopped after {received} of {total} bytes")
-    if md5 is not None and digest.hexdigest() != md5:
-        partial.unlink()
-        raise OSError(f"{url} arrived corrupted (md5 {digest.hexdigest()}, expected {md5})")
-    shutil.move(partial, dest)
+    try:
+        digest, received = hashlib.md5(), 0
+        with urllib.request.urlopen(url, timeout=30) as response:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with open(partial, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                                  desc=f"download {dest.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        # read(n) returns what came before a dropped connection without raising
+        if total is not None and received != total:
+            raise OSError(f"{url} stopped after {received} of {total} bytes")
+        if md5 is not None and digest.hexdigest() != md5:
+            raise OSError(f"{url} arrived corrupted (md5 {digest.hexdigest()}, expected {md5})")
+        shutil.move(partial, dest)
+    except BaseException:  # an interrupt too: no partial file, no folder made for nothing
+        partial.unlink(missing_ok=True)
+        for folder in created:  # deepest first; one that holds other files stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise

@@ -200,8 +200,9 @@ register(Method("fastnorm", "weight",
                 replaces={nn.Linear: FastNormLinear, nn.Conv2d: FastNormConv2d},
                 optimizer=FastNormSGD, first_layer_kw={"input_activation": None}))
 register(Method("equinorm", "weight",
-                "Defazio and Bottou (2018), Controlling covariate shift using equilibrium "
-                "normalization of weights, arXiv:1812.04549",
+                "Defazio and Bottou (2018), Controlling covariate shift using balanced "
+                "normalization of weights, arXiv:1812.04549 (as an ICLR 2019 submission: "
+                "equilibrium normalization)",
                 "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
                 replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
 

@@ -25,7 +25,11 @@ def slow_probe(seed: int, seconds: float, pid_dir: str | None = None) -> list[di
 
 
 def gated_probe(seed: int, gate: str, pid_dir: str) -> list[dict]:
-    """Announces its worker's pid and waits while the file `gate` exists (2 minutes at most)."""
+    """Opens a progress bar, as training does (tqdm's lock), announces its worker's pid and
+    waits while the file `gate` exists (2 minutes at most)."""
+    from tqdm import tqdm
+
+    tqdm(total=1, disable=True).close()
     (Path(pid_dir) / str(os.getpid())).touch()
     deadline = time.monotonic() + 120
     while Path(gate).exists() and time.monotonic() < deadline:
@@ -75,16 +79,17 @@ def jobs(count: int, seconds: float, pid_dir: str | None = None) -> list[Probe]:
 
 def main(folder: str, count: int, seconds: float, pid_dir: str | None = None,
          gate: str | None = None) -> None:
-    """A sweep as a program: exit status 130 when interrupted. With `gate`, two probes of
-    0.2 s, then `count - 2` that wait while `gate` exists (`seconds` unused)."""
+    """A sweep as a program: when interrupted, the exit status of `Interrupted` (130 for
+    SIGINT, 143 for SIGTERM, 1 for a dead worker). With `gate`, two probes of 0.2 s, then
+    `count - 2` that wait while `gate` exists (`seconds` unused)."""
     sweep = (jobs(count, seconds, pid_dir) if gate is None
              else gated_jobs(2, count - 2, gate, pid_dir))
     hear_ctrl_c()
     with Store.in_folder(folder) as store:
         try:
             run_sweep(sweep, store, workers=2)
-        except Interrupted:
-            sys.exit(130)
+        except Interrupted as err:
+            sys.exit(err.exit_status)
 
 
 def probe_recipe(jobs: list[Probe], name: str = "probes"):

@@ -40,7 +40,7 @@ def test_a_sweep_resumes_from_an_exported_folder_without_rerunning_its_runs(tmp_
     experiments.export(tmp_path / "first", exported, commit="abc", machine="here")
     # a sweep cut short: the export holds seed 0's runs only
     header, *rows = csv.reader(io.StringIO((exported / "runs.csv").read_text()))
-    seed = header.index("seed")  # by position: a metric may share a config column's name
+    seed = header.index("config.seed")
     out = io.StringIO()
     csv.writer(out).writerows([header] + [row for row in rows if row[seed] == "0"])
     (exported / "runs.csv").write_text(out.getvalue())

@@ -23,9 +23,44 @@ def _folder_with_runs(tmp_path):
 
 def test_csv_has_a_row_per_evaluation_point(tmp_path):
     rows = list(csv.DictReader(io.StringIO(runs_csv(_folder_with_runs(tmp_path)))))
-    assert [(r["key"], r["point"], r["test_acc"]) for r in rows] == [
+    assert [(r["key"], r["point"], r["eval.test_acc"]) for r in rows] == [
         ("k1", "0", "0.5"), ("k1", "1", "0.75"), ("k2", "", "")]
-    assert rows[2]["status"] == "failed" and rows[0]["norm"] == "fastnorm"
+    assert rows[2]["status"] == "failed" and rows[0]["config.norm"] == "fastnorm"
+
+
+def test_csv_columns_have_distinct_names_when_a_metric_shares_a_settings_name(tmp_path):
+    with Store.in_folder(tmp_path) as store:
+        store.set_meta(settings={"recipe": "fastnorm", "quick": True, "seeds": 1,
+                                 "dataset": "mnist"})
+        store.record(Run("k1", {"kind": "train", "lr": 0.1, "seed": 0}, "done", 3.0,
+                         [{"lr": 0.1, "wall_time": 1.5, "point": 7.0},
+                          {"lr": 0.05, "wall_time": 2.5, "point": 8.0}]))
+    text = runs_csv(tmp_path)
+    header = text.splitlines()[0].split(",")
+    assert len(header) == len(set(header))
+    assert header == ["key", "config.kind", "config.lr", "config.seed", "status", "wall_time",
+                      "point", "eval.lr", "eval.point", "eval.wall_time"]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["config.lr"], r["eval.lr"], r["wall_time"], r["eval.wall_time"], r["point"])
+            for r in rows] == [("0.1", "0.1", "3.000", "1.5", "0"),
+                               ("0.1", "0.05", "3.000", "2.5", "1")]
+    (run,) = runs_from_csv(text)
+    assert run.config == {"kind": "train", "lr": 0.1, "seed": 0} and run.history == [
+        {"lr": 0.1, "wall_time": 1.5, "point": 7.0}, {"lr": 0.05, "wall_time": 2.5, "point": 8.0}]
+
+
+def test_csv_exports_of_before_the_prefixes_still_read(tmp_path):
+    """results/*/runs.csv committed on 2026-12-02: bare column names, lr and wall_time twice."""
+    text = ("key,kind,lr,seed,status,wall_time,point,lr,test_acc,wall_time\n"
+            "k1,train,0.1,0,done,3.000,0,0.1,0.5,1.5\n"
+            "k1,train,0.1,0,done,3.000,1,0.05,0.75,2.5\n"
+            "k2,train,0.2,0,failed,0.500,,,,\n")
+    first, second = runs_from_csv(text)
+    assert (first.config, first.status, first.wall_time) == (
+        {"kind": "train", "lr": 0.1, "seed": 0}, "done", 3.0)
+    assert first.history == [{"lr": 0.1, "test_acc": 0.5, "wall_time": 1.5},
+                             {"lr": 0.05, "test_acc": 0.75, "wall_time": 2.5}]
+    assert (second.config["lr"], second.status, second.history) == (0.2, "failed", [])
 
 
 def test_report_renders_from_the_database_alone_and_says_what_is_missing(tmp_path):

@@ -17,6 +17,7 @@ from normlab import cli, experiments
 from normlab.experiments import run_sweep
 from normlab.experiments.store import (
     DB_NAME,
+    HOLDER_NAME,
     LOCK_NAME,
     FolderInUse,
     FolderLock,
@@ -120,10 +121,10 @@ def test_the_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     finally:
         holder.kill()  # a crash: the lock file stays, naming a dead process
     holder.wait()
-    assert (tmp_path / LOCK_NAME).read_text()
+    assert (tmp_path / LOCK_NAME).exists() and (tmp_path / HOLDER_NAME).read_text()
     with FolderLock(tmp_path):  # not blocked
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert (tmp_path / LOCK_NAME).read_text() == ""  # released: names nobody
+        assert json.loads((tmp_path / HOLDER_NAME).read_text())["pid"] == os.getpid()
+    assert (tmp_path / HOLDER_NAME).read_text() == ""  # released: names nobody
 
 
 def _reproduce(out: Path, gate: Path, pid_dir: Path) -> subprocess.Popen:
@@ -182,9 +183,10 @@ def test_an_unwritable_folder_fails_before_any_run(tmp_path, monkeypatch, capsys
     monkeypatch.setitem(experiments.RECIPES, "probes", recipe)
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "out"  # a folder under a file: no one can create it
-    assert cli.main(["reproduce", "probes", "--out", str(out)]) == 1
+    assert cli.main(["reproduce", "probes", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"cannot write to the output folder {out}" in err and "writable --out" in err
+    assert f"--out: cannot write to {out} (Not a directory); name a folder that can be " \
+        f"created and written" in err
     assert not any(pid_dir.iterdir())
 
 
@@ -212,16 +214,17 @@ def test_a_read_only_output_fails_before_any_run_and_changes_nothing(tmp_path, r
         return subprocess.run([*prefix, sys.executable, "-c", f"import sweep_helper; {call}"],
                               env=env, capture_output=True, text=True, timeout=120)
 
-    if read_only == "the folder":
+    if read_only == "the folder":  # the command's check of --out refuses it (bad input)
         out.mkdir(mode=0o555)
-        expected = f"cannot write to the output folder {out}: [Errno 13]"
-    else:
+        status, expected = 2, f"--out: cannot write to {out} (Permission denied)"
+    else:  # the folder is writable, the database not: the store refuses it
+        status = 1
         assert reproduce(1).returncode == 0  # a finished sweep of one probe, then one more
         (out / DB_NAME).chmod(0o444)
         expected = f"cannot write to {out / DB_NAME}: attempt to write a readonly database"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     child = reproduce(2)
-    assert child.returncode == 1 and expected in child.stderr, child.stderr
+    assert child.returncode == status and expected in child.stderr, child.stderr
     assert "Traceback" not in child.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .. import data
+from .. import data, training
 from .recipe import Claim, Figure, Recipe, Results, Rule, Settings, Verdict, decide
 from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .report import LOG_NAME, export, exported_runs, render, runs_csv
@@ -46,8 +46,9 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
     ``out/checkpoints``, so a rerun continues an unfinished run mid-way.
     When the recipe needs MNIST and it can be neither read nor downloaded,
     the runs use scikit-learn's digits instead and the report says so. Raises
-    `FolderInUse` at once when another sweep is running in `out`, and
-    `OutputError` when `out` cannot be written or its database is damaged.
+    `FolderInUse` at once when another sweep is running in `out`, `OutputError`
+    when `out` cannot be written or its database is damaged, and `data.DataError`
+    before any run when another dataset its runs need (CIFAR-10) is missing.
     """
     recipe = get_recipe(name)
     out = Path(out)
@@ -68,6 +69,9 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
             dataset = "digits"
     settings = Settings(recipe.name, quick, seeds, dataset, protocol="full" if quick else protocol)
     jobs = recipe.jobs(settings)  # unknown method names fail here, before any run
+    for needed in sorted({training.TASKS[job.task].dataset for job in jobs
+                          if isinstance(job, training.TrainConfig)} - {"digits"}):
+        data.load(needed, "test", root=data_dir)  # a DataError now, not a sweep of failed runs
     label = f"{name} --{'quick' if quick else f'protocol {protocol}'}"
     with FolderLock(out, command=f"normlab reproduce {label}"), Store.in_folder(out) as store:
         stored = store.meta().get("settings")

@@ -84,8 +84,14 @@ def _checked(claim, results: Results, settings: Settings) -> Verdict:
         return Verdict("-", "inconclusive", f"could not evaluate: {err!r}")
 
 
+CONFIG, EVAL = "config.", "eval."  # the prefixes of configuration and metric columns
+
+
 def runs_csv(folder: str | Path) -> str:
-    """One row per run and evaluation point: configuration, status, wall time, metrics.
+    """One row per run and evaluation point: ``key``, the configuration (``config.NAME``),
+    ``status``, ``wall_time`` (the run's seconds), ``point`` (the evaluation's index) and
+    the evaluation's metrics (``eval.NAME``); a run with no point has one row, its eval
+    cells empty. A name can be both a setting and a metric (``config.lr``, ``eval.lr``).
 
     Configuration values are written as Python literals (strings bare), so that
     `runs_from_csv` reads the runs back.
@@ -95,7 +101,8 @@ def runs_csv(folder: str | Path) -> str:
     metric_names = sorted({k for r in runs for point in r.history for k in point})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["key", *config_names, "status", "wall_time", "point", *metric_names])
+    writer.writerow(["key", *[CONFIG + k for k in config_names], "status", "wall_time", "point",
+                     *[EVAL + k for k in metric_names]])
     for run in runs:
         config = [run.config.get(k, "") for k in config_names]
         for i, point in enumerate(run.history or [{}]):
@@ -105,12 +112,16 @@ def runs_csv(folder: str | Path) -> str:
 
 
 def runs_from_csv(text: str) -> list[Run]:
-    """The runs written by `runs_csv`, in their order (a failed run's traceback is not kept)."""
+    """The runs written by `runs_csv`, in their order (a failed run's traceback is not kept).
+
+    Also reads the exports written before the columns had prefixes (results/*/runs.csv of
+    2026-12-02): bare names, configuration before ``status`` and metrics after ``point``.
+    """
     rows = csv.reader(io.StringIO(text))
     header = next(rows, [])
-    # by position: a metric may share its name with a fixed column ("point")
-    status = header.index("status")
-    config_names, metric_names = header[1:status], header[status + 3:]
+    status = header.index("status")  # the first one: a metric may be named so
+    config_names = [name.removeprefix(CONFIG) for name in header[1:status]]
+    metric_names = [name.removeprefix(EVAL) for name in header[status + 3:]]
     runs: dict[str, Run] = {}
     for row in rows:
         key, config_cells, (state, wall_time, point) = row[0], row[1:status], \

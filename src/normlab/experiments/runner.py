@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -103,11 +104,23 @@ def execute_with_threads(job: Job, data_dir, threads: int,
 
 
 class Interrupted(Exception):
-    """The sweep stopped early (Ctrl-C, SIGTERM or a dead worker); rerun to resume."""
+    """The sweep stopped early (Ctrl-C, SIGTERM or a dead worker); rerun to resume.
+
+    `signum` is the signal that stopped it (None: a worker died); `exit_status`
+    is the shell's convention for it: 130 for SIGINT, 143 for SIGTERM, else 1.
+    """
+
+    def __init__(self, reason: str, signum: int | None = None):
+        super().__init__(reason)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum if self.signum else 1
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted(f"received signal {signum}")
+    raise Interrupted(signal.Signals(signum).name, signum)
 
 
 class Executor(abc.ABC):
@@ -163,8 +176,12 @@ class LocalPool(Executor):
 
     def completed(self, jobs: list[Job], data_dir,
                   checkpoints: dict[str, training.Checkpoint]) -> Iterator[tuple[Job, Run]]:
-        job_of = {self._pool.submit(execute, job, data_dir, checkpoints.get(job.key())): job
-                  for job in jobs}
+        # submit starts the workers; Ctrl-C reaches the whole process group, and a worker
+        # still importing torch would print a KeyboardInterrupt traceback, so SIGINT stays
+        # blocked (a mask that spawned children inherit) until each ignores it
+        with _sigint_blocked():
+            job_of = {self._pool.submit(execute, job, data_dir, checkpoints.get(job.key())): job
+                      for job in jobs}
         running = set(job_of)
         try:
             while running:
@@ -173,7 +190,7 @@ class LocalPool(Executor):
                     yield job_of[future], future.result()
             self._drained = True
         except BrokenProcessPool as err:
-            raise Interrupted(f"{type(err).__name__}: {err}") from err
+            raise Interrupted(f"a worker process died ({err})") from err
 
     def stop(self) -> None:
         if self._pool is None:
@@ -194,10 +211,34 @@ class LocalPool(Executor):
         self._pool = None
 
 
+_CAN_MASK = hasattr(signal, "pthread_sigmask")  # not on Windows, where there is no fork+exec
+
+
+class _sigint_blocked:
+    """SIGINT held back in this thread (and in the processes it spawns) while inside;
+    one that arrived meanwhile is raised on leaving."""
+
+    def __enter__(self):
+        if _CAN_MASK:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc):
+        if _CAN_MASK:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _init_worker(threads: int) -> None:
     # Ctrl-C reaches the whole process group: the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _CAN_MASK:  # blocked since the parent spawned this worker (see LocalPool.completed)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # tqdm's default lock is a multiprocessing semaphore; a worker terminated mid-run (an
+    # interrupted sweep) would leave it to the resource tracker's "leaked semaphore"
+    # warning. A worker is a single process: a thread lock serves.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
 
 
@@ -324,7 +365,7 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
                     raise OutputError(f"cannot write {log_path}: {err} (run {run.key} is "
                                       f"stored in {store.path})") from err
     except KeyboardInterrupt as err:
-        raise Interrupted(f"{type(err).__name__}: {err}") from err
+        raise Interrupted("SIGINT", signal.SIGINT) from err
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         executor.stop()

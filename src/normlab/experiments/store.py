@@ -6,14 +6,13 @@ transaction once the run has ended, so an interrupted sweep never leaves a
 half-written run behind: a run is either fully in the database or absent.
 ``meta`` holds what the report needs to re-render (recipe, mode, protocol).
 
-One sweep at a time owns a folder (`FolderLock`). A database that cannot be
-read or written raises `OutputError` naming its path; a corrupted one is
-never replaced.
+One sweep at a time owns a folder (`FolderLock`, portable through `filelock`).
+A database that cannot be read or written raises `OutputError` naming its
+path; a corrupted one is never replaced.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -22,8 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
+
 DB_NAME = "results.db"
 LOCK_NAME = "normlab.lock"
+HOLDER_NAME = "normlab.holder.json"  # who holds the lock: read by the run it refuses
 FINISHED = ("done", "diverged")  # a rerun skips these; a failed run is retried
 
 _SCHEMA = """
@@ -67,57 +69,63 @@ class FolderInUse(OutputError):
 
 
 class FolderLock:
-    """Exclusive use of an output folder by one sweep, through flock(2) on ``LOCK_NAME``.
+    """Exclusive use of an output folder by one sweep: an OS file lock on ``LOCK_NAME``
+    (flock on Linux and macOS, LockFileEx on Windows, through `filelock`).
 
-    The kernel drops the lock when its holder ends, however it ends (a crash,
-    SIGKILL, a lost node's process on a shared disk), so a dead run never
-    blocks the folder. The file names the holder (pid, host, start time and
-    command) for the message the next run shows. Creating it is the sweep's
-    first write, so a folder that cannot be written fails here, before any work.
+    The operating system drops the lock when its holder ends, however it ends
+    (a crash, SIGKILL, a lost node's process on a shared disk), so a dead run
+    never blocks the folder. The holder's pid, host, start time and command go
+    to ``HOLDER_NAME``, a file of its own (Windows forbids reading a locked
+    file), for the message the next run shows. Creating the folder is the
+    sweep's first write, so a folder that cannot be written fails here, before
+    any work.
     """
 
     def __init__(self, folder: str | Path, command: str = ""):
         self.folder, self.command = Path(folder), command
         self.path = self.folder / LOCK_NAME
-        self._fd: int | None = None
+        self.holder_path = self.folder / HOLDER_NAME
+        self._lock: filelock.BaseFileLock | None = None
 
     def __enter__(self) -> FolderLock:
+        lock = filelock.FileLock(self.path, timeout=0)  # never wait: say who holds it
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            lock.acquire()
+        except filelock.Timeout:
+            raise FolderInUse(
+                f"{self.folder} is in use by another run: {self._holder()}. Wait for it to "
+                f"finish, or stop it and run this command again (finished runs are kept and "
+                f"skipped), or choose another --out") from None
         except OSError as err:
             raise OutputError(f"cannot write to the output folder {self.folder}: {err}; "
                               f"choose a writable --out") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe_holder(os.read(fd, 4096))
-            os.close(fd)
-            raise FolderInUse(
-                f"{self.folder} is in use by another run: {holder}. Wait for it to finish, "
-                f"or stop it and run this command again (finished runs are kept and "
-                f"skipped), or choose another --out") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": self.command}
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(holder).encode())
+            self.holder_path.write_text(json.dumps(holder))
         except OSError as err:
-            os.close(fd)
-            raise OutputError(f"cannot write {self.path}: {err}") from err
-        self._fd = fd
+            lock.release()
+            raise OutputError(f"cannot write {self.holder_path}: {err}") from err
+        self._lock = lock
         return self
 
     def __exit__(self, *exc) -> None:
         try:  # the holder is gone: a stale name would only mislead
-            os.ftruncate(self._fd, 0)
+            self.holder_path.write_text("")
         except OSError:
             pass
-        os.close(self._fd)  # releases the lock
-        self._fd = None
+        self._lock.release()
+        self._lock = None
+
+    def _holder(self) -> str:
+        try:
+            return _describe_holder(self.holder_path.read_text())
+        except OSError:  # it holds the lock but has not written yet
+            return _describe_holder("")
 
 
-def _describe_holder(text: bytes) -> str:
+def _describe_holder(text: str) -> str:
     try:
         h = json.loads(text)
         return (f"process {h['pid']} on host {h['host']}, started {h['started']}"
