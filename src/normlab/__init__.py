@@ -9,7 +9,9 @@ Example:
     >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
 """
 
-from . import data, functional, models
+import importlib
+
+from . import _moved, functional
 from .distributed import convert_sync
 from .enorm import ENorm
 from .fold import fold
@@ -36,3 +38,13 @@ __all__ = [
     "convert_sync", "create", "data", "fold", "functional", "models",
 ]
 __version__ = "0.1.0"
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    # The lab's modules (normlab.data, normlab.models, ...) load on first use, so that
+    # `import normlab` needs neither the lab's code nor its dependencies.
+    if name in _moved.LAB_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import registry
+from .. import registry
 
 
 def _norm(norm: str, num_features: int, dim: int) -> nn.Module:

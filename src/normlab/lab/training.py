@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from . import data, distributed, models, registry
+from .. import distributed, registry
+from . import data, models
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,14 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 from torch.utils import benchmark
 
-from . import distributed, models, registry
-from .enorm import ENorm
-from .fold import fold
-from .layers.batch_renorm import BatchRenorm2d
-from .layers.fastnorm import FastNormSGD, tracked_sq_norms
-from .layers.online import OnlineNorm2d
-from .layers.weight_norm import WeightNormLinear
+from .. import distributed, registry
+from ..enorm import ENorm
+from ..fold import fold
+from ..layers.batch_renorm import BatchRenorm2d
+from ..layers.fastnorm import FastNormSGD, tracked_sq_norms
+from ..layers.online import OnlineNorm2d
+from ..layers.weight_norm import WeightNormLinear
+from . import models
 from .text import text_table
 
 

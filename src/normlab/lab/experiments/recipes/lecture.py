@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ... import registry, training
+from .... import registry
+from ... import training
 from ..plots import band_panels
 from ..recipe import (
     Claim,

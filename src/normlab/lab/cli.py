@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import registry
+from .. import registry
 from .text import text_table
 
 

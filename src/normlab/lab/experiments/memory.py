@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import registry
+from ... import registry
 from ..text import text_table
 
 GB = 1e9
