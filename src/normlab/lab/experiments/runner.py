@@ -47,7 +47,10 @@ class Probe:
     uses_data: bool = False
 
     def to_dict(self) -> dict:
-        return {"probe": f"{self.fn.__module__}.{self.fn.__qualname__}", "seed": self.seed,
+        # named by the module's name from before the lab moved (normlab._moved keeps it
+        # importable), so committed results and resumed sweeps keep their probes' keys
+        module = self.fn.__module__.replace("normlab.lab.", "normlab.", 1)
+        return {"probe": f"{module}.{self.fn.__qualname__}", "seed": self.seed,
                 "params": self.params}
 
     def key(self) -> str:
