@@ -41,7 +41,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from . import _native
-from .functional import _tracing
+from ._native import tracing as _tracing
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                         nn.Identity)

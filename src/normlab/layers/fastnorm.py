@@ -64,8 +64,9 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from .. import _native, checks
-from ..functional import _tracing
-from .weight_norm import _INPUT_STATS
+from .._native import tracing as _tracing
+from ..distributed import HasSyncedForm
+from .weight_norm import INPUT_STATS
 
 # Measured with `normlab bench --case fastnorm_crossover` (the 784-1024-10 MLP step,
 # compiled, 2 threads, 2026-12-02): tracked / explicit norms 0.77x at batch 2, 0.93x at
@@ -239,7 +240,7 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-class _FastNorm(nn.Module):
+class _FastNorm(nn.Module, HasSyncedForm):
     """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
 
@@ -266,6 +267,11 @@ class _FastNorm(nn.Module):
                                                                device=device))
         self._tracking = _Tracking()
         self.reset_parameters()
+
+    def use_synced_form(self, process_group=None) -> None:
+        # the fused update reads only this process's samples; the dense gradient is what
+        # DDP all-reduces
+        self.mode = "dense"
 
     def reset_parameters(self) -> None:
         """The function of the freshly initialized torch layer, with unit-norm rows."""
@@ -297,7 +303,7 @@ class _FastNorm(nn.Module):
         self.gain.copy_(norms.flatten())
         if self.bias is not None:
             self.bias.copy_(bias) if bias is not None else self.bias.zero_()
-        stats = _INPUT_STATS[self.input_activation]
+        stats = INPUT_STATS[self.input_activation]
         if stats is not None:  # undo the standardization x~ = (x - mean) / std
             mean, std = stats
             self.gain.mul_(std)
@@ -330,7 +336,7 @@ class _FastNorm(nn.Module):
         self._check_input(x)
         if self.input_activation is not None:
             # explicitly (one pass over x), so that the rank-B update reads x~
-            mean, std = _INPUT_STATS[self.input_activation]
+            mean, std = INPUT_STATS[self.input_activation]
             x = (x - mean) / std
         # dict lookups: nn.Module's attribute fallback is slow on this per-step path
         params, buffers = self._parameters, self._buffers
@@ -445,7 +451,7 @@ class _FastNorm(nn.Module):
     @torch.no_grad()
     def to_plain(self) -> nn.Module:
         """A plain torch layer computing this layer's function."""
-        stats = _INPUT_STATS[self.input_activation]
+        stats = INPUT_STATS[self.input_activation]
         plain = self._torch_layer(bias=self.bias is not None or stats is not None,
                                   device=self.weight.device, dtype=self.weight.dtype)
         scale = (self.gain * self.inv_norm * self.row_scale).to(self.weight.dtype)
@@ -687,7 +693,7 @@ class FastNormLinear(_FastNorm):
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
             checks.positive_int("FastNormLinear", name, value)
-        checks.one_of("FastNormLinear", "input_activation", input_activation, _INPUT_STATS,
+        checks.one_of("FastNormLinear", "input_activation", input_activation, INPUT_STATS,
                       " ('relu': the input is a ReLU output, standardized as NormProp does; "
                       "None: used as it is)")
         self.input_activation = input_activation

@@ -35,7 +35,8 @@ RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
 RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
 NORM_EPS = 1e-12  # floor of ||w_i||: a zero row gives a zero output, not NaN
 _NONLINEARITY_GAIN = {"relu": 2.0, "linear": 1.0}
-_INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
+# input_activation -> the (mean, std) a NormProp layer standardizes its input with
+INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
 
 
 class _WeightNormalized:
@@ -183,13 +184,13 @@ class _NormProp:
     """NormProp's input standardization; mixed in before a WeightNorm class."""
 
     def __init__(self, *args, input_activation: str | None = "relu", **kw):
-        checks.one_of(type(self).__name__, "input_activation", input_activation, _INPUT_STATS,
+        checks.one_of(type(self).__name__, "input_activation", input_activation, INPUT_STATS,
                       " ('relu': the input is a ReLU output; None: standardized data)")
         super().__init__(*args, **kw)
         self.input_activation = input_activation
 
     def _input_stats(self) -> tuple[float, float] | None:
-        return _INPUT_STATS[self.input_activation]
+        return INPUT_STATS[self.input_activation]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input_activation={self.input_activation!r}"

@@ -1,25 +1,5 @@
-"""Synced statistics under DistributedDataParallel: `convert_sync` and what the layers share.
-
-Under DDP each process sees 1/P of the global batch. A layer whose output
-depends on the batch (Batch Renormalization, EquiNorm, Online Normalization,
-BatchNorm) then computes per-process statistics unless it is synced; synced,
-it computes them over the global batch, and a model trained on P processes
-trains exactly as the same model in one process on the whole batch.
-
-A layer syncs when built with ``sync=True`` (over ``process_group``, the world
-group when None, as in :class:`torch.nn.SyncBatchNorm`) or after
-`convert_sync`. It syncs only in training and only when torch.distributed is
-initialized with more than one process in the group; otherwise, and always
-when ``sync=False`` (the default), it computes the statistics of the batch
-it is given, with no collective call.
-
-Gradient convention: each rank's loss is its samples' share of the global
-batch's mean loss, times P (with an even split, simply the mean over its own
-samples); DDP's averaging of the ranks' gradients then gives the global mean
-loss's gradient. Online Normalization's control process, whose state is
-linear in the gradients, divides them by P so that its state equals the
-one-process state.
-"""
+"""The collectives normlab's synced layers use: all-reduce, rank slices, global batch
+statistics; and the base classes by which a layer tells `convert_sync` its synced form."""
 
 from __future__ import annotations
 
@@ -29,11 +9,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-class Syncable:
+class HasSyncedForm:
+    """A layer that computes differently under DDP: `convert_sync` calls its
+    `use_synced_form`, so that convert_sync itself names no layer."""
+
+    def use_synced_form(self, process_group: dist.ProcessGroup | None) -> None:
+        """Switch this layer, in place, to its form for DDP over `process_group`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its synced form")
+
+
+class Syncable(HasSyncedForm):
     """The ``sync`` / ``process_group`` attributes of a layer with batch statistics.
 
     `sync_group` is the group to compute statistics over in this forward pass,
@@ -51,6 +39,9 @@ class Syncable:
 
     def sync_group(self) -> dist.ProcessGroup | None:
         return sync_group(self.process_group) if self.sync else None
+
+    def use_synced_form(self, process_group: dist.ProcessGroup | None) -> None:
+        self.sync, self.process_group = True, process_group
 
     def _sync_repr(self) -> str:
         return ", sync=True" if self.sync else ""
@@ -173,92 +164,6 @@ def global_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
             unbiased = var * (total / (total - 1))
             running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return x_hat, mean.detach().to(x.dtype), inv_std.detach().to(x.dtype)
-
-
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch normalization with the statistics of the process group's global batch.
-
-    :class:`torch.nn.SyncBatchNorm`'s arguments, buffers and state_dict, on any
-    device and backend: DDP refuses torch's on CPU (the gloo backend). In
-    training with an initialized group of several processes the statistics
-    come from `global_batch_norm`; otherwise this is plain batch normalization.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True,
-                 process_group: dist.ProcessGroup | None = None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm expects an input of at least 2 dims (N, C, ...), "
-                             f"got shape {tuple(input.shape)}")
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        group = sync_group(self.process_group) if self.training else None
-        if group is None:
-            return super().forward(input)
-        self._check_input_dim(input)
-        momentum = self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:  # a cumulative average, as in torch's BatchNorm
-                momentum = 1.0 / float(self.num_batches_tracked)
-        x_hat, _, _ = global_batch_norm(input, self.running_mean, self.running_var,
-                                        momentum or 0.0, self.eps, group)
-        if not self.affine:
-            return x_hat
-        view = (1, -1) + (1,) * (input.dim() - 2)
-        return torch.addcmul(self.bias.view(view), x_hat, self.weight.view(view))
-
-
-def _sync_batch_norm(module: nn.modules.batchnorm._BatchNorm,
-                     process_group: dist.ProcessGroup | None) -> SyncBatchNorm:
-    """`module` as a SyncBatchNorm sharing its parameters and buffers (as torch's
-    convert_sync_batchnorm does, so an optimizer built before keeps working)."""
-    synced = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                           module.track_running_stats, process_group)
-    if module.affine:
-        synced.weight, synced.bias = module.weight, module.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(synced, name, getattr(module, name))
-    return synced.train(module.training)
-
-
-def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
-    """`model` with its batch-dependent layers in their synced form, for DDP.
-
-    In the spirit of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`:
-    normlab's layers with batch statistics get ``sync=True`` over
-    `process_group` (None: the world group), and torch's BatchNorm1d/2d/3d and
-    SyncBatchNorm become normlab's :class:`SyncBatchNorm` (torch's, but
-    usable on CPU too), sharing their parameters and buffers. The model is
-    changed in place and returned (a new object only when `model` itself is
-    a BatchNorm); FastNorm layers switch to ``mode="dense"``, whose weight
-    gradient DDP all-reduces; batch-independent layers are left alone.
-
-    Example:
-        >>> model = normlab.convert_sync(normlab.models.cifar_resnet(8, norm="batch_renorm"))
-        >>> # then, after torch.distributed.init_process_group:
-        >>> model = torch.nn.parallel.DistributedDataParallel(model)  # doctest: +SKIP
-    """
-    from .layers.fastnorm import _FastNorm  # here: the layers import this module
-
-    if isinstance(model, Syncable):
-        model.sync, model.process_group = True, process_group
-    elif isinstance(model, _FastNorm):
-        # the fused update reads only this process's samples; the dense
-        # gradient is what DDP all-reduces
-        model.mode = "dense"
-    elif isinstance(model, nn.modules.batchnorm._BatchNorm) and \
-            not isinstance(model, SyncBatchNorm):
-        return _sync_batch_norm(model, process_group)
-    for name, child in model.named_children():
-        synced = convert_sync(child, process_group)
-        if synced is not child:
-            setattr(model, name, synced)
-    return model
 
 
 def free_port() -> int:
