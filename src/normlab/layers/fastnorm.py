@@ -66,6 +66,7 @@ from torch.nn.modules.utils import _pair
 from .. import _native, checks
 from .._native import tracing as _tracing
 from ..distributed import HasSyncedForm
+from ._base import WeightNormalizedLayer
 from .weight_norm import INPUT_STATS
 
 # Measured with `normlab bench --case fastnorm_crossover` (the 784-1024-10 MLP step,
@@ -240,7 +241,7 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-class _FastNorm(nn.Module, HasSyncedForm):
+class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
     """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
 
@@ -282,7 +283,7 @@ class _FastNorm(nn.Module, HasSyncedForm):
     @classmethod
     def from_module(cls, module: nn.Module, **kw):
         """A layer computing the same function as `module` (its rows stored normalized)."""
-        source = cls._torch_type()
+        source = cls.plain_type
         if type(module) is not source:
             raise TypeError(f"{cls.__name__}.from_module expects an nn.{source.__name__}, "
                             f"got {type(module).__name__}")
@@ -449,7 +450,7 @@ class _FastNorm(nn.Module, HasSyncedForm):
         self._sync()
 
     @torch.no_grad()
-    def to_plain(self) -> nn.Module:
+    def to_plain(self, input_size=None) -> nn.Module:
         """A plain torch layer computing this layer's function."""
         stats = INPUT_STATS[self.input_activation]
         plain = self._torch_layer(bias=self.bias is not None or stats is not None,
@@ -684,6 +685,9 @@ class FastNormLinear(_FastNorm):
         True
     """
 
+    plain_type = nn.Linear
+    first_layer_kw = {"input_activation": None}  # a model's input is no ReLU output
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mode: str = "fused", renorm_every: int | None = DEFAULT_RENORM_EVERY,
                  renorm_resets_norm: bool = False,
@@ -701,10 +705,6 @@ class FastNormLinear(_FastNorm):
         self.max_tracked_batch = max_tracked_batch
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
                             renorm_resets_norm, device, dtype)
-
-    @staticmethod
-    def _torch_type() -> type:
-        return nn.Linear
 
     @staticmethod
     def _torch_args(module: nn.Linear) -> dict:
@@ -765,6 +765,8 @@ class FastNormConv2d(_FastNorm):
         >>> optimizer.step()
     """
 
+    plain_type = nn.Conv2d
+
     _modes = ("dense",)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -790,10 +792,6 @@ class FastNormConv2d(_FastNorm):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self._init_fastnorm((out_channels, in_channels // groups, *self.kernel_size), bias,
                             mode, renorm_every, renorm_resets_norm, device, dtype)
-
-    @staticmethod
-    def _torch_type() -> type:
-        return nn.Conv2d
 
     @staticmethod
     def _torch_args(module: nn.Conv2d) -> dict:
