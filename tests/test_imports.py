@@ -1,7 +1,7 @@
 """normlab's imports run one way, read from the source with `ast`:
 
     lab -> registry, fold -> layers, optim, rebalancers -> functional
-        -> collectives (distributed) and the kernel loader (_native)
+        -> collectives (distributed) and the kernel loader (_ext)
 
 (checks, the argument checks every floor shares, sits at the bottom). No module
 imports one on a higher floor, the graph has no cycle, and no private name (``_x``)
@@ -17,10 +17,10 @@ SRC = Path(normlab.__file__).parent
 
 # module-name prefix -> floor; the longest matching prefix decides; higher imports lower
 FLOORS = {
-    "normlab._native": 0, "normlab._moved": 0, "normlab.checks": 0,
+    "normlab._ext": 0, "normlab._moved": 0, "normlab.checks": 0,
     "normlab.distributed": 0,
-    "normlab.kernels": 1, "normlab.functional": 1,
-    "normlab.layers": 2, "normlab.enorm": 2, "normlab.renorm": 2,
+    "normlab.functional": 1,
+    "normlab.layers": 2, "normlab.optim": 2, "normlab.rebalancers": 2,
     "normlab.registry": 3, "normlab.fold": 3,
     "normlab": 4, "normlab.__main__": 4, "normlab.lab": 4,
 }

@@ -1,8 +1,11 @@
 """The library stands apart from the lab: it imports without the lab's dependencies, and
 `import normlab` loads none of the lab's modules."""
 
+import importlib
 import subprocess
 import sys
+
+import pytest
 
 # Run in a fresh interpreter where importing matplotlib or tqdm fails (a None entry in
 # sys.modules makes `import` raise ImportError), as it does where only the library is
@@ -48,3 +51,27 @@ def test_the_labs_old_names_are_its_modules():
     assert normlab.experiments.store is store
     assert store.__spec__.name == "normlab.lab.experiments.store"
     assert normlab.data.load is lab_data.load
+
+
+@pytest.mark.parametrize("old, new", [
+    ("normlab._native", "normlab._ext.loader"),
+    ("normlab.kernels", "normlab.functional.aten_helpers"),
+    ("normlab.enorm", "normlab.rebalancers.enorm"),
+    ("normlab.renorm", "normlab.rebalancers.row_renorm"),
+])
+def test_a_moved_library_module_keeps_its_old_name_with_a_warning(old, new):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+
+
+@pytest.mark.parametrize("module, old, new", [
+    ("normlab.functional", "weight_normalized_linear", "row_scaled_linear"),
+    ("normlab.functional", "weight_normalized_conv2d", "row_scaled_conv2d"),
+    ("normlab.distributed", "SyncBatchNorm", "GlobalBatchNorm"),
+])
+def test_a_renamed_public_name_keeps_working_with_a_warning(module, old, new):
+    module = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
+        assert getattr(module, old) is getattr(module, new)

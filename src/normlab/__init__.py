@@ -13,7 +13,6 @@ import importlib
 
 from . import _moved, functional
 from .distributed import convert_sync
-from .enorm import ENorm
 from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
@@ -27,8 +26,8 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .rebalancers import ENorm, Renormalize
 from .registry import Method, available, convert, create
-from .renorm import Renormalize
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
@@ -45,6 +44,6 @@ _moved.install()
 def __getattr__(name: str):
     # The lab's modules (normlab.data, normlab.models, ...) load on first use, so that
     # `import normlab` needs neither the lab's code nor its dependencies.
-    if name in _moved.LAB_MODULES:
+    if name in _moved.LAB_MODULES or f"{__name__}.{name}" in _moved.DEPRECATED:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

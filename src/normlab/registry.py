@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import checks
-from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
@@ -35,7 +34,7 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
-from .renorm import Renormalize
+from .rebalancers import ENorm, Renormalize
 
 FAMILIES = ("activation", "weight", "rebalancer")
 

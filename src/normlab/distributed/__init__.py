@@ -21,6 +21,8 @@ linear in the gradients, divides them by P so that its state equals the
 one-process state.
 """
 
+import warnings
+
 from .collectives import (
     HasSyncedForm,
     RankSlice,
@@ -31,7 +33,15 @@ from .collectives import (
     run_local,
     sync_group,
 )
-from .convert import SyncBatchNorm, convert_sync
+from .convert import GlobalBatchNorm, convert_sync
 
-__all__ = ["HasSyncedForm", "RankSlice", "SyncBatchNorm", "Syncable", "all_reduce_sum",
+__all__ = ["GlobalBatchNorm", "HasSyncedForm", "RankSlice", "Syncable", "all_reduce_sum",
            "convert_sync", "free_port", "global_batch_norm", "run_local", "sync_group"]
+
+
+def __getattr__(name: str):
+    if name == "SyncBatchNorm":  # torch's class name, for a different class
+        warnings.warn("normlab.distributed.SyncBatchNorm is now GlobalBatchNorm",
+                      DeprecationWarning, stacklevel=2)
+        return GlobalBatchNorm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

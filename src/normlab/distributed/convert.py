@@ -1,4 +1,4 @@
-"""`convert_sync`: a model's layers in their synced form for DDP; `SyncBatchNorm`."""
+"""`convert_sync`: a model's layers in their synced form for DDP; `GlobalBatchNorm`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from torch import nn
 from .collectives import HasSyncedForm, global_batch_norm, sync_group
 
 
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch normalization with the statistics of the process group's global batch.
+
+    (It was ``normlab.distributed.SyncBatchNorm``, torch's class name for another class.)
 
     :class:`torch.nn.SyncBatchNorm`'s arguments, buffers and state_dict, on any
     device and backend: DDP refuses torch's on CPU (the gloo backend). In
@@ -26,7 +28,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm expects an input of at least 2 dims (N, C, ...), "
+            raise ValueError(f"GlobalBatchNorm expects an input of at least 2 dims (N, C, ...), "
                              f"got shape {tuple(input.shape)}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -48,10 +50,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _sync_batch_norm(module: nn.modules.batchnorm._BatchNorm,
-                     process_group: dist.ProcessGroup | None) -> SyncBatchNorm:
-    """`module` as a SyncBatchNorm sharing its parameters and buffers (as torch's
+                     process_group: dist.ProcessGroup | None) -> GlobalBatchNorm:
+    """`module` as a GlobalBatchNorm sharing its parameters and buffers (as torch's
     convert_sync_batchnorm does, so an optimizer built before keeps working)."""
-    synced = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+    synced = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                            module.track_running_stats, process_group)
     if module.affine:
         synced.weight, synced.bias = module.weight, module.bias
@@ -68,7 +70,7 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     it over `process_group` (None: the world group): the layers with batch
     statistics get ``sync=True``, FastNorm layers ``mode="dense"``, whose
     weight gradient DDP all-reduces. torch's BatchNorm1d/2d/3d and
-    SyncBatchNorm become normlab's :class:`SyncBatchNorm` (torch's, but usable
+    SyncBatchNorm become normlab's :class:`GlobalBatchNorm` (torch's, but usable
     on CPU too), sharing their parameters and buffers. The model is changed in
     place and returned (a new object only when `model` itself is a BatchNorm);
     batch-independent layers are left alone.
@@ -81,7 +83,7 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     if isinstance(model, HasSyncedForm):
         model.use_synced_form(process_group)
     elif isinstance(model, nn.modules.batchnorm._BatchNorm) and \
-            not isinstance(model, SyncBatchNorm):
+            not isinstance(model, GlobalBatchNorm):
         return _sync_batch_norm(model, process_group)
     for name, child in model.named_children():
         synced = convert_sync(child, process_group)

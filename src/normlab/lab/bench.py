@@ -29,12 +29,12 @@ from torch.nn.utils import parametrizations
 from torch.utils import benchmark
 
 from .. import distributed, registry
-from ..enorm import ENorm
 from ..fold import fold
 from ..layers.batch_renorm import BatchRenorm2d
 from ..layers.fastnorm import FastNormSGD, tracked_sq_norms
 from ..layers.online import OnlineNorm2d
 from ..layers.weight_norm import WeightNormLinear
+from ..rebalancers import ENorm
 from . import models
 from .text import text_table
 

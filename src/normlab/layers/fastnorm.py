@@ -34,7 +34,7 @@ normalization's effective learning rate, is the option `renorm_resets_norm`.
 
 On CPU, up to KERNEL_MAX_BATCH samples, the fused mode's training forward,
 its backward and the step each run as one compiled call (csrc/fastnorm.cpp,
-built on first use: normlab._native), since at small batches the dozens of
+built on first use: normlab._ext.loader), since at small batches the dozens of
 small tensor operations of the eager path cost more than the arithmetic. The
 forward's autograd function gives a per-forward leaf ("probe") the output
 gradient dL/dz, which is how the step gets its samples without a Python hook;
@@ -63,8 +63,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from .. import _native, checks
-from .._native import tracing as _tracing
+from .. import checks
+from .._ext import loader as _native
+from .._ext.loader import tracing as _tracing
 from ..distributed import HasSyncedForm
 from ._base import WeightNormalizedLayer
 from .weight_norm import INPUT_STATS

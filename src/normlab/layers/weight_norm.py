@@ -310,7 +310,7 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, then convolve
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return functional.weight_normalized_conv2d(x, self.weight, gain, inv_norm, bias,
+        return functional.row_scaled_conv2d(x, self.weight, gain, inv_norm, bias,
                                                    self.stride, padding, self.dilation,
                                                    self.groups)
 

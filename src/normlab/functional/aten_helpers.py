@@ -1,4 +1,5 @@
-"""torch's batch-norm and clamp kernels, borrowed for other reductions: the one place.
+"""torch's batch-norm and clamp kernels, borrowed for other reductions: the one place;
+and `autocast_off`, which the functions around them run under.
 
 Online Normalization and Batch Renormalization need per-row scales, two fused
 sums per row, sums over the batch, a clamp's gradient, batch statistics and batch normalization's
@@ -14,10 +15,12 @@ them, so a torch release that changes one of these ops fails there, loudly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
-from . import _native
+from .._ext import loader as _native
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -117,3 +120,10 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     """
     return torch.ops.aten.native_batch_norm_backward(
         grad, x, weight, None, None, mean, inv_std, True, 0.0, [True, True, True])
+
+
+def autocast_off(x: torch.Tensor):
+    """Autocast disabled for `x`'s device: the math run under it picks its own dtypes."""
+    if x.device.type == "meta":  # no autocast there, nor anything to disable
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)

@@ -28,7 +28,7 @@ they were at the start of the cycle (the code reads W_k's row norms before
 applying the previous pair's column scaling).
 
 On the CPU a cycle runs as one compiled call per chain (csrc/enorm.cpp, built by
-normlab._native, on torch's threads) where `ENorm._kernel` says it applies; the
+normlab._ext.loader, on torch's threads) where `ENorm._kernel` says it applies; the
 eager torch code of `ENorm._balance` is its specification and runs everywhere else.
 """
 
@@ -40,8 +40,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from . import _native
-from ._native import tracing as _tracing
+from .._ext import loader as _native
+from .._ext.loader import tracing as _tracing
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                         nn.Identity)

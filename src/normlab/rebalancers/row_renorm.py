@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import row_norms
-from .layers.weight_norm import NORM_EPS, WeightNormConv2d, WeightNormLinear
+from ..functional import row_norms
+from ..layers.weight_norm import NORM_EPS, WeightNormConv2d, WeightNormLinear
 
 
 class Renormalize:
