@@ -114,3 +114,20 @@ def test_no_private_name_crosses_modules():
                       if taken and taken.startswith("_") and not taken.startswith("__")
                       and target != name)
     assert not crossing, "\n".join(crossing)
+
+
+def test_the_optimizers_use_the_layers_public_interface():
+    # FastNormSGD finds its layers with layers.fastnorm.layer_of and steps them with their
+    # public methods: no attribute access `obj._x` on anything but itself
+    private = []
+    for name, path in MODULES.items():
+        if not name.startswith("normlab.optim"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+                    and not (isinstance(node.value, ast.Call)
+                             and getattr(node.value.func, "id", "") == "super")):
+                private.append(f"{name}:{node.lineno} .{node.attr}")
+    assert not private, "\n".join(private)

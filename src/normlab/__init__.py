@@ -16,7 +16,7 @@ from .distributed import convert_sync
 from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
     NormPropConv2d,
@@ -26,6 +26,7 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .optim import FastNormSGD
 from .rebalancers import ENorm, Renormalize
 from .registry import Method, available, convert, create
 

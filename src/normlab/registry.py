@@ -23,7 +23,7 @@ from torch import nn
 from . import checks
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear
 from .layers.layer_norm import VectorLayerNorm
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
@@ -34,6 +34,7 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .optim import FastNormSGD
 from .rebalancers import ENorm, Renormalize
 
 FAMILIES = ("activation", "weight", "rebalancer")

@@ -31,9 +31,10 @@ from torch.utils import benchmark
 from .. import distributed, registry
 from ..fold import fold
 from ..layers.batch_renorm import BatchRenorm2d
-from ..layers.fastnorm import FastNormSGD, tracked_sq_norms
+from ..layers.fastnorm import tracked_sq_norms
 from ..layers.online import OnlineNorm2d
 from ..layers.weight_norm import WeightNormLinear
+from ..optim import FastNormSGD
 from ..rebalancers import ENorm
 from . import models
 from .text import text_table

@@ -90,11 +90,23 @@ KERNEL_MAX_BATCH = 512
 DEFAULT_RENORM_EVERY = 200
 RENORM_DRIFT_BOUND = 0.05
 
-# id(weight Parameter) -> its layer, held weakly: how FastNormSGD, which sees
-# only parameters, finds the layers among them (a plain dict lookup per
-# parameter and step; the owner's `weight is param` check rules out reused ids).
+# id(weight Parameter) -> its layer, held weakly: behind `layer_of` (a plain dict
+# lookup per parameter and step; the owner's `weight is param` check rules out reused ids).
 _OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_owners_changed = [0]  # counts registrations: FastNormSGD's cached lookups go stale
+_owners_changed = [0]  # counts registrations: behind `registrations`
+
+
+def layer_of(param: torch.Tensor) -> _FastNorm | None:
+    """The FastNorm layer whose weight `param` is, or None: how an optimizer, which sees only
+    parameters, finds the FastNorm layers among them (FastNormSGD does)."""
+    layer = _OWNERS.get(id(param))
+    return layer if layer is not None and layer.weight is param else None
+
+
+def registrations() -> int:
+    """A count that grows whenever a layer takes a new weight Parameter (built, copied,
+    loaded): an optimizer that caches `layer_of`'s answers refreshes them when it changes."""
+    return _owners_changed[0]
 
 
 class _LogicalGradient(torch.autograd.Function):
@@ -466,10 +478,18 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
             plain.bias.sub_(plain.weight.flatten(1).sum(1), alpha=mean)
         return plain
 
-    # -- the optimizer's step (called by FastNormSGD) ---------------------------
+    # -- the optimizer's interface (FastNormSGD calls these) ------------------------
 
-    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> tuple:
-        # (under FastNormSGD.step's no_grad) Returns the other parameters it updated: the
+    def discard_finished_records(self) -> None:
+        """Forget the recorded forwards whose backward has run (their gradient is gone: the
+        optimizer's zero_grad calls this)."""
+        self._tracking.records = [r for r in self._tracking.records if r.output_grads is None]
+
+    def sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> tuple:
+        """One SGD step of this layer's weight, as its mode prescribes (module docstring),
+        under no_grad; `state` is the optimizer's state for the weight. Returns the other
+        parameters it updated (the optimizer leaves them alone)."""
+        # Returns the other parameters it updated: the
         # compiled fused step also takes the gain's and bias's SGD update.
         updated = ()
         if self._mode == "dense":
@@ -679,7 +699,7 @@ class FastNormLinear(_FastNorm):
 
     Example:
         >>> layer = FastNormLinear(784, 1024)
-        >>> optimizer = FastNormSGD(layer.parameters(), lr=0.05)
+        >>> optimizer = normlab.FastNormSGD(layer.parameters(), lr=0.05)
         >>> layer(torch.randn(16, 784)).square().mean().backward()
         >>> optimizer.step()
         >>> torch.allclose(layer.tracked_norms(), layer.explicit_norms())
@@ -761,7 +781,7 @@ class FastNormConv2d(_FastNorm):
 
     Example:
         >>> conv = FastNormConv2d(3, 16, 3, padding=1)
-        >>> optimizer = FastNormSGD(conv.parameters(), lr=0.05)
+        >>> optimizer = normlab.FastNormSGD(conv.parameters(), lr=0.05)
         >>> conv(torch.randn(8, 3, 32, 32)).square().mean().backward()
         >>> optimizer.step()
     """
@@ -826,108 +846,3 @@ class FastNormConv2d(_FastNorm):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, bias={self.bias is not None}, "
                 f"{self._extra_repr_tail()}")
-
-
-class FastNormSGD(torch.optim.SGD):
-    """SGD that updates the FastNorm layers among `params` as FastNorm prescribes.
-
-    Plain :class:`torch.optim.SGD` for every other parameter (gains and biases
-    included). Each FastNorm weight gets torch SGD's update of its logical
-    weight (same learning rate, weight decay and momentum), applied as the
-    layer's mode prescribes (see :mod:`normlab.layers.fastnorm`): a rank-B
-    update and tracked norms in the fused mode without momentum; a dense
-    update and explicit norms in the dense mode or with momentum.
-
-    Args:
-        params: as torch.optim.SGD.
-        lr, weight_decay, momentum: as torch.optim.SGD (no nesterov, dampening
-            or maximize: the FastNorm update is SGD's).
-
-    Example:
-        >>> model = normlab.convert(nn.Sequential(nn.Linear(784, 10)), "fastnorm")
-        >>> optimizer = FastNormSGD(model.parameters(), lr=0.05, weight_decay=1e-4)
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
-        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"FastNormSGD: {name} must be a finite number, got {value!r}")
-        if lr <= 0:
-            raise ValueError(f"FastNormSGD: lr must be > 0, got {lr}")
-        if weight_decay < 0 or not 0 <= momentum < 1:
-            raise ValueError(f"FastNormSGD: expected weight_decay >= 0 and 0 <= momentum < 1, "
-                             f"got {weight_decay} and {momentum}")
-        if lr * weight_decay >= 1:
-            raise ValueError(f"FastNormSGD: lr * weight_decay must be < 1 (each step scales "
-                             f"the weights by 1 - lr * weight_decay), got {lr * weight_decay}")
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-    def add_param_group(self, param_group: dict) -> None:
-        unsupported = {k: param_group[k] for k in ("nesterov", "dampening", "maximize")
-                       if param_group.get(k)}
-        if unsupported:
-            raise ValueError(f"FastNormSGD cannot track norms with {unsupported}")
-        super().add_param_group(param_group)
-
-    def _fastnorm_layers(self) -> list:
-        """(layer, param group, weight) of each FastNorm weight among the parameters.
-
-        Found by a dict lookup per parameter, and kept while the groups are
-        (load_state_dict replaces them; add_param_group extends them), no layer
-        has registered a weight since, and each layer still holds its weight."""
-        groups, cached = self.param_groups, self.__dict__.get("_layers")
-        key = (groups, len(groups), _owners_changed[0])
-        if (cached is None or cached[0][0] is not groups or cached[0][1:] != key[1:]
-                or any(layer._parameters["weight"] is not weight
-                       for layer, _, weight in cached[1])):
-            layers = [(layer, group, param) for group in groups for param in group["params"]
-                      for layer in [_OWNERS.get(id(param))]
-                      if layer is not None and layer.weight is param]
-            cached = self._layers = (key, layers)
-        return cached[1]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        layers = self._fastnorm_layers()
-        # The FastNorm weights first: their update reads the gains as the
-        # forward saw them. Then torch's SGD for the rest (if any has a gradient),
-        # with what was updated here hidden from it: the dense-mode weight
-        # gradients (it would update V as if it were W), and the gains and biases
-        # that the compiled fused step updated itself.
-        distributed = _distributed()
-        updated = []  # parameters updated here, hidden from torch's SGD
-        for layer, group, weight in layers:
-            if distributed and layer.mode == "fused":
-                raise RuntimeError(
-                    f"{type(layer).__name__}(mode='fused') updates its weight from this "
-                    "process's samples only; under torch.distributed use mode='dense' (or "
-                    "normlab.convert_sync(model)), whose gradient DDP all-reduces.")
-            updated.append(weight)  # dense: its gradient is the logical weight's, not V's
-            updated.extend(layer._sgd_step(group["lr"], group["weight_decay"],
-                                           group["momentum"], self.state[weight]))
-        hidden = [(param, param.grad) for param in updated]
-        for param, _ in hidden:
-            param.grad = None
-        try:
-            if any(param.grad is not None for group in self.param_groups
-                   for param in group["params"]):
-                super().step()
-        finally:
-            for param, grad in hidden:
-                param.grad = grad
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for layer, _, _ in self._fastnorm_layers():  # backwards done: their gradient is gone
-            tracking = layer._tracking
-            tracking.records = [r for r in tracking.records if r.output_grads is None]
-        super().zero_grad(set_to_none)
-
-
-def _distributed() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
