@@ -10,7 +10,7 @@ import pytest
 
 from normlab import bench, cli, training
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def test_list_prints_the_registry(capsys):

@@ -16,7 +16,7 @@ from normlab.experiments import Probe, RayCluster, Store, run_sweep
 from normlab.experiments.runner import execute, job_config
 
 HELPER = Path(sweep_helper.__file__)
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(__file__).resolve().parents[3] / "src"
 
 
 def _db_rows(folder: Path) -> tuple[list, list]:

@@ -20,7 +20,7 @@ require_module("ray")
 import ray  # noqa: E402
 
 HELPER = Path(sweep_helper.__file__)
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(__file__).resolve().parents[3] / "src"
 PATH = os.pathsep.join([str(SRC), str(HELPER.parent)])
 
 

@@ -26,7 +26,7 @@ from normlab.experiments.store import (
 )
 
 HELPER = Path(sweep_helper.__file__)
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(__file__).resolve().parents[3] / "src"
 
 
 def _run(key="a", status="done", points=3):
