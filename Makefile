@@ -17,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python tools/torch_ok.py || \
 		$(BIN)/pip install "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
-	$(BIN)/pip install -e ".[dev,ray]"
+	$(BIN)/pip install -e ".[dev,ray,lab]"
 	# the compiled kernels, built once here rather than inside the first run (about 40 s)
-	$(BIN)/python -c "import normlab._native as native; native.module('fastnorm'); native.module('scan'); native.module('enorm', openmp=True); native.module('activations', openmp=True); native.module('equinorm')"
+	$(BIN)/python -c "import normlab._ext.loader as native; native.module('fastnorm'); native.module('scan'); native.module('enorm', openmp=True); native.module('activations', openmp=True); native.module('equinorm')"
 	touch $@
 
 data: setup

@@ -5,7 +5,8 @@ from torch import nn
 
 import normlab
 from distributed_helper import CASES, STEPS, train
-from normlab.distributed import SyncBatchNorm, convert_sync, run_local
+from normlab.distributed import GlobalBatchNorm as SyncBatchNorm
+from normlab.distributed import convert_sync, run_local
 
 
 @pytest.fixture(scope="module")

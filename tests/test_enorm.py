@@ -7,8 +7,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import skip_unless_ci
-from normlab import ENorm, _native, models, registry
-from normlab.enorm import SCHEDULES
+from normlab import ENorm, models, registry
+from normlab._ext import loader as _native
+from normlab.rebalancers.enorm import SCHEDULES
 from normlab.training import TrainConfig, train
 
 

@@ -2,12 +2,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from normlab.functional import (
-    row_norms,
-    weight_norm_linear,
-    weight_normalized_conv2d,
-    weight_normalized_linear,
-)
+from normlab.functional import row_norms, weight_norm_linear
+from normlab.functional import row_scaled_conv2d as weight_normalized_conv2d
+from normlab.functional import row_scaled_linear as weight_normalized_linear
 
 
 def test_weight_normalized_linear_matches_normalized_rows_and_its_gradient():

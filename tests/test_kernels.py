@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import no_kernel, skip_unless_ci
-from normlab import _native
-from normlab.kernels import (
+from normlab._ext import loader as _native
+from normlab.functional.aten_helpers import (
     batch_norm_backward,
     batch_statistics,
     clamp_backward,

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import skip_unless_ci
-from normlab import _native
+from normlab._ext import loader as _native
 
 
 @pytest.fixture

@@ -9,13 +9,14 @@ Example:
     >>> gn_model = normlab.convert(bn_model, "group", num_groups=8)
 """
 
-from . import data, functional, models
+import importlib
+
+from . import _moved, functional
 from .distributed import convert_sync
-from .enorm import ENorm
 from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
     NormPropConv2d,
@@ -25,8 +26,9 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .optim import FastNormSGD
+from .rebalancers import ENorm, Renormalize
 from .registry import Method, available, convert, create
-from .renorm import Renormalize
 
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
@@ -36,3 +38,13 @@ __all__ = [
     "convert_sync", "create", "data", "fold", "functional", "models",
 ]
 __version__ = "0.1.0"
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    # The lab's modules (normlab.data, normlab.models, ...) load on first use, so that
+    # `import normlab` needs neither the lab's code nor its dependencies.
+    if name in _moved.LAB_MODULES or f"{__name__}.{name}" in _moved.DEPRECATED:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

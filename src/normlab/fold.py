@@ -2,21 +2,23 @@
 
 Two rewrites, on an evaluation-mode copy:
 
-1. Every layer with a ``to_plain()`` method (the weight normalizers:
-   WeightNorm, scaled WeightNorm, NormProp, EquiNorm, FastNorm) becomes the
-   ``nn.Linear`` / ``nn.Conv2d`` that computes its evaluation-mode function.
-2. Every activation normalizer with running statistics (``nn.BatchNorm1d/2d``,
-   ``BatchRenorm1d/2d``, ``OnlineNorm1d/2d`` with ``ecm="ac"`` or None) that
-   directly follows a plain ``nn.Linear`` / ``nn.Conv2d`` in an
-   ``nn.Sequential`` (the next child) is folded into it: in evaluation it is
-   the per-channel affine map
+1. Every weight normalizer (a :class:`~normlab.layers._base.WeightNormalizedLayer`)
+   becomes, through its ``to_plain()``, the ``nn.Linear`` / ``nn.Conv2d`` that
+   computes its evaluation-mode function.
+2. Every activation normalizer whose evaluation-mode function is a per-channel
+   affine map (torch's BatchNorm with running statistics, and each normlab
+   normalizer whose ``eval_affine_form()`` gives one: Batch Renormalization,
+   Online Normalization with ``ecm="ac"`` or None) that directly follows a
+   plain ``nn.Linear`` / ``nn.Conv2d`` in an ``nn.Sequential`` (the next
+   child) is folded into it. With running statistics that map is
 
        y = (x - running_mean) / sqrt(running_var + eps) * weight + bias,
 
    so the layer's kernel rows scale by s = weight / sqrt(running_var + eps)
    and its bias becomes (bias - running_mean) s + weight's shift. The
-   normalizer leaves the Sequential (the other children keep their names);
-   Online Normalization's "ac" clamp stays, as an ``nn.Hardtanh``.
+   normalizer leaves the Sequential (the other children keep their names); what
+   its form keeps after the map stays (Online Normalization's "ac" clamp, as an
+   ``nn.Hardtanh``).
 
 Anything else stays as it is, in evaluation mode: a normalizer after another
 kind of module or outside a Sequential (a residual block's ``self.bn1``),
@@ -34,11 +36,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
-from .layers.online import OnlineNorm1d, OnlineNorm2d
-
-_WITH_RUNNING_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, BatchRenorm1d, BatchRenorm2d,
-                       OnlineNorm1d, OnlineNorm2d)
+from .layers._base import ActivationNorm, AffineForm, WeightNormalizedLayer, running_stats_affine
 
 
 def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
@@ -69,14 +67,15 @@ def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Modu
 
 
 def _input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, tuple]:
-    """The spatial size (H, W) of each to_plain layer's input on `example_input`."""
+    """The spatial size (H, W) of the input of each layer whose plain form needs it, on
+    `example_input`."""
     sizes = {}
 
     def record(module, args):
         sizes[module] = tuple(args[0].shape[2:])
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules()
-             if hasattr(m, "to_plain")]
+             if isinstance(m, WeightNormalizedLayer) and m.plain_form_needs_input_size]
     try:
         with torch.no_grad():
             model(example_input)
@@ -88,10 +87,8 @@ def _input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Modul
 
 def _to_plain(parent: nn.Module, input_sizes: dict) -> None:
     for name, child in parent.named_children():
-        if hasattr(child, "to_plain"):
-            plain = (child.to_plain(input_sizes.get(child)) if child in input_sizes
-                     else child.to_plain())
-            setattr(parent, name, plain.eval())
+        if isinstance(child, WeightNormalizedLayer):
+            setattr(parent, name, child.to_plain(input_sizes.get(child)).eval())
         else:
             _to_plain(child, input_sizes)
 
@@ -107,37 +104,37 @@ def _folded_children(sequential: nn.Sequential) -> OrderedDict[str, nn.Module]:
     kept: OrderedDict[str, nn.Module] = OrderedDict()
     previous = None
     for name, module in sequential.named_children():
-        if type(previous) in (nn.Linear, nn.Conv2d) and _foldable(module, previous):
-            _fold_into(previous, module)
-            if isinstance(module, (OnlineNorm1d, OnlineNorm2d)) and module.ecm == "ac":
-                kept[name] = previous = nn.Hardtanh(-module.clamp_val, module.clamp_val)
+        form = _affine_form(module, previous) if type(previous) in (nn.Linear, nn.Conv2d) \
+            else None
+        if form is not None:
+            _fold_into(previous, form)
+            if form.after is not None:
+                kept[name] = previous = form.after
             continue
         kept[name] = previous = module
     return kept
 
 
-def _foldable(norm: nn.Module, layer: nn.Module) -> bool:
-    if not isinstance(norm, _WITH_RUNNING_STATS) or norm.running_mean is None:
-        return False
-    if isinstance(norm, (OnlineNorm1d, OnlineNorm2d)) and norm.ecm == "ls":
-        return False
+def _affine_form(norm: nn.Module, layer: nn.Linear | nn.Conv2d) -> AffineForm | None:
+    """`norm`'s evaluation-mode affine form, if it has one over `layer`'s output channels."""
+    if isinstance(norm, ActivationNorm):
+        form = norm.eval_affine_form()
+    elif isinstance(norm, nn.modules.batchnorm._BatchNorm):  # torch's contract (_NormBase)
+        form = running_stats_affine(norm)
+    else:
+        return None
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return norm.num_features == channels
+    return form if form is not None and norm.num_features == channels else None
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Linear | nn.Conv2d, norm: nn.Module) -> None:
-    """layer <- norm o layer, for `norm` in evaluation mode; computed in float64."""
+def _fold_into(layer: nn.Linear | nn.Conv2d, form: AffineForm) -> None:
+    """layer <- (x -> x * form.scale + form.shift) o layer; computed in float64."""
     weight = layer.weight.double()
     bias = (layer.bias.double() if layer.bias is not None
             else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
-    scale = (norm.running_var.double() + norm.eps).rsqrt()
-    shift = -norm.running_mean.double() * scale
-    if norm.weight is not None:
-        scale, shift = scale * norm.weight.double(), shift * norm.weight.double()
-        shift = shift + norm.bias.double()
     per_unit = (-1,) + (1,) * (weight.dim() - 1)
-    layer.weight.copy_(weight * scale.view(per_unit))
+    layer.weight.copy_(weight * form.scale.view(per_unit))
     if layer.bias is None:
         layer.bias = nn.Parameter(layer.weight.new_empty(weight.shape[0]))
-    layer.bias.copy_(bias * scale + shift)
+    layer.bias.copy_(bias * form.scale + form.shift)

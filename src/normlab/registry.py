@@ -18,15 +18,13 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import checks
-from .enorm import ENorm
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear, FastNormSGD
+from .layers.fastnorm import FastNormConv2d, FastNormLinear
+from .layers.layer_norm import VectorLayerNorm
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
     NormPropConv2d,
@@ -36,7 +34,8 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
-from .renorm import Renormalize
+from .optim import FastNormSGD
+from .rebalancers import ENorm, Renormalize
 
 FAMILIES = ("activation", "weight", "rebalancer")
 
@@ -102,20 +101,6 @@ def _group_norm(num_features: int, dim: int, num_groups: int | None = None, **kw
     return nn.GroupNorm(num_groups, num_features, **kw)
 
 
-class VectorLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm(C) for (N, C) vectors that also takes (N, C, L) sequences,
-    normalizing each sample over (C, L) as the dim=2 layer norm does over
-    (C, H, W); nn.LayerNorm would normalize over L (or refuse when L != C)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3:
-            return super().forward(x)
-        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
-        if self.weight is not None:
-            y = y * self.weight[:, None]
-        return y if self.bias is None else y + self.bias[:, None]
-
-
 def _layer_norm(num_features: int, dim: int, **kw) -> nn.Module:
     # Layer norm normalizes each sample over (C, ...) with a per-channel affine:
     # for images GroupNorm with one group is exactly that and, unlike
@@ -146,9 +131,25 @@ def register(method: Method) -> Method:
     return method
 
 
-def _by_dim(one_d: type, two_d: type) -> Callable[..., nn.Module]:
-    """A `build` that picks the 1d or 2d class of a normalizer."""
-    return lambda num_features, dim, **kw: (one_d if dim == 1 else two_d)(num_features, **kw)
+def activation_method(name: str, paper: str, summary: str, classes: tuple[type, ...]
+                      ) -> Method:
+    """The record of an activation normalizer from its classes (one per `dim` they declare):
+    `build` picks the class of the dim asked for."""
+    by_dim = {cls.dim: cls for cls in classes}
+    return Method(name, "activation", paper, summary,
+                  build=lambda num_features, dim, **kw: by_dim[dim](num_features, **kw),
+                  dims={cls: cls.dim for cls in classes})
+
+
+def weight_method(name: str, paper: str, summary: str, classes: tuple[type, ...],
+                  optimizer: Callable[..., object] | None = None) -> Method:
+    """The record of a weight normalizer from its classes: each replaces its `plain_type`;
+    the first layer of a model gets what the classes declare in `first_layer_kw`."""
+    first_layer_kw = {}
+    for cls in classes:
+        first_layer_kw.update(cls.first_layer_kw)
+    return Method(name, "weight", paper, summary, replaces={cls.plain_type: cls for cls in classes},
+                  first_layer_kw=first_layer_kw, optimizer=optimizer)
 
 
 # -- activation normalizers ----------------------------------------------------
@@ -156,7 +157,8 @@ register(Method("none", "activation", "-", "no normalization (identity)",
                 build=lambda num_features, dim, **kw: nn.Identity()))
 register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normalization",
                 "normalize each channel with batch statistics (torch)",
-                build=_by_dim(nn.BatchNorm1d, nn.BatchNorm2d)))
+                build=lambda num_features, dim, **kw:
+                    (nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(num_features, **kw)))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
                 "normalize each sample over all its channels (torch)", build=_layer_norm,
                 dims={VectorLayerNorm: 1}))
@@ -166,45 +168,41 @@ register(Method("instance", "activation",
                 "Ulyanov, Vedaldi and Lempitsky (2016), Instance Normalization",
                 "normalize each sample and channel over positions (torch)",
                 build=_instance_norm))
-register(Method("batch_renorm", "activation", "Ioffe (2017), Batch Renormalization",
-                "batch normalization corrected towards the running statistics",
-                build=_by_dim(BatchRenorm1d, BatchRenorm2d),
-                dims={BatchRenorm1d: 1, BatchRenorm2d: 2}))
-register(Method("online", "activation",
-                "Chiley et al. (2019), Online Normalization for Training Neural Networks",
-                "normalize each sample with running statistics of the samples before it",
-                build=_by_dim(OnlineNorm1d, OnlineNorm2d),
-                dims={OnlineNorm1d: 1, OnlineNorm2d: 2}))
+register(activation_method("batch_renorm", "Ioffe (2017), Batch Renormalization",
+                           "batch normalization corrected towards the running statistics",
+                           (BatchRenorm1d, BatchRenorm2d)))
+register(activation_method("online",
+                           "Chiley et al. (2019), Online Normalization for Training Neural "
+                           "Networks",
+                           "normalize each sample with running statistics of the samples "
+                           "before it", (OnlineNorm1d, OnlineNorm2d)))
 
 # -- weight normalizers ----------------------------------------------------------
-register(Method("weight_norm", "weight",
-                "Salimans and Kingma (2016), Weight Normalization: a simple reparameterization "
-                "to accelerate training of deep neural networks",
-                "normalize each weight row, learn its length",
-                replaces={nn.Linear: WeightNormLinear, nn.Conv2d: WeightNormConv2d}))
-register(Method("scaled_weight_norm", "weight",
-                "Arpit and Bengio (2019), The benefits of over-parameterization at "
-                "initialization in deep ReLU networks",
-                "weight norm times sqrt(2 fan_in / fan_out): norm-preserving at init",
-                replaces={nn.Linear: ScaledWeightNormLinear,
-                          nn.Conv2d: ScaledWeightNormConv2d}))
-register(Method("normprop", "weight",
-                "Arpit, Zhou, Kota and Govindaraju (2016), Normalization Propagation",
-                "weight norm on inputs standardized with a ReLU's known statistics",
-                replaces={nn.Linear: NormPropLinear, nn.Conv2d: NormPropConv2d},
-                first_layer_kw={"input_activation": None}))
-register(Method("fastnorm", "weight",
-                "Anonymous (2019), FastNorm: improving numerical stability of neural network "
-                "training with efficient normalization (ICLR submission)",
-                "weight normalization whose row norms are tracked, not computed",
-                replaces={nn.Linear: FastNormLinear, nn.Conv2d: FastNormConv2d},
-                optimizer=FastNormSGD, first_layer_kw={"input_activation": None}))
-register(Method("equinorm", "weight",
-                "Defazio and Bottou (2018), Controlling covariate shift using balanced "
-                "normalization of weights, arXiv:1812.04549 (as an ICLR 2019 submission: "
-                "equilibrium normalization)",
-                "shift and scale each kernel so positive and negative weights balance (EquiNorm)",
-                replaces={nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}))
+register(weight_method("weight_norm",
+                       "Salimans and Kingma (2016), Weight Normalization: a simple "
+                       "reparameterization to accelerate training of deep neural networks",
+                       "normalize each weight row, learn its length",
+                       (WeightNormLinear, WeightNormConv2d)))
+register(weight_method("scaled_weight_norm",
+                       "Arpit and Bengio (2019), The benefits of over-parameterization at "
+                       "initialization in deep ReLU networks",
+                       "weight norm times sqrt(2 fan_in / fan_out): norm-preserving at init",
+                       (ScaledWeightNormLinear, ScaledWeightNormConv2d)))
+register(weight_method("normprop",
+                       "Arpit, Zhou, Kota and Govindaraju (2016), Normalization Propagation",
+                       "weight norm on inputs standardized with a ReLU's known statistics",
+                       (NormPropLinear, NormPropConv2d)))
+register(weight_method("fastnorm",
+                       "Anonymous (2019), FastNorm: improving numerical stability of neural "
+                       "network training with efficient normalization (ICLR submission)",
+                       "weight normalization whose row norms are tracked, not computed",
+                       (FastNormLinear, FastNormConv2d), optimizer=FastNormSGD))
+register(weight_method("equinorm",
+                       "Defazio and Bottou (2018), Controlling covariate shift using "
+                       "balanced normalization of weights, arXiv:1812.04549 (as an ICLR 2019 "
+                       "submission: equilibrium normalization)",
+                       "shift and scale each kernel so positive and negative weights balance "
+                       "(EquiNorm)", (EquiNormLinear, EquiNormConv2d)))
 
 # -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",

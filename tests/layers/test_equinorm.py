@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 import normlab
 from conftest import no_kernel, skip_unless_ci
-from normlab import _native, models
+from normlab import models
+from normlab._ext import loader as _native
 from normlab.functional import equi_norm, equilibrium_shift_scale
 from normlab.layers.equinorm import EquiNormConv2d, EquiNormLinear, balance_signs_
 

@@ -8,7 +8,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 import normlab
 from conftest import skip_unless_ci
-from normlab import FastNormConv2d, FastNormLinear, FastNormSGD, _native, training
+from normlab import FastNormConv2d, FastNormLinear, FastNormSGD, training
+from normlab._ext import loader as _native
 from normlab.layers import fastnorm
 from normlab.layers.fastnorm import (
     DEFAULT_RENORM_EVERY,

@@ -6,8 +6,8 @@ from torch import nn
 
 import normlab
 from conftest import no_kernel, skip_unless_ci
-from normlab import _native
-from normlab.functional import _linear_scan_eager, linear_scan
+from normlab._ext import loader as _native
+from normlab.functional.online_norm import _linear_scan_eager, linear_scan
 from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, functional
-from .channel_norm import ChannelNorm
+from ._base import ChannelNorm
 
 
 class _BatchRenorm(ChannelNorm):
@@ -86,6 +86,7 @@ class BatchRenorm1d(_BatchRenorm):
     """
 
     _input_dims = (2, 3)
+    dim = 1
 
 
 class BatchRenorm2d(_BatchRenorm):
@@ -108,3 +109,4 @@ class BatchRenorm2d(_BatchRenorm):
     """
 
     _input_dims = (4,)
+    dim = 2

@@ -27,6 +27,7 @@ from torch.nn.modules.utils import _pair
 
 from .. import checks, functional
 from ..distributed import RankSlice, Syncable, all_reduce_sum
+from ._base import WeightNormalizedLayer
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -51,7 +52,7 @@ def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = Non
     return weight
 
 
-class _EquiNorm(nn.Module, Syncable):
+class _EquiNorm(nn.Module, WeightNormalizedLayer, Syncable):
     """What EquiNormLinear and EquiNormConv2d share: parameters, statistics, forward.
 
     A subclass sets the weight shape and says how its input is read
@@ -223,6 +224,8 @@ class EquiNormLinear(_EquiNorm):
         torch.Size([128, 30])
     """
 
+    plain_type = nn.Linear
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
                  sync: bool = False, process_group=None, device=None, dtype=None):
@@ -303,6 +306,9 @@ class EquiNormConv2d(_EquiNorm):
         >>> layer(torch.rand(8, 16, 32, 32)).shape
         torch.Size([8, 32, 32, 32])
     """
+
+    plain_type = nn.Conv2d
+    plain_form_needs_input_size = True  # with stride or padding, see to_plain
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,

@@ -34,7 +34,7 @@ normalization's effective learning rate, is the option `renorm_resets_norm`.
 
 On CPU, up to KERNEL_MAX_BATCH samples, the fused mode's training forward,
 its backward and the step each run as one compiled call (csrc/fastnorm.cpp,
-built on first use: normlab._native), since at small batches the dozens of
+built on first use: normlab._ext.loader), since at small batches the dozens of
 small tensor operations of the eager path cost more than the arithmetic. The
 forward's autograd function gives a per-forward leaf ("probe") the output
 gradient dL/dz, which is how the step gets its samples without a Python hook;
@@ -63,9 +63,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from .. import _native, checks
-from ..functional import _tracing
-from .weight_norm import _INPUT_STATS
+from .. import checks
+from .._ext import loader as _native
+from .._ext.loader import tracing as _tracing
+from ..distributed import HasSyncedForm
+from ._base import WeightNormalizedLayer
+from .weight_norm import INPUT_STATS
 
 # Measured with `normlab bench --case fastnorm_crossover` (the 784-1024-10 MLP step,
 # compiled, 2 threads, 2026-12-02): tracked / explicit norms 0.77x at batch 2, 0.93x at
@@ -87,11 +90,23 @@ KERNEL_MAX_BATCH = 512
 DEFAULT_RENORM_EVERY = 200
 RENORM_DRIFT_BOUND = 0.05
 
-# id(weight Parameter) -> its layer, held weakly: how FastNormSGD, which sees
-# only parameters, finds the layers among them (a plain dict lookup per
-# parameter and step; the owner's `weight is param` check rules out reused ids).
+# id(weight Parameter) -> its layer, held weakly: behind `layer_of` (a plain dict
+# lookup per parameter and step; the owner's `weight is param` check rules out reused ids).
 _OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_owners_changed = [0]  # counts registrations: FastNormSGD's cached lookups go stale
+_owners_changed = [0]  # counts registrations: behind `registrations`
+
+
+def layer_of(param: torch.Tensor) -> _FastNorm | None:
+    """The FastNorm layer whose weight `param` is, or None: how an optimizer, which sees only
+    parameters, finds the FastNorm layers among them (FastNormSGD does)."""
+    layer = _OWNERS.get(id(param))
+    return layer if layer is not None and layer.weight is param else None
+
+
+def registrations() -> int:
+    """A count that grows whenever a layer takes a new weight Parameter (built, copied,
+    loaded): an optimizer that caches `layer_of`'s answers refreshes them when it changes."""
+    return _owners_changed[0]
 
 
 class _LogicalGradient(torch.autograd.Function):
@@ -239,7 +254,7 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-class _FastNorm(nn.Module):
+class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
     """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
 
@@ -267,6 +282,11 @@ class _FastNorm(nn.Module):
         self._tracking = _Tracking()
         self.reset_parameters()
 
+    def use_synced_form(self, process_group=None) -> None:
+        # the fused update reads only this process's samples; the dense gradient is what
+        # DDP all-reduces
+        self.mode = "dense"
+
     def reset_parameters(self) -> None:
         """The function of the freshly initialized torch layer, with unit-norm rows."""
         reference = self._torch_layer(self.bias is not None, device=self.weight.device,
@@ -276,7 +296,7 @@ class _FastNorm(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, **kw):
         """A layer computing the same function as `module` (its rows stored normalized)."""
-        source = cls._torch_type()
+        source = cls.plain_type
         if type(module) is not source:
             raise TypeError(f"{cls.__name__}.from_module expects an nn.{source.__name__}, "
                             f"got {type(module).__name__}")
@@ -297,7 +317,7 @@ class _FastNorm(nn.Module):
         self.gain.copy_(norms.flatten())
         if self.bias is not None:
             self.bias.copy_(bias) if bias is not None else self.bias.zero_()
-        stats = _INPUT_STATS[self.input_activation]
+        stats = INPUT_STATS[self.input_activation]
         if stats is not None:  # undo the standardization x~ = (x - mean) / std
             mean, std = stats
             self.gain.mul_(std)
@@ -330,7 +350,7 @@ class _FastNorm(nn.Module):
         self._check_input(x)
         if self.input_activation is not None:
             # explicitly (one pass over x), so that the rank-B update reads x~
-            mean, std = _INPUT_STATS[self.input_activation]
+            mean, std = INPUT_STATS[self.input_activation]
             x = (x - mean) / std
         # dict lookups: nn.Module's attribute fallback is slow on this per-step path
         params, buffers = self._parameters, self._buffers
@@ -443,9 +463,9 @@ class _FastNorm(nn.Module):
         self._sync()
 
     @torch.no_grad()
-    def to_plain(self) -> nn.Module:
+    def to_plain(self, input_size=None) -> nn.Module:
         """A plain torch layer computing this layer's function."""
-        stats = _INPUT_STATS[self.input_activation]
+        stats = INPUT_STATS[self.input_activation]
         plain = self._torch_layer(bias=self.bias is not None or stats is not None,
                                   device=self.weight.device, dtype=self.weight.dtype)
         scale = (self.gain * self.inv_norm * self.row_scale).to(self.weight.dtype)
@@ -458,10 +478,18 @@ class _FastNorm(nn.Module):
             plain.bias.sub_(plain.weight.flatten(1).sum(1), alpha=mean)
         return plain
 
-    # -- the optimizer's step (called by FastNormSGD) ---------------------------
+    # -- the optimizer's interface (FastNormSGD calls these) ------------------------
 
-    def _sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> tuple:
-        # (under FastNormSGD.step's no_grad) Returns the other parameters it updated: the
+    def discard_finished_records(self) -> None:
+        """Forget the recorded forwards whose backward has run (their gradient is gone: the
+        optimizer's zero_grad calls this)."""
+        self._tracking.records = [r for r in self._tracking.records if r.output_grads is None]
+
+    def sgd_step(self, lr: float, weight_decay: float, momentum: float, state: dict) -> tuple:
+        """One SGD step of this layer's weight, as its mode prescribes (module docstring),
+        under no_grad; `state` is the optimizer's state for the weight. Returns the other
+        parameters it updated (the optimizer leaves them alone)."""
+        # Returns the other parameters it updated: the
         # compiled fused step also takes the gain's and bias's SGD update.
         updated = ()
         if self._mode == "dense":
@@ -671,12 +699,15 @@ class FastNormLinear(_FastNorm):
 
     Example:
         >>> layer = FastNormLinear(784, 1024)
-        >>> optimizer = FastNormSGD(layer.parameters(), lr=0.05)
+        >>> optimizer = normlab.FastNormSGD(layer.parameters(), lr=0.05)
         >>> layer(torch.randn(16, 784)).square().mean().backward()
         >>> optimizer.step()
         >>> torch.allclose(layer.tracked_norms(), layer.explicit_norms())
         True
     """
+
+    plain_type = nn.Linear
+    first_layer_kw = {"input_activation": None}  # a model's input is no ReLU output
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  mode: str = "fused", renorm_every: int | None = DEFAULT_RENORM_EVERY,
@@ -687,7 +718,7 @@ class FastNormLinear(_FastNorm):
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("max_tracked_batch", max_tracked_batch)):
             checks.positive_int("FastNormLinear", name, value)
-        checks.one_of("FastNormLinear", "input_activation", input_activation, _INPUT_STATS,
+        checks.one_of("FastNormLinear", "input_activation", input_activation, INPUT_STATS,
                       " ('relu': the input is a ReLU output, standardized as NormProp does; "
                       "None: used as it is)")
         self.input_activation = input_activation
@@ -695,10 +726,6 @@ class FastNormLinear(_FastNorm):
         self.max_tracked_batch = max_tracked_batch
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
                             renorm_resets_norm, device, dtype)
-
-    @staticmethod
-    def _torch_type() -> type:
-        return nn.Linear
 
     @staticmethod
     def _torch_args(module: nn.Linear) -> dict:
@@ -754,10 +781,12 @@ class FastNormConv2d(_FastNorm):
 
     Example:
         >>> conv = FastNormConv2d(3, 16, 3, padding=1)
-        >>> optimizer = FastNormSGD(conv.parameters(), lr=0.05)
+        >>> optimizer = normlab.FastNormSGD(conv.parameters(), lr=0.05)
         >>> conv(torch.randn(8, 3, 32, 32)).square().mean().backward()
         >>> optimizer.step()
     """
+
+    plain_type = nn.Conv2d
 
     _modes = ("dense",)
 
@@ -784,10 +813,6 @@ class FastNormConv2d(_FastNorm):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self._init_fastnorm((out_channels, in_channels // groups, *self.kernel_size), bias,
                             mode, renorm_every, renorm_resets_norm, device, dtype)
-
-    @staticmethod
-    def _torch_type() -> type:
-        return nn.Conv2d
 
     @staticmethod
     def _torch_args(module: nn.Conv2d) -> dict:
@@ -821,108 +846,3 @@ class FastNormConv2d(_FastNorm):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, bias={self.bias is not None}, "
                 f"{self._extra_repr_tail()}")
-
-
-class FastNormSGD(torch.optim.SGD):
-    """SGD that updates the FastNorm layers among `params` as FastNorm prescribes.
-
-    Plain :class:`torch.optim.SGD` for every other parameter (gains and biases
-    included). Each FastNorm weight gets torch SGD's update of its logical
-    weight (same learning rate, weight decay and momentum), applied as the
-    layer's mode prescribes (see :mod:`normlab.layers.fastnorm`): a rank-B
-    update and tracked norms in the fused mode without momentum; a dense
-    update and explicit norms in the dense mode or with momentum.
-
-    Args:
-        params: as torch.optim.SGD.
-        lr, weight_decay, momentum: as torch.optim.SGD (no nesterov, dampening
-            or maximize: the FastNorm update is SGD's).
-
-    Example:
-        >>> model = normlab.convert(nn.Sequential(nn.Linear(784, 10)), "fastnorm")
-        >>> optimizer = FastNormSGD(model.parameters(), lr=0.05, weight_decay=1e-4)
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
-        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"FastNormSGD: {name} must be a finite number, got {value!r}")
-        if lr <= 0:
-            raise ValueError(f"FastNormSGD: lr must be > 0, got {lr}")
-        if weight_decay < 0 or not 0 <= momentum < 1:
-            raise ValueError(f"FastNormSGD: expected weight_decay >= 0 and 0 <= momentum < 1, "
-                             f"got {weight_decay} and {momentum}")
-        if lr * weight_decay >= 1:
-            raise ValueError(f"FastNormSGD: lr * weight_decay must be < 1 (each step scales "
-                             f"the weights by 1 - lr * weight_decay), got {lr * weight_decay}")
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-    def add_param_group(self, param_group: dict) -> None:
-        unsupported = {k: param_group[k] for k in ("nesterov", "dampening", "maximize")
-                       if param_group.get(k)}
-        if unsupported:
-            raise ValueError(f"FastNormSGD cannot track norms with {unsupported}")
-        super().add_param_group(param_group)
-
-    def _fastnorm_layers(self) -> list:
-        """(layer, param group, weight) of each FastNorm weight among the parameters.
-
-        Found by a dict lookup per parameter, and kept while the groups are
-        (load_state_dict replaces them; add_param_group extends them), no layer
-        has registered a weight since, and each layer still holds its weight."""
-        groups, cached = self.param_groups, self.__dict__.get("_layers")
-        key = (groups, len(groups), _owners_changed[0])
-        if (cached is None or cached[0][0] is not groups or cached[0][1:] != key[1:]
-                or any(layer._parameters["weight"] is not weight
-                       for layer, _, weight in cached[1])):
-            layers = [(layer, group, param) for group in groups for param in group["params"]
-                      for layer in [_OWNERS.get(id(param))]
-                      if layer is not None and layer.weight is param]
-            cached = self._layers = (key, layers)
-        return cached[1]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        layers = self._fastnorm_layers()
-        # The FastNorm weights first: their update reads the gains as the
-        # forward saw them. Then torch's SGD for the rest (if any has a gradient),
-        # with what was updated here hidden from it: the dense-mode weight
-        # gradients (it would update V as if it were W), and the gains and biases
-        # that the compiled fused step updated itself.
-        distributed = _distributed()
-        updated = []  # parameters updated here, hidden from torch's SGD
-        for layer, group, weight in layers:
-            if distributed and layer.mode == "fused":
-                raise RuntimeError(
-                    f"{type(layer).__name__}(mode='fused') updates its weight from this "
-                    "process's samples only; under torch.distributed use mode='dense' (or "
-                    "normlab.convert_sync(model)), whose gradient DDP all-reduces.")
-            updated.append(weight)  # dense: its gradient is the logical weight's, not V's
-            updated.extend(layer._sgd_step(group["lr"], group["weight_decay"],
-                                           group["momentum"], self.state[weight]))
-        hidden = [(param, param.grad) for param in updated]
-        for param, _ in hidden:
-            param.grad = None
-        try:
-            if any(param.grad is not None for group in self.param_groups
-                   for param in group["params"]):
-                super().step()
-        finally:
-            for param, grad in hidden:
-                param.grad = grad
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for layer, _, _ in self._fastnorm_layers():  # backwards done: their gradient is gone
-            tracking = layer._tracking
-            tracking.records = [r for r in tracking.records if r.output_grads is None]
-        super().zero_grad(set_to_none)
-
-
-def _distributed() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)

@@ -11,9 +11,10 @@ the samples, so a whole batch is computed at once with prefix scans.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .. import checks, functional
-from .channel_norm import ChannelNorm
+from ._base import AffineForm, ChannelNorm, running_stats_affine
 
 
 class _OnlineNorm(ChannelNorm):
@@ -44,6 +45,14 @@ class _OnlineNorm(ChannelNorm):
         return (f"{self.num_features}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
                 f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}, "
                 f"ls_eps={self.ls_eps}, clamp_val={self.clamp_val}" + self._sync_repr())
+
+    def eval_affine_form(self) -> AffineForm | None:
+        if self.ecm == "ls":  # divides each sample by its own second moment: not affine
+            return None
+        form = running_stats_affine(self)
+        if self.ecm == "ac":  # the clamp stays, after the layer the affine map folds into
+            form.after = nn.Hardtanh(-self.clamp_val, self.clamp_val)
+        return form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -109,6 +118,7 @@ class OnlineNorm1d(_OnlineNorm):
     """
 
     _input_dims = (2, 3)
+    dim = 1
 
 
 class OnlineNorm2d(_OnlineNorm):
@@ -133,3 +143,4 @@ class OnlineNorm2d(_OnlineNorm):
     """
 
     _input_dims = (4,)
+    dim = 2

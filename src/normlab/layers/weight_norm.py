@@ -30,15 +30,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import checks, functional
+from ._base import WeightNormalizedLayer
 
 RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
 RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
 NORM_EPS = 1e-12  # floor of ||w_i||: a zero row gives a zero output, not NaN
 _NONLINEARITY_GAIN = {"relu": 2.0, "linear": 1.0}
-_INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
+# input_activation -> the (mean, std) a NormProp layer standardizes its input with
+INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
 
 
-class _WeightNormalized:
+class _WeightNormalized(WeightNormalizedLayer):
     """The shared part, mixed in before nn.Linear / nn.Conv2d.
 
     A geometry class provides `_map(x)`, `_check_input`,
@@ -93,7 +95,7 @@ class _WeightNormalized:
         return self._map(x)
 
     @torch.no_grad()
-    def to_plain(self) -> nn.Linear | nn.Conv2d:
+    def to_plain(self, input_size=None) -> nn.Linear | nn.Conv2d:
         """The torch layer computing this layer's function: kernel gain' w / ||w||, bias b'.
 
         (gain', b') as in the forward, so NormProp's input standardization is
@@ -102,7 +104,7 @@ class _WeightNormalized:
         """
         gain, inv_norm, bias = self._scale_and_bias()
         per_unit = (-1,) + (1,) * (self.weight.dim() - 1)
-        torch_type = self._torch_type()
+        torch_type = self.plain_type
         plain = torch_type(**{**self._torch_args(self), "bias": bias is not None})
         plain.weight.copy_(self.weight * (gain * inv_norm).view(per_unit))
         if bias is not None:
@@ -140,7 +142,7 @@ class _WeightNormalized:
         its input gets a bias even if `module` has none. Keywords go to the
         constructor (``nonlinearity``, ``input_activation``).
         """
-        torch_type = cls._torch_type()
+        torch_type = cls.plain_type
         if type(module) is not torch_type:
             raise TypeError(f"{cls.__name__}.from_module expects an nn.{torch_type.__name__}, "
                             f"got {type(module).__name__}")
@@ -157,10 +159,6 @@ class _WeightNormalized:
                 target = module.bias if module.bias is not None else torch.zeros_like(shift)
                 layer.bias.copy_(target - shift)
         return layer
-
-    @classmethod
-    def _torch_type(cls) -> type:
-        return next(c for c in cls.__mro__ if c in (nn.Linear, nn.Conv2d))
 
 
 class _Scaled:
@@ -182,14 +180,16 @@ class _Scaled:
 class _NormProp:
     """NormProp's input standardization; mixed in before a WeightNorm class."""
 
+    first_layer_kw = {"input_activation": None}  # a model's input is no ReLU output
+
     def __init__(self, *args, input_activation: str | None = "relu", **kw):
-        checks.one_of(type(self).__name__, "input_activation", input_activation, _INPUT_STATS,
+        checks.one_of(type(self).__name__, "input_activation", input_activation, INPUT_STATS,
                       " ('relu': the input is a ReLU output; None: standardized data)")
         super().__init__(*args, **kw)
         self.input_activation = input_activation
 
     def _input_stats(self) -> tuple[float, float] | None:
-        return _INPUT_STATS[self.input_activation]
+        return INPUT_STATS[self.input_activation]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, input_activation={self.input_activation!r}"
@@ -217,6 +217,8 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
         >>> z = layer.data_init(torch.randn(256, 784))  # zero mean, unit variance per unit
         >>> head = WeightNormLinear.from_module(nn.Linear(1024, 10))  # the same function
     """
+
+    plain_type = nn.Linear
 
     _unit_dim = -1
 
@@ -275,6 +277,8 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
         torch.Size([8, 16, 32, 32])
     """
 
+    plain_type = nn.Conv2d
+
     _unit_dim = -3
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -306,7 +310,7 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, then convolve
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return functional.weight_normalized_conv2d(x, self.weight, gain, inv_norm, bias,
+        return functional.row_scaled_conv2d(x, self.weight, gain, inv_norm, bias,
                                                    self.stride, padding, self.dilation,
                                                    self.groups)
 

@@ -1,0 +1,1 @@
+"""normlab's compiled kernels: the C++ sources (csrc/) and their loader (loader.py)."""

@@ -1,0 +1,69 @@
+"""Save the state dicts of normlab's layers, and their evaluation-mode outputs, so that a
+test can check that checkpoints saved by this version still load (and compute the same)
+after the layers change.
+
+    PYTHONPATH=src python tools/save_layer_states.py tests/fixtures/layer_states.pt
+
+Each entry names the class (an attribute of `normlab`, or of `normlab.distributed`), its
+constructor arguments and an input shape; the file holds only tensors, strings and
+numbers, so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+LINEAR, CONV = ((6, 5), (4, 6)), ((3, 4, 3), (2, 3, 5, 5))
+LAYERS = [  # (class name, args, kwargs, input shape)
+    *[(name, LINEAR[0], {}, LINEAR[1]) for name in (
+        "WeightNormLinear", "ScaledWeightNormLinear", "NormPropLinear", "FastNormLinear",
+        "EquiNormLinear")],
+    *[(name, CONV[0], {"padding": 1}, CONV[1]) for name in (
+        "WeightNormConv2d", "ScaledWeightNormConv2d", "NormPropConv2d", "FastNormConv2d",
+        "EquiNormConv2d")],
+    ("BatchRenorm1d", (3,), {}, (4, 3)),
+    ("BatchRenorm2d", (3,), {}, (2, 3, 4, 4)),
+    ("OnlineNorm1d", (3,), {}, (4, 3)),
+    ("OnlineNorm2d", (3,), {}, (2, 3, 4, 4)),
+    ("SyncBatchNorm", (3,), {}, (2, 3, 4, 4)),
+]
+
+
+def layer_class(name: str) -> type:
+    import normlab
+    import normlab.distributed
+
+    return getattr(normlab, name, None) or getattr(normlab.distributed, name)
+
+
+@torch.no_grad()
+def randomized(layer: torch.nn.Module) -> torch.nn.Module:
+    """Every per-unit parameter and buffer (gains, biases, affines, running statistics) moved
+    away from its initial value, positive so that variances stay valid, deterministically;
+    the weights keep their initialization (FastNorm tracks its weight's norms)."""
+    generator = torch.Generator().manual_seed(0)
+    for tensor in (*layer.parameters(), *layer.buffers()):
+        if tensor.is_floating_point() and tensor.dim() == 1:
+            tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) + 0.5)
+    return layer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    args = parser.parse_args()
+    entries = []
+    for name, layer_args, kwargs, input_shape in LAYERS:
+        torch.manual_seed(0)
+        layer = randomized(layer_class(name)(*layer_args, **kwargs)).eval()
+        x = torch.rand(input_shape, generator=torch.Generator().manual_seed(1))
+        entries.append({"class": name, "args": list(layer_args), "kwargs": kwargs,
+                        "input": x, "output": layer(x).detach(),
+                        "state": layer.state_dict()})
+    torch.save(entries, args.out)
+
+
+if __name__ == "__main__":
+    main()
