@@ -49,6 +49,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 LR_SCHEDULES = ("constant", "linear", "step")
 
 
+def mlp_widths(task: str) -> str:
+    """The layer widths of `task`'s fully-connected network, "784-1024-10" style: what a
+    report states, read from the network itself (the digits fallback's is smaller)."""
+    with torch.device("meta"):
+        model = TASKS[task].build("none")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return "-".join(map(str, [linears[0].in_features] + [m.out_features for m in linears]))
+
+
 def scheduled_lr(lr: float, schedule: str, step: int, total_steps: int) -> float:
     """The learning rate before optimizer step `step` (0-based) of `total_steps`.
 

@@ -287,3 +287,14 @@ def test_parametrized_normprop_and_fastnorm_differ_only_in_how_the_norm_is_kept(
     probe = torch.randn(8, 784, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(models["normprop"](probe), models["fastnorm"](probe),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dataset, widths", [("mnist", "784-1024-10"), ("digits", "64-256-10")])
+def test_the_protocol_names_the_network_that_ran(dataset, widths):
+    """A sweep that fell back to digits ran a smaller network: its report says so."""
+    from normlab.experiments.recipes import lecture
+
+    for module in (recipe, lecture):
+        settings = Settings(module.RECIPE.name, quick=True, seeds=2, dataset=dataset)
+        text = " ".join(module.protocol(settings))
+        assert f"{widths} MLP" in text and ("784" in text) == (dataset == "mnist")

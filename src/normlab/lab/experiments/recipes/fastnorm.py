@@ -353,7 +353,8 @@ def protocol(settings: Settings) -> list[str]:
     grids = "; ".join(f"{a['dtype'][0]}, batch {a['batch_size'][0]}, lr {a['lr']}"
                       for a in variants(settings))
     lines = [f"Data: {data}, inputs standardized with the training statistics.",
-             "Model: 784-1024-10 MLP (ReLU), the arm's normalization on both linear layers. "
+             f"Model: {training.mlp_widths(f'{settings.dataset}-mlp')} MLP (ReLU), the arm's "
+             "normalization on both linear layers. "
              "Arms: " + "; ".join(f"`{n}` ({label})" for n, label in ARMS.items()) + ". "
              "`renorm` rescales every row to unit norm after each SGD step (normlab's "
              "Renormalize); FastNorm uses the optimizer its method registers (FastNormSGD) "

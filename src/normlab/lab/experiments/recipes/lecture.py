@@ -319,7 +319,8 @@ def protocol(settings: Settings) -> list[str]:
         f"c in {SCALES}, float64.",
         "Weight norm update: torch's weight_norm parametrization of Linear(20, 5), plain SGD "
         "lr 0.5 on the direction v, 20 steps, float64.",
-        f"Learning-rate sweep: {data}, 784-1024-10 MLP, norms {', '.join(SWEEP_NORMS)}, "
+        f"Learning-rate sweep: {data}, {training.mlp_widths(f'{settings.dataset}-mlp')} MLP, "
+        f"norms {', '.join(SWEEP_NORMS)}, "
         f"lr {LR_GRID[settings.quick]}, batch 64, one epoch of SGD without momentum, float32; "
         "final training loss = mean over the last 25 steps; a diverged run counts as infinite.",
         f"Seeds: {settings.seeds} per configuration (probes and runs).",

@@ -247,8 +247,7 @@ def draw_symmetry(results: Results, settings: Settings, path) -> None:
 
 
 def protocol(settings: Settings) -> list[str]:
-    mlp = ("MNIST MLP 784-1024-10" if settings.dataset == "mnist"
-           else "scikit-learn digits MLP 64-256-10 (MNIST unavailable)")
+    mlp = f"MNIST MLP {training.mlp_widths('mnist-mlp')}"
     lines = [
         "(a) " + memory.assumptions() + " Networks: ResNet-50 (He et al. 2016); 2D U-Net "
         "(Ronneberger et al. 2015, 64-1024 channels, padded convolutions); 3D U-Net "
