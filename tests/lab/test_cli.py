@@ -359,7 +359,7 @@ def test_list_fits_100_columns_and_bench_help_lists_the_cases():
 
 
 def test_report_csv_goes_to_a_file_or_standard_output_and_checks_it_first(tmp_path, capsys):
-    folder = Path(__file__).resolve().parents[1] / "results" / "lecture" / "quick"
+    folder = Path(__file__).resolve().parents[2] / "results" / "lecture" / "quick"
     to_stdout = _normlab("report", str(folder), "--csv")
     assert to_stdout.returncode == 0, to_stdout.stderr
     header = next(csv.reader(io.StringIO(to_stdout.stdout)))

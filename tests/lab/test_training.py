@@ -219,7 +219,7 @@ def test_non_finite_test_loss_ends_the_run_as_diverged(monkeypatch):
 
 # -- checkpoints -------------------------------------------------------------------------
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _resumable(norm: str = "online", **kw) -> TrainConfig:
