@@ -129,3 +129,31 @@ def test_reproduce_falls_back_to_digits_when_mnist_cannot_be_had(tmp_path, monke
         tasks = {r.config.get("task") for r in store.runs() if r.config["kind"] == "train"}
         assert tasks == {"digits-mlp"} and all(r.status == "done" for r in store.runs())
     assert "data: digits" in path.read_text()
+
+
+def test_an_export_carries_the_checkpoints_of_unfinished_runs_and_a_resumed_sweep_continues_them(
+        tmp_path, monkeypatch, needs_sklearn):
+    """An EquiNorm run outlasts a working session: its checkpoint travels with the committed
+    export, and the next machine continues it mid-run."""
+    job = sweep_helper.training_job()
+    recipe = dataclasses.replace(sweep_helper.tiny_recipe("mid-run"), jobs=lambda s: [job])
+    monkeypatch.setitem(experiments.RECIPES, recipe.name, recipe)
+    first = tmp_path / "first"
+    with experiments.Store.in_folder(first) as store:
+        store.set_meta(settings=experiments.Settings("mid-run", True, 1, "digits").to_dict())
+        sweep_helper.plant_checkpoint(store, job)
+    (first / "checkpoints" / f"{job.key()}.pt.partial").write_bytes(b"half-written")
+    exported = tmp_path / "exported"
+    (exported / "checkpoints").mkdir(parents=True)
+    (exported / "checkpoints" / "finished-since.pt").write_bytes(b"stale")
+    experiments.export(first, exported, commit="abc", machine="here")
+    assert [p.name for p in (exported / "checkpoints").iterdir()] == [f"{job.key()}.pt"]
+    said = []
+    experiments.reproduce("mid-run", tmp_path / "second", quick=True, seeds=1, workers=1,
+                          resume_from=exported, say=said.append)
+    assert said[0].endswith("; 1 unfinished runs continue from its checkpoints")
+    with experiments.Store.in_folder(tmp_path / "second") as store:
+        (run,) = store.runs()
+    assert run.status == "done"
+    assert run.history[0]["test_acc"] == sweep_helper.RESUMED_MARK  # continued, not restarted
+    assert not list((tmp_path / "second" / "checkpoints").glob("*.pt"))

@@ -15,7 +15,15 @@ from .. import data, training
 from .recipe import Claim, Figure, Recipe, Results, Rule, Settings, Verdict, decide
 from .recipes import enorm, equinorm, fastnorm, lecture, onlinenorm
 from .report import LOG_NAME, export, exported_runs, render, runs_csv
-from .runner import Executor, Interrupted, LocalPool, Probe, RayCluster, run_sweep
+from .runner import (
+    CHECKPOINT_DIR,
+    Executor,
+    Interrupted,
+    LocalPool,
+    Probe,
+    RayCluster,
+    run_sweep,
+)
 from .store import FINISHED, FolderInUse, FolderLock, OutputError, Store
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -90,7 +98,8 @@ def reproduce(name: str, out: str | Path, quick: bool = False, seeds: int | None
 def _copy_finished_runs(source: Path, settings: Settings, jobs: list, store: Store,
                         log_path: Path, say) -> None:
     """Record into `store` the finished runs of exported folder `source` that are among
-    `jobs` and not yet finished in `store`; a new sweep's log starts as the export's.
+    `jobs` and not yet finished in `store`; a new sweep's log starts as the export's, and
+    an unfinished run continues from the export's checkpoint of it, where it has one.
 
     A run's key hashes its whole configuration, so runs of another mode of the same recipe
     and dataset are copied only where this sweep runs exactly the same configuration."""
@@ -103,10 +112,18 @@ def _copy_finished_runs(source: Path, settings: Settings, jobs: list, store: Sto
     copied = [run for run in runs if run.key in wanted and run.status in FINISHED]
     for run in copied:
         store.record(run)
+    resumable = [path for path in sorted((source / CHECKPOINT_DIR).glob("*.pt"))
+                 if path.stem in wanted - {run.key for run in copied}
+                 and not (store.path.parent / CHECKPOINT_DIR / path.name).exists()]
+    for path in resumable:
+        (store.path.parent / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(path, store.path.parent / CHECKPOINT_DIR / path.name)
     if theirs == settings and (source / LOG_NAME).exists() and not log_path.exists():
         shutil.copyfile(source / LOG_NAME, log_path)
     say(f"resumed from {source}: {len(copied)} finished runs copied, "
-        f"{len(runs) - len(copied)} left (already here, failed, or not in this recipe)")
+        f"{len(runs) - len(copied)} left (already here, failed, or not in this recipe)"
+        + (f"; {len(resumable)} unfinished runs continue from its checkpoints"
+           if resumable else ""))
 
 
 __all__ = ["RECIPES", "Claim", "Executor", "Figure", "FolderInUse", "FolderLock", "Interrupted",

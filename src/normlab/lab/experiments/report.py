@@ -148,7 +148,8 @@ def _literal(text: str):
 def export(source: str | Path, dest: str | Path, commit: str, machine: str,
            date: str | None = None) -> Path:
     """Copy the runs of results folder `source` to `dest` as ``runs.csv`` and ``meta.json``
-    (settings, and where and when they ran), render the report there; returns its path."""
+    (settings, and where and when they ran), and the checkpoints of its unfinished runs;
+    render the report there; returns its path."""
     source, dest = Path(source), Path(dest)
     meta, _ = _load(source)
     dest.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,22 @@ def export(source: str | Path, dest: str | Path, commit: str, machine: str,
     (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if (source / LOG_NAME).exists():
         shutil.copyfile(source / LOG_NAME, dest / LOG_NAME)
+    _export_checkpoints(source, dest)
     return render(dest)
+
+
+def _export_checkpoints(source: Path, dest: Path) -> None:
+    """The checkpoints of `source`'s unfinished runs, so that a sweep resumed from the export
+    (``reproduce --resume-from``) continues them mid-run; the export's older ones go."""
+    from .runner import CHECKPOINT_DIR
+
+    kept = {path.name for path in (source / CHECKPOINT_DIR).glob("*.pt")}
+    for stale in (dest / CHECKPOINT_DIR).glob("*.pt"):
+        if stale.name not in kept:
+            stale.unlink()
+    for name in sorted(kept):
+        (dest / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(source / CHECKPOINT_DIR / name, dest / CHECKPOINT_DIR / name)
 
 
 CSV_NAME, META_NAME, LOG_NAME = "runs.csv", "meta.json", "log.txt"
