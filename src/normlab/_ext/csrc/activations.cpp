@@ -46,7 +46,8 @@ inline scalar_t affine(scalar_t gamma, scalar_t y, scalar_t beta) {
 // z passes the gradient, as there).
 template <typename scalar_t>
 inline scalar_t masked(scalar_t grad, scalar_t z, scalar_t limit) {
-  return (z <= -limit || z >= limit) ? scalar_t(0) : grad;
+  // `|`, not `||`: no branch, so the loops around it vectorize
+  return ((z <= -limit) | (z >= limit)) ? scalar_t(0) : grad;
 }
 
 // y = x * scale + shift and out = clamp(gamma * y + beta) of one element.
