@@ -60,11 +60,10 @@ inline void forward_element(scalar_t x, scalar_t* y, scalar_t* out, scalar_t sca
   *out = std::min(std::max(affine(gamma, normalized, beta), -limit), limit);
 }
 
-// The input gradient g * p + q + r * y of one element, g masked by the clamp.
+// The input gradient g * p + q + r * y of one element, g the gradient masked by the clamp.
 template <typename scalar_t>
-inline scalar_t grad_input_element(scalar_t grad, scalar_t y, scalar_t gamma, scalar_t beta,
-                                   scalar_t limit, scalar_t p, scalar_t q, scalar_t r) {
-  return masked(grad, affine(gamma, y, beta), limit) * p + q + r * y;
+inline scalar_t grad_input_element(scalar_t g, scalar_t y, scalar_t p, scalar_t q, scalar_t r) {
+  return g * p + q + r * y;
 }
 
 template <typename scalar_t>
@@ -201,23 +200,27 @@ ROW_LOOP void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int6
   }
 }
 
-// ... and its backward: the control process and the input gradient in one loop; the weight
-// and bias gradients accumulate.
+// ... and its backward: the clamp's mask (into `masked_grad`, a loop of the dtype alone, so
+// that it vectorizes), then the control process and the input gradient in one loop; the
+// weight and bias gradients accumulate.
 template <typename scalar_t>
 ROW_LOOP void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
                               int64_t channels, const scalar_t* gamma, const scalar_t* beta,
                               scalar_t limit, double leak, double alpha, const double* inv_std,
                               const double* y_mean, const double* y_square_mean, double* u,
-                              double* v, double* grad_gamma, double* grad_beta) {
+                              double* v, double* grad_gamma, double* grad_beta,
+                              scalar_t* masked_grad) {
+  for (int64_t c = 0; c < channels; ++c) {
+    masked_grad[c] = masked(grad[c], affine(gamma[c], y[c], beta[c]), limit);
+  }
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t g = masked(grad[c], affine(gamma[c], y[c], beta[c]), limit);
+    const scalar_t g = masked_grad[c];
     const scalar_t dot = g * y[c];
     const double gain = gamma[c];
     const BackwardStep step = backward_step(leak, alpha, gain * dot, gain * g, inv_std[c],
                                             y_mean[c], y_square_mean[c], u + c, v + c);
-    grad_x[c] = grad_input_element(grad[c], y[c], gamma[c], beta[c], limit,
-                                   static_cast<scalar_t>(gain * inv_std[c]),
+    grad_x[c] = grad_input_element(g, y[c], static_cast<scalar_t>(gain * inv_std[c]),
                                    static_cast<scalar_t>(step.q), static_cast<scalar_t>(step.r));
     grad_gamma[c] += dot;
     grad_beta[c] += g;
@@ -228,8 +231,9 @@ template <typename scalar_t>
 ROW_LOOP void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* out,
                              int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
                              scalar_t p, scalar_t q, scalar_t r) {
-  for (int64_t i = 0; i < size; ++i) out[i] = grad_input_element(grad[i], y[i], gamma, beta,
-                                                                  limit, p, q, r);
+  for (int64_t i = 0; i < size; ++i) {
+    out[i] = grad_input_element(masked(grad[i], affine(gamma, y[i], beta), limit), y[i], p, q, r);
+  }
 }
 
 void check_rows(const char* what, const at::Tensor& activation,
@@ -457,11 +461,12 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
     const auto bound = static_cast<scalar_t>(limit);
     if (size == 1) {
       for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> masked_grad(end - begin);
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;
           backward_sample(gs + at, ys + at, out + at, end - begin, ga + begin, be + begin,
                           bound, leak, alpha, inv + at, ym + at, ysq + at, us + begin,
-                          vs + begin, gga + begin, gbe + begin);
+                          vs + begin, gga + begin, gbe + begin, masked_grad.data());
         }
       });
       return;
