@@ -105,6 +105,9 @@ class OnlineNormFunction(torch.autograd.Function):
     Forward updates `running_mean`/`running_var` in place; backward runs the
     control process and updates `mean_control`/`correlation_control` in place.
     Saved for backward: the normalized output y and per-(sample, channel) scalars.
+    On CPU in float32/float64, in one process, each direction is one compiled call
+    (csrc/activations.cpp, stream_forward/stream_backward: the sequential loops the
+    scans below stand in for); the torch operations below are their specification.
 
     With `ranks` (a `RankSlice`), x is this rank's slice of the group's
     global batch: the per-(sample, channel) scalars are gathered so that both
