@@ -15,7 +15,8 @@ def fresh(monkeypatch):
     ("enorm", True, ["balance_chain"]),
     ("equinorm", False, ["forward", "backward"]),
     ("activations", True, ["online_forward", "online_backward_sums", "online_backward_input",
-                           "channel_moments"]),
+                           "channel_moments", "online_stream_forward",
+                           "online_stream_backward"]),
 ])
 def test_a_kernel_builds_and_is_named_by_its_source_and_flags(fresh, monkeypatch, name, openmp,
                                                               functions):

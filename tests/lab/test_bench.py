@@ -58,8 +58,21 @@ def test_online_case_times_the_three_shapes_against_batch_norm():
     assert all((r.method, r.baseline) == ("online", "batch") for r in rows)
 
 
+def test_online_small_batch_and_1d_cases_time_their_shapes_against_their_baselines():
+    rows = bench.run(["online_small_batch", "online_1d"], min_run_time=0.01)
+    small = [r for r in rows if r.case == "online_small_batch"]
+    assert [(r.variant, r.baseline) for r in small] == [
+        ("x".join(map(str, s)), baseline) for s in bench.ONLINE_SMALL_BATCH_SHAPES
+        for baseline in ("group(32)", "batch")]
+    one_d = [(r.method, r.variant, r.baseline) for r in rows if r.case == "online_1d"]
+    assert one_d == [(f"online(ecm={ecm})", "x".join(map(str, s)), "batch")
+                     for ecm in ("ac", "ls") for s in bench.ONLINE_1D_SHAPES]
+    assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
+
+
 def test_every_case_is_registered():
-    assert list(bench.CASES) == ["torch_norms", "online", "batch_renorm", "weight_norm",
+    assert list(bench.CASES) == ["torch_norms", "online", "online_small_batch", "online_1d",
+                                 "batch_renorm", "weight_norm",
                                  "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync",
                                  "fold"]
 

@@ -101,6 +101,13 @@ def passes(request, monkeypatch):
     (OnlineNorm1d, (9, 4), {"ecm": None, "alpha_fwd": 0.8, "alpha_bkw": 0.7}),
     (OnlineNorm1d, (5, 4, 6), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.9}),
     (OnlineNorm1d, (6, 4, 5), {"ecm": "ls", "alpha_fwd": 0.9}),
+    # batch 1 and 2, and (N, C) inputs with each error compensation: the compiled path's
+    # other loops (one sample per call; rows of one position, stream and pass fused)
+    (OnlineNorm2d, (1, 3, 4, 5), {"clamp_val": 1.5}),
+    (OnlineNorm2d, (2, 3, 4, 5), {"ecm": "ls"}),
+    (OnlineNorm1d, (1, 4), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.5}),
+    (OnlineNorm1d, (9, 4), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.8}),
+    (OnlineNorm1d, (9, 4), {"ecm": "ls", "alpha_fwd": 0.8, "affine": False}),
 ])
 def test_matches_per_sample_reference_over_consecutive_batches(cls, shape, kw, passes):
     torch.manual_seed(0)
@@ -143,22 +150,28 @@ def test_one_batch_of_n_equals_n_batches_of_one(passes):
     assert_close(single.bias.grad, whole.bias.grad, 1e-12)
 
 
+@pytest.mark.parametrize("cls,shape", [
+    (OnlineNorm2d, (6, 5, 30, 11)),
+    (OnlineNorm2d, (1, 5, 30, 11)),
+    (OnlineNorm2d, (2, 5, 30, 11)),
+    # (N, C): several blocks of channels, each on its own thread
+    (OnlineNorm1d, (300, 260)),
+])
 @pytest.mark.parametrize("kw", [{}, {"ecm": "ls"}, {"ecm": None, "affine": False},
                                 {"clamp_val": 0.7, "affine": False}])
-def test_the_compiled_passes_compute_what_the_eager_path_computes(kw, monkeypatch):
+def test_the_compiled_passes_compute_what_the_eager_path_computes(cls, shape, kw, monkeypatch):
     """float32, rows longer than the kernel's summing block (256), a gradient that is not
     contiguous, two threads: outputs, gradients and state agree to float32 rounding."""
     if _native.module("activations", openmp=True) is None:
         skip_unless_ci("the compiled activations kernel could not be built on this machine")
     torch.manual_seed(4)
-    shape = (6, 5, 30, 11)
     batches = [torch.randn(shape) * 3 + 1 for _ in range(2)]
     grads = [torch.randn(shape[1:]).expand(shape) for _ in range(2)]
     results = []
     for for_tensor in (_native.for_tensor, no_kernel):
         monkeypatch.setattr(_native, "for_tensor", for_tensor)
         torch.manual_seed(5)
-        layer = random_layer(OnlineNorm2d, 5, dtype=torch.float32, alpha_fwd=0.9, **kw)
+        layer = random_layer(cls, shape[1], dtype=torch.float32, alpha_fwd=0.9, **kw)
         with torch.no_grad():
             if layer.affine:
                 layer.weight.mul_(3)  # large enough that the default clamp at 5 acts

@@ -58,14 +58,15 @@ def module(name: str, openmp: bool = False):
         _put_pip_ninja_on_path()
         from torch.utils import cpp_extension
         source = _SOURCES / f"{name}.cpp"
-        flags = ["-O3"] + ["-fopenmp"] * openmp
+        # no errno from sqrt: its branch to the library call keeps loops from vectorizing
+        flags = ["-O3", "-fno-math-errno"] + ["-fopenmp"] * openmp
         # named by content, flags and path: each version of the source gets its own cached
         # build, and so does each checkout (ninja rebuilds a build folder whose source moved:
         # two checkouts sharing one would rebuild it in turn, each under its lock)
         digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
                                 + str(source.resolve()).encode()).hexdigest()[:12]
         _loaded[key] = cpp_extension.load(f"normlab_{name}_{digest}", [str(source)],
-                                           extra_cflags=flags, extra_ldflags=flags[1:],
+                                           extra_cflags=flags, extra_ldflags=flags[2:],
                                            verbose=False)
     except Exception as error:  # no compiler, no headers, no ninja: the eager path serves
         warnings.warn(f"normlab: the compiled kernel {name!r} could not be built, so the "

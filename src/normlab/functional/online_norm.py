@@ -105,6 +105,9 @@ class OnlineNormFunction(torch.autograd.Function):
     Forward updates `running_mean`/`running_var` in place; backward runs the
     control process and updates `mean_control`/`correlation_control` in place.
     Saved for backward: the normalized output y and per-(sample, channel) scalars.
+    On CPU in float32/float64, in one process, each direction is one compiled call
+    (csrc/activations.cpp, stream_forward/stream_backward: the sequential loops the
+    scans below stand in for); the torch operations below are their specification.
 
     With `ranks` (a `RankSlice`), x is this rank's slice of the group's
     global batch: the per-(sample, channel) scalars are gathered so that both
@@ -116,6 +119,18 @@ class OnlineNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, mean_control,
                 correlation_control, alpha_fwd: float, alpha_bkw: float, eps: float,
                 clamp_val: float | None, ranks: RankSlice | None = None):
+        ctx.control = (mean_control, correlation_control)
+        ctx.alpha_bkw, ctx.clamp_val, ctx.ranks = alpha_bkw, clamp_val, ranks
+        kernel = _online_kernel(x)
+        # One process: both streams and the passes in one compiled call per direction (at
+        # batch 1 and 2 the many small torch operations below cost more than the passes).
+        ctx.whole_stream = kernel is not None and ranks is None
+        if ctx.whole_stream:
+            y, out, *per_row = kernel.online_stream_forward(
+                x, *_affine_or_identity(weight, bias, x), running_mean, running_var,
+                alpha_fwd, eps, _bound(clamp_val))
+            ctx.save_for_backward(y, weight, bias, *per_row)
+            return out
         mean, var = _sample_moments(x)
         if ranks is not None:
             mean, var = ranks.gather(torch.stack([mean, var], 1)).unbind(1)
@@ -132,7 +147,6 @@ class OnlineNormFunction(torch.autograd.Function):
         scale, shift = inv_std, -mu_before * inv_std
         if ranks is not None:
             scale, shift = ranks.mine(scale), ranks.mine(shift)
-        kernel = _online_kernel(x)
         if kernel is not None and (weight is not None or clamp_val is not None):
             affine = _affine_or_identity(weight, bias, x)
             y, out = kernel.online_forward(x, scale.to(x.dtype), shift.to(x.dtype), *affine,
@@ -144,8 +158,6 @@ class OnlineNormFunction(torch.autograd.Function):
         y_mean = deviation * inv_std
         y_square_mean = (var + deviation ** 2) * inv_std ** 2
         ctx.save_for_backward(y, weight, bias, inv_std, y_mean, y_square_mean)
-        ctx.control = (mean_control, correlation_control)
-        ctx.alpha_bkw, ctx.clamp_val, ctx.ranks = alpha_bkw, clamp_val, ranks
         return out
 
     @staticmethod
@@ -154,9 +166,17 @@ class OnlineNormFunction(torch.autograd.Function):
         y, weight, bias, inv_std, y_mean, y_square_mean = ctx.saved_tensors
         mean_control, correlation_control = ctx.control
         leak = 1 - ctx.alpha_bkw
+        kernel = _online_kernel(y)
+        if ctx.whole_stream:
+            grad_x, grad_weight, grad_bias = kernel.online_stream_backward(
+                grad_out, y, *_affine_or_identity(weight, bias, y), _bound(ctx.clamp_val),
+                inv_std, y_mean, y_square_mean, mean_control, correlation_control,
+                ctx.alpha_bkw)
+            if weight is None:
+                return (grad_x,) + (None,) * 11
+            return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)) + (None,) * 9
         # grad_z: grad_out through the clamp's mask; the gradient w.r.t. y is weight * grad_z,
         # never materialized. The kernel recomputes the mask in each of its two passes.
-        kernel = _online_kernel(y)
         if kernel is not None:
             affine, bound = _affine_or_identity(weight, bias, y), _bound(ctx.clamp_val)
             grad_z_dot_y, grad_z_sum = kernel.online_backward_sums(grad_out, y, *affine, bound)

@@ -11,6 +11,7 @@ alike), with the medians of the times beside it. Cases register themselves with 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import math
@@ -32,7 +33,7 @@ from .. import distributed, registry
 from ..fold import fold
 from ..layers.batch_renorm import BatchRenorm2d
 from ..layers.fastnorm import tracked_sq_norms
-from ..layers.online import OnlineNorm2d
+from ..layers.online import OnlineNorm1d, OnlineNorm2d
 from ..layers.weight_norm import WeightNormLinear
 from ..optim import FastNormSGD
 from ..rebalancers import ENorm
@@ -149,14 +150,20 @@ class _Copy(nn.Module):
 ONLINE_SHAPES = ((32, 64, 32, 32), (128, 256, 8, 8), (8, 64, 56, 56))
 
 
-def _against_batch_norm(case_name: str, make, shapes, min_run_time: float) -> list[Row]:
+def _against_batch_norm(case_name: str, make, shapes, min_run_time: float,
+                        baselines: dict[str, Callable[[int], nn.Module]] | None = None,
+                        method: str | None = None) -> list[Row]:
+    """`make(C)` against each of `baselines` (default: BatchNorm2d) on each shape,
+    forward+backward, float32."""
+    baselines = baselines or {"batch": nn.BatchNorm2d}
     torch.manual_seed(0)
     rows = []
     for shape in shapes:
         x = torch.randn(shape)
-        rows.append(compare(case_name, _shape(shape), case_name,
-                            forward_backward(make(shape[1]), x), "batch",
-                            forward_backward(nn.BatchNorm2d(shape[1]), x), min_run_time))
+        run_method = forward_backward(make(shape[1]), x)
+        for name, make_baseline in baselines.items():
+            rows.append(compare(case_name, _shape(shape), method or case_name, run_method, name,
+                                forward_backward(make_baseline(shape[1]), x), min_run_time))
     return rows
 
 
@@ -165,6 +172,31 @@ def online(min_run_time: float) -> list[Row]:
     """OnlineNorm2d (default ecm "ac"), forward+backward, float32; target <= 1.2x BatchNorm2d
     on each shape."""
     return _against_batch_norm("online", OnlineNorm2d, ONLINE_SHAPES, min_run_time)
+
+
+ONLINE_SMALL_BATCH_SHAPES = ((1, 64, 32, 32), (1, 256, 8, 8), (2, 64, 32, 32))
+
+
+@case("online_small_batch")
+def online_small_batch(min_run_time: float) -> list[Row]:
+    """OnlineNorm2d (ecm "ac") at batch 1 and 2, where the method is used, forward+backward,
+    float32; targets: <= 2x GroupNorm(32) at batch 1, <= 1.2x BatchNorm2d at batch 2."""
+    baselines = {"group(32)": lambda channels: nn.GroupNorm(32, channels),
+                 "batch": nn.BatchNorm2d}
+    return _against_batch_norm("online_small_batch", OnlineNorm2d, ONLINE_SMALL_BATCH_SHAPES,
+                               min_run_time, baselines, method="online")
+
+
+ONLINE_1D_SHAPES = ((256, 1024), (32, 512))
+
+
+@case("online_1d")
+def online_1d(min_run_time: float) -> list[Row]:
+    """OnlineNorm1d on (N, C) inputs (the papers' MLPs), each error compensation,
+    forward+backward, float32, against BatchNorm1d; target <= 2x."""
+    return [row for ecm in ("ac", "ls") for row in _against_batch_norm(
+        "online_1d", functools.partial(OnlineNorm1d, ecm=ecm), ONLINE_1D_SHAPES, min_run_time,
+        {"batch": nn.BatchNorm1d}, method=f"online(ecm={ecm})")]
 
 
 @case("batch_renorm")

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 // As in enorm.cpp: the row loops are compiled for AVX2 + FMA and for the baseline, and
@@ -45,7 +46,24 @@ inline scalar_t affine(scalar_t gamma, scalar_t y, scalar_t beta) {
 // z passes the gradient, as there).
 template <typename scalar_t>
 inline scalar_t masked(scalar_t grad, scalar_t z, scalar_t limit) {
-  return (z <= -limit || z >= limit) ? scalar_t(0) : grad;
+  // `|`, not `||`: no branch, so the loops around it vectorize
+  return ((z <= -limit) | (z >= limit)) ? scalar_t(0) : grad;
+}
+
+// y = x * scale + shift and out = clamp(gamma * y + beta) of one element.
+template <typename scalar_t>
+inline void forward_element(scalar_t x, scalar_t* y, scalar_t* out, scalar_t scale,
+                            scalar_t shift, scalar_t gamma, scalar_t beta, scalar_t limit) {
+  const scalar_t normalized = x * scale + shift;
+  *y = normalized;
+  // std::max/min keep a NaN (the first argument), as torch.clamp does
+  *out = std::min(std::max(affine(gamma, normalized, beta), -limit), limit);
+}
+
+// The input gradient g * p + q + r * y of one element, g the gradient masked by the clamp.
+template <typename scalar_t>
+inline scalar_t grad_input_element(scalar_t g, scalar_t y, scalar_t p, scalar_t q, scalar_t r) {
+  return g * p + q + r * y;
 }
 
 template <typename scalar_t>
@@ -53,10 +71,7 @@ ROW_LOOP void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t
                           scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
                           scalar_t limit) {
   for (int64_t i = 0; i < size; ++i) {
-    const scalar_t normalized = x[i] * scale + shift;
-    y[i] = normalized;
-    // std::max/min keep a NaN (the first argument), as torch.clamp does
-    out[i] = std::min(std::max(affine(gamma, normalized, beta), -limit), limit);
+    forward_element(x[i], y + i, out + i, scale, shift, gamma, beta, limit);
   }
 }
 
@@ -110,13 +125,114 @@ ROW_LOOP double row_square_deviation(const scalar_t* x, int64_t size, scalar_t c
   return sum;
 }
 
+// Sum of x and of x^2 over a row: blocks in the dtype, double across.
+template <typename scalar_t>
+ROW_LOOP void row_power_sums(const scalar_t* x, int64_t size, double* sum, double* square_sum) {
+  double total = 0, squares = 0;
+  for (int64_t start = 0; start < size; start += kSumBlock) {
+    const int64_t stop = std::min(size, start + kSumBlock);
+    scalar_t block = 0, block_squares = 0;
+#pragma omp simd reduction(+ : block, block_squares)
+    for (int64_t i = start; i < stop; ++i) {
+      block += x[i];
+      block_squares += x[i] * x[i];
+    }
+    total += block;
+    squares += block_squares;
+  }
+  *sum = total;
+  *square_sum = squares;
+}
+
+// Online Normalization's two streams, one sample at a time per channel, in float64: the
+// sequential loops the prefix scans of the eager path (OnlineNormFunction) stand in for.
+
+// The forward stream: sample t (its mean and biased variance over positions) is normalized
+// by the statistics (mu, sigma2) before it, which then take it in. Writes what the backward
+// needs of the sample: 1 / sqrt(sigma2 + eps), mean(y) and mean(y^2).
+struct ForwardStep {
+  double inv_std, shift, y_mean, y_square_mean;
+};
+
+inline ForwardStep forward_step(double alpha, double eps, double mean, double var, double* mu,
+                                double* sigma2) {
+  const double inv_std = 1.0 / std::sqrt(*sigma2 + eps);
+  const double deviation = mean - *mu;
+  const ForwardStep step{inv_std, -*mu * inv_std, deviation * inv_std,
+                         (var + deviation * deviation) * inv_std * inv_std};
+  *sigma2 = alpha * *sigma2 + ((1 - alpha) * var + alpha * (1 - alpha) * deviation * deviation);
+  *mu = alpha * *mu + (1 - alpha) * mean;
+  return step;
+}
+
+// The backward's control process: with dot_mean = mean(g y) and grad_mean = mean(g) of the
+// sample (g the gradient of y), gives the input gradient's terms q and r of
+// g * gamma * inv_std + q + r * y, then updates v and u.
+struct BackwardStep {
+  double q, r;
+};
+
+inline BackwardStep backward_step(double leak, double alpha, double dot_mean, double grad_mean,
+                                  double inv_std, double y_mean, double y_square_mean,
+                                  double* u, double* v) {
+  const BackwardStep step{-leak * *u, -leak * *v * inv_std};
+  const double v_before = *v;
+  *v = (1 - leak * y_square_mean) * *v + dot_mean;
+  *u = alpha * *u + inv_std * (grad_mean - leak * v_before * y_mean);
+  return step;
+}
+
+// Rows of one position ((N, C) inputs): the forward of sample t over a block of channels,
+// the stream and the row pass in one loop, vectorized over the channels.
+template <typename scalar_t>
+ROW_LOOP void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
+                             const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
+                             double alpha, double eps, double* mu, double* sigma2,
+                             double* inv_std, double* y_mean, double* y_square_mean) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const ForwardStep step = forward_step(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
+    inv_std[c] = step.inv_std;
+    y_mean[c] = step.y_mean;
+    y_square_mean[c] = step.y_square_mean;
+    forward_element(x[c], y + c, out + c, static_cast<scalar_t>(step.inv_std),
+                    static_cast<scalar_t>(step.shift), gamma[c], beta[c], limit);
+  }
+}
+
+// ... and its backward: the clamp's mask (into `masked_grad`, a loop of the dtype alone, so
+// that it vectorizes), then the control process and the input gradient in one loop; the
+// weight and bias gradients accumulate.
+template <typename scalar_t>
+ROW_LOOP void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
+                              int64_t channels, const scalar_t* gamma, const scalar_t* beta,
+                              scalar_t limit, double leak, double alpha, const double* inv_std,
+                              const double* y_mean, const double* y_square_mean, double* u,
+                              double* v, double* grad_gamma, double* grad_beta,
+                              scalar_t* masked_grad) {
+  for (int64_t c = 0; c < channels; ++c) {
+    masked_grad[c] = masked(grad[c], affine(gamma[c], y[c], beta[c]), limit);
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t g = masked_grad[c];
+    const scalar_t dot = g * y[c];
+    const double gain = gamma[c];
+    const BackwardStep step = backward_step(leak, alpha, gain * dot, gain * g, inv_std[c],
+                                            y_mean[c], y_square_mean[c], u + c, v + c);
+    grad_x[c] = grad_input_element(g, y[c], static_cast<scalar_t>(gain * inv_std[c]),
+                                   static_cast<scalar_t>(step.q), static_cast<scalar_t>(step.r));
+    grad_gamma[c] += dot;
+    grad_beta[c] += g;
+  }
+}
+
 template <typename scalar_t>
 ROW_LOOP void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* out,
                              int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
                              scalar_t p, scalar_t q, scalar_t r) {
   for (int64_t i = 0; i < size; ++i) {
-    const scalar_t g = masked(grad[i], affine(gamma, y[i], beta), limit);
-    out[i] = g * p + q + r * y[i];
+    out[i] = grad_input_element(masked(grad[i], affine(gamma, y[i], beta), limit), y[i], p, q, r);
   }
 }
 
@@ -224,6 +340,174 @@ at::Tensor backward_input(const at::Tensor& grad_in, const at::Tensor& y_in,
   return out;
 }
 
+// Calls body(begin, end) for blocks of channels, in parallel: the streams run along the
+// samples, each channel on its own.
+template <typename Body>
+void for_channel_blocks(int64_t samples, int64_t channels, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(samples, 1));
+  at::parallel_for(0, channels, grain, body);
+}
+
+at::Tensor stream_state(const char* what, const at::Tensor& state, int64_t channels) {
+  TORCH_CHECK(state.dim() == 1 && state.size(0) == channels && state.is_floating_point(), what,
+              ": expected per-channel state of shape (", channels, ",)");
+  return state.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+}
+
+// Online Normalization's forward over a batch, the whole of OnlineNormFunction.forward:
+// (y, out, inv_std, y_mean, y_square_mean), the last three float64 (N, C) for the backward;
+// running_mean and running_var are updated in place.
+std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor& gamma_in,
+                                       const at::Tensor& beta_in, at::Tensor running_mean,
+                                       at::Tensor running_var, double alpha, double eps,
+                                       double limit) {
+  const auto x = x_in.contiguous(), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
+  check_rows("online stream_forward", x, {}, gamma, beta);
+  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
+  auto mu = stream_state("online stream_forward", running_mean, channels);
+  auto sigma2 = stream_state("online stream_forward", running_var, channels);
+  auto per_row = at::empty({3, samples, channels}, x.options().dtype(at::kDouble));
+  auto inv_std = per_row[0], y_mean = per_row[1], y_square_mean = per_row[2];
+  auto y = at::empty_like(x), out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_forward", [&] {
+    const scalar_t *xs = x.data_ptr<scalar_t>(), *ga = gamma.data_ptr<scalar_t>(),
+                   *be = beta.data_ptr<scalar_t>();
+    scalar_t *ys = y.data_ptr<scalar_t>(), *os = out.data_ptr<scalar_t>();
+    double *mus = mu.data_ptr<double>(), *sigmas = sigma2.data_ptr<double>(),
+           *inv = inv_std.data_ptr<double>(), *ym = y_mean.data_ptr<double>(),
+           *ysq = y_square_mean.data_ptr<double>();
+    const auto bound = static_cast<scalar_t>(limit);
+    if (size == 1) {
+      for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
+        for (int64_t t = 0; t < samples; ++t) {
+          const int64_t at = t * channels + begin;
+          forward_sample(xs + at, ys + at, os + at, end - begin, ga + begin, be + begin, bound,
+                         alpha, eps, mus + begin, sigmas + begin, inv + at, ym + at, ysq + at);
+        }
+      });
+      return;
+    }
+    // Moments of each row, the streams along the samples, then one pass writing y and out.
+    auto moments = at::empty({2, samples, channels}, x.options().dtype(at::kDouble));
+    auto row_affine = at::empty({2, samples, channels}, x.options());
+    double *means = moments[0].data_ptr<double>(), *vars = moments[1].data_ptr<double>();
+    scalar_t *scales = row_affine[0].data_ptr<scalar_t>(),
+             *shifts = row_affine[1].data_ptr<scalar_t>();
+    for_each_row(x, [&](int64_t row, int64_t, int64_t at) {
+      double sum, square_sum;
+      row_power_sums(xs + at, size, &sum, &square_sum);
+      means[row] = sum / size;
+      vars[row] = std::max(0.0, square_sum / size - means[row] * means[row]);
+    });
+    for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
+      for (int64_t t = 0; t < samples; ++t) {
+        for (int64_t row = t * channels + begin; row < t * channels + end; ++row) {
+          const int64_t c = row % channels;
+          const ForwardStep step =
+              forward_step(alpha, eps, means[row], vars[row], mus + c, sigmas + c);
+          inv[row] = step.inv_std;
+          ym[row] = step.y_mean;
+          ysq[row] = step.y_square_mean;
+          scales[row] = static_cast<scalar_t>(step.inv_std);
+          shifts[row] = static_cast<scalar_t>(step.shift);
+        }
+      }
+    });
+    for_each_row(x, [&](int64_t row, int64_t channel, int64_t at) {
+      forward_row(xs + at, ys + at, os + at, size, scales[row], shifts[row], ga[channel],
+                  be[channel], bound);
+    });
+  });
+  running_mean.copy_(mu);
+  running_var.copy_(sigma2);
+  return {y, out, inv_std, y_mean, y_square_mean};
+}
+
+// Its backward, the whole of OnlineNormFunction.backward: (grad_x, grad_gamma, grad_beta), the
+// last two float64 (C,); mean_control (u) and correlation_control (v) are updated in place.
+std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& y_in,
+                                        const at::Tensor& gamma_in, const at::Tensor& beta_in,
+                                        double limit, const at::Tensor& inv_std_in,
+                                        const at::Tensor& y_mean_in,
+                                        const at::Tensor& y_square_mean_in,
+                                        at::Tensor mean_control, at::Tensor correlation_control,
+                                        double alpha) {
+  const auto grad = grad_in.contiguous(), y = y_in.contiguous(), gamma = gamma_in.contiguous(),
+             beta = beta_in.contiguous(), inv_std = inv_std_in.contiguous(),
+             y_mean = y_mean_in.contiguous(), y_square_mean = y_square_mean_in.contiguous();
+  check_rows("online stream_backward", y, {}, gamma, beta);
+  TORCH_CHECK(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type(),
+              "online stream_backward: expected a gradient of y's shape and dtype");
+  const auto rows = y.sizes().slice(0, 2);
+  for (const auto& t : {inv_std, y_mean, y_square_mean}) {
+    TORCH_CHECK(t.sizes() == rows && t.scalar_type() == at::kDouble,
+                "online stream_backward: expected float64 per-row statistics of shape ", rows);
+  }
+  const int64_t samples = y.size(0), channels = y.size(1), size = y.size(2);
+  auto u = stream_state("online stream_backward", mean_control, channels);
+  auto v = stream_state("online stream_backward", correlation_control, channels);
+  auto grad_affine = at::zeros({2, channels}, y.options().dtype(at::kDouble));
+  auto grad_gamma = grad_affine[0], grad_beta = grad_affine[1];
+  auto grad_x = at::empty_like(y);
+  const double leak = 1 - alpha;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "online_stream_backward", [&] {
+    const scalar_t *gs = grad.data_ptr<scalar_t>(), *ys = y.data_ptr<scalar_t>(),
+                   *ga = gamma.data_ptr<scalar_t>(), *be = beta.data_ptr<scalar_t>();
+    const double *inv = inv_std.data_ptr<double>(), *ym = y_mean.data_ptr<double>(),
+                 *ysq = y_square_mean.data_ptr<double>();
+    double *us = u.data_ptr<double>(), *vs = v.data_ptr<double>(),
+           *gga = grad_gamma.data_ptr<double>(), *gbe = grad_beta.data_ptr<double>();
+    scalar_t* out = grad_x.data_ptr<scalar_t>();
+    const auto bound = static_cast<scalar_t>(limit);
+    if (size == 1) {
+      for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> masked_grad(end - begin);
+        for (int64_t t = 0; t < samples; ++t) {
+          const int64_t at = t * channels + begin;
+          backward_sample(gs + at, ys + at, out + at, end - begin, ga + begin, be + begin,
+                          bound, leak, alpha, inv + at, ym + at, ysq + at, us + begin,
+                          vs + begin, gga + begin, gbe + begin, masked_grad.data());
+        }
+      });
+      return;
+    }
+    // The sums of each row, the control process along the samples, then one pass writing
+    // the input gradient.
+    auto sums = at::empty({2, samples, channels}, y.options().dtype(at::kDouble));
+    auto terms = at::empty({3, samples, channels}, y.options());
+    double *dots = sums[0].data_ptr<double>(), *totals = sums[1].data_ptr<double>();
+    scalar_t *ps = terms[0].data_ptr<scalar_t>(), *qs = terms[1].data_ptr<scalar_t>(),
+             *rs = terms[2].data_ptr<scalar_t>();
+    for_each_row(y, [&](int64_t row, int64_t channel, int64_t at) {
+      reduce_row(gs + at, ys + at, size, ga[channel], be[channel], bound, dots + row,
+                 totals + row);
+    });
+    for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
+      for (int64_t t = 0; t < samples; ++t) {
+        for (int64_t row = t * channels + begin; row < t * channels + end; ++row) {
+          const int64_t c = row % channels;
+          const double gain = ga[c];
+          const BackwardStep step =
+              backward_step(leak, alpha, gain * dots[row] / size, gain * totals[row] / size,
+                            inv[row], ym[row], ysq[row], us + c, vs + c);
+          ps[row] = static_cast<scalar_t>(gain * inv[row]);
+          qs[row] = static_cast<scalar_t>(step.q);
+          rs[row] = static_cast<scalar_t>(step.r);
+          gga[c] += dots[row];
+          gbe[c] += totals[row];
+        }
+      }
+    });
+    for_each_row(y, [&](int64_t row, int64_t channel, int64_t at) {
+      grad_input_row(gs + at, ys + at, out + at, size, ga[channel], be[channel], bound,
+                     ps[row], qs[row], rs[row]);
+    });
+  });
+  mean_control.copy_(u);
+  correlation_control.copy_(v);
+  return {grad_x, grad_gamma, grad_beta};
+}
+
 // (mean, biased variance) of each channel over N and S, float64 (C,), in two passes.
 std::vector<at::Tensor> channel_moments(const at::Tensor& x_in) {
   const auto x = x_in.contiguous();
@@ -260,4 +544,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("online_backward_sums", &backward_sums);
   module.def("online_backward_input", &backward_input);
   module.def("channel_moments", &channel_moments);
+  module.def("online_stream_forward", &stream_forward);
+  module.def("online_stream_backward", &stream_backward);
 }
