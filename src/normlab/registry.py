@@ -303,9 +303,11 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
       features; the affine parameters are copied where the shapes match. A
       GroupNorm does not say whether it normalizes images or vectors: it is
       taken as 2d unless `dim` says otherwise.
-    * Weight target: each nn.Linear/nn.Conv2d becomes the normalized layer
-      (through its ``from_module``, so the function is unchanged at that
-      moment) and the activation normalizers become nn.Identity, unless
+    * Weight target: each torch layer the method replaces (nn.Linear, nn.ConvNd)
+      becomes the normalized layer through its ``from_module``, so the function is
+      unchanged at that moment where the class declares ``from_module_keeps_function``
+      (EquiNorm and Weight Standardization do not: their docstrings say what they keep),
+      and the activation normalizers become nn.Identity, unless
       ``keep_activation_norm=True``.
 
     Each new layer is built on the device and in the dtype of the layer it
