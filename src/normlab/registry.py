@@ -24,6 +24,7 @@ from . import checks
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear
+from .layers.filter_response_norm import FilterResponseNorm1d, FilterResponseNorm2d
 from .layers.layer_norm import VectorLayerNorm
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
@@ -176,6 +177,14 @@ register(activation_method("online",
                            "Networks",
                            "normalize each sample with running statistics of the samples "
                            "before it", (OnlineNorm1d, OnlineNorm2d)))
+
+register(activation_method("frn",
+                           "Singh and Krishnan (2020), Filter Response Normalization Layer: "
+                           "Eliminating Batch Dependence in the Training of Deep Neural "
+                           "Networks, arXiv:1911.09737",
+                           "divide each sample's channel by its root mean square, then a "
+                           "learned-threshold ReLU (TLU)",
+                           (FilterResponseNorm1d, FilterResponseNorm2d)))
 
 # -- weight normalizers ----------------------------------------------------------
 register(weight_method("weight_norm",
