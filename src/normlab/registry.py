@@ -35,6 +35,11 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .layers.weight_standardization import (
+    WeightStandardizedConv1d,
+    WeightStandardizedConv2d,
+    WeightStandardizedConv3d,
+)
 from .optim import FastNormSGD
 from .rebalancers import ENorm, Renormalize
 
@@ -212,6 +217,13 @@ register(weight_method("equinorm",
                        "submission: equilibrium normalization)",
                        "shift and scale each kernel so positive and negative weights balance "
                        "(EquiNorm)", (EquiNormLinear, EquiNormConv2d)))
+register(weight_method("weight_standardization",
+                       "Qiao, Wang, Liu, Shen and Yuille (2019), Micro-Batch Training with "
+                       "Batch-Channel Normalization and Weight Standardization, "
+                       "arXiv:1903.10520",
+                       "standardize each conv kernel (zero mean, unit std); pair with group",
+                       (WeightStandardizedConv1d, WeightStandardizedConv2d,
+                        WeightStandardizedConv3d)))
 
 # -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
