@@ -3,12 +3,13 @@ import torch
 from torch import nn
 
 import normlab
+from normlab import registry
 
 PLAIN = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Hardtanh, nn.Flatten, nn.AdaptiveAvgPool2d,
          nn.Sequential)
 
-# (layer, input shape): every weight-family layer that has to_plain
-WEIGHT_LAYERS = [
+# (layer, input shape): layers in settings that matter to their plain form ...
+CHOSEN_WEIGHT_LAYERS = [
     (lambda: normlab.WeightNormLinear(6, 5), (4, 6)),
     (lambda: normlab.WeightNormConv2d(3, 4, 3, stride=2, groups=1), (2, 3, 7, 7)),
     (lambda: normlab.ScaledWeightNormLinear(6, 5, nonlinearity="linear"), (4, 6)),
@@ -22,6 +23,21 @@ WEIGHT_LAYERS = [
     (lambda: normlab.FastNormLinear(6, 5), (4, 6)),
     (lambda: normlab.FastNormConv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
 ]
+
+
+def _default_example(cls):
+    """A `cls` with default settings, on an input it takes."""
+    if cls.plain_type is nn.Linear:
+        return (lambda: cls(6, 5)), (4, 6)
+    spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[cls.plain_type]
+    return (lambda: cls(3, 4, 3, padding=1)), (2, 3) + (5,) * spatial
+
+
+# ... and every other weight-family class of the registry with its defaults
+_CHOSEN_CLASSES = {type(make()) for make, _ in CHOSEN_WEIGHT_LAYERS}
+WEIGHT_LAYERS = CHOSEN_WEIGHT_LAYERS + [
+    _default_example(cls) for name in normlab.available()
+    for cls in registry.get(name).replaces.values() if cls not in _CHOSEN_CLASSES]
 
 
 def randomized(layer):
@@ -49,7 +65,7 @@ def test_to_plain_is_a_torch_layer_with_the_eval_function(make, shape):
     torch.manual_seed(0)
     layer = randomized(make()).eval()
     plain = layer.to_plain()
-    assert type(plain) in (nn.Linear, nn.Conv2d)
+    assert type(plain) is type(layer).plain_type
     assert_same_function(plain, layer, torch.rand(shape) + 0.1)
 
 

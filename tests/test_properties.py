@@ -27,6 +27,7 @@ from torch import nn
 
 import normlab
 from normlab import registry
+from normlab.layers._base import ActivationNorm
 
 
 def _names(family: str) -> list[str]:
@@ -117,6 +118,8 @@ def _smallest_statistic(norm: nn.Module, shape) -> int | None:
         return positions
     if isinstance(norm, nn.LayerNorm):
         return math.prod(shape[1:])
+    if isinstance(norm, ActivationNorm):  # a normlab normalizer says what its statistics span
+        return {"batch": shape[0] * positions, "positions": positions}.get(norm.statistics_over)
     return None
 
 
@@ -238,8 +241,21 @@ def weight_layer_args(draw, name: str):
     padding, stride = draw(st.integers(0, kernel // 2)), draw(st.integers(1, 2))
     size = st.integers(max(1, kernel - 2 * padding), 4)
     kwargs = {"stride": stride, "padding": padding, "bias": bias}
+    spatial = _SPATIAL_DIMS[torch_type]
     return (torch_type, (in_channels, out_channels, kernel), kwargs,
-            (n, in_channels, draw(size, label="H"), draw(size, label="W")))
+            (n, in_channels, *(draw(size, label="position size") for _ in range(spatial))))
+
+
+_SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _hits_torch_bf16_conv1d_bug(torch_layer: nn.Module, shape, low_precision: bool) -> bool:
+    """torch 2.13's CPU bfloat16 conv1d backward returns NaN weight gradients, at random
+    (about 1 call in 3), when the input is shorter than the kernel: plain F.conv1d on
+    (1, 1, 1) with a (2, 1, 3) kernel, stride 2, padding 1 does it. Not a method's fault:
+    those draws are left out while torch has the bug."""
+    return (low_precision and type(torch_layer) is nn.Conv1d
+            and shape[-1] < torch_layer.kernel_size[0])
 
 
 def _weight_refuses(cls: type, torch_layer: nn.Module) -> bool:
@@ -293,6 +309,8 @@ def test_weight_normalizer_output_and_gradients_are_finite(name, data):
     training = data.draw(st.booleans(), label="training")
     torch_layer = data.draw(torch_layers(torch_type, args, kwargs))
     torch_layer = torch_layer.to(_LAYER_DTYPE[precision])
+    assume(not _hits_torch_bf16_conv1d_bug(torch_layer, shape,
+                                           precision in ("bfloat16", "autocast")))
     if _weight_refuses(registry.get(name).replaces[torch_type], torch_layer):
         with pytest.raises(ValueError) as error:
             _weight_layer(name, torch_layer)
@@ -360,10 +378,39 @@ def test_weight_gradient_is_orthogonal_to_each_row(name, data):
     out = layer(x)
     out_grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     out.backward(out_grad)
-    unit_dim = 1 if torch_type is nn.Conv2d else -1
+    unit_dim = -1 if torch_type is nn.Linear else 1
     bound = (out_grad.abs() * _term_sizes(torch_layer, x)).movedim(unit_dim, 0).flatten(1).sum(1)
     dots = (layer.weight.detach() * layer.weight.grad).flatten(1).sum(1)
     assert (dots.abs() <= 1e-9 * bound).all(), f"<grad_i, w_i> {dots}, bound {1e-9 * bound}"
+
+
+@pytest.mark.filterwarnings("ignore:EquiNorm:RuntimeWarning")
+@pytest.mark.parametrize("name", WEIGHT)
+@given(data=st.data())
+def test_from_module_keeps_the_geometry_and_the_function_where_the_class_says(name, data):
+    """`convert` builds each layer by `from_module`: the torch layer's geometry always
+    (its plain form is a layer of the same type and weight shape, with a bias where it
+    had one, or where the method needs one), and its function where the class declares
+    `from_module_keeps_function` (EquiNorm and Weight Standardization cannot: their
+    docstrings say what they keep, and their own tests check it)."""
+    torch_type, args, kwargs, shape = data.draw(weight_layer_args(name))
+    torch_layer = data.draw(torch_layers(torch_type, args, kwargs, ("random",)))
+    cls = registry.get(name).replaces[torch_type]
+    assume(not _weight_refuses(cls, torch_layer))
+    layer = _weight_layer(name, torch_layer).eval()
+    x = data.draw(input_values(shape, _generator(data)))
+    out = layer(x)
+    plain = layer.to_plain(input_size=tuple(shape[2:]) if torch_type is not nn.Linear else None)
+    assert type(plain) is torch_type and plain.weight.shape == torch_layer.weight.shape
+    assert plain.bias is not None or torch_layer.bias is None
+    # rounding: relative to the output, or to the terms it sums where they cancel
+    plain_terms = _term_sizes(plain, x).max().item()
+    torch.testing.assert_close(plain(x), out, rtol=1e-9,
+                               atol=1e-9 * max(out.abs().max().item(), plain_terms))
+    if cls.from_module_keeps_function:
+        terms = _term_sizes(torch_layer, x).max().item()
+        torch.testing.assert_close(out, torch_layer(x), rtol=1e-9,
+                                   atol=1e-9 * max(out.abs().max().item(), terms))
 
 
 def test_fastnorm_from_module_keeps_a_row_of_norm_below_1e_30():
@@ -397,6 +444,7 @@ def test_weight_normalizer_step_with_its_optimizer(name, data):
     dtype = data.draw(st.sampled_from((torch.float64, torch.float32, torch.bfloat16)))
     torch_layer = data.draw(torch_layers(torch_type, args, kwargs)).to(dtype)
     assume(not _weight_refuses(registry.get(name).replaces[torch_type], torch_layer))
+    assume(not _hits_torch_bf16_conv1d_bug(torch_layer, shape, dtype == torch.bfloat16))
     layer = _weight_layer(name, torch_layer)
     optimizer = (registry.get(name).optimizer or torch.optim.SGD)(layer.parameters(), lr=LR)
     generator = _generator(data)

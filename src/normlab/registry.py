@@ -24,6 +24,7 @@ from . import checks
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear
+from .layers.filter_response_norm import FilterResponseNorm1d, FilterResponseNorm2d
 from .layers.layer_norm import VectorLayerNorm
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
@@ -33,6 +34,11 @@ from .layers.weight_norm import (
     ScaledWeightNormLinear,
     WeightNormConv2d,
     WeightNormLinear,
+)
+from .layers.weight_standardization import (
+    WeightStandardizedConv1d,
+    WeightStandardizedConv2d,
+    WeightStandardizedConv3d,
 )
 from .optim import FastNormSGD
 from .rebalancers import ENorm, Renormalize
@@ -177,6 +183,14 @@ register(activation_method("online",
                            "normalize each sample with running statistics of the samples "
                            "before it", (OnlineNorm1d, OnlineNorm2d)))
 
+register(activation_method("frn",
+                           "Singh and Krishnan (2020), Filter Response Normalization Layer: "
+                           "Eliminating Batch Dependence in the Training of Deep Neural "
+                           "Networks, arXiv:1911.09737",
+                           "divide each sample's channel by its root mean square, then a "
+                           "learned-threshold ReLU (TLU)",
+                           (FilterResponseNorm1d, FilterResponseNorm2d)))
+
 # -- weight normalizers ----------------------------------------------------------
 register(weight_method("weight_norm",
                        "Salimans and Kingma (2016), Weight Normalization: a simple "
@@ -203,6 +217,13 @@ register(weight_method("equinorm",
                        "submission: equilibrium normalization)",
                        "shift and scale each kernel so positive and negative weights balance "
                        "(EquiNorm)", (EquiNormLinear, EquiNormConv2d)))
+register(weight_method("weight_standardization",
+                       "Qiao, Wang, Liu, Shen and Yuille (2019), Micro-Batch Training with "
+                       "Batch-Channel Normalization and Weight Standardization, "
+                       "arXiv:1903.10520",
+                       "standardize each conv kernel (zero mean, unit std); pair with group",
+                       (WeightStandardizedConv1d, WeightStandardizedConv2d,
+                        WeightStandardizedConv3d)))
 
 # -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
@@ -303,9 +324,11 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
       features; the affine parameters are copied where the shapes match. A
       GroupNorm does not say whether it normalizes images or vectors: it is
       taken as 2d unless `dim` says otherwise.
-    * Weight target: each nn.Linear/nn.Conv2d becomes the normalized layer
-      (through its ``from_module``, so the function is unchanged at that
-      moment) and the activation normalizers become nn.Identity, unless
+    * Weight target: each torch layer the method replaces (nn.Linear, nn.ConvNd)
+      becomes the normalized layer through its ``from_module``, so the function is
+      unchanged at that moment where the class declares ``from_module_keeps_function``
+      (EquiNorm and Weight Standardization do not: their docstrings say what they keep),
+      and the activation normalizers become nn.Identity, unless
       ``keep_activation_norm=True``.
 
     Each new layer is built on the device and in the dtype of the layer it

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from normlab import bench
+from normlab import bench, registry
 
 
 def test_torch_norms_case_reports_ratios_against_the_copy():
@@ -74,7 +74,7 @@ def test_every_case_is_registered():
     assert list(bench.CASES) == ["torch_norms", "online", "online_small_batch", "online_1d",
                                  "batch_renorm", "weight_norm",
                                  "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync",
-                                 "fold"]
+                                 "fold", "methods"]
 
 
 def test_fastnorm_cases_report_every_variant_against_its_baseline():
@@ -113,3 +113,15 @@ def test_fold_case_times_folded_models_against_plain_ones():
     assert [r.method for r in rows] == ["fold(batch)", "fold(online)", "fold(normprop)",
                                         "fold(equinorm)", "fold(batch)", "fold(batch_renorm)"]
     assert all(r.baseline == "plain" and r.ratio > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_methods_case_times_every_registered_layer_normalizer_against_its_baseline():
+    rows = bench.run(["methods"], min_run_time=0.01)
+    layer_methods = [name for name in registry.available() if name != "none"
+                     and registry.get(name).family in ("activation", "weight")]
+    assert [r.method for r in rows] == layer_methods
+    for row in rows:
+        family = registry.get(row.method).family
+        assert row.baseline == ("batch" if family == "activation" else "plain")
+        assert row.method_s > 0 and row.baseline_s > 0 and row.ratio > 0

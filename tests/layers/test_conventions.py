@@ -8,29 +8,45 @@ import pytest
 import torch
 
 import normlab
+from normlab import registry
 
-# name -> (constructor taking device=/dtype=, input shape)
-LAYERS = {
-    "OnlineNorm1d": (lambda **kw: normlab.OnlineNorm1d(4, **kw), (6, 4)),
-    "OnlineNorm2d": (lambda **kw: normlab.OnlineNorm2d(4, ecm="ls", **kw), (6, 4, 3, 3)),
-    "BatchRenorm1d": (lambda **kw: normlab.BatchRenorm1d(4, **kw), (6, 4, 5)),
-    "BatchRenorm2d": (lambda **kw: normlab.BatchRenorm2d(4, **kw), (6, 4, 3, 3)),
-    "WeightNormLinear": (lambda **kw: normlab.WeightNormLinear(4, 3, **kw), (6, 4)),
-    "WeightNormConv2d": (lambda **kw: normlab.WeightNormConv2d(4, 3, 3, **kw), (2, 4, 5, 5)),
-    "ScaledWeightNormLinear": (lambda **kw: normlab.ScaledWeightNormLinear(4, 3, **kw), (6, 4)),
-    "ScaledWeightNormConv2d": (
-        lambda **kw: normlab.ScaledWeightNormConv2d(4, 3, 3, padding=1, **kw), (2, 4, 5, 5)),
-    "NormPropLinear": (lambda **kw: normlab.NormPropLinear(4, 3, **kw), (6, 4)),
-    "NormPropConv2d": (
-        lambda **kw: normlab.NormPropConv2d(4, 3, 3, padding_mode="reflect", padding=1, **kw),
-        (2, 4, 5, 5)),
-    "EquiNormLinear": (lambda **kw: normlab.EquiNormLinear(4, 3, **kw), (6, 4)),
-    "EquiNormConv2d": (lambda **kw: normlab.EquiNormConv2d(4, 3, 3, stride=2, **kw),
-                       (2, 4, 5, 5)),
-    "FastNormLinear": (lambda **kw: normlab.FastNormLinear(4, 3, **kw), (6, 4)),
-    "FastNormConv2d": (lambda **kw: normlab.FastNormConv2d(4, 3, 3, padding=1, **kw),
-                       (2, 4, 5, 5)),
+# Options that steer a class off its default path, so that path is covered too; a class
+# without an entry is built with its defaults.
+NON_DEFAULT_KW = {
+    "OnlineNorm2d": {"ecm": "ls"},
+    "ScaledWeightNormConv2d": {"padding": 1},
+    "NormPropConv2d": {"padding_mode": "reflect", "padding": 1},
+    "EquiNormConv2d": {"stride": 2},
+    "FastNormConv2d": {"padding": 1},
 }
+# the input shape of an activation normalizer's `dim` (a 1d one takes (N, C) and (N, C, L))
+ACTIVATION_SHAPES = {1: (6, 4, 5), 2: (6, 4, 3, 3), 3: (2, 4, 3, 3, 3)}
+
+
+def _example(cls, dim):
+    """(constructor taking device=/dtype=, input shape) of a registered layer class; `dim`:
+    an activation normalizer's, None for a weight normalizer."""
+    options = NON_DEFAULT_KW.get(cls.__name__, {})
+    if dim is not None:
+        return (lambda **kw: cls(4, **options, **kw)), ACTIVATION_SHAPES[dim]
+    if cls.plain_type is torch.nn.Linear:
+        return (lambda **kw: cls(4, 3, **options, **kw)), (6, 4)
+    spatial = int(cls.plain_type.__name__[-2])  # Conv1d/2d/3d
+    return (lambda **kw: cls(4, 3, 3, **options, **kw)), (2, 4) + (5,) * spatial
+
+
+def _registered_layer_classes() -> dict[type, int | None]:
+    """Each normlab layer class of the registry -> its activation dim (None: weight family)."""
+    classes = {}
+    for name in normlab.available():
+        method = registry.get(name)
+        classes.update(method.dims)
+        classes.update(dict.fromkeys(method.replaces.values()))
+    return classes
+
+
+# every layer class of the registry: name -> (constructor taking device=/dtype=, input shape)
+LAYERS = {cls.__name__: _example(cls, dim) for cls, dim in _registered_layer_classes().items()}
 # FastNorm's fused mode records each training forward with a tensor hook that
 # FastNormSGD reads: Python state, so training breaks the graph there (tested below).
 ONE_GRAPH = [(name, training) for name in LAYERS for training in (True, False)

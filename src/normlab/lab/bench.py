@@ -419,6 +419,35 @@ def fold_case(min_run_time: float) -> list[Row]:
     return rows
 
 
+@case("methods")
+def methods(min_run_time: float) -> list[Row]:
+    """Every registered layer normalizer, in one SGD step of the conv net of the fold case
+    (batch 16x3x32x32, float32, the method's optimizer): an activation normalizer after each
+    conv, against BatchNorm2d; a weight normalizer in place of the plain layers it replaces,
+    against them. No target: the cost of each method at a glance."""
+    torch.manual_seed(0)
+    images, labels = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+
+    def step(model: nn.Module, method: registry.Method | None = None):
+        make = (method and method.optimizer) or torch.optim.SGD
+        return sgd_step(model, make(model.parameters(), lr=0.01), images, labels)
+
+    rows = []
+    for name in registry.available():
+        method = registry.get(name)
+        if method.family == "activation" and name != "none":
+            method_fn, baseline = step(_conv_net(name), method), "batch"
+            baseline_fn = step(_conv_net("batch"))
+        elif method.family == "weight":
+            method_fn, baseline = step(registry.convert(_conv_net("none"), name), method), "plain"
+            baseline_fn = step(_conv_net("none"))
+        else:
+            continue
+        rows.append(compare("methods", "conv net 16x3x32x32, SGD step", name, method_fn,
+                            baseline, baseline_fn, min_run_time))
+    return rows
+
+
 # -- running -----------------------------------------------------------------
 
 def run(names: list[str] | None = None, min_run_time: float = 1.0) -> list[Row]:

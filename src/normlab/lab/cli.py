@@ -372,6 +372,7 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import CASES
+    from .experiments import RECIPES
     from .training import TASKS
 
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
@@ -407,16 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "batch-dependent layers are synced, rank 0 writes the metrics")
     train.set_defaults(run=cmd_train)
 
+    decisive = [name for name, recipe in RECIPES.items() if "decisive" in recipe.seeds]
     reproduce = sub.add_parser("reproduce", help="rerun a paper's experiment and report it, "
                                                  "claim by claim")
     reproduce.add_argument("recipe",
-                           help="fastnorm, lecture, enorm, equinorm or onlinenorm")
+                           help=", ".join(RECIPES))
     reproduce.add_argument("--quick", action="store_true",
                            help="a cut-down protocol that finishes in minutes")
     reproduce.add_argument("--protocol", choices=("full", "decisive"), default="full",
                            help="full: the paper's protocol as far as a CPU allows (default); "
                                 "decisive: the fewest runs that decide every claim on 3 seeds "
-                                "(enorm, equinorm, onlinenorm)")
+                                f"({', '.join(decisive)})")
     reproduce.add_argument("--seeds", type=int, default=None,
                            help="seeds per configuration (default: the recipe's)")
     reproduce.add_argument("--workers", type=int, default=None,

@@ -4,10 +4,10 @@ A layer answers for itself what `fold`, `convert`, `convert_sync` and the regist
 ask (those hold no list of layer types):
 
 * a weight normalizer (:class:`WeightNormalizedLayer`) names the torch layer it
-  replaces (`plain_type`), builds itself from one (`from_module`) and turns back
-  into one (`to_plain`);
+  replaces (`plain_type`), builds itself from one (`from_module`, which says whether
+  it keeps that layer's function) and turns back into one (`to_plain`);
 * an activation normalizer (:class:`ActivationNorm`) says which inputs it takes
-  (`dim`: 1 for (N, C[, L]), 2 for (N, C, H, W)) and its evaluation-mode
+  (`dim`: 1 for (N, C[, L]), 2 for (N, C, H, W), 3 for (N, C, D, H, W)) and its evaluation-mode
   per-channel affine form, if it has one (`eval_affine_form`), which fold merges
   into the layer before it;
 * a layer that computes differently under DDP derives from
@@ -37,10 +37,14 @@ class WeightNormalizedLayer:
     first_layer_kw: ClassVar[dict[str, object]] = {}
     # whether `to_plain` needs the input's spatial size (fold records it on an example)
     plain_form_needs_input_size: ClassVar[bool] = False
+    # whether `from_module` computes the module's function; False where the method cannot
+    # represent every kernel (EquiNorm, Weight Standardization: each kernel's mean is fixed)
+    from_module_keeps_function: ClassVar[bool] = True
 
     @classmethod
     def from_module(cls, module: nn.Module, **kw) -> nn.Module:
-        """A layer computing the same function as `module`, a `plain_type`."""
+        """A layer built from `module`, a `plain_type`: computing the same function where
+        `from_module_keeps_function`, else as the class documents."""
         raise NotImplementedError(f"{cls.__name__} does not define from_module")
 
     def to_plain(self, input_size: tuple[int, ...] | None = None) -> nn.Module:
@@ -75,7 +79,11 @@ def running_stats_affine(norm: nn.Module) -> AffineForm | None:
 class ActivationNorm:
     """A normalizer of a layer's output, built by `normlab.create`."""
 
-    dim: ClassVar[int]  # 1: (N, C) or (N, C, L) inputs; 2: (N, C, H, W)
+    dim: ClassVar[int]  # 1: (N, C) or (N, C, L) inputs; 2: (N, C, H, W); 3: (N, C, D, H, W)
+    # what each statistic it normalizes with in training spans, for a channel: "batch" (the
+    # batch's positions), "positions" (one sample's positions), or None (running statistics
+    # only, or no statistic)
+    statistics_over: ClassVar[str | None] = None
 
     def eval_affine_form(self) -> AffineForm | None:
         """This normalizer's evaluation-mode function as a per-channel affine map, or None
@@ -139,12 +147,18 @@ class ChannelNorm(nn.Module, ActivationNorm, Syncable):
         return running_stats_affine(self)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        name = type(self).__name__
-        if x.dim() not in self._input_dims:
-            dims = " or ".join(map(str, self._input_dims))
-            raise ValueError(f"{name} expects a {dims}-D input (N, C, ...), "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{name} expects {self.num_features} channels (dim 1), "
-                             f"got shape {tuple(x.shape)}")
-        checks.floating_point_input(name, x)
+        check_channels_input(type(self).__name__, x, self._input_dims, self.num_features)
+
+
+def check_channels_input(name: str, x: torch.Tensor, input_dims: tuple[int, ...],
+                         num_features: int) -> None:
+    """A clear error unless `x` is a floating-point (N, C, ...) tensor of one of the ranks
+    `input_dims`, with `num_features` channels; `name`: the layer's."""
+    if x.dim() not in input_dims:
+        dims = " or ".join(map(str, input_dims))
+        raise ValueError(f"{name} expects a {dims}-D input (N, C, ...), "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[1] != num_features:
+        raise ValueError(f"{name} expects {num_features} channels (dim 1), "
+                         f"got shape {tuple(x.shape)}")
+    checks.floating_point_input(name, x)

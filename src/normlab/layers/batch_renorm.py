@@ -9,6 +9,8 @@ from ._base import ChannelNorm
 
 
 class _BatchRenorm(ChannelNorm):
+    statistics_over = "batch"
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
                  r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, *,
                  sync: bool = False, process_group=None, device=None, dtype=None):

@@ -61,6 +61,10 @@ class _EquiNorm(nn.Module, WeightNormalizedLayer, Syncable):
     that map is (`_plain_layer`).
     """
 
+    # its kernels have zero mean per output channel: exact only for such modules
+    # (`_copy_function_of`)
+    from_module_keeps_function = False
+
     def __init__(self, in_channels: int, out_channels: int, weight_shape: tuple[int, ...],
                  groups: int, bias: bool, single_pass: bool, stat_fraction: float,
                  momentum: float, sync: bool, process_group, device=None, dtype=None):
