@@ -131,7 +131,7 @@ def _median(values: list[float]) -> float:
     return median(values) if values and not any(map(math.isnan, values)) else math.nan
 
 
-def _below_or_nan(a: float, b: float) -> bool:
+def _ranks_above(a: float, b: float) -> bool:
     """a > b, a NaN (a diverged arm) ranking below any number and NaN against NaN false."""
     if math.isnan(a):
         return False
@@ -149,7 +149,7 @@ def check_ranking(results: Results, settings: Settings) -> Verdict:
         for p in depths)
     if seeds == 0:
         return Verdict(ours, "inconclusive", "runs missing", seeds)
-    holds = [p for p in depths if all(_below_or_nan(medians[a, p], medians[b, p])
+    holds = [p for p in depths if all(_ranks_above(medians[a, p], medians[b, p])
                                       for a, b in zip(order, order[1:]))]
     why = (f"the full ranking holds at {len(holds)} of {len(depths)} depths "
            f"({', '.join(map(str, holds)) or 'none'})")
@@ -166,7 +166,7 @@ def check_enorm_beats_baseline(results: Results, settings: Settings) -> Verdict:
     seeds = fewest(*(arm for pair in pairs.values() for arm in pair))
     if seeds == 0:
         return Verdict(ours, "inconclusive", "runs missing", seeds)
-    above = [p for p, (e, b) in pairs.items() if _below_or_nan(_median(e), _median(b))]
+    above = [p for p, (e, b) in pairs.items() if _ranks_above(_median(e), _median(b))]
     needed = math.ceil(ALMOST_EVERY * len(depths))
     why = (f"ENorm's median above the baseline's at {len(above)} of {len(depths)} depths "
            f"({needed} needed; a diverged arm counts as below)")
