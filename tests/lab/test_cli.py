@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from normlab import bench, cli, training
 
@@ -88,8 +89,19 @@ def test_bench_json(capsys, monkeypatch):
     monkeypatch.setitem(bench.CASES, "tiny", lambda t: [
         bench.compare("tiny", "n=10", "sum", lambda: sum(range(10)), "noop", lambda: None, t)])
     assert cli.main(["bench", "--case", "tiny", "--json", "--min-run-time", "0.03"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["case"] == "tiny" and rows[0]["ratio"] > 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"][0]["case"] == "tiny" and out["rows"][0]["ratio"] > 0
+    assert out["machine"]["threads"] == torch.get_num_threads()
+    assert out["machine"]["cpu"] == bench.cpu_model()
+
+
+def test_bench_table_names_the_cpu_kind(capsys, monkeypatch):
+    monkeypatch.setitem(bench.CASES, "tiny", lambda t: [
+        bench.compare("tiny", "n=10", "sum", lambda: sum(range(10)), "noop", lambda: None, t)])
+    monkeypatch.setattr(bench, "cpu_model", lambda: "Test CPU 9000")
+    assert cli.main(["bench", "--case", "tiny", "--min-run-time", "0.03"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("machine: Test CPU 9000 (torch dispatches ")
 
 
 @pytest.mark.usefixtures("needs_sklearn")

@@ -15,6 +15,7 @@ import functools
 import itertools
 import json
 import math
+import platform
 import statistics
 import tempfile
 import time
@@ -456,6 +457,31 @@ def run(names: list[str] | None = None, min_run_time: float = 1.0) -> list[Row]:
     if unknown:
         raise ValueError(f"unknown bench case(s) {unknown}; valid cases: {', '.join(CASES)}")
     return [row for name in names for row in CASES[name](min_run_time)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (`lscpu`'s "Model name"), else the
+    platform's processor string: speed ratios differ between CPU kinds."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict[str, object]:
+    """What a bench run's ratios depend on: the CPU kind, the vector instructions torch
+    dispatches to on it, torch's threads and version."""
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def format_machine(described: dict[str, object]) -> str:
+    return (f"{described['cpu']} (torch dispatches {described['cpu_capability']}), "
+            f"{described['threads']} threads, torch {described['torch']}")
 
 
 def format_table(rows: list[Row]) -> str:

@@ -364,8 +364,10 @@ def cmd_bench(args) -> int:
         raise InputError(problems)
     rows = bench.run(args.case, min_run_time=args.min_run_time)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(json.dumps({"machine": bench.machine(), "rows": [r.to_dict() for r in rows]},
+                         indent=2))
     else:
+        print(f"machine: {bench.format_machine(bench.machine())}")
         print(bench.format_table(rows))
     return 0
 
