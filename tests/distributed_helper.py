@@ -9,6 +9,7 @@ turns back into the global mean's gradient, for even and uneven splits alike.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass
 
@@ -46,7 +47,16 @@ def cnn(norm: nn.Module | None = None) -> nn.Module:
                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
 
 
-VECTOR, IMAGE = (6,), (2, 4, 4)
+def monai_unet() -> nn.Module:
+    """MONAI's 3-D U-Net with BatchNorm3d, pooled to CLASSES scores per sample."""
+    from monai.networks.nets import UNet
+
+    unet = UNet(spatial_dims=3, in_channels=1, out_channels=CLASSES, channels=(4, 8),
+                strides=(2,), num_res_units=1, norm="batch")
+    return nn.Sequential(unet, nn.AdaptiveAvgPool3d(1), nn.Flatten())
+
+
+VECTOR, IMAGE, VOLUME = (6,), (2, 4, 4), (1, 8, 8, 8)
 ONLINE = {"alpha_fwd": 0.9, "alpha_bkw": 0.8}  # fast decays: the state matters in 5 steps
 RENORM = {"momentum": 0.1, "r_max": 1.2, "d_max": 0.2}  # tight limits: r and d clip
 
@@ -84,6 +94,8 @@ CASES = {
     "layer": Case(lambda: mlp(nn.LayerNorm(5)), VECTOR),
     "group": Case(lambda: cnn(nn.GroupNorm(2, 4)), IMAGE),
 }
+if importlib.util.find_spec("monai") is not None:  # test_monai.py fails under CI without it
+    CASES["monai UNet 3d, BatchNorm3d (SyncBatchNorm)"] = Case(monai_unet, VOLUME)
 
 
 def global_batch(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
