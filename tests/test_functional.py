@@ -124,3 +124,16 @@ def test_batch_renorm_returns_new_running_statistics_and_leaves_its_inputs():
     # in eval, the statistics pass through
     _, same_mean, same_var = batch_renorm(x, new_mean, new_var)
     assert same_mean is new_mean and same_var is new_var
+
+
+def test_online_norm_layer_scale_matches_its_formula_and_gradchecks():
+    # "ls" of Online Normalization: each sample over sqrt(mean of its squares + eps)
+    from normlab.functional.online_norm import LayerScale
+
+    z = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    eps = 1e-3
+    expected = z / (z.pow(2).mean((1, 2), keepdim=True) + eps).sqrt()
+    torch.testing.assert_close(LayerScale.apply(z, eps), expected, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: LayerScale.apply(t, eps), (z,))
+    vectors = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: LayerScale.apply(t, eps), (vectors,))

@@ -54,8 +54,9 @@ def test_the_ratio_pairs_the_times_by_round(monkeypatch):
 
 def test_online_case_times_the_three_shapes_against_batch_norm():
     rows = bench.run(["online"], min_run_time=0.05)
-    assert [r.variant for r in rows] == ["x".join(map(str, s)) for s in bench.ONLINE_SHAPES]
-    assert all((r.method, r.baseline) == ("online", "batch") for r in rows)
+    shapes = ["x".join(map(str, s)) for s in bench.ONLINE_SHAPES]
+    assert [(r.method, r.variant, r.baseline) for r in rows] == [
+        *(("online", shape, "batch") for shape in shapes), ("online(ecm=ls)", shapes[0], "batch")]
 
 
 def test_online_small_batch_and_1d_cases_time_their_shapes_against_their_baselines():

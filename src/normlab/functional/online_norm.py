@@ -234,6 +234,34 @@ class OnlineNormFunction(torch.autograd.Function):
         return (grad_x, grad_weight, grad_bias) + (None,) * 9
 
 
+class LayerScale(torch.autograd.Function):
+    """Online Normalization's "ls" error compensation of (N, ...) `z`: each sample divided by
+    sqrt(mean of its squares + eps).
+
+    A Function, not torch operations, for its cost: autograd through square, mean,
+    sqrt and div keeps several activation-sized temporaries and needs about eight
+    passes; this saves only the output (already alive) and one scalar per sample.
+    With o = z / r and M values per sample, the gradient is (g - o mean(g o)) / r.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, eps: float) -> torch.Tensor:
+        flat = z.reshape(z.shape[0], -1)
+        mean_square = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]
+        inv_rms = (mean_square + eps).rsqrt()
+        out = flat * inv_rms[:, None]
+        ctx.save_for_backward(out, inv_rms)
+        return out.view(z.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, inv_rms = ctx.saved_tensors
+        flat = grad.reshape(out.shape)
+        mean_dot = torch.bmm(flat.unsqueeze(1), out.unsqueeze(2)).view(-1) / out.shape[1]
+        grad_z = torch.addcmul(flat, out, -mean_dot[:, None]).mul_(inv_rms[:, None])
+        return grad_z.view(grad.shape), None
+
+
 def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                 mean_control: torch.Tensor, correlation_control: torch.Tensor,
                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -291,6 +319,5 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             y = (work - running_mean.to(work.dtype)[:, None]) * inv_std
             out = _affine_clamp(y, weight, bias, clamp)
         if ecm == "ls":
-            second_moment = out.square().mean((1, 2), keepdim=True)
-            out = out / (second_moment + ls_eps).sqrt()
+            out = LayerScale.apply(out, ls_eps)
     return out.to(x.dtype).reshape(x.shape)

@@ -171,8 +171,11 @@ def _against_batch_norm(case_name: str, make, shapes, min_run_time: float,
 @case("online")
 def online(min_run_time: float) -> list[Row]:
     """OnlineNorm2d (default ecm "ac"), forward+backward, float32; target <= 1.2x BatchNorm2d
-    on each shape."""
-    return _against_batch_norm("online", OnlineNorm2d, ONLINE_SHAPES, min_run_time)
+    on each shape. Then the poster's other error compensation, layer scaling (ecm "ls"), on
+    the first shape; target <= 1.5x BatchNorm2d."""
+    return (_against_batch_norm("online", OnlineNorm2d, ONLINE_SHAPES, min_run_time)
+            + _against_batch_norm("online", functools.partial(OnlineNorm2d, ecm="ls"),
+                                  ONLINE_SHAPES[:1], min_run_time, method="online(ecm=ls)"))
 
 
 ONLINE_SMALL_BATCH_SHAPES = ((1, 64, 32, 32), (1, 256, 8, 8), (2, 64, 32, 32))
