@@ -216,3 +216,12 @@ def test_convert_keeps_the_device_of_a_meta_model():
         converted = normlab.convert(model, target)
         assert {t.device.type for t in (*converted.parameters(), *converted.buffers())} == {
             "meta"}, target
+
+
+def test_every_registered_methods_classes_are_public_by_name():
+    classes = [cls for name in registry.available() for cls in registry.get(name).classes]
+    assert normlab.FilterResponseNorm2d in classes and normlab.ENorm in classes
+    assert normlab.FastNormSGD in registry.get("fastnorm").classes
+    assert registry.get("batch").classes == ()  # torch's own layer
+    for cls in classes:
+        assert getattr(normlab, cls.__name__) is cls and cls.__name__ in normlab.__all__

@@ -14,29 +14,14 @@ import importlib
 from . import _moved, functional
 from .distributed import convert_sync
 from .fold import fold
-from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
-from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear
-from .layers.online import OnlineNorm1d, OnlineNorm2d
-from .layers.weight_norm import (
-    NormPropConv2d,
-    NormPropLinear,
-    ScaledWeightNormConv2d,
-    ScaledWeightNormLinear,
-    WeightNormConv2d,
-    WeightNormLinear,
-)
-from .optim import FastNormSGD
-from .rebalancers import ENorm, Renormalize
-from .registry import Method, available, convert, create
+from .registry import Method, available, convert, create, public_classes
 
-__all__ = [
-    "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
-    "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
-    "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
-    "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "convert_sync", "create", "data", "fold", "functional", "models",
-]
+# Every registered method's classes (layers, rebalancers, optimizers) by name: registering a
+# method makes them public, with no list here to keep.
+globals().update({cls.__name__: cls for cls in public_classes()})
+__all__ = ["Method", "available", "convert", "convert_sync", "create", "data", "fold",
+           "functional", "models", "public_classes"]
+__all__ += sorted(cls.__name__ for cls in public_classes())
 __version__ = "0.1.0"
 
 _moved.install()

@@ -84,6 +84,16 @@ class Method:
     optimizer: Callable[..., object] | None = None
     pairs_with: str = "activation"
 
+    @property
+    def classes(self) -> tuple[type, ...]:
+        """normlab's classes that implement this method: its layers, its rebalancer, its
+        optimizer (none for the methods torch provides)."""
+        found = [*self.dims, *self.replaces.values()]
+        for companion in (self.build if self.family == "rebalancer" else None, self.optimizer):
+            if isinstance(companion, type):
+                found.append(companion)
+        return tuple(found)
+
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
@@ -234,6 +244,13 @@ register(Method("renorm", "rebalancer",
                 "training with efficient normalization (ICLR submission), section 3.1",
                 "rescale weight-normalized rows to unit norm after every step (explicit "
                 "normalization)", build=Renormalize, pairs_with="weight"))
+
+
+def public_classes() -> list[type]:
+    """Every class of :attr:`Method.classes` over the registered methods, each once, in
+    registration order: what ``normlab`` exports by name, so a new method's classes are
+    public as soon as it is registered."""
+    return list(dict.fromkeys(cls for method in _REGISTRY.values() for cls in method.classes))
 
 
 def available() -> list[str]:

@@ -12,7 +12,14 @@ from ._base import ActivationNorm
 class VectorLayerNorm(nn.LayerNorm, ActivationNorm):
     """nn.LayerNorm(C) for (N, C) vectors that also takes (N, C, L) sequences,
     normalizing each sample over (C, L) as the dim=2 layer norm does over
-    (C, H, W); nn.LayerNorm would normalize over L (or refuse when L != C)."""
+    (C, H, W); nn.LayerNorm would normalize over L (or refuse when L != C).
+
+    Args:
+        num_features: C (nn.LayerNorm's `normalized_shape`).
+        eps, elementwise_affine, bias, device, dtype: as :class:`torch.nn.LayerNorm`.
+    """
+
+    dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
