@@ -371,7 +371,7 @@ def test_low_precision_weights(dtype):
 @pytest.mark.usefixtures("needs_sklearn")
 def test_registered_as_a_rebalancer_and_trains_with_and_without_batchnorm():
     method = registry.get("enorm")
-    assert method.family == "rebalancer" and method.build is ENorm
+    assert method.family == "rebalancer" and method.rebalancer is ENorm
     for norm in ("enorm", "batch+enorm"):
         result = train(TrainConfig(task="digits-mlp", norm=norm, lr=0.05, batch_size=64,
                                    momentum=0.9, rebalancer_kw={"c": 1.2}))

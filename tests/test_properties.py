@@ -696,7 +696,7 @@ def test_rebalancer_keeps_the_function_and_the_optimizer_state_consistent(name, 
     p = data.draw(st.sampled_from((1, 2, 3)), label="p")
     # lr 0: the step fills the momentum with the gradient and leaves the weights
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    rebalancer = registry.get(name).build(model, optimizer, c=c, p=p)
+    rebalancer = registry.get(name).rebalancer(model, optimizer, c=c, p=p)
     x = data.draw(input_values(shape, _generator(data))).to(dtype)
     model(x).sum().backward()
     optimizer.step()
@@ -728,7 +728,7 @@ def test_rebalancer_with_c_1_never_increases_the_weights_p_norm(name, data):
     descent, so the sum over layers of ||W||_p^p never increases (up to rounding)."""
     model, _ = data.draw(relu_networks())
     p = data.draw(st.sampled_from((1, 2, 3)), label="p")
-    rebalancer = registry.get(name).build(model, None, c=1.0, p=p)
+    rebalancer = registry.get(name).rebalancer(model, None, c=1.0, p=p)
 
     def total() -> float:
         return sum(torch.linalg.vector_norm(layer.weight, p).item() ** p for layer in model

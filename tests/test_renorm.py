@@ -104,7 +104,7 @@ def test_refuses_models_without_weight_normalized_layers_and_stateful_optimizers
 
 def test_registered_beside_weight_normalizers_only():
     method = registry.get("renorm")
-    assert method.family == "rebalancer" and method.build is Renormalize
+    assert method.family == "rebalancer" and method.rebalancer is Renormalize
     assert training.split_norm("normprop+renorm") == ("normprop", "renorm")
     for spec in ("renorm", "batch+renorm"):
         with pytest.raises(ValueError, match="join it to a weight normalizer"):

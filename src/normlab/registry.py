@@ -57,7 +57,8 @@ class Method:
         summary: one line for `normlab list`.
         build: activation family: ``build(num_features, dim, **kw)`` returns the
             module (``dim`` is 1 for (N, C[, L]) inputs, 2 for (N, C, H, W)).
-            Rebalancer family: the companion class.
+        rebalancer: rebalancer family: the class run beside the optimizer,
+            ``rebalancer(model, optimizer, **kw)`` with a ``step()``.
         replaces: weight family: torch layer type -> normalized class with a
             ``from_module(m, **kw)`` classmethod.
         first_layer_kw: weight family: extra keywords for the first layer of a
@@ -78,6 +79,7 @@ class Method:
     paper: str
     summary: str
     build: Callable[..., object] | None = None
+    rebalancer: type | None = None
     replaces: dict[type, type] = field(default_factory=dict)
     first_layer_kw: dict[str, object] = field(default_factory=dict)
     dims: dict[type, int] = field(default_factory=dict)
@@ -89,7 +91,7 @@ class Method:
         """normlab's classes that implement this method: its layers, its rebalancer, its
         optimizer (none for the methods torch provides)."""
         found = [*self.dims, *self.replaces.values()]
-        for companion in (self.build if self.family == "rebalancer" else None, self.optimizer):
+        for companion in (self.rebalancer, self.optimizer):
             if isinstance(companion, type):
                 found.append(companion)
         return tuple(found)
@@ -97,6 +99,9 @@ class Method:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if (self.family == "rebalancer") != (self.rebalancer is not None):
+            raise ValueError(f"{self.name}: a rebalancer method names its class in `rebalancer`, "
+                             f"and only a rebalancer method does")
         if self.pairs_with not in ("activation", "weight"):
             raise ValueError(f"pairs_with must be 'activation' or 'weight', "
                              f"got {self.pairs_with!r}")
@@ -238,12 +243,12 @@ register(weight_method("weight_standardization",
 # -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
                 "rebalance each hidden unit's in/out weights after every step (function kept)",
-                build=ENorm))
+                rebalancer=ENorm))
 register(Method("renorm", "rebalancer",
                 "Anonymous (2019), FastNorm: improving numerical stability of neural network "
                 "training with efficient normalization (ICLR submission), section 3.1",
                 "rescale weight-normalized rows to unit norm after every step (explicit "
-                "normalization)", build=Renormalize, pairs_with="weight"))
+                "normalization)", rebalancer=Renormalize, pairs_with="weight"))
 
 
 def public_classes() -> list[type]:
@@ -368,7 +373,7 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
     if method.family == "rebalancer":
         raise ValueError(
             f"{name!r} is a rebalancer: it runs beside the optimizer and changes no "
-            f"layer; use normlab.{getattr(method.build, '__name__', name)}(model, optimizer)"
+            f"layer; use normlab.{method.rebalancer.__name__}(model, optimizer)"
         )
     model = copy.deepcopy(model)
     model_factory = _factory_kw(model)

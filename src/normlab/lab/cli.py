@@ -148,7 +148,7 @@ def _train_plan(args, say) -> list:
         try:  # the rebalancer built with these keywords, on the task's (untrained) model
             config = training.TrainConfig(task=args.task, norm=norm, rebalancer_kw=rebalancer_kw)
             model = training.build_model(config)
-            registry.get(training.split_norm(norm)[1]).build(
+            registry.get(training.split_norm(norm)[1]).rebalancer(
                 model, training.build_optimizer(model, config), **rebalancer_kw)
         except (TypeError, ValueError) as err:  # a name it does not take, a value it refuses
             problems.append(f"--rebalancer-kw: {err} (for {norm})")

@@ -111,7 +111,7 @@ class TrainConfig:
             if rebalancer is None:
                 raise ValueError(f"rebalancer_kw {self.rebalancer_kw} given, but norm "
                                  f"{self.norm!r} has no rebalancer")
-            accepted = inspect.signature(registry.get(rebalancer).build).parameters
+            accepted = inspect.signature(registry.get(rebalancer).rebalancer).parameters
             unknown = sorted(set(self.rebalancer_kw) - set(accepted) - {"model", "optimizer"})
             if unknown:
                 raise ValueError(f"{rebalancer} takes no keyword(s) {unknown}; expected some "
@@ -368,7 +368,7 @@ def train(config: TrainConfig, data_dir=None, progress: bool = False,
     _, rebalancer_name = split_norm(config.norm)
     # Built before convert_sync: it finds its layer pairs across torch's BatchNorm classes,
     # and convert_sync keeps the parameter objects it holds.
-    rebalancer = (registry.get(rebalancer_name).build(model, optimizer, **config.rebalancer_kw)
+    rebalancer = (registry.get(rebalancer_name).rebalancer(model, optimizer, **config.rebalancer_kw)
                   if rebalancer_name else None)
     history: list[dict] = []
     status, step, loss_sum, loss_count, order = "done", 0, 0.0, 0, None
