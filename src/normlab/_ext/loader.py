@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -58,21 +59,38 @@ def module(name: str, openmp: bool = False):
         _put_pip_ninja_on_path()
         from torch.utils import cpp_extension
         source = _SOURCES / f"{name}.cpp"
-        # no errno from sqrt: its branch to the library call keeps loops from vectorizing
-        flags = ["-O3", "-fno-math-errno"] + ["-fopenmp"] * openmp
-        # named by content, flags and path: each version of the source gets its own cached
-        # build, and so does each checkout (ninja rebuilds a build folder whose source moved:
-        # two checkouts sharing one would rebuild it in turn, each under its lock)
+        # no errno from sqrt: its branch to the library call keeps loops from vectorizing;
+        # the vector instructions of this CPU (AVX2, AVX-512), without fused multiply-adds,
+        # so that results stay those of the plain x86-64 build
+        link_flags = ["-fopenmp"] * openmp
+        flags = ["-O3", "-fno-math-errno", "-march=native", "-ffp-contract=off", *link_flags]
+        # named by content, flags, path and CPU: each version of the source gets its own
+        # cached build, and so does each checkout (ninja rebuilds a build folder whose source
+        # moved: two checkouts sharing one would rebuild it in turn, each under its lock) and
+        # each CPU kind (a build for AVX-512 stops with SIGILL on a CPU without it)
         digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
-                                + str(source.resolve()).encode()).hexdigest()[:12]
+                                + str(source.resolve()).encode()
+                                + _cpu_features().encode()).hexdigest()[:12]
         _loaded[key] = cpp_extension.load(f"normlab_{name}_{digest}", [str(source)],
-                                           extra_cflags=flags, extra_ldflags=flags[2:],
+                                           extra_cflags=flags, extra_ldflags=link_flags,
                                            verbose=False)
     except Exception as error:  # no compiler, no headers, no ninja: the eager path serves
         warnings.warn(f"normlab: the compiled kernel {name!r} could not be built, so the "
                       f"slower torch path runs instead ({type(error).__name__}: {error})",
                       RuntimeWarning, stacklevel=3)
     return _loaded[key]
+
+
+def _cpu_features() -> str:
+    """What `-march=native` compiles for: the CPU's feature flags (Linux), else its name."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _put_pip_ninja_on_path() -> None:
