@@ -3,6 +3,10 @@ test can check that checkpoints saved by this version still load (and compute th
 after the layers change.
 
     PYTHONPATH=src python tools/save_layer_states.py tests/fixtures/layer_states.pt
+    PYTHONPATH=src python tools/save_layer_states.py tests/fixtures/layer_states.pt --add NAME
+
+The second form appends the entries of new classes and keeps the saved ones, which stand
+for the checkpoints of earlier versions.
 
 Each entry names the class (an attribute of `normlab`, or of `normlab.distributed`), its
 constructor arguments and an input shape; the file holds only tensors, strings and
@@ -27,6 +31,8 @@ LAYERS = [  # (class name, args, kwargs, input shape)
     ("BatchRenorm2d", (3,), {}, (2, 3, 4, 4)),
     ("OnlineNorm1d", (3,), {}, (4, 3)),
     ("OnlineNorm2d", (3,), {}, (2, 3, 4, 4)),
+    ("BatchRenorm3d", (3,), {}, (2, 3, 2, 3, 4)),
+    ("OnlineNorm3d", (3,), {}, (2, 3, 2, 3, 4)),
     ("SyncBatchNorm", (3,), {}, (2, 3, 4, 4)),
 ]
 
@@ -53,9 +59,13 @@ def randomized(layer: torch.nn.Module) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
+    parser.add_argument("--add", nargs="+", metavar="NAME",
+                        help="append these classes' entries to the file `out`")
     args = parser.parse_args()
-    entries = []
+    entries = torch.load(args.out, weights_only=True) if args.add else []
     for name, layer_args, kwargs, input_shape in LAYERS:
+        if args.add and name not in args.add:
+            continue
         torch.manual_seed(0)
         layer = randomized(layer_class(name)(*layer_args, **kwargs)).eval()
         x = torch.rand(input_shape, generator=torch.Generator().manual_seed(1))

@@ -14,10 +14,10 @@ import importlib
 from . import _moved, functional
 from .distributed import convert_sync
 from .fold import fold
-from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear
-from .layers.online import OnlineNorm1d, OnlineNorm2d
+from .layers.online import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from .layers.weight_norm import (
     NormPropConv2d,
     NormPropLinear,
@@ -31,11 +31,12 @@ from .rebalancers import ENorm, Renormalize
 from .registry import Method, available, convert, create
 
 __all__ = [
-    "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
-    "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
-    "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
-    "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "convert_sync", "create", "data", "fold", "functional", "models",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "ENorm", "EquiNormConv2d",
+    "EquiNormLinear", "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method",
+    "NormPropConv2d", "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "OnlineNorm3d",
+    "Renormalize", "ScaledWeightNormConv2d", "ScaledWeightNormLinear", "WeightNormConv2d",
+    "WeightNormLinear", "available", "convert", "convert_sync", "create", "data", "fold",
+    "functional", "models",
 ]
 __version__ = "0.1.0"
 

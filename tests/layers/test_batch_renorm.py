@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
+from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 
 def reference_renorm(x, running_mean, running_var, weight, bias, eps, r_max, d_max):
@@ -31,7 +31,8 @@ def make(cls, c, **kw):
 
 
 @pytest.mark.parametrize("cls,shape", [(BatchRenorm2d, (6, 3, 4, 4)), (BatchRenorm1d, (8, 3)),
-                                       (BatchRenorm1d, (5, 3, 7))])
+                                       (BatchRenorm1d, (5, 3, 7)),
+                                       (BatchRenorm3d, (3, 3, 2, 3, 4))])
 def test_matches_reference_in_output_gradients_and_running_stats(cls, shape):
     layer = make(cls, shape[1], r_max=1.5, d_max=0.5, momentum=0.1)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.3).requires_grad_(True)
@@ -61,14 +62,16 @@ def test_clipping_is_active_in_the_reference_case():
     assert (r > 1.5).any()
 
 
-def test_gradcheck_where_r_and_d_are_clipped():
+@pytest.mark.parametrize("cls,shape", [(BatchRenorm2d, (4, 3, 3, 3)),
+                                       (BatchRenorm3d, (2, 3, 2, 3, 3))])
+def test_gradcheck_where_r_and_d_are_clipped(cls, shape):
     # r and d sit at their limits (running statistics far from the batch), so treating them
     # as constants is the true gradient; momentum=0 keeps the statistics fixed between calls.
-    layer = make(BatchRenorm2d, 3, momentum=0.0, r_max=2.0, d_max=1.0)
+    layer = make(cls, 3, momentum=0.0, r_max=2.0, d_max=1.0)
     with torch.no_grad():
         layer.running_mean.fill_(50.0)
         layer.running_var.fill_(100.0)
-    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
 
 
@@ -140,6 +143,8 @@ def test_layer_moved_to_bfloat16_computes_in_float32(training):
 def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="4-D input"):
         BatchRenorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"BatchRenorm3d expects a 5-D input"):
+        BatchRenorm3d(3)(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="expects 3 channels"):
         BatchRenorm1d(3)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -150,6 +155,8 @@ def test_bad_input_raises_clear_errors():
 
 def test_registry_and_convert():
     assert isinstance(normlab.create("batch_renorm", 5, dim=1), BatchRenorm1d)
+    assert type(normlab.create("batch_renorm", 5, dim=3)) is BatchRenorm3d
+    assert normlab.BatchRenorm3d is BatchRenorm3d
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     converted = normlab.convert(model, "batch_renorm", r_max=1.0)
     assert isinstance(converted[1], BatchRenorm2d) and converted[1].r_max == 1.0

@@ -112,3 +112,25 @@ class BatchRenorm2d(_BatchRenorm):
 
     _input_dims = (4,)
     dim = 2
+
+
+class BatchRenorm3d(_BatchRenorm):
+    r"""Batch Renormalization over (N, C, D, H, W) inputs (Ioffe 2017).
+
+    The math of :class:`BatchRenorm1d`, with the statistics over N, D, H and W.
+
+    Args:
+        num_features: C.
+        eps, momentum, r_max, d_max, affine, sync, device, dtype: as :class:`BatchRenorm1d`.
+
+    Shape:
+        - Input: (N, C, D, H, W)
+        - Output: (N, C, D, H, W)
+
+    Example:
+        >>> norm = BatchRenorm3d(16)
+        >>> out = norm(torch.randn(2, 16, 4, 8, 8))
+    """
+
+    _input_dims = (5,)
+    dim = 3
