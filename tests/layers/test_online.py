@@ -337,6 +337,20 @@ def test_state_dict_round_trips():
     assert layer.mean_control.abs().sum() > 0 and layer.running_mean.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_volume_layer_loads_strictly_what_it_saves_in_its_dtype(dtype):
+    torch.manual_seed(0)
+    layer = random_layer(OnlineNorm3d, 3, dtype=dtype)
+    layer(torch.randn(2, 3, 2, 3, 4, dtype=dtype)).sum().backward()
+    restored = OnlineNorm3d(3).to(dtype)
+    restored.load_state_dict(layer.state_dict(), strict=True)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    # the statistics stay float32 in a bfloat16 layer, as saved
+    assert {b.dtype for b in restored.buffers()} == {torch.float32}
+    assert layer.correlation_control.abs().sum() > 0
+
+
 @pytest.mark.parametrize("ecm", ["ac", "ls", None])
 def test_bfloat16_autocast_keeps_float32_state_and_input_dtype(ecm):
     torch.manual_seed(0)
