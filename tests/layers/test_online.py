@@ -83,17 +83,6 @@ def random_layer(cls, c, dtype=torch.float64, **kw):
     return layer
 
 
-@pytest.fixture(params=["compiled", "eager"])
-def passes(request, monkeypatch):
-    """Each test using this runs twice: on the compiled passes over the activations
-    (csrc/activations.cpp, where CPU float32/float64 runs) and on the eager torch path."""
-    if request.param == "eager":
-        monkeypatch.setattr(_native, "for_tensor", no_kernel)
-    elif _native.module("activations", openmp=True) is None:
-        skip_unless_ci("the compiled activations kernel could not be built on this machine")
-    return request.param
-
-
 @pytest.mark.parametrize("cls,shape,kw", [
     (OnlineNorm2d, (7, 3, 4, 5), {}),
     (OnlineNorm2d, (7, 3, 4, 5), {"ecm": "ac", "clamp_val": 1.5}),
