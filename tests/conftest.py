@@ -24,6 +24,19 @@ def no_kernel(*args, **kwargs) -> None:
     return None
 
 
+@pytest.fixture(params=["compiled", "eager"])
+def passes(request, monkeypatch):
+    """Each test using this runs twice: on the compiled passes over the activations
+    (csrc/activations.cpp, where CPU float32/float64 runs) and on the eager torch path."""
+    from normlab._ext import loader as _native
+
+    if request.param == "eager":
+        monkeypatch.setattr(_native, "for_tensor", no_kernel)
+    elif _native.module("activations", openmp=True) is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
+    return request.param
+
+
 def _prepare_module():
     path = REPO / "tools" / "prepare_data.py"
     spec = importlib.util.spec_from_file_location("prepare_data", path)

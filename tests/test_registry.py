@@ -4,6 +4,7 @@ from torch import nn
 
 import normlab
 from normlab import registry
+from normlab.layers.filter_response_norm import FilterResponseNorm3d
 
 
 def small_cnn(num_classes=10):
@@ -28,7 +29,7 @@ def test_unknown_name_lists_valid_names():
         normlab.convert(small_cnn(), "nope")
 
 
-SHAPES = [(1, (4, 12)), (1, (4, 12, 5)), (2, (4, 12, 5, 5))]
+SHAPES = [(1, (4, 12)), (1, (4, 12, 5)), (2, (4, 12, 5, 5)), (3, (4, 12, 3, 4, 5))]
 
 
 @pytest.mark.parametrize("name,dim,shape", [
@@ -59,7 +60,7 @@ def reference_group_norm(x, groups, eps=1e-5):
                              ("layer", {}, 1), ("instance", {}, 48)]
     # layer with dim=1 on (N, C, L): found by tests/test_properties.py (nn.LayerNorm
     # refused it, or normalized over L alone when L == C)
-    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3))]])
+    for dim, shape in [(1, (5, 48)), (1, (5, 48, 3)), (2, (5, 48, 3, 3)), (3, (5, 48, 2, 2, 3))]])
 def test_group_layer_and_instance_outputs_match_the_per_sample_reference(name, kw, groups, dim,
                                                                          shape):
     torch.manual_seed(0)
@@ -84,10 +85,36 @@ def test_group_default_is_largest_divisor_at_most_32():
 
 
 def test_create_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="dim must be 1"):
-        normlab.create("batch", 8, dim=3)
+    with pytest.raises(ValueError, match=r"dim must be 1 .* got 4"):
+        normlab.create("batch", 8, dim=4)
     with pytest.raises(ValueError, match="num_features must be a positive int"):
         normlab.create("batch", 0)
+
+
+VOLUME_CLASSES = {"none": nn.Identity, "batch": nn.BatchNorm3d, "layer": nn.GroupNorm,
+                  "group": nn.GroupNorm, "instance": nn.InstanceNorm3d,
+                  "batch_renorm": normlab.BatchRenorm3d, "online": normlab.OnlineNorm3d,
+                  "frn": FilterResponseNorm3d}
+
+
+def test_every_activation_method_is_named_with_its_3d_class():
+    activation = [n for n in normlab.available() if registry.get(n).family == "activation"]
+    assert sorted(VOLUME_CLASSES) == sorted(activation)
+
+
+@pytest.mark.parametrize("name", VOLUME_CLASSES)
+def test_create_dim_3_builds_a_layer_for_volumes(name):
+    # Batch Renormalization's limits at 1 and 0 make it batch normalization
+    kw = {"r_max": 1.0, "d_max": 0.0} if name == "batch_renorm" else {}
+    norm = normlab.create(name, 6, dim=3, **kw)
+    assert type(norm) is VOLUME_CLASSES[name]
+    x = torch.randn(2, 6, 3, 4, 5) * 3 + 2
+    y = norm(x)
+    assert y.shape == x.shape
+    if name in ("batch", "batch_renorm"):  # batch statistics over N, D, H, W per channel
+        torch.testing.assert_close(y.mean((0, 2, 3, 4)), torch.zeros(6), atol=1e-5, rtol=0)
+    if name == "instance":  # affine, as for images
+        assert norm.affine and norm.weight.shape == (6,)
 
 
 def test_instance_1d_normalizes_each_sample_not_the_batch():

@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import checks
-from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
+from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear
-from .layers.filter_response_norm import FilterResponseNorm1d, FilterResponseNorm2d
+from .layers.filter_response_norm import (
+    FilterResponseNorm1d,
+    FilterResponseNorm2d,
+    FilterResponseNorm3d,
+)
 from .layers.layer_norm import VectorLayerNorm
-from .layers.online import OnlineNorm1d, OnlineNorm2d
+from .layers.online import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from .layers.weight_norm import (
     NormPropConv2d,
     NormPropLinear,
@@ -56,14 +60,15 @@ class Method:
         paper: the reference, as "Authors (year), title".
         summary: one line for `normlab list`.
         build: activation family: ``build(num_features, dim, **kw)`` returns the
-            module (``dim`` is 1 for (N, C[, L]) inputs, 2 for (N, C, H, W)).
+            module (``dim`` is 1 for (N, C[, L]) inputs, 2 for (N, C, H, W), 3 for
+            (N, C, D, H, W)).
         rebalancer: rebalancer family: the class run beside the optimizer,
             ``rebalancer(model, optimizer, **kw)`` with a ``step()``.
         replaces: weight family: torch layer type -> normalized class with a
             ``from_module(m, **kw)`` classmethod.
         first_layer_kw: weight family: extra keywords for the first layer of a
             model, which sees data instead of activations (NormProp).
-        dims: activation family: normlab classes -> spatial dims (1 or 2), so
+        dims: activation family: normlab classes -> spatial dims (1, 2 or 3), so
             that `convert` can swap them back out.
         optimizer: builds the optimizer the method needs, called like
             ``torch.optim.SGD(params, lr=..., momentum=..., weight_decay=...)``;
@@ -131,6 +136,10 @@ def _layer_norm(num_features: int, dim: int, **kw) -> nn.Module:
     return nn.GroupNorm(1, num_features, **kw)
 
 
+def _batch_norm(num_features: int, dim: int, **kw) -> nn.Module:
+    return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](num_features, **kw)
+
+
 def _instance_norm(num_features: int, dim: int, **kw) -> nn.Module:
     kw.setdefault("affine", True)
     if dim == 1:
@@ -138,7 +147,7 @@ def _instance_norm(num_features: int, dim: int, **kw) -> nn.Module:
         # sample, a silent wrong answer; one group per channel is the true
         # per-sample, per-channel normalization for (N, C) and (N, C, L).
         return nn.GroupNorm(num_features, num_features, affine=kw.pop("affine"), **kw)
-    return nn.InstanceNorm2d(num_features, **kw)
+    return (nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d)(num_features, **kw)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -178,8 +187,7 @@ register(Method("none", "activation", "-", "no normalization (identity)",
                 build=lambda num_features, dim, **kw: nn.Identity()))
 register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normalization",
                 "normalize each channel with batch statistics (torch)",
-                build=lambda num_features, dim, **kw:
-                    (nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d)(num_features, **kw)))
+                build=_batch_norm))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
                 "normalize each sample over all its channels (torch)", build=_layer_norm,
                 dims={VectorLayerNorm: 1}))
@@ -191,12 +199,12 @@ register(Method("instance", "activation",
                 build=_instance_norm))
 register(activation_method("batch_renorm", "Ioffe (2017), Batch Renormalization",
                            "batch normalization corrected towards the running statistics",
-                           (BatchRenorm1d, BatchRenorm2d)))
+                           (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)))
 register(activation_method("online",
                            "Chiley et al. (2019), Online Normalization for Training Neural "
                            "Networks",
                            "normalize each sample with running statistics of the samples "
-                           "before it", (OnlineNorm1d, OnlineNorm2d)))
+                           "before it", (OnlineNorm1d, OnlineNorm2d, OnlineNorm3d)))
 
 register(activation_method("frn",
                            "Singh and Krishnan (2020), Filter Response Normalization Layer: "
@@ -204,7 +212,8 @@ register(activation_method("frn",
                            "Networks, arXiv:1911.09737",
                            "divide each sample's channel by its root mean square, then a "
                            "learned-threshold ReLU (TLU)",
-                           (FilterResponseNorm1d, FilterResponseNorm2d)))
+                           (FilterResponseNorm1d, FilterResponseNorm2d,
+                            FilterResponseNorm3d)))
 
 # -- weight normalizers ----------------------------------------------------------
 register(weight_method("weight_norm",
@@ -279,7 +288,8 @@ def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
     Args:
         name: an activation normalizer of :func:`available`.
         num_features: C, the channels normalized.
-        dim: 1 for inputs of shape (N, C) or (N, C, L), 2 for (N, C, H, W).
+        dim: 1 for inputs of shape (N, C) or (N, C, L), 2 for (N, C, H, W), 3 for
+            (N, C, D, H, W).
         **kw: to the layer (for example ``num_groups`` for ``group``, which
             defaults to 32 or the largest divisor of num_features below it;
             ``device`` and ``dtype``).
@@ -294,9 +304,9 @@ def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
             f"{name!r} is a {method.family} method, not an activation normalizer: "
             f"use normlab.convert(model, {name!r}) or its class directly"
         )
-    if dim not in (1, 2):
-        raise ValueError(f"dim must be 1 (for (N, C[, L]) inputs) or 2 (for (N, C, H, W)); "
-                         f"got {dim!r}")
+    if dim not in (1, 2, 3):
+        raise ValueError(f"dim must be 1 (for (N, C[, L]) inputs), 2 (for (N, C, H, W)) or 3 "
+                         f"(for (N, C, D, H, W)); got {dim!r}")
     checks.positive_int(f"create({name!r})", "num_features", num_features)
     return method.build(num_features, dim, **kw)
 

@@ -71,9 +71,17 @@ def test_online_small_batch_and_1d_cases_time_their_shapes_against_their_baselin
     assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
 
 
+def test_channels_last_case_times_each_layer_on_both_layouts():
+    rows = bench.run(["channels_last"], min_run_time=0.01)
+    assert [(r.variant, r.method, r.baseline) for r in rows] == [
+        ("32x64x32x32", f"{name}(channels_last)", f"{name}(contiguous)")
+        for name in ("online", "batch_renorm", "batch")]
+    assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
+
+
 def test_every_case_is_registered():
     assert list(bench.CASES) == ["torch_norms", "online", "online_small_batch", "online_1d",
-                                 "batch_renorm", "weight_norm",
+                                 "batch_renorm", "channels_last", "weight_norm",
                                  "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync",
                                  "fold", "methods"]
 

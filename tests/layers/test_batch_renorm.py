@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import normlab
-from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
+from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 
 def reference_renorm(x, running_mean, running_var, weight, bias, eps, r_max, d_max):
@@ -31,7 +31,8 @@ def make(cls, c, **kw):
 
 
 @pytest.mark.parametrize("cls,shape", [(BatchRenorm2d, (6, 3, 4, 4)), (BatchRenorm1d, (8, 3)),
-                                       (BatchRenorm1d, (5, 3, 7))])
+                                       (BatchRenorm1d, (5, 3, 7)),
+                                       (BatchRenorm3d, (3, 3, 2, 3, 4))])
 def test_matches_reference_in_output_gradients_and_running_stats(cls, shape):
     layer = make(cls, shape[1], r_max=1.5, d_max=0.5, momentum=0.1)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.3).requires_grad_(True)
@@ -61,14 +62,16 @@ def test_clipping_is_active_in_the_reference_case():
     assert (r > 1.5).any()
 
 
-def test_gradcheck_where_r_and_d_are_clipped():
+@pytest.mark.parametrize("cls,shape", [(BatchRenorm2d, (4, 3, 3, 3)),
+                                       (BatchRenorm3d, (2, 3, 2, 3, 3))])
+def test_gradcheck_where_r_and_d_are_clipped(cls, shape):
     # r and d sit at their limits (running statistics far from the batch), so treating them
     # as constants is the true gradient; momentum=0 keeps the statistics fixed between calls.
-    layer = make(BatchRenorm2d, 3, momentum=0.0, r_max=2.0, d_max=1.0)
+    layer = make(cls, 3, momentum=0.0, r_max=2.0, d_max=1.0)
     with torch.no_grad():
         layer.running_mean.fill_(50.0)
         layer.running_var.fill_(100.0)
-    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
 
 
@@ -140,6 +143,8 @@ def test_layer_moved_to_bfloat16_computes_in_float32(training):
 def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="4-D input"):
         BatchRenorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"BatchRenorm3d expects a 5-D input"):
+        BatchRenorm3d(3)(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="expects 3 channels"):
         BatchRenorm1d(3)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -150,6 +155,8 @@ def test_bad_input_raises_clear_errors():
 
 def test_registry_and_convert():
     assert isinstance(normlab.create("batch_renorm", 5, dim=1), BatchRenorm1d)
+    assert type(normlab.create("batch_renorm", 5, dim=3)) is BatchRenorm3d
+    assert normlab.BatchRenorm3d is BatchRenorm3d
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     converted = normlab.convert(model, "batch_renorm", r_max=1.0)
     assert isinstance(converted[1], BatchRenorm2d) and converted[1].r_max == 1.0
@@ -211,3 +218,101 @@ def test_each_clip_branch_and_the_affine_gradients_match_the_reference(affine):
         assert torch.allclose(layer.bias.grad, bias.grad, rtol=1e-10, atol=1e-12)
     else:
         assert layer.weight is None and layer.bias is None and list(layer.parameters()) == []
+
+
+# -- torch BatchNorm's contract ---------------------------------------------------------------
+PAIRS = [(BatchRenorm1d, nn.BatchNorm1d, (6, 3, 5)), (BatchRenorm2d, nn.BatchNorm2d, (4, 3, 3, 3)),
+         (BatchRenorm3d, nn.BatchNorm3d, (2, 3, 2, 3, 3))]
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", PAIRS)
+def test_loads_a_trained_torch_batch_norm_state_dict_strictly_and_computes_its_function(
+        cls, torch_cls, shape):
+    torch.manual_seed(0)
+    batch_norm = torch_cls(3)
+    with torch.no_grad():
+        batch_norm.weight.uniform_(0.5, 1.5)
+        batch_norm.bias.uniform_(-0.5, 0.5)
+    for _ in range(3):
+        batch_norm(torch.randn(shape) * 2 + 1)
+    renorm = cls(3)
+    renorm.load_state_dict(batch_norm.state_dict(), strict=True)
+    assert isinstance(renorm, nn.modules.batchnorm._BatchNorm)
+    assert int(renorm.num_batches_tracked) == 3
+    x = torch.randn(shape)
+    torch.testing.assert_close(renorm.eval()(x), batch_norm.eval()(x), rtol=1e-6, atol=1e-6)
+    torch_cls(3).load_state_dict(renorm.state_dict(), strict=True)  # and back
+    for track in (True, False):  # the same keys with and without running statistics
+        assert cls(3, track_running_stats=track).state_dict().keys() == \
+            torch_cls(3, track_running_stats=track).state_dict().keys()
+
+
+def test_momentum_none_is_the_cumulative_average_of_the_batches():
+    layer = BatchRenorm2d(3, momentum=None)
+    batches = [torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(i)) * (i + 1) + i
+               for i in range(5)]
+    for x in batches:
+        layer(x)
+    assert int(layer.num_batches_tracked) == 5
+    dims = (0, 2, 3)
+    torch.testing.assert_close(layer.running_mean, torch.stack([x.mean(dims) for x in batches])
+                               .mean(0))
+    torch.testing.assert_close(layer.running_var, torch.stack([x.var(dims) for x in batches])
+                               .mean(0))
+    assert "momentum=None" in repr(layer)
+    layer.reset_running_stats()
+    assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("cls,torch_cls,shape", PAIRS)
+def test_without_running_statistics_it_is_batch_norm_in_training_and_evaluation(
+        cls, torch_cls, shape):
+    torch.manual_seed(1)
+    renorm = cls(3, track_running_stats=False).double()
+    batch_norm = torch_cls(3, track_running_stats=False).double()
+    with torch.no_grad():
+        renorm.weight.uniform_(0.5, 1.5)
+        renorm.bias.uniform_(-0.5, 0.5)
+    batch_norm.load_state_dict(renorm.state_dict(), strict=True)
+    assert renorm.running_mean is None and renorm.num_batches_tracked is None
+    assert renorm.eval_affine_form() is None  # nothing for fold to merge
+    for training in (True, False):
+        renorm.train(training)
+        batch_norm.train(training)
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+        out, expected = renorm(x), batch_norm(x)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, renorm.weight, renorm.bias), grad)
+        want = torch.autograd.grad(expected, (x, batch_norm.weight, batch_norm.bias), grad)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        cls(3, track_running_stats=False).eval()(torch.randn((1, 3) + (1,) * (len(shape) - 2)))
+
+
+def test_swa_update_bn_recomputes_the_statistics_as_the_cumulative_average_of_the_loader():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), BatchRenorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1),
+                          nn.Flatten(2), BatchRenorm1d(4, momentum=0.2))
+    norms = [model[1], model[5]]
+    for norm in norms:  # statistics from before, which update_bn must discard
+        with torch.no_grad():
+            norm.running_mean.fill_(7.0)
+            norm.running_var.fill_(9.0)
+        norm.num_batches_tracked.fill_(11)
+    inputs = {norm: [] for norm in norms}  # what each normalizer sees, recorded independently
+    for norm in norms:
+        norm.register_forward_pre_hook(lambda module, args: inputs[module].append(args[0]))
+    loader = [torch.randn(5, 2, 6, 6) * 2 + 1 for _ in range(3)]
+    loader = loader[:2] + [(loader[2], torch.zeros(5))]  # a (data, target) batch too
+    model.eval()
+    torch.optim.swa_utils.update_bn(loader, model)
+    assert not model.training and [n.momentum for n in norms] == [0.01, 0.2]
+    for norm in norms:
+        seen = inputs[norm]
+        assert len(seen) == 3 and int(norm.num_batches_tracked) == 3
+        dims = [0] + list(range(2, seen[0].dim()))
+        torch.testing.assert_close(norm.running_mean,
+                                   torch.stack([x.mean(dims) for x in seen]).mean(0))
+        torch.testing.assert_close(norm.running_var,
+                                   torch.stack([x.var(dims) for x in seen]).mean(0))

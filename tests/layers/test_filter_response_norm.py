@@ -101,6 +101,7 @@ def test_bad_input_and_arguments_are_refused_naming_what_was_expected():
 def test_registry_builds_it_and_convert_sync_and_fold_leave_it_as_it_is():
     assert type(normlab.create("frn", 8, 1)) is FilterResponseNorm1d
     assert type(normlab.create("frn", 8, 2)) is FilterResponseNorm2d
+    assert type(normlab.create("frn", 8, 3)) is FilterResponseNorm3d
     model = normlab.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
                             "frn")
     assert type(model[1]) is FilterResponseNorm2d

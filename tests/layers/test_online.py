@@ -8,7 +8,7 @@ import normlab
 from conftest import no_kernel, skip_unless_ci
 from normlab._ext import loader as _native
 from normlab.functional.online_norm import _linear_scan_eager, linear_scan
-from normlab.layers.online import OnlineNorm1d, OnlineNorm2d
+from normlab.layers.online import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 
 
 def reference_stream(layer, batches, grads):
@@ -83,17 +83,6 @@ def random_layer(cls, c, dtype=torch.float64, **kw):
     return layer
 
 
-@pytest.fixture(params=["compiled", "eager"])
-def passes(request, monkeypatch):
-    """Each test using this runs twice: on the compiled passes over the activations
-    (csrc/activations.cpp, where CPU float32/float64 runs) and on the eager torch path."""
-    if request.param == "eager":
-        monkeypatch.setattr(_native, "for_tensor", no_kernel)
-    elif _native.module("activations", openmp=True) is None:
-        skip_unless_ci("the compiled activations kernel could not be built on this machine")
-    return request.param
-
-
 @pytest.mark.parametrize("cls,shape,kw", [
     (OnlineNorm2d, (7, 3, 4, 5), {}),
     (OnlineNorm2d, (7, 3, 4, 5), {"ecm": "ac", "clamp_val": 1.5}),
@@ -108,6 +97,10 @@ def passes(request, monkeypatch):
     (OnlineNorm1d, (1, 4), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.5}),
     (OnlineNorm1d, (9, 4), {"ecm": "ac", "clamp_val": 1.0, "alpha_fwd": 0.8}),
     (OnlineNorm1d, (9, 4), {"ecm": "ls", "alpha_fwd": 0.8, "affine": False}),
+    # volumes, which the passes see as (N, C, D * H * W) rows; batch 1 as in 3-D U-Nets
+    (OnlineNorm3d, (5, 3, 2, 3, 4), {"clamp_val": 1.5}),
+    (OnlineNorm3d, (1, 3, 3, 2, 4), {"ecm": "ls", "alpha_fwd": 0.9}),
+    (OnlineNorm3d, (4, 2, 2, 2, 3), {"ecm": None, "affine": False, "alpha_fwd": 0.8}),
 ])
 def test_matches_per_sample_reference_over_consecutive_batches(cls, shape, kw, passes):
     torch.manual_seed(0)
@@ -156,6 +149,8 @@ def test_one_batch_of_n_equals_n_batches_of_one(passes):
     (OnlineNorm2d, (2, 5, 30, 11)),
     # (N, C): several blocks of channels, each on its own thread
     (OnlineNorm1d, (300, 260)),
+    (OnlineNorm3d, (3, 5, 4, 9, 10)),
+    (OnlineNorm3d, (1, 5, 4, 9, 10)),
 ])
 @pytest.mark.parametrize("kw", [{}, {"ecm": "ls"}, {"ecm": None, "affine": False},
                                 {"clamp_val": 0.7, "affine": False}])
@@ -297,6 +292,8 @@ def reference_eval(layer, x):
     (OnlineNorm1d, (5, 3), {"ecm": "ac", "clamp_val": 1.0}),
     (OnlineNorm1d, (5, 3, 6), {"ecm": "ls"}),
     (OnlineNorm1d, (5, 3, 6), {"ecm": None, "affine": False}),
+    (OnlineNorm3d, (3, 3, 2, 3, 4), {"ecm": "ac", "clamp_val": 1.0}),
+    (OnlineNorm3d, (3, 3, 2, 3, 4), {"ecm": "ls"}),
 ])
 def test_eval_matches_reference_for_each_ecm_affine_and_rank(cls, shape, kw):
     torch.manual_seed(5)
@@ -327,6 +324,20 @@ def test_state_dict_round_trips():
     for key, value in restored.state_dict().items():
         assert torch.equal(value, layer.state_dict()[key])
     assert layer.mean_control.abs().sum() > 0 and layer.running_mean.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_volume_layer_loads_strictly_what_it_saves_in_its_dtype(dtype):
+    torch.manual_seed(0)
+    layer = random_layer(OnlineNorm3d, 3, dtype=dtype)
+    layer(torch.randn(2, 3, 2, 3, 4, dtype=dtype)).sum().backward()
+    restored = OnlineNorm3d(3).to(dtype)
+    restored.load_state_dict(layer.state_dict(), strict=True)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    # the statistics stay float32 in a bfloat16 layer, as saved
+    assert {b.dtype for b in restored.buffers()} == {torch.float32}
+    assert layer.correlation_control.abs().sum() > 0
 
 
 @pytest.mark.parametrize("ecm", ["ac", "ls", None])
@@ -361,6 +372,8 @@ def test_bad_input_and_arguments_raise_clear_errors():
         OnlineNorm1d(3)(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="expects 3 channels"):
         OnlineNorm2d(3)(torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"OnlineNorm3d expects a 5-D input .* \(2, 3, 4, 4\)"):
+        OnlineNorm3d(3)(torch.randn(2, 3, 4, 4))
     with pytest.raises(TypeError, match="floating-point"):
         OnlineNorm1d(3)(torch.ones(2, 3, dtype=torch.long))
     for bad in (0.0, 1.0, 1.5):
@@ -405,13 +418,14 @@ def test_repr_and_reset():
 def test_registry_create_and_convert_cnn():
     assert isinstance(normlab.create("online", 8, dim=1), OnlineNorm1d)
     assert isinstance(normlab.create("online", 8, dim=2, ecm="ls"), OnlineNorm2d)
+    assert isinstance(normlab.create("online", 8, dim=3), OnlineNorm3d)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     online = normlab.convert(model, "online")
     assert isinstance(online[1], OnlineNorm2d)
     assert online(torch.randn(1, 3, 6, 6)).shape == (1, 2)
     assert isinstance(normlab.convert(online, "batch")[1], nn.BatchNorm2d)
-    assert normlab.OnlineNorm1d is OnlineNorm1d
+    assert normlab.OnlineNorm1d is OnlineNorm1d and normlab.OnlineNorm3d is OnlineNorm3d
 
 
 def saved_tensors(module, x):

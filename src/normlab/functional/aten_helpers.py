@@ -116,10 +116,35 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
     grad_x is batch normalization's (through the batch statistics), grad_weight
     = sum(grad * x_hat) and grad_bias = sum(grad) over all dims but 1; a
-    reduction pass and an elementwise pass, as BatchNorm's backward.
+    reduction pass and an elementwise pass, as BatchNorm's backward. A channels_last x
+    on CPU (float32, float64) goes to the compiled channel_batch_norm_backward
+    (csrc/activations.cpp), the same two passes on its layout; grad_x is in x's.
     """
+    kernel = _native.for_tensor("activations", x, openmp=True)
+    if kernel is not None and channels_last_format(x) is not None:
+        rows = x.shape[0], x.shape[1], -1
+        grad_x, grad_weight, grad_bias = kernel.channel_batch_norm_backward(
+            grad.reshape(rows), x.reshape(rows), weight, mean, inv_std)
+        return grad_x.view(x.shape), grad_weight, grad_bias
     return torch.ops.aten.native_batch_norm_backward(
         grad, x, weight, None, None, mean, inv_std, True, 0.0, [True, True, True])
+
+
+def channels_last_format(x: torch.Tensor) -> torch.memory_format | None:
+    """torch.channels_last or channels_last_3d where x is laid out so and not also
+    contiguous (its channels or positions one), else None."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is None or x.is_contiguous() or \
+            not x.is_contiguous(memory_format=channels_last):
+        return None
+    return channels_last
+
+
+def in_memory_format_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out` (x's shape) in x's memory format when x is channels_last or channels_last_3d
+    (copied only if it is not already), else as it is."""
+    channels_last = channels_last_format(x)
+    return out if channels_last is None else out.contiguous(memory_format=channels_last)
 
 
 def autocast_off(x: torch.Tensor):

@@ -47,11 +47,12 @@ class _BatchRenorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor | None,
+                 running_var: torch.Tensor | None,
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  training: bool = False, momentum: float = 0.01, eps: float = 1e-5,
                  r_max: float = 3.0, d_max: float = 5.0, process_group=None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     r"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275) of (N, C, *) `x`.
 
     In training, with mu_B, var_B the batch statistics of a channel,
@@ -63,14 +64,16 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
         y = \mathrm{weight} \cdot ((x - \mu_B) / \sigma_B \cdot r + d) + \mathrm{bias}
 
     with r and d constants of the backward pass. Out of training it is
-    batch normalization with the running statistics. Low-precision inputs
+    batch normalization with the running statistics. Without running
+    statistics (None) it is batch normalization with the batch's (r = 1,
+    d = 0), in training only. Low-precision inputs
     are normalized in float32. With a `process_group` (torch.distributed),
     mu_B and var_B are those of the group's global batch.
 
     Returns:
         (y, new_running_mean, new_running_var): in training the statistics
         moved towards the batch ones by `momentum` (the variance unbiased, as
-        in torch's BatchNorm), else the running statistics as given. The
+        in torch's BatchNorm), else the running statistics as given (None without). The
         inputs are not modified: under torch.compile an in-place update would
         let AOTAutograd's partitioner recompute r and d from the updated
         statistics in the backward (pytorch/pytorch#197039), a silently wrong
@@ -79,10 +82,18 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch
     # Low-precision inputs are normalized in float32; the statistics stay float32.
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     view = (1, -1) + (1,) * (x.dim() - 2)
-    weight = torch.ones_like(running_mean) if weight is None else weight
-    bias = torch.zeros_like(running_mean) if bias is None else bias
-    weight, bias = weight.to(work.dtype), bias.to(work.dtype)
+    weight = work.new_ones(x.shape[1]) if weight is None else weight.to(work.dtype)
+    bias = work.new_zeros(x.shape[1]) if bias is None else bias.to(work.dtype)
     with autocast_off(x):
+        if running_mean is None:
+            if not training:
+                raise ValueError("batch_renorm needs running statistics out of training")
+            if process_group is not None:
+                x_hat, _, _ = global_batch_norm(work, None, None, 0.0, eps, process_group)
+                out = torch.addcmul(bias.view(view), x_hat, weight.view(view))
+            else:
+                out = F.batch_norm(work, None, None, weight, bias, True, 0.0, eps)
+            return out.to(x.dtype), None, None
         if not training:
             out = F.batch_norm(work, running_mean, running_var, weight, bias, False, 0.0, eps)
             return out.to(x.dtype), running_mean, running_var

@@ -15,6 +15,7 @@ from .aten_helpers import (
     autocast_off,
     clamp_backward,
     column_sums,
+    in_memory_format_of,
     row_sums,
     scale_shift,
 )
@@ -293,13 +294,16 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
 
     Both are linear recurrences, computed for the whole batch at once with
     prefix scans in float64. Out of training y uses the running statistics,
-    which stay unchanged. Low-precision inputs are normalized in float32.
+    which stay unchanged. Low-precision inputs are normalized in float32. The
+    output is in x's memory format (channels_last and channels_last_3d kept).
 
     With a `process_group` (torch.distributed), the group's global batch is
     one stream, rank k's samples after rank k-1's, and every rank ends with
     the same state.
     """
     # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
+    # A channels_last x gives a view whose channels are adjacent, which the compiled stream
+    # passes read as it is (the eager path's reshapes copy it).
     flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     weight = None if weight is None else weight.to(work.dtype)
@@ -320,4 +324,4 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             out = _affine_clamp(y, weight, bias, clamp)
         if ecm == "ls":
             out = LayerScale.apply(out, ls_eps)
-    return out.to(x.dtype).reshape(x.shape)
+    return in_memory_format_of(out.to(x.dtype).reshape(x.shape), x)

@@ -209,6 +209,24 @@ def batch_renorm(min_run_time: float) -> list[Row]:
     return _against_batch_norm("batch_renorm", BatchRenorm2d, ONLINE_SHAPES[:1], min_run_time)
 
 
+CHANNELS_LAST_LAYERS = {"online": OnlineNorm2d, "batch_renorm": BatchRenorm2d,
+                        "batch": nn.BatchNorm2d}  # torch's, for what the layout costs it
+
+
+@case("channels_last")
+def channels_last(min_run_time: float) -> list[Row]:
+    """OnlineNorm2d and BatchRenorm2d (and torch's BatchNorm2d, for reference) on a
+    channels_last input against the same layer on the contiguous one, forward+backward,
+    float32, at (32, 64, 32, 32); target <= 1.2x."""
+    torch.manual_seed(0)
+    x = torch.randn(ONLINE_SHAPES[0])
+    x_channels_last = x.contiguous(memory_format=torch.channels_last)
+    return [compare("channels_last", _shape(x.shape), f"{name}(channels_last)",
+                    forward_backward(make(x.shape[1]), x_channels_last), f"{name}(contiguous)",
+                    forward_backward(make(x.shape[1]), x), min_run_time)
+            for name, make in CHANNELS_LAST_LAYERS.items()]
+
+
 @case("weight_norm")
 def weight_norm(min_run_time: float) -> list[Row]:
     """WeightNormLinear against torch's weight_norm parametrization, forward+backward;

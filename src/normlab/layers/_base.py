@@ -100,17 +100,21 @@ class ChannelNorm(nn.Module, ActivationNorm, Syncable):
     ``weight`` and ``bias`` take `dtype`; the running statistics (and any
     buffer a subclass adds with :meth:`_statistics_buffer`) are kept in at
     least float32, also after ``module.to(torch.bfloat16)``: in bfloat16 a
-    momentum of 0.01 moves them by less than their resolution.
+    momentum of 0.01 moves them by less than their resolution. Without
+    `track_running_stats` the two running buffers are None.
     """
 
     _input_dims: tuple[int, ...]
 
     def __init__(self, num_features: int, affine: bool, sync: bool = False,
-                 process_group=None, device=None, dtype=None):
-        super().__init__()
+                 process_group=None, device=None, dtype=None, track_running_stats: bool = True):
+        # nn.Module's, not super()'s: a subclass that also derives from torch's _BatchNorm (to
+        # be recognized as one) gets here what _BatchNorm.__init__ would build
+        nn.Module.__init__(self)
         self._init_sync(sync, process_group)
         checks.positive_int(type(self).__name__, "num_features", num_features)
         self.num_features, self.affine = num_features, affine
+        self.track_running_stats = track_running_stats
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -118,8 +122,12 @@ class ChannelNorm(nn.Module, ActivationNorm, Syncable):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self._statistics_buffer("running_mean", device, dtype)
-        self._statistics_buffer("running_var", device, dtype)
+        if track_running_stats:
+            self._statistics_buffer("running_mean", device, dtype)
+            self._statistics_buffer("running_var", device, dtype)
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
 
     def _statistics_buffer(self, name: str, device, dtype) -> None:
         """An uninitialized (num_features,) buffer in at least float32 (set by reset_parameters)."""
@@ -134,8 +142,9 @@ class ChannelNorm(nn.Module, ActivationNorm, Syncable):
         return self
 
     def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()

@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import checks, functional
 from ._base import ChannelNorm
 
 
-class _BatchRenorm(ChannelNorm):
+class _BatchRenorm(ChannelNorm, _BatchNorm):
+    # A _BatchNorm for the tools that select BatchNorm layers by isinstance
+    # (torch.optim.swa_utils.update_bn, freezing helpers), with BatchNorm's attributes,
+    # buffers and state-dict loading (_NormBase's: a checkpoint without num_batches_tracked
+    # loads); its forward, input checks and bfloat16 buffer rule are ChannelNorm's and this
+    # class's.
     statistics_over = "batch"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
-                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True, *,
-                 sync: bool = False, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, affine, sync, process_group, device, dtype)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
+                 r_max: float = 3.0, d_max: float = 5.0, affine: bool = True,
+                 track_running_stats: bool = True, *, sync: bool = False, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, affine, sync, process_group, device, dtype,
+                         track_running_stats)
         checks.in_interval(type(self).__name__, "eps", eps, "(0, inf)")
-        checks.in_interval(type(self).__name__, "momentum", momentum, "[0, 1]")
+        if momentum is not None:
+            checks.in_interval(type(self).__name__, "momentum", momentum, "[0, 1]")
         self.eps, self.momentum = eps, momentum
         self.r_max, self.d_max = r_max, d_max  # plain attributes: training loops ramp them
         self._check_limits()
+        if track_running_stats:
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if self.track_running_stats:
+            self.num_batches_tracked.zero_()
 
     def _check_limits(self) -> None:
         checks.in_interval(type(self).__name__, "r_max", self.r_max, "[1, inf)")
@@ -29,20 +48,28 @@ class _BatchRenorm(ChannelNorm):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"r_max={self.r_max}, d_max={self.d_max}, affine={self.affine}"
+                + ("" if self.track_running_stats else ", track_running_stats=False")
                 + self._sync_repr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self.training:
+        updates_statistics = self.training and self.track_running_stats
+        if updates_statistics:
             self._check_limits()
         group = self.sync_group() if self.training else None
-        if self.training and group is None and x.numel() // x.shape[1] < 2:
-            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in "
-                             f"training, got shape {tuple(x.shape)}")
+        batch_statistics = self.training or not self.track_running_stats
+        if batch_statistics and group is None and x.numel() // x.shape[1] < 2:
+            raise ValueError(f"{type(self).__name__} needs more than 1 value per channel "
+                             f"with batch statistics, got shape {tuple(x.shape)}")
+        momentum = self.momentum
+        if updates_statistics:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # a cumulative average, as in torch's BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
         out, running_mean, running_var = functional.batch_renorm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-            self.momentum, self.eps, self.r_max, self.d_max, process_group=group)
-        if self.training:  # new tensors rather than in-place updates: see batch_renorm
+            x, self.running_mean, self.running_var, self.weight, self.bias, batch_statistics,
+            momentum or 0.0, self.eps, self.r_max, self.d_max, process_group=group)
+        if updates_statistics:  # new tensors rather than in-place updates: see batch_renorm
             self.running_mean, self.running_var = running_mean, running_var
         return out
 
@@ -64,12 +91,27 @@ class BatchRenorm1d(_BatchRenorm):
     and ``d_max = 0`` give batch normalization; `r_max` and `d_max` are plain
     attributes so a training loop can ramp them, as the paper does.
 
+    It keeps torch BatchNorm's contract: it is a
+    ``torch.nn.modules.batchnorm._BatchNorm`` (so ``torch.optim.swa_utils.update_bn``
+    recomputes its statistics), counts its training steps in ``num_batches_tracked``,
+    and loads a torch ``BatchNorm1d/2d/3d`` state dict strictly (the same keys), so a
+    pretrained BatchNorm layer becomes a Batch Renormalization one with its statistics.
+    torch's ``SyncBatchNorm.convert_sync_batchnorm`` would make it a plain BatchNorm: use
+    `normlab.convert_sync`.
+
     Args:
         num_features: C.
         eps: added to the variances. Default: 1e-5.
-        momentum: the running statistics' update rate. Default: 0.01.
+        momentum: the running statistics' update rate, or None for their cumulative
+            average over the batches since the last reset (the factor
+            1 / num_batches_tracked), as in torch's BatchNorm. Default: 0.01.
         r_max, d_max: the clipping limits. Defaults: 3.0, 5.0.
         affine: learnable per-channel ``weight`` and ``bias``. Default: True.
+        track_running_stats: keep running statistics. False: none are kept (the
+            buffers ``running_mean``, ``running_var`` and ``num_batches_tracked`` are
+            None) and the batch statistics are used in training and evaluation alike,
+            with r = 1 and d = 0: plain batch normalization, as torch's BatchNorm with
+            ``track_running_stats=False``. Default: True.
         device, dtype: of the parameters; the running statistics are kept in
             at least float32.
         sync: under DistributedDataParallel, take the batch statistics over the
@@ -98,7 +140,7 @@ class BatchRenorm2d(_BatchRenorm):
 
     Args:
         num_features: C.
-        eps, momentum, r_max, d_max, affine, device, dtype: as
+        eps, momentum, r_max, d_max, affine, track_running_stats, sync, device, dtype: as
             :class:`BatchRenorm1d`.
 
     Shape:
@@ -112,3 +154,26 @@ class BatchRenorm2d(_BatchRenorm):
 
     _input_dims = (4,)
     dim = 2
+
+
+class BatchRenorm3d(_BatchRenorm):
+    r"""Batch Renormalization over (N, C, D, H, W) inputs (Ioffe 2017).
+
+    The math of :class:`BatchRenorm1d`, with the statistics over N, D, H and W.
+
+    Args:
+        num_features: C.
+        eps, momentum, r_max, d_max, affine, track_running_stats, sync, device, dtype: as
+            :class:`BatchRenorm1d`.
+
+    Shape:
+        - Input: (N, C, D, H, W)
+        - Output: (N, C, D, H, W)
+
+    Example:
+        >>> norm = BatchRenorm3d(16)
+        >>> out = norm(torch.randn(2, 16, 4, 8, 8))
+    """
+
+    _input_dims = (5,)
+    dim = 3

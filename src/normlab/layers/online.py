@@ -144,3 +144,29 @@ class OnlineNorm2d(_OnlineNorm):
 
     _input_dims = (4,)
     dim = 2
+
+
+class OnlineNorm3d(_OnlineNorm):
+    r"""Online Normalization over (N, C, D, H, W) inputs (Chiley et al. 2019), as in the
+    3-D U-Nets the paper trains at batch size 1.
+
+    The math of :class:`OnlineNorm1d`, with m_t and s2_t the mean and biased
+    variance of sample t over the D * H * W positions and the backward means taken
+    over the same positions.
+
+    Args:
+        num_features: C.
+        alpha_fwd, alpha_bkw, eps, affine, ecm, ls_eps, clamp_val, sync, device, dtype:
+            as :class:`OnlineNorm1d`.
+
+    Shape:
+        - Input: (N, C, D, H, W)
+        - Output: (N, C, D, H, W)
+
+    Example:
+        >>> norm = OnlineNorm3d(16)
+        >>> out = norm(torch.randn(1, 16, 8, 32, 32))  # one volume at a time
+    """
+
+    _input_dims = (5,)
+    dim = 3

@@ -49,12 +49,8 @@ GB = 1e9
 # --- the architectures, compact and standard, normalization after every conv ---
 
 def _conv_norm_relu(conv: nn.Module, norm: str, channels: int) -> list[nn.Module]:
-    # Conv3d outputs (N, C, D, H, W): the registry builds 1d and 2d normalizers only.
-    if isinstance(conv, nn.Conv3d):
-        if norm != "batch":
-            raise ValueError(f"3D networks take norm='batch' only, got {norm!r}")
-        return [conv, nn.BatchNorm3d(channels), nn.ReLU()]
-    return [conv, registry.create(norm, channels, dim=2), nn.ReLU()]
+    dim = 3 if isinstance(conv, nn.Conv3d) else 2
+    return [conv, registry.create(norm, channels, dim=dim), nn.ReLU()]
 
 
 class Bottleneck(nn.Module):
@@ -217,15 +213,12 @@ class Network:
     build: Callable[[str], nn.Module]
     input_shape: tuple[int, ...]  # one sample, (C, ...)
     poster_gb: tuple[float, float, float]  # Online Norm at batch 1, BatchNorm at 32 and 128
-    # the normalizer counted at batch 1: normlab has no 3-D Online Normalization, and
-    # BatchNorm3d at batch 1 stores per sample what it would, up to a few numbers per channel
-    batch_1_norm: str = "online"
 
 
 NETWORKS = (
     Network("ResNet-50, ImageNet 224x224", resnet50, (3, 224, 224), (1, 2, 4)),
-    Network("3D U-Net, 150^3 voxels", unet3d, (1, 150, 150, 150), (1, 29, 115), "batch"),
-    Network("3D U-Net, 250^3 voxels", unet3d, (1, 250, 250, 250), (6, 195, 785), "batch"),
+    Network("3D U-Net, 150^3 voxels", unet3d, (1, 150, 150, 150), (1, 29, 115)),
+    Network("3D U-Net, 250^3 voxels", unet3d, (1, 250, 250, 250), (6, 195, 785)),
     Network("2D U-Net, 1024^2 pixels", unet2d, (1, 1024, 1024), (2, 31, 123)),
     Network("2D U-Net, 2048^2 pixels", unet2d, (1, 2048, 2048), (5, 137, 546)),
 )
@@ -235,9 +228,8 @@ BATCHES = (1, 32, 128)  # Online Normalization at 1, BatchNorm at 32 and 128
 def measure(networks=NETWORKS, dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per network: the poster's GB and ours for each column of BATCHES.
 
-    The Online Normalization column counts the network with its `batch_1_norm`
-    (OnlineNorm2d; BatchNorm3d for the 3-D U-Nets, normlab having no 3-D Online
-    Normalization) at batch 1; the others, BatchNorm. ``ours_gb`` is the
+    The Online Normalization column counts the network with normlab's Online
+    Normalization (OnlineNorm2d, OnlineNorm3d) at batch 1; the others, BatchNorm. ``ours_gb`` is the
     activations autograd saves, ``state_gb`` the parameters, gradients and
     momentum buffers, ``total_gb`` their sum: a training step's memory.
     """
@@ -246,7 +238,7 @@ def measure(networks=NETWORKS, dtype: torch.dtype = torch.float32) -> list[dict]
         ours, state = [], []
         for batch in BATCHES:
             with torch.device("meta"):
-                model = net.build(net.batch_1_norm if batch == 1 else "batch")
+                model = net.build("online" if batch == 1 else "batch")
             ours.append(activation_bytes(model, (batch, *net.input_shape), dtype) / GB)
             state.append(state_bytes(model, dtype) / GB)
         rows.append({"network": net.name, "poster_gb": net.poster_gb, "ours_gb": tuple(ours),
@@ -262,9 +254,7 @@ def assumptions(dtype: torch.dtype = torch.float32) -> str:
             f"buffers; no workspace or allocator slack; counted at the poster's input sizes on "
             f"the meta device (nothing allocated, so no scaling). GB = 10^9 bytes. The Online "
             f"Normalization column counts the network at batch 1 with normlab's OnlineNorm2d "
-            f"layers (the 3D U-Nets with "
-            f"BatchNorm3d: normlab has no 3-D Online Normalization; per sample it stores "
-            f"the same, up to a few numbers per channel).")
+            f"and OnlineNorm3d layers.")
 
 
 def table(rows: list[dict] | None = None, dtype: torch.dtype = torch.float32) -> str:
