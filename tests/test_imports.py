@@ -18,7 +18,7 @@ SRC = Path(normlab.__file__).parent
 # module-name prefix -> floor; the longest matching prefix decides; higher imports lower
 FLOORS = {
     "normlab._ext": 0, "normlab._moved": 0, "normlab.checks": 0,
-    "normlab.distributed": 0,
+    "normlab.distributed": 0, "normlab.module_kinds": 0,
     "normlab.functional": 1,
     "normlab.layers": 2, "normlab.optim": 2, "normlab.rebalancers": 2,
     "normlab.registry": 3, "normlab.fold": 3,

@@ -26,6 +26,7 @@ from .layers.weight_norm import (
     WeightNormConv2d,
     WeightNormLinear,
 )
+from .module_kinds import register_norm_subclass
 from .optim import FastNormSGD
 from .rebalancers import ENorm, Renormalize
 from .registry import Method, available, convert, create
@@ -35,7 +36,7 @@ __all__ = [
     "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
     "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
     "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "convert_sync", "create", "data", "fold", "functional", "models",
+    "convert_sync", "create", "data", "fold", "functional", "models", "register_norm_subclass",
 ]
 __version__ = "0.1.0"
 
