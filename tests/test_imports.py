@@ -21,7 +21,7 @@ FLOORS = {
     "normlab.distributed": 0, "normlab.module_kinds": 0,
     "normlab.functional": 1,
     "normlab.layers": 2, "normlab.optim": 2, "normlab.rebalancers": 2,
-    "normlab.registry": 3, "normlab.fold": 3,
+    "normlab.registry": 3, "normlab.fold": 3, "normlab.freeze": 3,
     "normlab": 4, "normlab.__main__": 4, "normlab.lab": 4,
 }
 

@@ -14,6 +14,7 @@ import importlib
 from . import _moved, functional
 from .distributed import convert_sync
 from .fold import fold
+from .freeze import freeze, unfreeze
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear
@@ -36,7 +37,8 @@ __all__ = [
     "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
     "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
     "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "convert_sync", "create", "data", "fold", "functional", "models", "register_norm_subclass",
+    "convert_sync", "create", "data", "fold", "freeze", "functional", "models",
+    "register_norm_subclass", "unfreeze",
 ]
 __version__ = "0.1.0"
 
