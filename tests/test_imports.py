@@ -1,7 +1,7 @@
 """normlab's imports run one way, read from the source with `ast`:
 
-    lab -> registry, fold -> layers, optim, rebalancers -> functional
-        -> collectives (distributed) and the kernel loader (_ext)
+    lab -> registry, fold, freeze -> layers, optim, rebalancers -> functional
+        -> collectives (distributed), module_kinds and the kernel loader (_ext)
 
 (checks, the argument checks every floor shares, sits at the bottom). No module
 imports one on a higher floor, the graph has no cycle, and no private name (``_x``)
