@@ -258,3 +258,25 @@ def test_fold_monai_basic_unet():
     folded = normlab.fold(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert_same_function(folded, model, torch.randn(2, 1, 32, 32))
+
+
+SCALE = torch.tensor(2.0)
+
+
+class ScaledBlock(Block):
+    """Its forward reads a tensor that is no attribute, which torch.fx records as one."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return super().forward(x) * SCALE
+
+
+def test_fold_leaves_no_tracing_attribute_behind():
+    torch.manual_seed(0)
+    model = randomized(ScaledBlock())
+    folded = normlab.fold(model)
+    assert type(folded.norm) is nn.Identity
+    assert set(vars(folded)) == set(vars(model))
+    assert_same_function(folded, model, torch.randn(2, 3, 4, 4))

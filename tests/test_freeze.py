@@ -118,3 +118,12 @@ def test_freeze_a_monai_basic_unet():
 def test_a_normalizer_without_running_statistics_is_left_as_it_is(norm):
     normlab.freeze(nn.Sequential(norm)).train()
     assert norm.training and norm.weight.requires_grad
+
+
+def test_convert_sync_leaves_a_frozen_batch_norm_as_it_is():
+    model = normlab.freeze(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+                                         nn.BatchNorm2d(4)))
+    normlab.unfreeze(model[2])
+    normlab.convert_sync(model)
+    assert type(model[1]) is nn.BatchNorm2d
+    assert type(model[2]) is normlab.distributed.GlobalBatchNorm

@@ -282,7 +282,7 @@ def test_convert_a_3d_model_to_a_torch_normalizer():
                           nn.InstanceNorm3d(4), nn.Conv3d(4, 4, 1), nn.SyncBatchNorm(4),
                           nn.GroupNorm(2, 4))
     converted = normlab.convert(model, "batch")
-    assert [type(m) for m in converted[1::2]] == [nn.BatchNorm3d] * 4
+    assert [type(m) for m in converted if type(m) is not nn.Conv3d] == [nn.BatchNorm3d] * 4
     for target in ("group", "instance"):
         out = normlab.convert(model, target)(torch.randn(2, 2, 3, 3, 3))
         assert out.shape == (2, 4, 3, 3, 3) and torch.isfinite(out).all()

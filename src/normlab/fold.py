@@ -148,6 +148,7 @@ def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
     traced, inside each child, and name it in `untraceable`."""
     if not any(_foldable_norm(m) for m in list(module.modules())[1:]):
         return  # nothing to fold inside
+    attributes = set(vars(module))
     try:
         graph = _Tracer().trace(module)
     except Exception as error:  # tracing runs arbitrary forward code: any error means "cannot"
@@ -157,6 +158,9 @@ def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
         for name, child in module.named_children():
             _fold_traced(child, f"{path}{name}.", untraceable)
         return
+    finally:  # the tracer keeps the tensor constants of forward as attributes of `module`
+        for name in set(vars(module)) - attributes:
+            delattr(module, name)
     for layer_name, norm_name in _foldable_pairs(module, graph):
         form = _eval_affine_form(module.get_submodule(norm_name))
         _fold_into(module.get_submodule(layer_name), form)

@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from .layers._base import ActivationNorm
-
-# the attribute of a frozen module that holds its affine parameters' requires_grad flags
-_FROZEN = "_normlab_frozen_requires_grad"
+from .module_kinds import FROZEN_ATTRIBUTE, frozen
 
 
 def _has_running_statistics(module: nn.Module) -> bool:
@@ -38,8 +36,9 @@ def freeze(model: nn.Module) -> nn.Module:
     normalizer (torch's or normlab's) stop receiving gradients (``requires_grad=False``);
     a weight normalizer with running statistics (EquiNorm) keeps training its weights. A
     normalizer without running statistics (``track_running_stats=False``, GroupNorm) is
-    left as it is. No module is replaced: the state_dict keys are unchanged. Freezing a
-    frozen module changes nothing; :func:`unfreeze` undoes it.
+    left as it is. No module is replaced: the state_dict keys are unchanged, and
+    `normlab.convert_sync` leaves a frozen normalizer as it is (it uses no batch
+    statistics). Freezing a frozen module changes nothing; :func:`unfreeze` undoes it.
 
     Returns:
         `model`.
@@ -54,11 +53,11 @@ def freeze(model: nn.Module) -> nn.Module:
         (True, True)
     """
     for module in model.modules():
-        if not _has_running_statistics(module) or _FROZEN in vars(module):
+        if not _has_running_statistics(module) or frozen(module):
             continue
         affine = dict(module.named_parameters(recurse=False)) if isinstance(
             module, (ActivationNorm, nn.modules.batchnorm._NormBase)) else {}
-        vars(module)[_FROZEN] = {name: p.requires_grad for name, p in affine.items()}
+        vars(module)[FROZEN_ATTRIBUTE] = {name: p.requires_grad for name, p in affine.items()}
         for parameter in affine.values():
             parameter.requires_grad_(False)
         module.train = functools.partial(_stays_in_eval, module)
@@ -74,7 +73,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
         `model`.
     """
     for module in model.modules():
-        requires_grad = vars(module).pop(_FROZEN, None)
+        requires_grad = vars(module).pop(FROZEN_ATTRIBUTE, None)
         if requires_grad is None:
             continue
         del vars(module)["train"]

@@ -31,6 +31,10 @@ TORCH_NORMS: tuple[tuple[type[nn.Module], int | None], ...] = (
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
 
+# the attribute `normlab.freeze` gives a module it freezes (its affine parameters'
+# requires_grad flags, for unfreeze)
+FROZEN_ATTRIBUTE = "_normlab_frozen_requires_grad"
+
 _EXTRA_STEPS: dict[type, Callable[[nn.Module], list[nn.Module]]] = {}
 
 
@@ -72,6 +76,11 @@ def torch_norm(module: nn.Module) -> tuple[type[nn.Module], int | None] | None:
     """(torch normalizer class, the dim it fixes) that `module` is an instance of, the most
     specific first; None when it is none of :data:`TORCH_NORMS`."""
     return next(((cls, dim) for cls, dim in TORCH_NORMS if isinstance(module, cls)), None)
+
+
+def frozen(module: nn.Module) -> bool:
+    """Whether `normlab.freeze` holds `module` at its running statistics."""
+    return FROZEN_ATTRIBUTE in vars(module)
 
 
 def forward_owner(cls: type) -> type:

@@ -76,7 +76,8 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     subclass that overrides ``forward`` (timm's BatchNormAct2d) becomes a
     GlobalBatchNorm followed by the steps it adds when registered with
     :func:`normlab.register_norm_subclass`, and is refused (ValueError naming it)
-    otherwise. The model is changed in place and returned (a new object only when
+    otherwise; one held at its running statistics by `normlab.freeze` stays as it is.
+    The model is changed in place and returned (a new object only when
     `model` itself is a BatchNorm); batch-independent layers are left alone.
 
     Example:
@@ -87,7 +88,7 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     if isinstance(model, HasSyncedForm):  # normlab's first: its layers sync themselves
         model.use_synced_form(process_group)
     elif isinstance(model, nn.modules.batchnorm._BatchNorm) and \
-            not isinstance(model, GlobalBatchNorm):
+            not isinstance(model, GlobalBatchNorm) and not module_kinds.frozen(model):
         if module_kinds.uninitialized(model):
             raise ValueError(f"{type(model).__name__} is a lazy module whose parameters do "
                              f"not exist yet; run one forward pass through the model first")
