@@ -157,6 +157,16 @@ class ReadsTheWeight(nn.Module):  # forward reads the conv's weight itself
         return self.bn(self.conv(x)) * self.conv.weight.sum()
 
 
+class Aliased(nn.Module):  # one batch norm under two names; forward calls the second
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.same_bn = self.bn
+
+    def forward(self, x):
+        return self.same_bn(self.conv(x))
+
+
 def test_what_is_not_foldable_stays_in_eval_mode():
     torch.manual_seed(0)
     class BatchNormPlusOne(nn.BatchNorm2d):  # overrides forward: its own computation
@@ -166,14 +176,14 @@ def test_what_is_not_foldable_stays_in_eval_mode():
     hooked = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     hooked[0].register_forward_hook(lambda module, args, out: out * 2)
     model = randomized(nn.Sequential(
-        TwoUsers(), CalledTwice(), ReadsTheWeight(), hooked,
+        TwoUsers(), CalledTwice(), ReadsTheWeight(), Aliased(), hooked,
         nn.Conv2d(4, 4, 1), BatchNormPlusOne(4),
         nn.Conv2d(4, 4, 1), normlab.OnlineNorm2d(4, ecm="ls"),
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),
         nn.ReLU(), nn.BatchNorm2d(4)))  # after a ReLU: nothing to fold into
     folded = normlab.fold(model)
     kinds = [type(m) for m in folded.modules()]
-    assert kinds.count(nn.BatchNorm2d) == 6 and normlab.OnlineNorm2d in kinds
+    assert kinds.count(nn.BatchNorm2d) == 7 and normlab.OnlineNorm2d in kinds
     assert BatchNormPlusOne in kinds
     assert not any(m.training for m in folded.modules())
     assert_same_function(folded, model, torch.rand(3, 4, 5, 5))

@@ -169,15 +169,18 @@ def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
 
 def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
     """(layer, normalizer) qualified names in `root` of each normalizer call whose only input
-    is a call of a foldable layer with no other user, both modules called once and their
-    attributes read nowhere else in the graph."""
+    is a call of a foldable layer with no other user, both modules called once, registered
+    under one name, without hooks, and their attributes read nowhere else in the graph."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
+    # the graph names a module registered under several names by one of them only
+    names = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
 
     def called_once_alone(name: str) -> bool:
         module = root.get_submodule(name)
-        return calls[name] == 1 and not (module._forward_hooks or module._forward_pre_hooks) \
-            and not any(read.startswith(name + ".") for read in attributes_read)
+        return calls[name] == 1 and names[id(module)] == 1 and \
+            not (module._forward_hooks or module._forward_pre_hooks) and \
+            not any(read.startswith(name + ".") for read in attributes_read)
 
     pairs = []
     for node in graph.nodes:
