@@ -161,16 +161,16 @@ def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
     finally:  # the tracer keeps the tensor constants of forward as attributes of `module`
         for name in set(vars(module)) - attributes:
             delattr(module, name)
-    for layer_name, norm_name in _foldable_pairs(module, graph):
-        form = _eval_affine_form(module.get_submodule(norm_name))
+    for layer_name, norm_name, form in _foldable_pairs(module, graph):
         _fold_into(module.get_submodule(layer_name), form)
         _remove(module, norm_name, form.after)
 
 
-def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
-    """(layer, normalizer) qualified names in `root` of each normalizer call whose only input
-    is a call of a foldable layer with no other user, both modules called once, registered
-    under one name, without hooks, and their attributes read nowhere else in the graph."""
+def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str, AffineForm]]:
+    """(layer, normalizer, the normalizer's form): the qualified names in `root` of each
+    normalizer call whose only input is a call of a foldable layer with no other user, both
+    modules called once, registered under one name, without hooks, and their attributes
+    read nowhere else in the graph."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
     # the graph names a module registered under several names by one of them only
@@ -194,7 +194,7 @@ def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
         form = _eval_affine_form(norm) if type(layer) in FOLDABLE_LAYERS else None
         if form is not None and form.scale.numel() == layer.weight.shape[0] and \
                 called_once_alone(source.target) and called_once_alone(node.target):
-            pairs.append((source.target, node.target))
+            pairs.append((source.target, node.target, form))
     return pairs
 
 

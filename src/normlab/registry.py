@@ -300,7 +300,8 @@ def _activation_norm(module: nn.Module, normlab_dims: dict[type, int]
 
 
 def _layer_dim(layer: nn.Module) -> int:
-    """The input dim of a weight layer's output: 1 for Linear, N for a ConvNd."""
+    """The dim (as `create` takes it) of a weight layer's output: 1 for a Linear, N for a
+    ConvNd."""
     kernel_size = getattr(layer, "kernel_size", None)
     return len(kernel_size) if isinstance(kernel_size, tuple) else 1
 
