@@ -53,9 +53,13 @@ class WeightNormalizedLayer:
         """A TypeError unless `module` is a `plain_type` that computes as one (a subclass that
         overrides ``forward`` may compute something else): what `from_module` takes."""
         plain = cls.plain_type
-        if not isinstance(module, plain) or forward_owner(type(module)) is not forward_owner(plain):
-            raise TypeError(f"{cls.__name__}.from_module expects an nn.{plain.__name__} (or a "
-                            f"subclass that keeps its forward), got {type(module).__name__}")
+        if not isinstance(module, plain):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{plain.__name__}, "
+                            f"got {type(module).__name__}")
+        if forward_owner(type(module)) is not forward_owner(plain):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{plain.__name__}, "
+                            f"got {type(module).__name__}, a subclass that overrides its "
+                            f"forward")
 
     def to_plain(self, input_size: tuple[int, ...] | None = None) -> nn.Module:
         """The `plain_type` layer computing this layer's evaluation-mode function."""
