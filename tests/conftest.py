@@ -64,6 +64,17 @@ def require_module(name: str) -> None:
         skip_unless_ci(f"the test dependency {name} is not installed (pip install -e '.[dev]')")
 
 
+def monai_basic_unet(spatial_dims: int, norm: str = "instance"):
+    """MONAI's BasicUNet at a tiny width (1 input channel, 2 outputs; takes 32 positions a
+    side), with `norm` ("instance" or "batch") in its conv blocks; skipped (under CI: failed)
+    without MONAI."""
+    require_module("monai")
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=1, out_channels=2,
+                     features=(4, 4, 8, 8, 8, 4), norm=(norm, {"affine": True}))
+
+
 @pytest.fixture(scope="session")
 def needs_sklearn() -> None:
     """scikit-learn, which ships the digits dataset of the fast training tests."""

@@ -97,3 +97,39 @@ def test_process_group_without_sync_is_an_error():
         normlab.OnlineNorm2d(4, process_group=object())
     with pytest.raises(ValueError, match="sync=True"):
         normlab.EquiNormConv2d(4, 4, 3, process_group=object())
+
+
+class PlainSubclass(nn.BatchNorm2d):
+    pass
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A stand-in for timm's BatchNormAct2d: batch norm, then an activation."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+def test_convert_sync_takes_subclasses_and_carries_or_refuses_what_they_add(monkeypatch):
+    model = nn.Sequential(nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3), nn.Conv2d(3, 3, 1),
+                          PlainSubclass(3), nn.Conv2d(3, 3, 1), nn.SyncBatchNorm(3))
+    convert_sync(model)
+    assert [type(m) for m in model[1::2]] == [SyncBatchNorm] * 3, model
+    with pytest.raises(ValueError, match="BatchNormAct2d overrides the forward of "
+                                         "BatchNorm2d.*register_norm_subclass"):
+        convert_sync(nn.Sequential(BatchNormAct2d(3)))
+    monkeypatch.setattr(normlab.module_kinds, "_EXTRA_STEPS", {})
+    normlab.register_norm_subclass(BatchNormAct2d, lambda m: [m.act])
+    original = BatchNormAct2d(3)
+    synced = convert_sync(nn.Sequential(original))[0]
+    assert [type(m) for m in synced] == [SyncBatchNorm, nn.ReLU]
+    assert synced[0].weight is original.weight and synced[1] is original.act
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(synced(x), BatchNormAct2d(3)(x))  # batch statistics: no state
+    # normlab's layers are recognized as normlab's first, whatever torch class they derive from
+    renorm = normlab.BatchRenorm2d(3)
+    assert convert_sync(renorm) is renorm and renorm.sync

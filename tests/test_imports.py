@@ -1,7 +1,7 @@
 """normlab's imports run one way, read from the source with `ast`:
 
-    lab -> registry, fold -> layers, optim, rebalancers -> functional
-        -> collectives (distributed) and the kernel loader (_ext)
+    lab -> registry, fold, freeze -> layers, optim, rebalancers -> functional
+        -> collectives (distributed), module_kinds and the kernel loader (_ext)
 
 (checks, the argument checks every floor shares, sits at the bottom). No module
 imports one on a higher floor, the graph has no cycle, and no private name (``_x``)
@@ -18,10 +18,10 @@ SRC = Path(normlab.__file__).parent
 # module-name prefix -> floor; the longest matching prefix decides; higher imports lower
 FLOORS = {
     "normlab._ext": 0, "normlab._moved": 0, "normlab.checks": 0,
-    "normlab.distributed": 0,
+    "normlab.distributed": 0, "normlab.module_kinds": 0,
     "normlab.functional": 1,
     "normlab.layers": 2, "normlab.optim": 2, "normlab.rebalancers": 2,
-    "normlab.registry": 3, "normlab.fold": 3,
+    "normlab.registry": 3, "normlab.fold": 3, "normlab.freeze": 3,
     "normlab": 4, "normlab.__main__": 4, "normlab.lab": 4,
 }
 

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 import normlab
+from conftest import monai_basic_unet
 from normlab import registry
-from normlab.layers.filter_response_norm import FilterResponseNorm3d
+from normlab.layers.filter_response_norm import FilterResponseNorm1d, FilterResponseNorm3d
 
 
 def small_cnn(num_classes=10):
@@ -196,15 +197,21 @@ def test_weight_conversion_keeps_activation_norms_only_when_asked(keep):
     torch.testing.assert_close(converted.eval()(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_groupnorm_is_converted_as_2d_unless_dim_says_otherwise():
+def test_groupnorm_takes_the_dim_of_the_layer_before_it_unless_dim_says_otherwise():
     model = nn.Sequential(nn.Linear(5, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 2))
-    assert isinstance(normlab.convert(model, "batch")[1], nn.BatchNorm2d)
-    vectors = normlab.convert(model, "batch", dim=1)
+    vectors = normlab.convert(model, "batch")
     assert isinstance(vectors[1], nn.BatchNorm1d)
     assert vectors(torch.randn(4, 5)).shape == (4, 2)
-    # dim applies to GroupNorm only: a BatchNorm2d stays 2d
+    assert isinstance(normlab.convert(model, "batch", dim=2)[1], nn.BatchNorm2d)
+    images = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
+    assert isinstance(normlab.convert(images, "batch")[1], nn.BatchNorm2d)
+    assert isinstance(normlab.convert(nn.Sequential(nn.GroupNorm(2, 8)), "batch")[0],
+                      nn.BatchNorm2d), "nothing before it: 2d"
+    # dim applies to the classes that fix none: a BatchNorm2d stays 2d
     assert isinstance(normlab.convert(small_cnn(), "batch_renorm", dim=1)[1],
                       normlab.BatchRenorm2d)
+    with pytest.raises(ValueError, match="dim must be 1, 2 or 3"):
+        normlab.convert(model, "batch", dim=4)
 
 
 def test_duplicate_registration_is_refused_and_leaves_the_registry_unchanged(monkeypatch):
@@ -252,3 +259,150 @@ def test_every_registered_methods_classes_are_public_by_name():
     assert registry.get("batch").classes == ()  # torch's own layer
     for cls in classes:
         assert getattr(normlab, cls.__name__) is cls and cls.__name__ in normlab.__all__
+
+
+class PlainSubclass(nn.BatchNorm2d):
+    """A subclass that adds no step: it converts as a BatchNorm2d."""
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A stand-in for timm's BatchNormAct2d: batch norm, then an activation."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def create_takes_dim_3() -> bool:
+    try:
+        normlab.create("batch", 4, dim=3)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("model,shape,expected", [
+    (nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4), nn.Conv1d(4, 4, 1),
+                   nn.InstanceNorm1d(4, affine=True), nn.Conv1d(4, 4, 1), nn.SyncBatchNorm(4),
+                   nn.Conv1d(4, 4, 1), normlab.OnlineNorm1d(4)),
+     (2, 3, 5), [normlab.BatchRenorm1d] * 4),
+    (nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), PlainSubclass(4),
+                   nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4), nn.InstanceNorm2d(4),
+                   nn.GroupNorm(2, 4), normlab.OnlineNorm2d(4), normlab.BatchRenorm2d(4)),
+     (2, 3, 5, 5), [normlab.BatchRenorm2d] * 7),
+    (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.SyncBatchNorm(4),
+                   nn.Linear(4, 4), FilterResponseNorm1d(4)),
+     (6, 3), [normlab.BatchRenorm1d] * 3),
+], ids=["1d", "2d", "vectors"])
+def test_convert_finds_every_normalizer_and_subclass_with_the_dim_before_it(model, shape,
+                                                                             expected):
+    converted = normlab.convert(model, "batch_renorm")
+    norms = [m for m in converted if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    assert [type(m) for m in norms] == expected
+    assert converted(torch.randn(shape)).shape[:2] == (shape[0], 4)
+
+
+@pytest.mark.skipif(not create_takes_dim_3(),
+                    reason="needs create(name, C, dim=3), which the nd branch adds")
+def test_convert_a_3d_model_to_a_torch_normalizer():
+    model = nn.Sequential(nn.Conv3d(2, 4, 1), nn.BatchNorm3d(4), nn.Conv3d(4, 4, 1),
+                          nn.InstanceNorm3d(4), nn.Conv3d(4, 4, 1), nn.SyncBatchNorm(4),
+                          nn.GroupNorm(2, 4))
+    converted = normlab.convert(model, "batch")
+    assert [type(m) for m in converted if type(m) is not nn.Conv3d] == [nn.BatchNorm3d] * 4
+    for target in ("group", "instance"):
+        out = normlab.convert(model, target)(torch.randn(2, 2, 3, 3, 3))
+        assert out.shape == (2, 4, 3, 3, 3) and torch.isfinite(out).all()
+
+
+def test_a_subclass_that_overrides_forward_is_refused_unless_registered(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4))
+    with pytest.raises(ValueError, match="test_registry.BatchNormAct2d overrides the forward "
+                                         "of BatchNorm2d"):
+        normlab.convert(model, "group")
+    with pytest.raises(ValueError, match="BatchNormAct2d overrides"):
+        normlab.convert(model, "weight_norm")  # dropping it would drop the activation too
+    monkeypatch.setattr(normlab.module_kinds, "_EXTRA_STEPS", {})
+    normlab.register_norm_subclass(BatchNormAct2d, lambda m: [m.act])
+    for target in ("batch", "group"):
+        converted = normlab.convert(model, target)
+        assert [type(m) for m in converted[1]] == [
+            {"batch": nn.BatchNorm2d, "group": nn.GroupNorm}[target], nn.ReLU]
+    x = torch.randn(4, 3, 5, 5)
+    # the same function: in training, batch norm uses the batch's statistics
+    torch.testing.assert_close(normlab.convert(model, "batch")(x), model(x))
+    assert type(normlab.convert(model, "weight_norm")[1]) is nn.ReLU
+    with pytest.raises(TypeError, match="an nn.Module subclass"):
+        normlab.register_norm_subclass(object, lambda m: [])
+
+
+def test_weight_target_replaces_subclasses_and_lists_what_it_cannot_in_one_warning():
+    class PlainLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.Sequential(PlainLinear(4 * 36, 5)),
+                          nn.Bilinear(5, 5, 5), nn.Conv3d(1, 1, 1))
+    with pytest.warns(UserWarning) as record:
+        converted = normlab.convert(model, "weight_norm")
+    assert len(record) == 1
+    assert str(record[0].message) == (
+        "convert(model, 'weight_norm') left 3 layer(s) with weights that weight_norm cannot "
+        "replace as they are: 1 (ConvTranspose2d), 5 (Bilinear), 6 (Conv3d)")
+    assert type(converted[0]) is normlab.WeightNormConv2d
+    assert type(converted[4][0]) is normlab.WeightNormLinear
+    assert type(converted[1]) is nn.ConvTranspose2d and type(converted[2]) is nn.Identity
+    with pytest.raises(ValueError, match="ScaledLinear overrides the forward of Linear"):
+        normlab.convert(nn.Sequential(ScaledLinear(3, 3)), "weight_norm")
+
+
+def test_a_lazy_module_before_its_first_forward_is_an_error_and_after_it_converts():
+    model = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match=r"lazy modules.*: 0 \(LazyLinear\), 1 "
+                                         r"\(LazyBatchNorm1d\); run one forward pass"):
+        normlab.convert(model, "group")
+    model(torch.randn(3, 2))
+    assert type(normlab.convert(model, "batch_renorm")[1]) is normlab.BatchRenorm1d
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_convert_finds_monai_basic_unets_normalizers(norm):
+    torch.manual_seed(0)
+    net = monai_basic_unet(2, norm)
+    torch_class = {"instance": nn.InstanceNorm2d, "batch": nn.BatchNorm2d}[norm]
+    count = sum(isinstance(m, torch_class) for m in net.modules())
+    assert count == 18
+    converted = normlab.convert(net, "batch_renorm")
+    kinds = [type(m) for m in converted.modules()]
+    assert kinds.count(normlab.BatchRenorm2d) == count and torch_class not in kinds
+    with pytest.warns(UserWarning, match=r"left 4 layer\(s\).*upcat_4.upsample.deconv "
+                                         r"\(ConvTranspose2d\)") as record:
+        weight_normalized = normlab.convert(net, "weight_norm", keep_activation_norm=True)
+    assert len(record) == 1
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(weight_normalized.eval()(x), net.eval()(x), rtol=1e-5,
+                               atol=1e-5)
+
+
+WEIGHT_CLASSES = [cls for name in normlab.available()
+                  for cls in registry.get(name).replaces.values()]
+
+
+@pytest.mark.parametrize("cls", WEIGHT_CLASSES, ids=lambda cls: cls.__name__)
+def test_from_module_takes_subclasses_that_keep_the_forward_only(cls):
+    plain = cls.plain_type
+    args = (4, 3) if plain is nn.Linear else (4, 3, 1)
+    keeps = type("Keeps", (plain,), {})(*args)
+    assert isinstance(cls.from_module(keeps), cls)
+    overrides = type("Overrides", (plain,), {"forward": lambda self, x: 2 * plain.forward(self, x)})
+    message = f"expects an nn.{plain.__name__}, got Overrides, a subclass that overrides"
+    with pytest.raises(TypeError, match=message):
+        cls.from_module(overrides(*args))

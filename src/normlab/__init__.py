@@ -14,13 +14,15 @@ import importlib
 from . import _moved, functional
 from .distributed import convert_sync
 from .fold import fold
+from .freeze import freeze, unfreeze
+from .module_kinds import register_norm_subclass
 from .registry import Method, available, convert, create, public_classes
 
 # Every registered method's classes (layers, rebalancers, optimizers) by name: registering a
 # method makes them public, with no list here to keep.
 globals().update({cls.__name__: cls for cls in public_classes()})
-__all__ = ["Method", "available", "convert", "convert_sync", "create", "data", "fold",
-           "functional", "models", "public_classes"]
+__all__ = ["Method", "available", "convert", "convert_sync", "create", "data", "fold", "freeze",
+           "functional", "models", "public_classes", "register_norm_subclass", "unfreeze"]
 __all__ += sorted(cls.__name__ for cls in public_classes())
 __version__ = "0.1.0"
 

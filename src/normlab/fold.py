@@ -3,45 +3,64 @@
 Two rewrites, on an evaluation-mode copy:
 
 1. Every weight normalizer (a :class:`~normlab.layers._base.WeightNormalizedLayer`)
-   becomes, through its ``to_plain()``, the ``nn.Linear`` / ``nn.Conv2d`` that
+   becomes, through its ``to_plain()``, the ``nn.Linear`` / ``nn.ConvNd`` that
    computes its evaluation-mode function.
 2. Every activation normalizer whose evaluation-mode function is a per-channel
-   affine map (torch's BatchNorm with running statistics, and each normlab
-   normalizer whose ``eval_affine_form()`` gives one: Batch Renormalization,
-   Online Normalization with ``ecm="ac"`` or None) that directly follows a
-   plain ``nn.Linear`` / ``nn.Conv2d`` in an ``nn.Sequential`` (the next
-   child) is folded into it. With running statistics that map is
+   affine map (torch's BatchNorm with running statistics, and each module whose
+   ``eval_affine_form()`` gives one: Batch Renormalization, Online Normalization
+   with ``ecm="ac"`` or None) is folded into the plain ``nn.Linear`` /
+   ``nn.Conv1d/2d/3d`` that feeds it, wherever that layer's output goes to the
+   normalizer alone. With running statistics that map is
 
        y = (x - running_mean) / sqrt(running_var + eps) * weight + bias,
 
    so the layer's kernel rows scale by s = weight / sqrt(running_var + eps)
-   and its bias becomes (bias - running_mean) s + weight's shift. The
-   normalizer leaves the Sequential (the other children keep their names); what
-   its form keeps after the map stays (Online Normalization's "ac" clamp, as an
-   ``nn.Hardtanh``).
+   and its bias becomes (bias - running_mean) s + weight's shift.
+
+Who feeds whom is read from the model's ``forward`` traced by ``torch.fx``, so a
+normalizer called from a residual block's ``forward`` folds as one in an
+``nn.Sequential`` does. The model keeps its own classes: fold changes its modules,
+not its ``forward``. A folded normalizer leaves an ``nn.Sequential`` (the other
+children keep their names) and becomes an ``nn.Identity`` elsewhere; what its form
+keeps after the map takes its place instead (Online Normalization's "ac" clamp, as
+an ``nn.Hardtanh``). A model ``torch.fx`` cannot trace (control flow on the
+values or shapes of tensors, for instance) is folded inside each of its
+submodules that can be traced (an ``nn.Sequential`` always can, unless a child
+cannot), with a warning naming what could not be traced.
 
 Anything else stays as it is, in evaluation mode: a normalizer after another
-kind of module or outside a Sequential (a residual block's ``self.bn1``),
-batch statistics (``track_running_stats=False``), Online Normalization's
-"ls" compensation (it divides each sample by its own second moment). A
-Linear followed by a 1d normalizer folds on the assumption of (N, C) inputs:
-the normalizer's channel dim is the Linear's output features.
+kind of module, or after a layer whose output has other users (or that is
+called more than once, or has hooks, or whose parameters ``forward`` reads
+directly), batch statistics (``track_running_stats=False``), Online
+Normalization's "ls" compensation (it divides each sample by its own second
+moment). A Linear followed by a 1d normalizer folds on the assumption of
+(N, C) inputs: the normalizer's channel dim is the Linear's output features.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
+import warnings
+from collections import Counter
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from .distributed import GlobalBatchNorm
 from .layers._base import ActivationNorm, AffineForm, WeightNormalizedLayer, running_stats_affine
+from .module_kinds import forward_owner
+
+# the layers an affine map folds into (exact types: a subclass may compute otherwise)
+FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# the owners of a batch norm forward that, in evaluation mode, is torch's with running
+# statistics
+_BATCH_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, GlobalBatchNorm)
 
 
 def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
     """An evaluation-mode copy of `model` computing its evaluation-mode function with plain
-    torch layers (module docstring: what is folded, and where).
+    torch layers (module docstring: what is folded, and where). The copy is a module of
+    `model`'s own class, its forward unchanged.
 
     Args:
         model: left unchanged.
@@ -62,7 +81,11 @@ def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Modu
     model = copy.deepcopy(model).eval()
     input_sizes = _input_sizes(model, example_input) if example_input is not None else {}
     _to_plain(model, input_sizes)
-    _fold_sequentials(model)
+    untraceable: list[str] = []
+    _fold_traced(model, "", untraceable)
+    if untraceable:
+        warnings.warn(f"fold: torch.fx cannot trace {'; '.join(untraceable)}; the normalizers "
+                      f"were folded inside the submodules it can trace", stacklevel=2)
     return model
 
 
@@ -93,42 +116,102 @@ def _to_plain(parent: nn.Module, input_sizes: dict) -> None:
             _to_plain(child, input_sizes)
 
 
-def _fold_sequentials(module: nn.Module) -> None:
-    for child in module.children():
-        _fold_sequentials(child)
-    if type(module) is nn.Sequential:  # a subclass may not run its children in order
-        module._modules = _folded_children(module)
+def _foldable_norm(module: nn.Module) -> bool:
+    """Whether `module` is a normalizer that answers `_eval_affine_form`: normlab's (its own
+    answer) or one with torch's batch norm forward."""
+    return isinstance(module, ActivationNorm) or (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and forward_owner(type(module)) in _BATCH_NORM_FORWARDS)
 
 
-def _folded_children(sequential: nn.Sequential) -> OrderedDict[str, nn.Module]:
-    kept: OrderedDict[str, nn.Module] = OrderedDict()
-    previous = None
-    for name, module in sequential.named_children():
-        form = _affine_form(module, previous) if type(previous) in (nn.Linear, nn.Conv2d) \
-            else None
-        if form is not None:
-            _fold_into(previous, form)
-            if form.after is not None:
-                kept[name] = previous = form.after
-            continue
-        kept[name] = previous = module
-    return kept
-
-
-def _affine_form(norm: nn.Module, layer: nn.Linear | nn.Conv2d) -> AffineForm | None:
-    """`norm`'s evaluation-mode affine form, if it has one over `layer`'s output channels."""
-    if isinstance(norm, ActivationNorm):
-        form = norm.eval_affine_form()
-    elif isinstance(norm, nn.modules.batchnorm._BatchNorm):  # torch's contract (_NormBase)
-        form = running_stats_affine(norm)
-    else:
+def _eval_affine_form(norm: nn.Module) -> AffineForm | None:
+    """`norm`'s evaluation-mode function as a per-channel affine map, or None when it is not
+    one (or not a `_foldable_norm`): normlab's own answer first, then torch's BatchNorm
+    contract."""
+    if not _foldable_norm(norm):
         return None
-    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return form if form is not None and norm.num_features == channels else None
+    return norm.eval_affine_form() if isinstance(norm, ActivationNorm) else \
+        running_stats_affine(norm)
+
+
+class _Tracer(fx.Tracer):
+    """torch's modules and every normalizer (a subclass's own too) stay single calls in the
+    graph."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (ActivationNorm, nn.modules.batchnorm._NormBase)) or \
+            super().is_leaf_module(module, qualified_name)
+
+
+def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
+    """Fold the normalizers inside `module` through its traced graph; where it cannot be
+    traced, inside each child, and name it in `untraceable`."""
+    if not any(_foldable_norm(m) for m in list(module.modules())[1:]):
+        return  # nothing to fold inside
+    attributes = set(vars(module))
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as error:  # tracing runs arbitrary forward code: any error means "cannot"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        untraceable.append(f"{path.rstrip('.') or 'the model'} ({type(module).__name__}: "
+                           f"{type(error).__name__}: {reason})")
+        for name, child in module.named_children():
+            _fold_traced(child, f"{path}{name}.", untraceable)
+        return
+    finally:  # the tracer keeps the tensor constants of forward as attributes of `module`
+        for name in set(vars(module)) - attributes:
+            delattr(module, name)
+    for layer_name, norm_name, form in _foldable_pairs(module, graph):
+        _fold_into(module.get_submodule(layer_name), form)
+        _remove(module, norm_name, form.after)
+
+
+def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str, AffineForm]]:
+    """(layer, normalizer, the normalizer's form): the qualified names in `root` of each
+    normalizer call whose only input is a call of a foldable layer with no other user, both
+    modules called once, registered under one name, without hooks, and their attributes
+    read nowhere else in the graph."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
+    # the graph names a module registered under several names by one of them only
+    names = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+
+    def called_once_alone(name: str) -> bool:
+        module = root.get_submodule(name)
+        return calls[name] == 1 and names[id(module)] == 1 and \
+            not (module._forward_hooks or module._forward_pre_hooks) and \
+            not any(read.startswith(name + ".") for read in attributes_read)
+
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module"
+                and len(source.users) == 1):
+            continue
+        layer, norm = root.get_submodule(source.target), root.get_submodule(node.target)
+        form = _eval_affine_form(norm) if type(layer) in FOLDABLE_LAYERS else None
+        if form is not None and form.scale.numel() == layer.weight.shape[0] and \
+                called_once_alone(source.target) and called_once_alone(node.target):
+            pairs.append((source.target, node.target, form))
+    return pairs
+
+
+def _remove(root: nn.Module, name: str, after: nn.Module | None) -> None:
+    """The module `name` of `root` out of the computation: `after` in its place; with no
+    `after`, out of a Sequential that runs its children in order, an nn.Identity elsewhere."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    if after is None and isinstance(parent, nn.Sequential) and \
+            forward_owner(type(parent)) is nn.Sequential:
+        del parent._modules[child_name]
+    else:
+        setattr(parent, child_name, after if after is not None else nn.Identity())
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Linear | nn.Conv2d, form: AffineForm) -> None:
+def _fold_into(layer: nn.Module, form: AffineForm) -> None:
     """layer <- (x -> x * form.scale + form.shift) o layer; computed in float64."""
     weight = layer.weight.double()
     bias = (layer.bias.double() if layer.bias is not None

@@ -15,12 +15,14 @@ Three families of methods live here:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import checks
+from . import checks, module_kinds
+from .layers._base import WeightNormalizedLayer
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .layers.equinorm import EquiNormConv2d, EquiNormLinear
 from .layers.fastnorm import FastNormConv2d, FastNormLinear
@@ -311,17 +313,29 @@ def create(name: str, num_features: int, dim: int = 2, **kw) -> nn.Module:
     return method.build(num_features, dim, **kw)
 
 
-_TORCH_NORM_DIMS: dict[type, int] = {
-    nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2,
-    nn.LayerNorm: 1, nn.GroupNorm: 2,
-}
-
-
-def _activation_norm_dims() -> dict[type, int]:
-    dims = dict(_TORCH_NORM_DIMS)
+def _normlab_norm_dims() -> dict[type, int]:
+    """normlab's activation normalizer classes -> the dim each takes."""
+    dims: dict[type, int] = {}
     for method in _REGISTRY.values():
         dims.update(method.dims)
     return dims
+
+
+def _activation_norm(module: nn.Module, normlab_dims: dict[type, int]
+                     ) -> tuple[type, int | None] | None:
+    """(class, the dim it fixes or None) of the normalizer `module` is an instance of:
+    normlab's classes first (one may also derive from a torch class), then torch's."""
+    for cls, dim in normlab_dims.items():
+        if isinstance(module, cls):
+            return cls, dim
+    return module_kinds.torch_norm(module)
+
+
+def _layer_dim(layer: nn.Module) -> int:
+    """The dim (as `create` takes it) of a weight layer's output: 1 for a Linear, N for a
+    ConvNd."""
+    kernel_size = getattr(layer, "kernel_size", None)
+    return len(kernel_size) if isinstance(kernel_size, tuple) else 1
 
 
 def _num_features(norm: nn.Module) -> int:
@@ -351,17 +365,27 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
             dim: int | None = None, **kw) -> nn.Module:
     """Return a copy of `model` with its normalization swapped for `name`.
 
-    * Activation target: every BatchNorm/GroupNorm/LayerNorm/InstanceNorm (and
-      normlab activation normalizer) becomes `name` with the same number of
-      features; the affine parameters are copied where the shapes match. A
-      GroupNorm does not say whether it normalizes images or vectors: it is
-      taken as 2d unless `dim` says otherwise.
-    * Weight target: each torch layer the method replaces (nn.Linear, nn.ConvNd)
-      becomes the normalized layer through its ``from_module``, so the function is
-      unchanged at that moment where the class declares ``from_module_keeps_function``
-      (EquiNorm and Weight Standardization do not: their docstrings say what they keep),
-      and the activation normalizers become nn.Identity, unless
-      ``keep_activation_norm=True``.
+    Layers are matched with isinstance, so subclasses count; a subclass that overrides
+    its base's ``forward`` is replaced only when registered with the steps it adds
+    (:func:`normlab.register_norm_subclass`: the replacement is the new layer followed by
+    them), and is otherwise refused with a ValueError naming it.
+
+    * Activation target: every normalizer, torch's (BatchNorm1d/2d/3d, SyncBatchNorm,
+      InstanceNorm1d/2d/3d, GroupNorm, LayerNorm and their subclasses) and normlab's
+      activation normalizers, becomes `name` with the same number of features; the affine
+      parameters are copied where the shapes match. Its dim is the one its class fixes;
+      GroupNorm and SyncBatchNorm fix none: theirs is `dim` when given, else that of the
+      nearest layer before it in the model's module order that says (a Linear: 1, a ConvNd:
+      N, a normalizer of fixed dim), else 2.
+    * Weight target: each layer the method replaces (nn.Linear, nn.ConvNd, by its
+      ``replaces`` keys) becomes the normalized layer through its ``from_module``, so the
+      function is unchanged at that moment where the class declares
+      ``from_module_keeps_function`` (EquiNorm and Weight Standardization do not: their
+      docstrings say what they keep), and the activation normalizers become nn.Identity,
+      unless ``keep_activation_norm=True``. Layers with weights the method cannot replace
+      (nn.ConvTranspose*, nn.Bilinear, a ConvNd the method has no class for,
+      nn.MultiheadAttention) stay as they are, listed by one warning. A lazy module must
+      have run its first forward pass (before it, it has no parameters to copy).
 
     Each new layer is built on the device and in the dtype of the layer it
     replaces (of the model, for a layer without parameters or buffers) and
@@ -371,7 +395,8 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
         model: the model to copy.
         name: a method of :func:`available` (not a rebalancer).
         keep_activation_norm: weight target: keep the activation normalizers.
-        dim: activation target: the dim of GroupNorm layers (1 or 2; default 2).
+        dim: activation target: the dim (1, 2 or 3) of the normalizers whose class fixes
+            none (GroupNorm, SyncBatchNorm); default: from the layer before each.
         **kw: to each new layer.
 
     Example:
@@ -385,35 +410,70 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
             f"{name!r} is a rebalancer: it runs beside the optimizer and changes no "
             f"layer; use normlab.{method.rebalancer.__name__}(model, optimizer)"
         )
+    if dim is not None and dim not in (1, 2, 3):
+        raise ValueError(f"dim must be 1, 2 or 3 (or None: from the layer before each "
+                         f"normalizer), got {dim!r}")
+    lazy = [f"{path} ({type(m).__name__})" for path, m in model.named_modules()
+            if module_kinds.uninitialized(m)]
+    if lazy:
+        raise ValueError(f"convert: lazy modules whose parameters do not exist yet: "
+                         f"{', '.join(lazy)}; run one forward pass through the model first")
     model = copy.deepcopy(model)
     model_factory = _factory_kw(model)
-    norm_dims = _activation_norm_dims()
+    normlab_dims = _normlab_norm_dims()
     first_weight_layer = True
+    context_dim = None  # the dim of the last layer walked that fixes one
+    left_in_place: list[str] = []
 
-    def swap(parent: nn.Module) -> None:
+    def replace_norm(child: nn.Module, base: type, fixed_dim: int | None) -> nn.Module | None:
+        if method.family == "weight" and keep_activation_norm:
+            return None
+        if method.family == "activation":
+            new = create(name, _num_features(child), fixed_dim or dim or context_dim or 2,
+                         **{**(_factory_kw(child) or model_factory), **kw})
+            _copy_affine(child, new)
+            steps = [new, *module_kinds.extra_steps(child, base, f"{name} normalizer")]
+        else:
+            steps = module_kinds.extra_steps(child, base, "nn.Identity")
+        return steps[0] if len(steps) == 1 else nn.Sequential(*steps) if steps else nn.Identity()
+
+    def replace_weight_layer(child: nn.Module, path: str) -> nn.Module | None:
         nonlocal first_weight_layer
+        first, first_weight_layer = first_weight_layer, False
+        plain = next((plain for plain in method.replaces if isinstance(child, plain)), None)
+        if plain is None:
+            left_in_place.append(f"{path} ({type(child).__name__})")
+            return None
+        module_kinds.require_base_forward(child, plain, method.replaces[plain].__name__)
+        layer_kw = {**kw, **(method.first_layer_kw if first else {})}
+        return method.replaces[plain].from_module(child, **layer_kw)
+
+    def swap(parent: nn.Module, prefix: str) -> None:
+        nonlocal context_dim, first_weight_layer
         for child_name, child in parent.named_children():
             new = None
-            if type(child) in norm_dims:
-                if method.family == "activation":
-                    child_dim = dim if isinstance(child, nn.GroupNorm) and dim else \
-                        norm_dims[type(child)]
-                    factory = _factory_kw(child) or model_factory
-                    new = create(name, _num_features(child), child_dim, **{**factory, **kw})
-                    _copy_affine(child, new)
-                elif not keep_activation_norm:
-                    new = nn.Identity()
-            elif method.family == "weight" and type(child) in method.replaces:
-                layer_kw = dict(kw)
-                if first_weight_layer:
-                    layer_kw.update(method.first_layer_kw)
-                new = method.replaces[type(child)].from_module(child, **layer_kw)
-            if method.family == "weight" and isinstance(child, (nn.Linear, nn.Conv2d)):
-                first_weight_layer = False
+            norm = _activation_norm(child, normlab_dims)
+            if norm is not None:
+                context_dim = norm[1] or context_dim
+                new = replace_norm(child, *norm)
+            elif isinstance(child, (WeightNormalizedLayer, *module_kinds.WEIGHT_LAYERS)):
+                context_dim = _layer_dim(child)
+                if method.family != "weight":
+                    continue
+                if isinstance(child, WeightNormalizedLayer):  # normlab's: already normalized
+                    first_weight_layer = False
+                    continue
+                new = replace_weight_layer(child, prefix + child_name)
+                if new is None:
+                    continue
             if new is not None:
                 setattr(parent, child_name, new.train(child.training))
             else:
-                swap(child)
+                swap(child, f"{prefix}{child_name}.")
 
-    swap(model)
+    swap(model, "")
+    if left_in_place:
+        warnings.warn(f"convert(model, {name!r}) left {len(left_in_place)} layer(s) with "
+                      f"weights that {name} cannot replace as they are: "
+                      f"{', '.join(left_in_place)}", stacklevel=2)
     return model

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import module_kinds
 from .collectives import HasSyncedForm, global_batch_norm, sync_group
 
 
@@ -70,21 +71,31 @@ def convert_sync(model: nn.Module, process_group: dist.ProcessGroup | None = Non
     it over `process_group` (None: the world group): the layers with batch
     statistics get ``sync=True``, FastNorm layers ``mode="dense"``, whose
     weight gradient DDP all-reduces. torch's BatchNorm1d/2d/3d and
-    SyncBatchNorm become normlab's :class:`GlobalBatchNorm` (torch's, but usable
-    on CPU too), sharing their parameters and buffers. The model is changed in
-    place and returned (a new object only when `model` itself is a BatchNorm);
-    batch-independent layers are left alone.
+    SyncBatchNorm, and their subclasses, become normlab's :class:`GlobalBatchNorm`
+    (torch's, but usable on CPU too), sharing their parameters and buffers. A
+    subclass that overrides ``forward`` (timm's BatchNormAct2d) becomes a
+    GlobalBatchNorm followed by the steps it adds when registered with
+    :func:`normlab.register_norm_subclass`, and is refused (ValueError naming it)
+    otherwise; one held at its running statistics by `normlab.freeze` stays as it is.
+    The model is changed in place and returned (a new object only when
+    `model` itself is a BatchNorm); batch-independent layers are left alone.
 
     Example:
         >>> model = normlab.convert_sync(normlab.models.cifar_resnet(8, norm="batch_renorm"))
         >>> # then, after torch.distributed.init_process_group:
         >>> model = torch.nn.parallel.DistributedDataParallel(model)  # doctest: +SKIP
     """
-    if isinstance(model, HasSyncedForm):
+    if isinstance(model, HasSyncedForm):  # normlab's first: its layers sync themselves
         model.use_synced_form(process_group)
     elif isinstance(model, nn.modules.batchnorm._BatchNorm) and \
-            not isinstance(model, GlobalBatchNorm):
-        return _sync_batch_norm(model, process_group)
+            not isinstance(model, GlobalBatchNorm) and not module_kinds.frozen(model):
+        if module_kinds.uninitialized(model):
+            raise ValueError(f"{type(model).__name__} is a lazy module whose parameters do "
+                             f"not exist yet; run one forward pass through the model first")
+        base, _ = module_kinds.torch_norm(model)
+        steps = module_kinds.extra_steps(model, base, "GlobalBatchNorm")
+        synced = _sync_batch_norm(model, process_group)
+        return nn.Sequential(synced, *steps) if steps else synced
     for name, child in model.named_children():
         synced = convert_sync(child, process_group)
         if synced is not child:

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import checks
 from ..distributed import Syncable
+from ..module_kinds import forward_owner
 
 
 class WeightNormalizedLayer:
@@ -46,6 +47,19 @@ class WeightNormalizedLayer:
         """A layer built from `module`, a `plain_type`: computing the same function where
         `from_module_keeps_function`, else as the class documents."""
         raise NotImplementedError(f"{cls.__name__} does not define from_module")
+
+    @classmethod
+    def check_source(cls, module: nn.Module) -> None:
+        """A TypeError unless `module` is a `plain_type` that computes as one (a subclass that
+        overrides ``forward`` may compute something else): what `from_module` takes."""
+        plain = cls.plain_type
+        if not isinstance(module, plain):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{plain.__name__}, "
+                            f"got {type(module).__name__}")
+        if forward_owner(type(module)) is not forward_owner(plain):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{plain.__name__}, "
+                            f"got {type(module).__name__}, a subclass that overrides its "
+                            f"forward")
 
     def to_plain(self, input_size: tuple[int, ...] | None = None) -> nn.Module:
         """The `plain_type` layer computing this layer's evaluation-mode function."""

@@ -243,6 +243,7 @@ class EquiNormLinear(_EquiNorm):
     @classmethod
     def from_module(cls, module: nn.Linear, **kw) -> EquiNormLinear:
         """An EquiNormLinear computing `module`'s function, in the sense of `_copy_function_of`."""
+        cls.check_source(module)
         layer = cls(module.in_features, module.out_features, module.bias is not None,
                     device=module.weight.device, dtype=module.weight.dtype, **kw)
         return layer._copy_function_of(module)
@@ -341,6 +342,7 @@ class EquiNormConv2d(_EquiNorm):
     @classmethod
     def from_module(cls, module: nn.Conv2d, **kw) -> EquiNormConv2d:
         """An EquiNormConv2d computing `module`'s function, in the sense of `_copy_function_of`."""
+        cls.check_source(module)
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                     module.padding, module.dilation, module.groups, module.bias is not None,
                     module.padding_mode, device=module.weight.device,

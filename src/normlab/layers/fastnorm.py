@@ -296,10 +296,7 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
     @classmethod
     def from_module(cls, module: nn.Module, **kw):
         """A layer computing the same function as `module` (its rows stored normalized)."""
-        source = cls.plain_type
-        if type(module) is not source:
-            raise TypeError(f"{cls.__name__}.from_module expects an nn.{source.__name__}, "
-                            f"got {type(module).__name__}")
+        cls.check_source(module)
         # standardizing the input shifts it: a bias keeps the function exact
         bias = module.bias is not None or kw.get("input_activation") is not None
         layer = cls(**cls._torch_args(module), bias=bias, device=module.weight.device,

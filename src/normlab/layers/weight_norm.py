@@ -142,10 +142,7 @@ class _WeightNormalized(WeightNormalizedLayer):
         its input gets a bias even if `module` has none. Keywords go to the
         constructor (``nonlinearity``, ``input_activation``).
         """
-        torch_type = cls.plain_type
-        if type(module) is not torch_type:
-            raise TypeError(f"{cls.__name__}.from_module expects an nn.{torch_type.__name__}, "
-                            f"got {type(module).__name__}")
+        cls.check_source(module)
         layer = cls(**cls._torch_args(module), **kw)
         with torch.no_grad():
             if layer.bias is None and layer._input_stats() is not None:

@@ -77,9 +77,7 @@ class _WeightStandardized(WeightNormalizedLayer):
     def from_module(cls, module: nn.Module, **kw):
         """A layer with `module`'s geometry, raw kernels and bias (class docstring: its
         function is that of the standardized kernels). Keywords go to the constructor."""
-        if type(module) is not cls.plain_type:
-            raise TypeError(f"{cls.__name__}.from_module expects an "
-                            f"nn.{cls.plain_type.__name__}, got {type(module).__name__}")
+        cls.check_source(module)
         layer = cls(**_conv_args(module), **kw)
         with torch.no_grad():
             layer.weight.copy_(module.weight)
