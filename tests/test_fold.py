@@ -167,6 +167,24 @@ class Aliased(nn.Module):  # one batch norm under two names; forward calls the s
         return self.same_bn(self.conv(x))
 
 
+class ReachedTwice(nn.Module):  # one block on two paths (MONAI's DynUNet): still one call
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.chain = nn.ModuleDict({"first": self.block})
+
+    def forward(self, x):
+        return self.chain["first"](x)
+
+
+def test_a_block_reached_by_two_paths_folds():
+    model = randomized(ReachedTwice())
+    folded = normlab.fold(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert folded.block is folded.chain["first"]
+    assert_same_function(folded, model, torch.rand(3, 4, 5, 5))
+
+
 def test_what_is_not_foldable_stays_in_eval_mode():
     torch.manual_seed(0)
     class BatchNormPlusOne(nn.BatchNorm2d):  # overrides forward: its own computation

@@ -28,13 +28,15 @@ values or shapes of tensors, for instance) is folded inside each of its
 submodules that can be traced (an ``nn.Sequential`` always can, unless a child
 cannot), with a warning naming what could not be traced.
 
-Anything else stays as it is, in evaluation mode: a normalizer after another
-kind of module, or after a layer whose output has other users (or that is
-called more than once, or has hooks, or whose parameters ``forward`` reads
-directly), batch statistics (``track_running_stats=False``), Online
-Normalization's "ls" compensation (it divides each sample by its own second
-moment). A Linear followed by a 1d normalizer folds on the assumption of
-(N, C) inputs: the normalizer's channel dim is the Linear's output features.
+Anything else stays as it is, in evaluation mode: a normalizer after another kind of
+module, or after a layer whose output has other users (or that is called more than
+once, or has hooks, or whose parameters ``forward`` reads directly, or is held by
+two parent modules or twice by one; a block reachable by several paths, as MONAI's
+DynUNet keeps its blocks, still folds), batch statistics
+(``track_running_stats=False``), Online Normalization's "ls" compensation (it
+divides each sample by its own second moment). A Linear followed by a 1d normalizer
+folds on the assumption of (N, C) inputs: the normalizer's channel dim is the
+Linear's output features.
 """
 
 from __future__ import annotations
@@ -169,16 +171,20 @@ def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
 def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str, AffineForm]]:
     """(layer, normalizer, the normalizer's form): the qualified names in `root` of each
     normalizer call whose only input is a call of a foldable layer with no other user, both
-    modules called once, registered under one name, without hooks, and their attributes
+    modules called once, held by one parent, without hooks, and their attributes
     read nowhere else in the graph."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
-    # the graph names a module registered under several names by one of them only
-    names = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+    # A module held by several parents (or twice by one) may be called where the graph does
+    # not show it; one held once, under a parent reachable by several paths (MONAI's DynUNet
+    # keeps its blocks in a chain of skip layers too), is one call site, and setattr on its
+    # parent changes it on every path.
+    holders = Counter(id(child) for parent in root.modules() for child in parent._modules.values()
+                      if child is not None)
 
     def called_once_alone(name: str) -> bool:
         module = root.get_submodule(name)
-        return calls[name] == 1 and names[id(module)] == 1 and \
+        return calls[name] == 1 and holders[id(module)] == 1 and \
             not (module._forward_hooks or module._forward_pre_hooks) and \
             not any(read.startswith(name + ".") for read in attributes_read)
 

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from . import checks, module_kinds
@@ -353,12 +354,20 @@ def _factory_kw(module: nn.Module) -> dict:
     return {}
 
 
-def _copy_affine(source: nn.Module, target: nn.Module) -> None:
-    for name in ("weight", "bias"):
+# what a normalizer learned that its replacement can take over: the affine parameters and
+# BatchNorm's running statistics (Batch Renormalization and Online Normalization evaluate with
+# the same two, so a trained BatchNorm model converts with its evaluation-mode function)
+_CARRIED = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _carry_over(source: nn.Module, target: nn.Module) -> None:
+    """Copy each tensor of _CARRIED that `source` and `target` both hold with one shape."""
+    for name in _CARRIED:
         src, dst = getattr(source, name, None), getattr(target, name, None)
-        if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
-            if src.shape == dst.shape:
-                dst.data.copy_(src.data)
+        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and \
+                src.shape == dst.shape:
+            with torch.no_grad():
+                dst.copy_(src)
 
 
 def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
@@ -373,10 +382,13 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
     * Activation target: every normalizer, torch's (BatchNorm1d/2d/3d, SyncBatchNorm,
       InstanceNorm1d/2d/3d, GroupNorm, LayerNorm and their subclasses) and normlab's
       activation normalizers, becomes `name` with the same number of features; the affine
-      parameters are copied where the shapes match. Its dim is the one its class fixes;
-      GroupNorm and SyncBatchNorm fix none: theirs is `dim` when given, else that of the
-      nearest layer before it in the model's module order that says (a Linear: 1, a ConvNd:
-      N, a normalizer of fixed dim), else 2.
+      parameters and the running statistics (``running_mean``, ``running_var``,
+      ``num_batches_tracked``) are copied where both layers hold them with one shape, so a
+      trained BatchNorm model converted to Batch Renormalization (or Online Normalization,
+      up to its clamp) keeps its evaluation-mode function. Its dim is the one its class
+      fixes; GroupNorm and SyncBatchNorm fix none: theirs is `dim` when given, else that of
+      the nearest layer before it in the model's module order that says (a Linear: 1, a
+      ConvNd: N, a normalizer of fixed dim), else 2.
     * Weight target: each layer the method replaces (nn.Linear, nn.ConvNd, by its
       ``replaces`` keys) becomes the normalized layer through its ``from_module``, so the
       function is unchanged at that moment where the class declares
@@ -431,7 +443,7 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
         if method.family == "activation":
             new = create(name, _num_features(child), fixed_dim or dim or context_dim or 2,
                          **{**(_factory_kw(child) or model_factory), **kw})
-            _copy_affine(child, new)
+            _carry_over(child, new)
             steps = [new, *module_kinds.extra_steps(child, base, f"{name} normalizer")]
         else:
             steps = module_kinds.extra_steps(child, base, "nn.Identity")
