@@ -15,15 +15,21 @@ from . import _moved, functional
 from .distributed import convert_sync
 from .fold import fold
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
-from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear
+from .layers.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
+from .layers.fastnorm import FastNormConv1d, FastNormConv2d, FastNormConv3d, FastNormLinear
 from .layers.online import OnlineNorm1d, OnlineNorm2d
 from .layers.weight_norm import (
+    NormPropConv1d,
     NormPropConv2d,
+    NormPropConv3d,
     NormPropLinear,
+    ScaledWeightNormConv1d,
     ScaledWeightNormConv2d,
+    ScaledWeightNormConv3d,
     ScaledWeightNormLinear,
+    WeightNormConv1d,
     WeightNormConv2d,
+    WeightNormConv3d,
     WeightNormLinear,
 )
 from .optim import FastNormSGD
@@ -31,11 +37,14 @@ from .rebalancers import ENorm, Renormalize
 from .registry import Method, available, convert, create
 
 __all__ = [
-    "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv2d", "EquiNormLinear",
-    "FastNormConv2d", "FastNormLinear", "FastNormSGD", "Method", "NormPropConv2d",
-    "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize", "ScaledWeightNormConv2d",
-    "ScaledWeightNormLinear", "WeightNormConv2d", "WeightNormLinear", "available", "convert",
-    "convert_sync", "create", "data", "fold", "functional", "models",
+    "BatchRenorm1d", "BatchRenorm2d", "ENorm", "EquiNormConv1d", "EquiNormConv2d",
+    "EquiNormConv3d", "EquiNormLinear", "FastNormConv1d", "FastNormConv2d", "FastNormConv3d",
+    "FastNormLinear", "FastNormSGD", "Method", "NormPropConv1d", "NormPropConv2d",
+    "NormPropConv3d", "NormPropLinear", "OnlineNorm1d", "OnlineNorm2d", "Renormalize",
+    "ScaledWeightNormConv1d", "ScaledWeightNormConv2d", "ScaledWeightNormConv3d",
+    "ScaledWeightNormLinear", "WeightNormConv1d", "WeightNormConv2d", "WeightNormConv3d",
+    "WeightNormLinear", "available", "convert", "convert_sync", "create", "data", "fold",
+    "functional", "models",
 ]
 __version__ = "0.1.0"
 

@@ -505,7 +505,7 @@ def test_conv2d_is_registered_and_checks_its_arguments_and_input():
     x = torch.randn(2, 3, 6, 6)
     assert torch.allclose(converted[0](x), cnn[0](x), atol=1e-6)
     assert torch.allclose(converted[0].to_plain()(x), cnn[0](x), atol=1e-6)
-    with pytest.raises(ValueError, match="divisible by groups"):
+    with pytest.raises(ValueError, match="groups must divide"):
         FastNormConv2d(3, 4, 3, groups=2)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
         converted[0](torch.randn(2, 4, 6, 6))
