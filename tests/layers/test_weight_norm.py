@@ -498,3 +498,139 @@ def test_linear_saves_at_most_torch_linears_tensors_plus_its_output_and_norms(cl
             ours, torchs = saved_bytes(layer, x), saved_bytes(plain, x)
         beyond = 3 * 30 * x.element_size() + 2 * 30 * x.element_size()
         assert ours <= torchs + beyond, (autocast, ours, torchs)
+
+
+# -- torch weight-norm checkpoints (issue 26 item 7) ---------------------------------------
+
+def torch_weight_normalized(torch_layer, api, dim, seed=0):
+    """`torch_layer` weight-normalized by torch's `api` ("parametrization":
+    torch.nn.utils.parametrizations.weight_norm; "hook": the old torch.nn.utils.weight_norm)
+    along `dim`, with lengths g set away from the norms of v, so that g matters."""
+    if api == "parametrization":
+        layer = torch.nn.utils.parametrizations.weight_norm(torch_layer, dim=dim)
+        lengths = layer.parametrizations.weight.original0
+    else:
+        with pytest.warns(FutureWarning, match="deprecated"):
+            layer = torch.nn.utils.weight_norm(torch_layer, dim=dim)
+        lengths = layer.weight_g
+    with torch.no_grad():
+        lengths.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(seed))
+    return layer
+
+
+def direction_and_lengths(layer, api):
+    if api == "parametrization":
+        return (layer.parametrizations.weight.original1,
+                layer.parametrizations.weight.original0)
+    return layer.weight_v, layer.weight_g
+
+
+TORCH_LAYERS = {0: lambda: nn.Linear(7, 5), 1: lambda: nn.Conv1d(3, 4, 3, padding=1),
+                2: lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"),
+                3: lambda: nn.Conv3d(3, 4, 2, padding=1)}
+
+
+def example_for(dims, dtype, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (4, 7) if dims == 0 else (2, 3, *POSITIONS[dims])
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+@pytest.mark.parametrize("dims", [0, 1, 2, 3])  # 0: Linear
+@pytest.mark.parametrize("dim", [0, 1, -1, None])  # -1: torch's last dim, or the whole tensor
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_from_module_of_a_torch_weight_normalized_layer_keeps_its_function(api, dims, dim,
+                                                                          dtype):
+    torch.manual_seed(0)
+    source = torch_weight_normalized(TORCH_LAYERS[dims]().to(dtype), api, dim)
+    cls = WeightNormLinear if dims == 0 else conv_of(WeightNormLinear, dims)
+    layer = cls.from_module(source)
+    x = example_for(dims, dtype)
+    with torch.no_grad():
+        expected = source(x)
+        tolerance = (1e-12 if dtype == torch.float64 else 1e-6) * expected.abs().max().item()
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=tolerance)
+        plain = layer.to_plain()
+        assert type(plain) is cls.plain_type  # not torch's parametrized class
+        torch.testing.assert_close(plain(x), expected, rtol=0, atol=tolerance)
+    direction, lengths = direction_and_lengths(source, api)
+    if lengths.shape == (len(direction),) + (1,) * (direction.dim() - 1):  # one g per unit
+        assert torch.equal(layer.weight, direction) and torch.equal(layer.gain, lengths.flatten())
+    assert layer.weight.dtype == dtype and layer.gain.requires_grad
+
+
+def test_from_the_old_hook_reads_g_and_v_not_the_weight_its_last_forward_left():
+    """The old hook refreshes `module.weight` only in a forward: after g changes (a loaded
+    checkpoint, an optimizer step) the attribute is stale; from_module computes the weight."""
+    source = torch_weight_normalized(nn.Linear(6, 4).double(), "hook", 0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    source(x)
+    with torch.no_grad():
+        source.weight_g.mul_(3.0)  # module.weight is now stale
+        layer = WeightNormLinear.from_module(source)
+        expected = source(x)  # the hook recomputes
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("cls,kw", METHOD_KW)
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+def test_scaled_and_normprop_from_a_torch_weight_normalized_conv3d(cls, kw, api):
+    source = torch_weight_normalized(nn.Conv3d(3, 4, 2, padding=1).double(), api, 0)
+    x = torch.relu(example_for(3, torch.float64))
+    layer = conv_of(cls, 3).from_module(source, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), source(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.to_plain()(x), source(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+def test_the_other_weight_methods_read_a_torch_weight_normalized_layers_weight(api):
+    """FastNorm keeps the function; EquiNorm and Weight Standardization (which cannot) are
+    what they are from a plain layer with the same weight."""
+    torch.manual_seed(0)
+    source = torch_weight_normalized(nn.Conv2d(3, 4, 3, padding=1).double(), api, 0)
+    plain = nn.Conv2d(3, 4, 3, padding=1).double()
+    with torch.no_grad():
+        plain.weight.copy_(torch._weight_norm(*direction_and_lengths(source, api), 0))
+        plain.bias.copy_(source.bias)
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    fast = normlab.FastNormConv2d.from_module(source)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), source(x), rtol=1e-12, atol=1e-12)
+    for cls in (normlab.EquiNormConv2d,
+                normlab.layers.weight_standardization.WeightStandardizedConv2d):
+        from_source, from_plain = cls.from_module(source).eval(), cls.from_module(plain).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(from_source(x), from_plain(x), rtol=1e-12, atol=1e-12)
+    linear = torch_weight_normalized(nn.Linear(5, 3).double(), api, None)
+    fast = normlab.FastNormLinear.from_module(linear, input_activation="relu")
+    h = torch.rand(4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(h), linear(h), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="registry.convert (the graph branch's) matches exact "
+                   "torch types: torch's ParametrizedConv1d is left in place")
+def test_convert_swaps_torch_parametrized_layers():
+    # (a model with the old hook cannot be deep-copied: torch refuses, naming weight_norm)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        torch_weight_normalized(nn.Conv1d(2, 4, 3, padding=1).double(), "parametrization", 0),
+        nn.ReLU(), nn.Flatten(),
+        torch_weight_normalized(nn.Linear(20, 3).double(), "parametrization", None))
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    for name in ("weight_norm", "fastnorm"):
+        converted = normlab.convert(model, name)
+        assert type(converted[0]) is normlab.registry.get(name).replaces[nn.Conv1d]
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_torch_weight_normalized_layer_of_another_type_is_refused_by_name():
+    source = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(TypeError, match="WeightNormLinear.from_module expects an nn.Linear, "
+                                        "got ParametrizedConv2d"):
+        WeightNormLinear.from_module(source)
+    with pytest.raises(TypeError, match="expects an nn.Conv1d, got ParametrizedConv2d"):
+        WeightNormConv1d.from_module(source)
