@@ -181,6 +181,11 @@ class ConvGeometry:
         self.padding_mode = padding_mode
         return (out_channels, in_channels // groups, *self.kernel_size)
 
+    def _geometry_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, padding_mode={self.padding_mode!r}")
+
     def _check_conv_input(self, x: torch.Tensor, unbatched_too: bool = False) -> None:
         """A clear error unless `x` is a floating-point (N, C_in, *positions) tensor (or
         (C_in, *positions) where `unbatched_too`)."""

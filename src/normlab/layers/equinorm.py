@@ -335,10 +335,7 @@ class _EquiNormConv(ConvGeometry, _EquiNorm):
         return self._conv(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, padding_mode={self.padding_mode!r}, "
-                + self._extra_repr_tail())
+        return f"{self._geometry_repr()}, {self._extra_repr_tail()}"
 
 
 class EquiNormConv1d(_EquiNormConv):

@@ -803,9 +803,7 @@ class _FastNormConv(ConvGeometry, _FastNorm):
         return values.view(-1, *[1] * self.spatial_dims())
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}, "
+        return (f"{self._geometry_repr()}, bias={self.bias is not None}, "
                 f"{self._extra_repr_tail()}")
 
 
