@@ -11,6 +11,7 @@ from conftest import no_kernel, skip_unless_ci
 from normlab import models
 from normlab._ext import loader as _native
 from normlab.functional import equi_norm, equilibrium_shift_scale
+from normlab.functional import equinorm as equinorm_functional
 from normlab.layers.equinorm import (
     EquiNormConv1d,
     EquiNormConv2d,
@@ -144,6 +145,25 @@ def test_gradcheck_conv1d_and_conv3d(single_pass, dims):
         return torch.func.functional_call(
             layer, {"weight": weight, "gain": gain, "bias": bias}, (x,))
     assert torch.autograd.gradcheck(fn, (x, layer.weight, layer.gain, layer.bias))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_take_the_kernel_path_of_the_fixture(dims, kernel_transform,
+                                                                 monkeypatch):
+    """The compiled transform sees a kernel as rows x (in_channels / groups x positions), so
+    it serves every dim: under the "compiled" fixture it runs for Conv1d/3d, under "eager"
+    it does not (the other tests of this file then check both paths against the paper)."""
+    calls = []
+    compiled = equinorm_functional._CompiledEquiNorm
+    original = compiled.forward
+
+    def spy(*args):
+        calls.append(args[1].shape)  # the weight
+        return original(*args)
+    monkeypatch.setattr(compiled, "forward", staticmethod(spy))
+    layer = EQUINORM_CONVS[dims](3, 4, 3, padding=1)
+    layer(torch.rand(2, 3, *(5,) * dims)).sum().backward()
+    assert calls == ([(4, 3, *(3,) * dims)] if kernel_transform == "compiled" else [])
 
 
 def test_conv1d_and_conv3d_check_their_input_and_need_an_input_size_to_fold():
