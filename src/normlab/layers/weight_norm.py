@@ -129,11 +129,11 @@ class WeightNormBase(WeightNormalizedLayer):
         return self(x)
 
     def _load_source(self, source: SourceWeight) -> None:
-        """The torch layer's function: its direction is the weight (torch's v where the
-        layer is weight-normalized by torch with dim=0, else its weight), the gain undoes
-        the constant factor and the input standardization (it is torch's g where there is
-        one), the bias undoes the standardization's shift. A NormProp layer that
-        standardizes its input gets a bias even if the source has none."""
+        """The torch layer's function: the direction is torch's v where torch
+        weight-normalizes the layer with dim=0, else its weight; the gain is the direction's
+        length (torch's g, or the row norm) with the constant factor and the input
+        standardization undone; the bias undoes the standardization's shift. A NormProp
+        layer that standardizes its input gets a bias even if the source has none."""
         if self.bias is None and self._input_stats() is not None:
             self.bias = nn.Parameter(torch.zeros_like(self.gain))
         direction = source.weight if source.direction is None else source.direction
