@@ -224,6 +224,20 @@ def test_data_init_gives_zero_mean_unit_variance_per_unit(cls, kw):
         assert torch.allclose(z.var(positions, correction=0), torch.ones(5, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("cls,kw", METHOD_KW)
+@pytest.mark.parametrize("dims", [1, 3])
+def test_effective_kernels_have_the_gain_as_row_norm_in_1d_and_3d(cls, kw, dims):
+    """Each output channel's effective kernel (to_plain's) has norm factor * gain / std,
+    whatever the stored direction's norm."""
+    layer = randomize(conv_of(cls, dims)(3, 5, 3, dtype=torch.float64, **kw))
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(5, *[1] * (dims + 1), dtype=torch.float64) * 5 + 0.1)
+    std = RELU_GAUSSIAN_STD if kw.get("input_activation") == "relu" else 1.0
+    expected = expected_factor(layer) * layer.gain.detach() / std
+    torch.testing.assert_close(layer.to_plain().weight.flatten(1).norm(dim=1), expected,
+                               rtol=1e-12, atol=0)
+
+
 def test_data_init_leaves_a_constant_unit_finite_and_needs_a_bias():
     layer = WeightNormLinear(4, 3, dtype=torch.float64)
     with torch.no_grad():
