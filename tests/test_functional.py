@@ -3,7 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from normlab.functional import row_norms, weight_norm_linear
-from normlab.functional import row_scaled_conv2d as weight_normalized_conv2d
+from normlab.functional import row_scaled_conv as weight_normalized_conv2d
 from normlab.functional import row_scaled_linear as weight_normalized_linear
 
 

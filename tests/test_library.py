@@ -68,7 +68,8 @@ def test_a_moved_library_module_keeps_its_old_name_with_a_warning(old, new):
 
 @pytest.mark.parametrize("module, old, new", [
     ("normlab.functional", "weight_normalized_linear", "row_scaled_linear"),
-    ("normlab.functional", "weight_normalized_conv2d", "row_scaled_conv2d"),
+    ("normlab.functional", "weight_normalized_conv2d", "row_scaled_conv"),
+    ("normlab.functional", "row_scaled_conv2d", "row_scaled_conv"),
     ("normlab.distributed", "SyncBatchNorm", "GlobalBatchNorm"),
 ])
 def test_a_renamed_public_name_keeps_working_with_a_warning(module, old, new):

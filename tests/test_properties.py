@@ -28,6 +28,7 @@ from torch import nn
 import normlab
 from normlab import registry
 from normlab.layers._base import ActivationNorm
+from normlab.layers.equinorm import _EquiNorm
 
 
 def _names(family: str) -> list[str]:
@@ -260,8 +261,7 @@ def _hits_torch_bf16_conv1d_bug(torch_layer: nn.Module, shape, low_precision: bo
 
 def _weight_refuses(cls: type, torch_layer: nn.Module) -> bool:
     """EquiNorm balances the signs within each unit: it needs 2 weights per unit."""
-    return issubclass(cls, (normlab.EquiNormLinear, normlab.EquiNormConv2d)) \
-        and torch_layer.weight[0].numel() < 2
+    return issubclass(cls, _EquiNorm) and torch_layer.weight[0].numel() < 2
 
 
 ROW_KINDS = ("random", "zero", "tiny")

@@ -355,9 +355,10 @@ def test_weight_target_replaces_subclasses_and_lists_what_it_cannot_in_one_warni
         converted = normlab.convert(model, "weight_norm")
     assert len(record) == 1
     assert str(record[0].message) == (
-        "convert(model, 'weight_norm') left 3 layer(s) with weights that weight_norm cannot "
-        "replace as they are: 1 (ConvTranspose2d), 5 (Bilinear), 6 (Conv3d)")
+        "convert(model, 'weight_norm') left 2 layer(s) with weights that weight_norm cannot "
+        "replace as they are: 1 (ConvTranspose2d), 5 (Bilinear)")
     assert type(converted[0]) is normlab.WeightNormConv2d
+    assert type(converted[6]) is normlab.WeightNormConv3d
     assert type(converted[4][0]) is normlab.WeightNormLinear
     assert type(converted[1]) is nn.ConvTranspose2d and type(converted[2]) is nn.Identity
     with pytest.raises(ValueError, match="ScaledLinear overrides the forward of Linear"):

@@ -77,6 +77,22 @@ def test_renormalizing_keeps_the_function_but_not_the_parametrized_trajectory():
     assert not torch.allclose(parametrized(x), explicit(x), atol=1e-3)
 
 
+def test_rescales_the_conv1d_and_conv3d_rows_keeping_the_function():
+    torch.manual_seed(2)
+    model = normlab.convert(nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(),
+                                          nn.Unflatten(1, (3, 1, 1, 3)), nn.Conv3d(3, 4, 1))
+                            .double(), "scaled_weight_norm")
+    x = torch.randn(2, 2, 5, dtype=torch.float64)
+    before = model(x)
+    renorm = Renormalize(model)
+    assert renorm.layers == [model[0], model[4]]
+    renorm.step()
+    torch.testing.assert_close(model(x), before)
+    for layer in renorm.layers:
+        torch.testing.assert_close(layer.weight.flatten(1).norm(dim=1),
+                                   torch.ones(len(layer.weight), dtype=torch.float64))
+
+
 def test_rows_below_the_norm_floor_are_left_alone():
     layer = normlab.WeightNormLinear(3, 2).double()
     with torch.no_grad():

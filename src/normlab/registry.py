@@ -25,8 +25,8 @@ from torch import nn
 from . import checks, module_kinds
 from .layers._base import WeightNormalizedLayer
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .layers.equinorm import EquiNormConv2d, EquiNormLinear
-from .layers.fastnorm import FastNormConv2d, FastNormLinear
+from .layers.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
+from .layers.fastnorm import FastNormConv1d, FastNormConv2d, FastNormConv3d, FastNormLinear
 from .layers.filter_response_norm import (
     FilterResponseNorm1d,
     FilterResponseNorm2d,
@@ -35,11 +35,17 @@ from .layers.filter_response_norm import (
 from .layers.layer_norm import VectorLayerNorm
 from .layers.online import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
 from .layers.weight_norm import (
+    NormPropConv1d,
     NormPropConv2d,
+    NormPropConv3d,
     NormPropLinear,
+    ScaledWeightNormConv1d,
     ScaledWeightNormConv2d,
+    ScaledWeightNormConv3d,
     ScaledWeightNormLinear,
+    WeightNormConv1d,
     WeightNormConv2d,
+    WeightNormConv3d,
     WeightNormLinear,
 )
 from .layers.weight_standardization import (
@@ -223,27 +229,30 @@ register(weight_method("weight_norm",
                        "Salimans and Kingma (2016), Weight Normalization: a simple "
                        "reparameterization to accelerate training of deep neural networks",
                        "normalize each weight row, learn its length",
-                       (WeightNormLinear, WeightNormConv2d)))
+                       (WeightNormLinear, WeightNormConv1d, WeightNormConv2d, WeightNormConv3d)))
 register(weight_method("scaled_weight_norm",
                        "Arpit and Bengio (2019), The benefits of over-parameterization at "
                        "initialization in deep ReLU networks",
                        "weight norm times sqrt(2 fan_in / fan_out): norm-preserving at init",
-                       (ScaledWeightNormLinear, ScaledWeightNormConv2d)))
+                       (ScaledWeightNormLinear, ScaledWeightNormConv1d, ScaledWeightNormConv2d,
+                        ScaledWeightNormConv3d)))
 register(weight_method("normprop",
                        "Arpit, Zhou, Kota and Govindaraju (2016), Normalization Propagation",
                        "weight norm on inputs standardized with a ReLU's known statistics",
-                       (NormPropLinear, NormPropConv2d)))
+                       (NormPropLinear, NormPropConv1d, NormPropConv2d, NormPropConv3d)))
 register(weight_method("fastnorm",
                        "Anonymous (2019), FastNorm: improving numerical stability of neural "
                        "network training with efficient normalization (ICLR submission)",
                        "weight normalization whose row norms are tracked, not computed",
-                       (FastNormLinear, FastNormConv2d), optimizer=FastNormSGD))
+                       (FastNormLinear, FastNormConv1d, FastNormConv2d, FastNormConv3d),
+                       optimizer=FastNormSGD))
 register(weight_method("equinorm",
                        "Defazio and Bottou (2018), Controlling covariate shift using "
                        "balanced normalization of weights, arXiv:1812.04549 (as an ICLR 2019 "
                        "submission: equilibrium normalization)",
                        "shift and scale each kernel so positive and negative weights balance "
-                       "(EquiNorm)", (EquiNormLinear, EquiNormConv2d)))
+                       "(EquiNorm)",
+                       (EquiNormLinear, EquiNormConv1d, EquiNormConv2d, EquiNormConv3d)))
 register(weight_method("weight_standardization",
                        "Qiao, Wang, Liu, Shen and Yuille (2019), Micro-Batch Training with "
                        "Batch-Channel Normalization and Weight Standardization, "

@@ -11,7 +11,14 @@ from conftest import no_kernel, skip_unless_ci
 from normlab import models
 from normlab._ext import loader as _native
 from normlab.functional import equi_norm, equilibrium_shift_scale
-from normlab.layers.equinorm import EquiNormConv2d, EquiNormLinear, balance_signs_
+from normlab.functional import equinorm as equinorm_functional
+from normlab.layers.equinorm import (
+    EquiNormConv1d,
+    EquiNormConv2d,
+    EquiNormConv3d,
+    EquiNormLinear,
+    balance_signs_,
+)
 
 
 @pytest.fixture(autouse=True, params=["compiled", "eager"])
@@ -30,11 +37,12 @@ FOR_TENSOR = _native.for_tensor  # as imported, before any test patches it
 
 def reference_weight(x, w, stride, out_hw, single_pass, groups=1):
     """w'' of seed 004 section 4, term by term with loops; output channel d sees the input
-    channels of its group only."""
+    channels of its group only. In 1 or 3 spatial dims as in 2: positions H x W become
+    those of the input (and output), stride^2 the stride to the power of the dims."""
     batch = x.shape[0]
     channels_out, channels_in = w.shape[0], w.shape[1]  # channels_in per group
-    kernel_positions = w.shape[2] * w.shape[3]
-    r = batch * out_hw[0] * out_hw[1] * stride**2
+    kernel_positions = w[0, 0].numel()
+    r = batch * math.prod(out_hw) * stride ** len(out_hw)
     result = torch.empty_like(w)
     for d in range(channels_out):
         first = d // (channels_out // groups) * channels_in  # the group's first input channel
@@ -70,6 +78,112 @@ def test_conv_matches_the_papers_equations(single_pass, stride, padding, padding
     reference = reference_weight(x, layer.weight.detach(), stride, y.shape[2:], single_pass)
     expected = conv_with(layer, x, layer.gain.detach().view(-1, 1, 1, 1) * reference)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+EQUINORM_CONVS = {1: EquiNormConv1d, 2: EquiNormConv2d, 3: EquiNormConv3d}
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("dims,size", [(1, 11), (3, 6)])
+@pytest.mark.parametrize("stride,padding,padding_mode,groups", [
+    (1, 1, "circular", 1), (2, 1, "zeros", 1), (2, 0, "reflect", 1), (1, 1, "zeros", 2)])
+def test_conv1d_and_conv3d_match_the_papers_equations(single_pass, dims, size, stride, padding,
+                                                      padding_mode, groups):
+    torch.manual_seed(10)
+    layer = EQUINORM_CONVS[dims](4, 6, 3, stride, padding, groups=groups,
+                                 padding_mode=padding_mode, single_pass=single_pass,
+                                 dtype=torch.float64)
+    with torch.no_grad():
+        layer.gain.uniform_(0.5, 2)
+        layer.bias.normal_()
+    x = torch.rand(3, 4, *(size,) * dims, dtype=torch.float64)
+    y = layer(x)
+    reference = reference_weight(x, layer.weight.detach(), stride, y.shape[2:], single_pass,
+                                 groups)
+    gain = layer.gain.detach().view(-1, *[1] * (dims + 1))
+    pad = [padding] * 2 * dims
+    padded = x if padding_mode == "zeros" else F.pad(x, pad, mode=padding_mode)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    expected = conv(padded, gain * reference, layer.bias.detach(), stride,
+                    padding if padding_mode == "zeros" else 0, 1, groups)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (8, 4, 12)), (3, (4, 4, 5, 5, 5))])
+def test_circular_two_pass_constraints_hold_in_1d_and_3d(dims, shape):
+    """The balance in 1 and 3 spatial dims: each output channel has mean 0 over batch and
+    positions, and its positive weights contribute r = batch x positions."""
+    torch.manual_seed(11)
+    layer = EQUINORM_CONVS[dims](4, 5, 3, padding=1, padding_mode="circular",
+                                 single_pass=False, dtype=torch.float64)
+    x = torch.rand(shape, dtype=torch.float64)
+    positions = (0, *range(2, 2 + dims))
+    y = layer(x)  # gain 1 and bias 0: the output before the affine
+    torch.testing.assert_close(y.mean(positions), torch.zeros(5, dtype=torch.float64),
+                               rtol=0, atol=1e-14)
+    shift, scale = equilibrium_shift_scale(layer.weight, x.mean(positions), 1.0,
+                                           single_pass=False)
+    per_channel = (-1,) + (1,) * (dims + 1)
+    w2 = scale.view(per_channel) * (layer.weight + shift.view(per_channel))
+    r = math.prod(shape) // shape[1]
+    positive = conv_with(layer, x, w2.clamp(min=0)).sum(positions)
+    negative = conv_with(layer, x, w2.clamp(max=0)).sum(positions)
+    torch.testing.assert_close(positive, torch.full((5,), float(r), dtype=torch.float64),
+                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(negative, -positive, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("dims", [1, 3])
+def test_gradcheck_conv1d_and_conv3d(single_pass, dims):
+    torch.manual_seed(12)
+    layer = EQUINORM_CONVS[dims](4, 4, 2, stride=2, padding=1, groups=2,
+                                 single_pass=single_pass, dtype=torch.float64)
+    x = torch.rand(2, 4, *(3,) * dims, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, gain, bias):
+        return torch.func.functional_call(
+            layer, {"weight": weight, "gain": gain, "bias": bias}, (x,))
+    assert torch.autograd.gradcheck(fn, (x, layer.weight, layer.gain, layer.bias))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_take_the_kernel_path_of_the_fixture(dims, kernel_transform,
+                                                                 monkeypatch):
+    """The compiled transform sees a kernel as rows x (in_channels / groups x positions), so
+    it serves every dim: under the "compiled" fixture it runs for Conv1d/3d, under "eager"
+    it does not (the other tests of this file then check both paths against the paper)."""
+    calls = []
+    compiled = equinorm_functional._CompiledEquiNorm
+    original = compiled.forward
+
+    def spy(*args):
+        calls.append(args[1].shape)  # the weight
+        return original(*args)
+    monkeypatch.setattr(compiled, "forward", staticmethod(spy))
+    layer = EQUINORM_CONVS[dims](3, 4, 3, padding=1)
+    layer(torch.rand(2, 3, *(5,) * dims)).sum().backward()
+    assert calls == ([(4, 3, *(3,) * dims)] if kernel_transform == "compiled" else [])
+
+
+def test_conv1d_and_conv3d_check_their_input_and_need_an_input_size_to_fold():
+    with pytest.raises(ValueError, match=r"EquiNormConv1d: expected input of shape "
+                                         r"\(N, 3, L\), got \(3, 5\)"):
+        EquiNormConv1d(3, 4, 3)(torch.rand(3, 5))
+    with pytest.raises(ValueError, match=r"EquiNormConv3d: expected input of shape "
+                                         r"\(N, 3, D, H, W\), got \(2, 3, 5, 5\)"):
+        EquiNormConv3d(3, 4, 3)(torch.rand(2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"padding must be an int or a tuple of 3 ints"):
+        EquiNormConv3d(3, 4, 3, padding="same")
+    with pytest.raises(ValueError, match=r"pass input_size=\(D, H, W\)"):
+        EquiNormConv3d(3, 4, 3, stride=2).to_plain()
+    layer = EquiNormConv3d(3, 4, 3, stride=2, padding=1, dtype=torch.float64)
+    layer(torch.rand(2, 3, 5, 6, 7, dtype=torch.float64))  # moves running_mean
+    layer.eval()
+    x = torch.rand(2, 3, 5, 6, 7, dtype=torch.float64)
+    plain = layer.to_plain(input_size=(5, 6, 7))
+    assert type(plain) is nn.Conv3d
+    torch.testing.assert_close(plain(x), layer(x))
 
 
 def unequal_channel_means(shape):
@@ -355,11 +469,12 @@ def test_bad_arguments_and_inputs_raise_clear_errors():
         EquiNormLinear(1, 4)
     with pytest.raises(ValueError, match="groups must divide"):
         EquiNormConv2d(3, 4, 3, groups=2)
-    with pytest.raises(ValueError, match="padding must be an int or a pair"):
+    with pytest.raises(ValueError, match="padding must be an int or a tuple of 2 ints"):
         EquiNormConv2d(3, 4, 3, padding="same")
     with pytest.raises(ValueError, match="padding_mode must be"):
         EquiNormConv2d(3, 4, 3, padding_mode="mirror")
-    with pytest.raises(ValueError, match=r"expected input \(N, 3, H, W\), got \(2, 4, 5, 5\)"):
+    with pytest.raises(ValueError,
+                       match=r"expected input of shape \(N, 3, H, W\), got \(2, 4, 5, 5\)"):
         EquiNormConv2d(3, 4, 3)(torch.rand(2, 4, 5, 5))
     with pytest.raises(ValueError, match=r"expected input \(N, \*, 3\), got \(3,\)"):
         EquiNormLinear(3, 4)(torch.rand(3))
@@ -371,14 +486,16 @@ def test_bad_arguments_and_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("source", [
     nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
-    nn.Conv2d(4, 6, 1, stride=2), nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Linear(5, 3)])
+    nn.Conv2d(4, 6, 1, stride=2), nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Linear(5, 3),
+    nn.Conv1d(4, 6, 3, padding=1, padding_mode="reflect"), nn.Conv3d(4, 6, 3, padding=1)])
 def test_from_module_computes_the_source_minus_its_kernel_means_in_eval(source):
     """The documented choice: in eval mode at the initial running means, EquiNorm computes
     the source with each output channel's kernel mean removed (exact for zero-mean kernels)."""
-    is_conv = isinstance(source, nn.Conv2d)
-    cls = EquiNormConv2d if is_conv else EquiNormLinear
+    is_conv = not isinstance(source, nn.Linear)
+    dims = source.weight.dim() - 2
+    cls = EQUINORM_CONVS[dims] if is_conv else EquiNormLinear
     source = source.double()
-    x = (torch.rand(3, 4, 8, 8) if is_conv else torch.rand(7, 5)).double()
+    x = (torch.rand(3, 4, *(6,) * dims) if is_conv else torch.rand(7, 5)).double()
 
     def without_bias(weight):
         return source._conv_forward(x, weight, None) if is_conv else F.linear(x, weight)
@@ -446,5 +563,7 @@ def test_converted_cifar_resnet_trains(single_pass):
 def test_registered_and_exported():
     method = normlab.registry.get("equinorm")
     assert method.family == "weight"
-    assert method.replaces == {nn.Linear: EquiNormLinear, nn.Conv2d: EquiNormConv2d}
+    assert method.replaces == {nn.Linear: EquiNormLinear, nn.Conv1d: EquiNormConv1d,
+                               nn.Conv2d: EquiNormConv2d, nn.Conv3d: EquiNormConv3d}
     assert normlab.EquiNormConv2d is EquiNormConv2d and normlab.EquiNormLinear is EquiNormLinear
+    assert normlab.EquiNormConv1d is EquiNormConv1d and normlab.EquiNormConv3d is EquiNormConv3d

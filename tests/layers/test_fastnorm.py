@@ -8,7 +8,14 @@ from torch.nn.utils.parametrizations import weight_norm
 
 import normlab
 from conftest import skip_unless_ci
-from normlab import FastNormConv2d, FastNormLinear, FastNormSGD, training
+from normlab import (
+    FastNormConv1d,
+    FastNormConv2d,
+    FastNormConv3d,
+    FastNormLinear,
+    FastNormSGD,
+    training,
+)
 from normlab._ext import loader as _native
 from normlab.layers import fastnorm
 from normlab.layers.fastnorm import (
@@ -175,15 +182,17 @@ def twin_weights(twin):
 
 
 def train_twins_and_compare(steps, batch_size, weight_decay, momentum=0.0, lr=0.3,
-                            conv=False, twin=weight_norm_twin, **fast_kw):
+                            conv_dims=0, twin=weight_norm_twin, **fast_kw):
     """FastNorm (default settings unless `fast_kw`) + FastNormSGD against `twin` (torch's
     weight_norm) + torch.optim.SGD from the same function, float64: outputs, effective
-    weights, logical weights and tracked norms agree to 1e-9."""
+    weights, logical weights and tracked norms agree to 1e-9. `conv_dims`: 0 for an MLP,
+    1, 2 or 3 for a CNN of that many spatial dims."""
     torch.manual_seed(0)
-    if conv:
-        plain = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(),
-                              nn.Conv2d(5, 3, 3, stride=2), nn.Flatten()).double()
-        sample = (2, 6, 6)
+    if conv_dims:
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[conv_dims - 1]
+        plain = nn.Sequential(conv(2, 5, 3, padding=1), nn.ReLU(),
+                              conv(5, 3, 3, stride=2), nn.Flatten()).double()
+        sample = (2,) + (6,) * conv_dims
     else:
         plain = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3)).double()
         sample = (8,)
@@ -237,9 +246,11 @@ def test_momentum_is_equivalent_for_200_steps(mode, update_paths):
     assert set(update_paths) == {"dense"}  # the momentum buffer is dense in either mode
 
 
-def test_conv2d_is_equivalent_to_explicit_weight_norm_for_200_steps(update_paths):
-    fast = train_twins_and_compare(200, 8, 1e-3, conv=True)
-    assert isinstance(fast[0], FastNormConv2d) and set(update_paths) == {"dense"}
+@pytest.mark.parametrize("dims,steps,cls", [(2, 200, FastNormConv2d), (1, 60, FastNormConv1d),
+                                             (3, 60, FastNormConv3d)])
+def test_conv_is_equivalent_to_explicit_weight_norm(dims, steps, cls, update_paths):
+    fast = train_twins_and_compare(steps, 8, 1e-3, conv_dims=dims)
+    assert type(fast[0]) is cls and type(fast[2]) is cls and set(update_paths) == {"dense"}
 
 
 def test_with_normprops_input_standardization_it_trains_as_normprop():
@@ -505,12 +516,36 @@ def test_conv2d_is_registered_and_checks_its_arguments_and_input():
     x = torch.randn(2, 3, 6, 6)
     assert torch.allclose(converted[0](x), cnn[0](x), atol=1e-6)
     assert torch.allclose(converted[0].to_plain()(x), cnn[0](x), atol=1e-6)
-    with pytest.raises(ValueError, match="divisible by groups"):
+    with pytest.raises(ValueError, match="groups must divide"):
         FastNormConv2d(3, 4, 3, groups=2)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
         converted[0](torch.randn(2, 4, 6, 6))
     with pytest.raises(TypeError, match="expects an nn.Conv2d"):
         FastNormConv2d.from_module(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dims,cls", [(1, FastNormConv1d), (3, FastNormConv3d)])
+def test_conv1d_and_conv3d_are_registered_and_keep_the_function(dims, cls):
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    cnn = nn.Sequential(conv(3, 4, 3, stride=2, padding=1, groups=1), nn.ReLU()).double()
+    converted = normlab.convert(cnn, "fastnorm")
+    assert type(converted[0]) is cls and normlab.registry.get("fastnorm").replaces[conv] is cls
+    assert getattr(normlab, cls.__name__) is cls
+    x = torch.randn(2, 3, *(5,) * dims, dtype=F64)
+    assert relative(converted[0](x), cnn[0](x)) < 1e-12
+    plain = converted[0].to_plain()
+    assert type(plain) is conv and relative(plain(x), cnn[0](x)) < 1e-12
+    # rows stored at unit norm, the norms in the gain: the row norms are tracked exactly
+    torch.testing.assert_close(converted[0].explicit_norms(), torch.ones(4, dtype=F64))
+    torch.testing.assert_close(converted[0].gain, cnn[0].weight.flatten(1).norm(dim=1))
+    positions = ("L", "D, H, W")[dims == 3]
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: expected input of shape "
+                                         rf"\(N, 3, {positions}\), got \(3, 5\)"):
+        converted[0](torch.randn(3, 5, dtype=F64))
+    with pytest.raises(ValueError, match="padding_mode must be one of \\['zeros'\\]"):
+        cls(3, 4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        cls.from_module(conv(3, 4, 3, padding=1, padding_mode="circular"))
 
 
 def test_a_checkpoint_without_the_row_scale_loads_with_unit_scales():

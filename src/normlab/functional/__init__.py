@@ -5,7 +5,7 @@ parameters and buffers, and calls one function here, as torch.nn.BatchNorm2d
 calls torch.nn.functional.batch_norm:
 
 * :func:`weight_norm_linear` (norms taken, and differentiated, here),
-  :func:`row_scaled_linear`, :func:`row_scaled_conv2d` (rows scaled by norms
+  :func:`row_scaled_linear`, :func:`row_scaled_conv` (rows scaled by norms
   given) and :func:`row_norms`: weight normalization (WeightNorm, scaled
   WeightNorm, NormProp, FastNorm).
 * :func:`batch_renorm`: Batch Renormalization.
@@ -28,16 +28,17 @@ import warnings
 from .batch_renorm import batch_renorm
 from .equinorm import equi_norm, equilibrium_shift_scale, unit_row_shift_scale
 from .online_norm import ONLINE_NORM_ECMS, OnlineNormFunction, linear_scan, online_norm
-from .weight_norm import row_norms, row_scaled_conv2d, row_scaled_linear, weight_norm_linear
+from .weight_norm import row_norms, row_scaled_conv, row_scaled_linear, weight_norm_linear
 
 __all__ = ["ONLINE_NORM_ECMS", "OnlineNormFunction", "batch_renorm", "equi_norm",
            "equilibrium_shift_scale", "linear_scan", "online_norm", "row_norms",
-           "row_scaled_conv2d", "row_scaled_linear", "unit_row_shift_scale",
+           "row_scaled_conv", "row_scaled_linear", "unit_row_shift_scale",
            "weight_norm_linear"]
 
 # old name -> new name: weight_normalized_linear was easily taken for weight_norm_linear
 _RENAMED = {"weight_normalized_linear": "row_scaled_linear",
-            "weight_normalized_conv2d": "row_scaled_conv2d"}
+            "weight_normalized_conv2d": "row_scaled_conv",
+            "row_scaled_conv2d": "row_scaled_conv"}  # it serves Conv1d/2d/3d
 
 
 def __getattr__(name: str):

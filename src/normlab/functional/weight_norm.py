@@ -1,4 +1,4 @@
-"""Weight normalization's math: row norms, and Linear/Conv2d maps with normalized rows
+"""Weight normalization's math: row norms, and Linear/ConvNd maps with normalized rows
 (WeightNorm, scaled WeightNorm, NormProp, FastNorm)."""
 
 from __future__ import annotations
@@ -124,16 +124,21 @@ def weight_norm_linear(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor
     return _WeightNormLinear.apply(x, weight, gain, bias, float(input_mean), eps)
 
 
-def row_scaled_conv2d(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor,
-                             inv_norm: torch.Tensor, bias: torch.Tensor | None = None,
-                             stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
-    """The convolution counterpart of `row_scaled_linear`.
+_CONVOLUTIONS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by the weight's rank
+
+
+def row_scaled_conv(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor,
+                    inv_norm: torch.Tensor, bias: torch.Tensor | None = None,
+                    stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """The convolution counterpart of `row_scaled_linear`, in 1, 2 or 3 spatial dims (those
+    of `weight`: (out, in / groups, *kernel)).
 
     z_c = gain_c * inv_norm_c * (W_c * x) + bias_c, where W_c is output
-    channel c's kernel (in_channels / groups, kH, kW) and inv_norm_c is
-    1 / ||W_c|| over the whole kernel. The scale is applied per output
-    channel of the (N, out, H', W') result, the kernel is left untouched.
+    channel c's kernel and inv_norm_c is 1 / ||W_c|| over the whole kernel.
+    The scale is applied per output channel of the (N, out, *positions) result,
+    the kernel is left untouched.
     """
-    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    z = z * (gain * inv_norm)[:, None, None]
-    return z if bias is None else z + bias[:, None, None]
+    z = _CONVOLUTIONS[weight.dim()](x, weight, None, stride, padding, dilation, groups)
+    per_channel = (-1,) + (1,) * (weight.dim() - 2)
+    z = z * (gain * inv_norm).view(per_channel)
+    return z if bias is None else z + bias.view(per_channel)

@@ -1,4 +1,4 @@
-"""Equilibrium Normalization (EquiNorm): drop-in Linear and Conv2d layers.
+"""Equilibrium Normalization (EquiNorm): drop-in Linear and Conv1d/2d/3d layers.
 
 Defazio and Bottou, "Controlling covariate shift using equilibrium
 normalization of weights", arXiv:1812.04549 (ICLR 2019 submission).
@@ -23,11 +23,10 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules.utils import _pair
 
 from .. import checks, functional
 from ..distributed import RankSlice, Syncable, all_reduce_sum
-from ._base import WeightNormalizedLayer
+from ._base import SPATIAL_NAMES, ConvGeometry, SourceWeight, WeightNormalizedLayer
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -53,16 +52,15 @@ def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = Non
 
 
 class _EquiNorm(nn.Module, WeightNormalizedLayer, Syncable):
-    """What EquiNormLinear and EquiNormConv2d share: parameters, statistics, forward.
+    """What EquiNormLinear and EquiNormConv1d/2d/3d share: parameters, statistics, forward.
 
     A subclass sets the weight shape and says how its input is read
-    (`_check_input`, `_positions_ratio_at` its spatial size, `_stat_dims`),
-    which map applies the weight (`_apply_weight`) and which torch layer
-    that map is (`_plain_layer`).
+    (`_check_input`, `_positions_ratio_at` its spatial size, `_stat_dims`)
+    and which map applies the weight (`_apply_weight`).
     """
 
     # its kernels have zero mean per output channel: exact only for such modules
-    # (`_copy_function_of`)
+    # (`_load_source`)
     from_module_keeps_function = False
 
     def __init__(self, in_channels: int, out_channels: int, weight_shape: tuple[int, ...],
@@ -145,47 +143,42 @@ class _EquiNorm(nn.Module, WeightNormalizedLayer, Syncable):
             raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the "
                             f"weight dtype {self.weight.dtype} (convert one, or use autocast)")
 
-    def _copy_function_of(self, module: nn.Module):
-        """Take `module`'s weight and bias and set gain = 1 / s at the running means (ones).
+    def _load_source(self, source: SourceWeight) -> None:
+        """Take the torch layer's weight and bias and set gain = 1 / s at the running means
+        (ones).
 
         EquiNorm's effective kernel always has zero (input-weighted) mean per
         output channel, so no gain or bias reproduces an arbitrary layer on all
         inputs. With running means of one, b_d is minus the mean of channel d's
-        kernel, and in evaluation mode the layer computes `module`'s function
-        with each output channel's kernel mean removed: exactly `module`'s
+        kernel, and in evaluation mode the layer computes the source's function
+        with each output channel's kernel mean removed: exactly the source's
         function when those means are zero. For a convolution, exactly means
-        at inputs whose size the output covers (H_out stride = H, as with
-        padding k // 2). In training mode s comes from each batch, as in any
+        at inputs whose size the output covers (output size x stride = input size,
+        as with padding k // 2). In training mode s comes from each batch, as in any
         batch normalizer.
         """
-        with torch.no_grad():
-            self.weight.copy_(module.weight)
-            if self.bias is not None:
-                self.bias.copy_(module.bias)
-            self.reset_running_stats()
-            _, scale, row_max = functional.unit_row_shift_scale(
-                self.weight, self.running_mean, 1.0, self.groups, self.single_pass)
-            self.gain.copy_(row_max / scale)  # 1 / s, finite for tiny rows too
-        return self.train(module.training)
+        self.weight.copy_(source.weight)
+        if self.bias is not None:
+            self.bias.copy_(source.bias)
+        self.reset_running_stats()
+        _, scale, row_max = functional.unit_row_shift_scale(
+            self.weight, self.running_mean, 1.0, self.groups, self.single_pass)
+        self.gain.copy_(row_max / scale)  # 1 / s, finite for tiny rows too
 
     @torch.no_grad()
-    def to_plain(self, input_size: tuple[int, int] | None = None) -> nn.Linear | nn.Conv2d:
+    def to_plain(self, input_size: tuple[int, ...] | None = None) -> nn.Module:
         """The torch layer computing this layer's evaluation-mode function (for fold).
 
         Its kernel is the one the forward applies in evaluation, from
         ``running_mean``. A convolution whose output size is not its input
         size (stride or padding) has a kernel that depends on the input's
-        (H, W) (through r): pass `input_size`, and the plain layer is exact
-        at that size only.
+        size (through r): pass `input_size` (its positions, e.g. (H, W)), and the
+        plain layer is exact at that size only.
         """
         ratio = self._positions_ratio_at(input_size)
         kernel = functional.equi_norm(self.weight, self.running_mean, self.gain, ratio,
                                       self.groups, self.single_pass)
-        plain = self._plain_layer()
-        plain.weight.copy_(kernel)
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
-        return plain.train(self.training)
+        return self._plain_with(kernel, self.bias)
 
     def _extra_repr_tail(self) -> str:
         return (f"bias={self.bias is not None}, single_pass={self.single_pass}, "
@@ -240,14 +233,6 @@ class EquiNormLinear(_EquiNorm):
                          dtype)
         self.in_features, self.out_features = in_features, out_features
 
-    @classmethod
-    def from_module(cls, module: nn.Linear, **kw) -> EquiNormLinear:
-        """An EquiNormLinear computing `module`'s function, in the sense of `_copy_function_of`."""
-        cls.check_source(module)
-        layer = cls(module.in_features, module.out_features, module.bias is not None,
-                    device=module.weight.device, dtype=module.weight.dtype, **kw)
-        return layer._copy_function_of(module)
-
     def _check_input(self, x):
         super()._check_input(x)
         if x.dim() < 2 or x.shape[-1] != self.in_features:
@@ -260,10 +245,6 @@ class EquiNormLinear(_EquiNorm):
     def _positions_ratio_at(self, input_size):
         return 1.0
 
-    def _plain_layer(self) -> nn.Linear:
-        return nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                         device=self.weight.device, dtype=self.weight.dtype)
-
     def _apply_weight(self, x, weight):
         return F.linear(x, weight, self.bias)
 
@@ -272,28 +253,31 @@ class EquiNormLinear(_EquiNorm):
                 + self._extra_repr_tail())
 
 
-class EquiNormConv2d(_EquiNorm):
-    r"""A Conv2d layer with Equilibrium Normalization of its weights.
+class _EquiNormConv(ConvGeometry, _EquiNorm):
+    r"""A convolution with Equilibrium Normalization of its weights.
 
     For output channel d, with m_c the mean of input channel c over the batch
-    (or its first `stat_fraction`) and positions, w_dc = sum_jk w_dcjk and
-    K = kh kw::
+    (or its first `stat_fraction`) and positions, w_dc = sum_j w_dcj over the K
+    positions j of the kernel::
 
-        r    = batch x H_out x W_out x stride^2   (per input element: r / (batch H W))
+        r    = batch x (output positions) x (product of the strides)
+               (per input element: r / (batch x input positions))
         b_d  = -sum_c m_c w_dc / (K sum_c m_c)
-        w'_dc = sum_jk (w_dcjk + b_d) [w_dcjk + b_d > 0]                (two-pass)
-              = sum_jk w_dcjk [w_dcjk > 0] + b_d #{jk: w_dcjk > 0}       (single-pass)
-        s_d  = r / sum_c v_c w'_dc,   v_c = batch H W m_c
+        w'_dc = sum_j (w_dcj + b_d) [w_dcj + b_d > 0]                (two-pass)
+              = sum_j w_dcj [w_dcj > 0] + b_d #{j: w_dcj > 0}       (single-pass)
+        s_d  = r / sum_c v_c w'_dc,   v_c = batch x (input positions) x m_c
         y    = gain * conv(x, s (w + b)) + bias
 
-    With circular padding and stride 1 (and two-pass), each output channel has
-    mean zero over batch and positions and its positive weights contribute r
-    in total; s and b are differentiated through (autograd). Evaluation mode
-    uses ``running_mean`` (updated with `momentum` in training) instead of m.
+    (the paper's Conv2d, where the positions are H x W and the strides' product
+    stride^2, in any number of spatial dims). With circular padding and stride 1
+    (and two-pass), each output channel has mean zero over batch and positions and
+    its positive weights contribute r in total; s and b are differentiated through
+    (autograd). Evaluation mode uses ``running_mean`` (updated with `momentum` in
+    training) instead of m.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-        bias, padding_mode: as for :class:`torch.nn.Conv2d` (padding as int or pair).
+        bias, padding_mode: as the torch convolution (padding as int or tuple).
         single_pass: the paper's one-pass approximation (default, as in its experiments).
         stat_fraction: the fraction of the batch (from its start) that gives m, in (0, 1].
         momentum: running_mean <- (1 - momentum) running_mean + momentum m.
@@ -303,8 +287,8 @@ class EquiNormConv2d(_EquiNorm):
             m of the batch this process is given.
 
     Shape:
-        - Input: (N, C_in, H, W).
-        - Output: (N, C_out, H_out, W_out), as for :class:`torch.nn.Conv2d`.
+        - Input: (N, C_in, *positions), batched.
+        - Output: (N, C_out, *positions_out), as the torch convolution.
 
     Example:
         >>> layer = EquiNormConv2d(16, 32, 3, padding=1)
@@ -312,60 +296,33 @@ class EquiNormConv2d(_EquiNorm):
         torch.Size([8, 32, 32, 32])
     """
 
-    plain_type = nn.Conv2d
     plain_form_needs_input_size = True  # with stride or padding, see to_plain
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  single_pass: bool = True, stat_fraction: float = 1.0, momentum: float = 0.1,
                  sync: bool = False, process_group=None, device=None, dtype=None):
-        owner = type(self).__name__
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("groups", groups)):
-            checks.positive_int(owner, name, value)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups must divide in_channels ({in_channels}) and out_channels "
-                             f"({out_channels}); got groups={groups}")
-        if isinstance(padding, str):
-            raise ValueError(f"EquiNormConv2d: padding must be an int or a pair of ints, "
-                             f"got {padding!r}")
-        checks.one_of(owner, "padding_mode", padding_mode,
-                      ("zeros", "reflect", "replicate", "circular"))
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.padding_mode = padding_mode
-        super().__init__(in_channels, out_channels,
-                         (out_channels, in_channels // groups, *self.kernel_size), groups, bias,
-                         single_pass, stat_fraction, momentum, sync, process_group, device,
-                         dtype)
-
-    @classmethod
-    def from_module(cls, module: nn.Conv2d, **kw) -> EquiNormConv2d:
-        """An EquiNormConv2d computing `module`'s function, in the sense of `_copy_function_of`."""
-        cls.check_source(module)
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                    module.padding, module.dilation, module.groups, module.bias is not None,
-                    module.padding_mode, device=module.weight.device,
-                    dtype=module.weight.dtype, **kw)
-        return layer._copy_function_of(module)
+        weight_shape = self._init_geometry(in_channels, out_channels, kernel_size, stride,
+                                           padding, dilation, groups, padding_mode)
+        super().__init__(in_channels, out_channels, weight_shape, groups, bias, single_pass,
+                         stat_fraction, momentum, sync, process_group, device, dtype)
 
     def _check_input(self, x):
         super()._check_input(x)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"EquiNormConv2d: expected input (N, {self.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+        self._check_conv_input(x)
 
     def _stat_dims(self, x):
-        return (0, 2, 3)
+        return (0, *range(2, x.dim()))
 
     def _positions_ratio_at(self, input_size):
         if input_size is None:
-            if self.stride == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(
+            if all(s == 1 for s in self.stride) and all(2 * p == d * (k - 1) for k, p, d in zip(
                     self.kernel_size, self.padding, self.dilation)):
                 return 1.0  # output size = input size, whatever the size
             raise ValueError(
                 f"{type(self).__name__}: with stride {self.stride} and padding {self.padding} "
-                f"the evaluation kernel depends on the input size; pass input_size=(H, W) "
+                f"the evaluation kernel depends on the input size; pass "
+                f"input_size=({SPATIAL_NAMES[self.spatial_dims()]}) "
                 f"(normlab.fold(model, example_input) does)")
         ratio = 1.0
         for size, kernel, stride, padding, dilation in zip(
@@ -374,21 +331,23 @@ class EquiNormConv2d(_EquiNorm):
             ratio *= out_size * stride / size
         return ratio
 
-    def _plain_layer(self) -> nn.Conv2d:
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, self.bias is not None,
-                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
-
     def _apply_weight(self, x, weight):
-        if self.padding_mode == "zeros":
-            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation,
-                            self.groups)
-        (ph, pw) = self.padding
-        x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-        return F.conv2d(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, padding_mode={self.padding_mode!r}, "
-                + self._extra_repr_tail())
+        return f"{self._geometry_repr()}, {self._extra_repr_tail()}"
+
+
+class EquiNormConv1d(_EquiNormConv):
+    __doc__ = _EquiNormConv.__doc__.replace("A convolution", "A Conv1d layer", 1)
+    plain_type = nn.Conv1d
+
+
+class EquiNormConv2d(_EquiNormConv):
+    __doc__ = _EquiNormConv.__doc__.replace("A convolution", "A Conv2d layer", 1)
+    plain_type = nn.Conv2d
+
+
+class EquiNormConv3d(_EquiNormConv):
+    __doc__ = _EquiNormConv.__doc__.replace("A convolution", "A Conv3d layer", 1)
+    plain_type = nn.Conv3d

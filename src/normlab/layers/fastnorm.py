@@ -41,7 +41,7 @@ gradient dL/dz, which is how the step gets its samples without a Python hook;
 the compiled step also applies SGD to the gain and bias. The eager path
 computes the same and is the specification (tests compare them).
 
-The *dense* mode (`mode="dense"`, and `FastNormConv2d` always) is the
+The *dense* mode (`mode="dense"`, and `FastNormConv1d/2d/3d` always) is the
 paper's hybrid mode: autograd gives `weight.grad` the true gradient with
 respect to the logical weight W (torch's `weight_norm`'s v), so gradient
 clipping, DDP's all-reduce and inspection work on it; after the update the
@@ -61,13 +61,12 @@ import weakref
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules.utils import _pair
 
 from .. import checks
 from .._ext import loader as _native
 from .._ext.loader import tracing as _tracing
 from ..distributed import HasSyncedForm
-from ._base import WeightNormalizedLayer
+from ._base import ConvGeometry, SourceWeight, WeightNormalizedLayer, plain_args
 from .weight_norm import INPUT_STATS
 
 # Measured with `normlab bench --case fastnorm_crossover` (the 784-1024-10 MLP step,
@@ -255,7 +254,7 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
-    """What FastNormLinear and FastNormConv2d share: W = diag(s) V, the tracked
+    """What FastNormLinear and FastNormConv1d/2d/3d share: W = diag(s) V, the tracked
     t = 1 / ||W_i||, the scaled output, renormalization, the optimizer's step."""
 
     _modes: tuple[str, ...] = ("fused", "dense")
@@ -289,20 +288,16 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
 
     def reset_parameters(self) -> None:
         """The function of the freshly initialized torch layer, with unit-norm rows."""
-        reference = self._torch_layer(self.bias is not None, device=self.weight.device,
-                                      dtype=self.weight.dtype)
+        reference = self.plain_type(**plain_args(self))
         self._load(reference.weight, reference.bias)
 
-    @classmethod
-    def from_module(cls, module: nn.Module, **kw):
-        """A layer computing the same function as `module` (its rows stored normalized)."""
-        cls.check_source(module)
-        # standardizing the input shifts it: a bias keeps the function exact
-        bias = module.bias is not None or kw.get("input_activation") is not None
-        layer = cls(**cls._torch_args(module), bias=bias, device=module.weight.device,
-                    dtype=module.weight.dtype, **kw)
-        layer._load(module.weight, module.bias)
-        return layer
+    def _load_source(self, source: SourceWeight) -> None:
+        """The torch layer's function, its rows stored normalized; standardizing the input
+        shifts it, so a layer with `input_activation` gets a bias even if the source has
+        none."""
+        if self.bias is None and self.input_activation is not None:
+            self.bias = nn.Parameter(torch.zeros_like(self.gain))
+        self._load(source.weight, source.bias)
 
     @torch.no_grad()
     def _load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -462,18 +457,16 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
     @torch.no_grad()
     def to_plain(self, input_size=None) -> nn.Module:
         """A plain torch layer computing this layer's function."""
-        stats = INPUT_STATS[self.input_activation]
-        plain = self._torch_layer(bias=self.bias is not None or stats is not None,
-                                  device=self.weight.device, dtype=self.weight.dtype)
         scale = (self.gain * self.inv_norm * self.row_scale).to(self.weight.dtype)
-        plain.weight.copy_(self.weight * scale.view(self._row_shape()))
-        if plain.bias is not None:
-            plain.bias.copy_(self.bias) if self.bias is not None else plain.bias.zero_()
+        kernel = self.weight * scale.view(self._row_shape())
+        bias = self.bias
+        stats = INPUT_STATS[self.input_activation]
         if stats is not None:  # W x~ = (W / std) x - (mean / std) W 1
             mean, std = stats
-            plain.weight.div_(std)
-            plain.bias.sub_(plain.weight.flatten(1).sum(1), alpha=mean)
-        return plain
+            kernel = kernel / std
+            shift = -mean * kernel.flatten(1).sum(1)
+            bias = shift if bias is None else bias + shift
+        return self._plain_with(kernel, bias)
 
     # -- the optimizer's interface (FastNormSGD calls these) ------------------------
 
@@ -724,13 +717,6 @@ class FastNormLinear(_FastNorm):
         self._init_fastnorm((out_features, in_features), bias, mode, renorm_every,
                             renorm_resets_norm, device, dtype)
 
-    @staticmethod
-    def _torch_args(module: nn.Linear) -> dict:
-        return {"in_features": module.in_features, "out_features": module.out_features}
-
-    def _torch_layer(self, bias: bool, **factory) -> nn.Linear:
-        return nn.Linear(self.in_features, self.out_features, bias, **factory)
-
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"FastNormLinear expected input of shape (*, {self.in_features}), "
@@ -752,8 +738,8 @@ class FastNormLinear(_FastNorm):
                    if self.input_activation is not None else ""))
 
 
-class FastNormConv2d(_FastNorm):
-    r"""Weight-normalized 2-D convolution in FastNorm's hybrid mode.
+class _FastNormConv(ConvGeometry, _FastNorm):
+    r"""Weight-normalized convolution in FastNorm's hybrid mode.
 
     .. math::
         z_c = \gamma_c \, \frac{W_c \star x}{\|W_c\|} + \beta_c
@@ -763,18 +749,20 @@ class FastNormConv2d(_FastNorm):
     the kernel, not one per forward), and applied as a per-output-channel
     scale on the output; the kernel itself is never rescaled. `weight.grad`
     holds the gradient of the logical kernel W = diag(s) V. Train it with
-    :class:`FastNormSGD`.
+    :class:`FastNormSGD`. The dense mode is eager torch in every dimension (the
+    compiled kernels serve FastNormLinear's fused mode only).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation,
-            groups, bias: as :class:`torch.nn.Conv2d` (zero padding).
+            groups, bias: as the torch convolution; numeric zero padding only
+            (padding_mode ``"zeros"``).
         mode: ``"dense"``, the only mode for convolutions (accepted so that one
             set of keywords converts a whole CNN).
         renorm_every, renorm_resets_norm: as :class:`FastNormLinear`.
         device, dtype: as torch.nn modules.
 
     Shape:
-        - Input: :math:`(N, C_{in}, H, W)`; Output: :math:`(N, C_{out}, H', W')`.
+        - Input: :math:`(N, C_{in}, *positions)`; Output: :math:`(N, C_{out}, *positions')`.
 
     Example:
         >>> conv = FastNormConv2d(3, 16, 3, padding=1)
@@ -783,63 +771,52 @@ class FastNormConv2d(_FastNorm):
         >>> optimizer.step()
     """
 
-    plain_type = nn.Conv2d
-
     _modes = ("dense",)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, mode: str = "dense",
-                 renorm_every: int | None = DEFAULT_RENORM_EVERY,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 mode: str = "dense", renorm_every: int | None = DEFAULT_RENORM_EVERY,
                  renorm_resets_norm: bool = False, input_activation: None = None, device=None,
                  dtype=None):
         super().__init__()
         if input_activation is not None:
             # Standardizing x explicitly would also shift the zero padding; NormProp's
             # fold into the bias would need each kernel's sum every step.
-            raise ValueError("FastNormConv2d: input_activation must be None (NormProp's input "
-                             "standardization exists for FastNormLinear; for convolutions use "
-                             f"NormPropConv2d), got {input_activation!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("groups", groups)):
-            checks.positive_int("FastNormConv2d", name, value)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
-                             f"must be divisible by groups ({groups})")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self._init_fastnorm((out_channels, in_channels // groups, *self.kernel_size), bias,
-                            mode, renorm_every, renorm_resets_norm, device, dtype)
-
-    @staticmethod
-    def _torch_args(module: nn.Conv2d) -> dict:
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError("FastNormConv2d.from_module supports numeric zero padding, got "
-                             f"padding={module.padding!r}, padding_mode={module.padding_mode!r}")
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                "kernel_size": module.kernel_size, "stride": module.stride,
-                "padding": module.padding, "dilation": module.dilation,
-                "groups": module.groups}
-
-    def _torch_layer(self, bias: bool, **factory) -> nn.Conv2d:
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, bias, **factory)
+            name = type(self).__name__
+            raise ValueError(f"{name}: input_activation must be None (NormProp's input "
+                             "standardization exists for FastNormLinear; for convolutions "
+                             f"use {name.replace('FastNorm', 'NormProp')}), got "
+                             f"{input_activation!r}")
+        weight_shape = self._init_geometry(in_channels, out_channels, kernel_size, stride,
+                                           padding, dilation, groups, padding_mode,
+                                           padding_modes=("zeros",))
+        self._init_fastnorm(weight_shape, bias, mode, renorm_every, renorm_resets_norm,
+                            device, dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"FastNormConv2d expected input of shape (N, {self.in_channels}, "
-                             f"H, W), got {tuple(x.shape)}")
-        checks.floating_point_input("FastNormConv2d", x)
+        self._check_conv_input(x)
 
     def _map(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv(x, weight)
 
-    @staticmethod
-    def _per_output(values: torch.Tensor) -> torch.Tensor:
-        return values.view(-1, 1, 1)
+    def _per_output(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(-1, *[1] * self.spatial_dims())
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}, "
+        return (f"{self._geometry_repr()}, bias={self.bias is not None}, "
                 f"{self._extra_repr_tail()}")
+
+
+class FastNormConv1d(_FastNormConv):
+    __doc__ = _FastNormConv.__doc__.replace("convolution", "1-D convolution", 1)
+    plain_type = nn.Conv1d
+
+
+class FastNormConv2d(_FastNormConv):
+    __doc__ = _FastNormConv.__doc__.replace("convolution", "2-D convolution", 1)
+    plain_type = nn.Conv2d
+
+
+class FastNormConv3d(_FastNormConv):
+    __doc__ = _FastNormConv.__doc__.replace("convolution", "3-D convolution", 1)
+    plain_type = nn.Conv3d

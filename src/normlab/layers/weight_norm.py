@@ -1,4 +1,5 @@
-"""Weight normalization and two relatives, as drop-in nn.Linear / nn.Conv2d.
+"""Weight normalization and two relatives, as drop-in nn.Linear / nn.Conv1d / nn.Conv2d /
+nn.Conv3d.
 
 All three compute, for the output unit i with weight row (or kernel) w_i,
 
@@ -27,10 +28,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import checks, functional
-from ._base import WeightNormalizedLayer
+from ._base import SPATIAL_NAMES, ConvGeometry, SourceWeight, WeightNormalizedLayer
 
 RELU_GAUSSIAN_MEAN = math.sqrt(1 / (2 * math.pi))
 RELU_GAUSSIAN_STD = math.sqrt((1 - 1 / math.pi) / 2)
@@ -40,11 +40,12 @@ _NONLINEARITY_GAIN = {"relu": 2.0, "linear": 1.0}
 INPUT_STATS = {"relu": (RELU_GAUSSIAN_MEAN, RELU_GAUSSIAN_STD), None: None}
 
 
-class _WeightNormalized(WeightNormalizedLayer):
-    """The shared part, mixed in before nn.Linear / nn.Conv2d.
+class WeightNormBase(WeightNormalizedLayer):
+    """What WeightNorm, scaled WeightNorm and NormProp layers share, mixed in before
+    nn.Linear / nn.ConvNd: each divides its rows by their norms in every forward.
 
     A geometry class provides `_map(x)`, `_check_input`,
-    `fan_in`/`fan_out`, `_unit_dim` and `_torch_args`; a method mixin
+    `fan_in`/`fan_out` and `_unit_dim`; a method mixin
     overrides `_factor` and `_input_stats`.
     """
 
@@ -95,7 +96,7 @@ class _WeightNormalized(WeightNormalizedLayer):
         return self._map(x)
 
     @torch.no_grad()
-    def to_plain(self, input_size=None) -> nn.Linear | nn.Conv2d:
+    def to_plain(self, input_size=None) -> nn.Module:
         """The torch layer computing this layer's function: kernel gain' w / ||w||, bias b'.
 
         (gain', b') as in the forward, so NormProp's input standardization is
@@ -104,12 +105,7 @@ class _WeightNormalized(WeightNormalizedLayer):
         """
         gain, inv_norm, bias = self._scale_and_bias()
         per_unit = (-1,) + (1,) * (self.weight.dim() - 1)
-        torch_type = self.plain_type
-        plain = torch_type(**{**self._torch_args(self), "bias": bias is not None})
-        plain.weight.copy_(self.weight * (gain * inv_norm).view(per_unit))
-        if bias is not None:
-            plain.bias.copy_(bias)
-        return plain.train(self.training)
+        return self._plain_with(self.weight * (gain * inv_norm).view(per_unit), bias)
 
     @torch.no_grad()
     def data_init(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,30 +128,26 @@ class _WeightNormalized(WeightNormalizedLayer):
         self.bias.sub_(mean).div_(std)
         return self(x)
 
-    @classmethod
-    def from_module(cls, module: nn.Module, **kw):
-        """A layer computing the same function as `module` (an nn.Linear or nn.Conv2d).
-
-        The direction is `module.weight`; gain is chosen so that the constant
-        factor and the input standardization are undone, and bias so that the
-        standardization's shift is undone. A NormProp layer that standardizes
-        its input gets a bias even if `module` has none. Keywords go to the
-        constructor (``nonlinearity``, ``input_activation``).
-        """
-        cls.check_source(module)
-        layer = cls(**cls._torch_args(module), **kw)
-        with torch.no_grad():
-            if layer.bias is None and layer._input_stats() is not None:
-                layer.bias = nn.Parameter(torch.zeros_like(layer.gain))
-            layer.weight.copy_(module.weight)
-            gain, inv_norm, _ = layer._scale_and_bias()
-            layer.gain.div_(gain * inv_norm)  # the effective scale becomes 1
-            if layer.bias is not None:
-                layer.bias.zero_()
-                _, _, shift = layer._scale_and_bias()
-                target = module.bias if module.bias is not None else torch.zeros_like(shift)
-                layer.bias.copy_(target - shift)
-        return layer
+    def _load_source(self, source: SourceWeight) -> None:
+        """The torch layer's function: the direction is torch's v where torch
+        weight-normalizes the layer with dim=0, else its weight; the gain is the direction's
+        length (torch's g, or the row norm) with the constant factor and the input
+        standardization undone; the bias undoes the standardization's shift. A NormProp
+        layer that standardizes its input gets a bias even if the source has none."""
+        if self.bias is None and self._input_stats() is not None:
+            self.bias = nn.Parameter(torch.zeros_like(self.gain))
+        direction = source.weight if source.direction is None else source.direction
+        lengths = source.lengths
+        if lengths is None:
+            lengths = functional.row_norms(direction, NORM_EPS)
+        self.weight.copy_(direction)
+        self.gain.fill_(1)
+        unit_gain, _ = self._gain_and_input_mean()  # the factor and 1 / std at gain 1
+        self.gain.copy_(lengths / unit_gain)
+        if self.bias is not None:
+            self.bias.zero_()
+            _, _, shift = self._scale_and_bias()
+            self.bias.copy_(-shift if source.bias is None else source.bias - shift)
 
 
 class _Scaled:
@@ -192,7 +184,7 @@ class _NormProp:
         return f"{super().extra_repr()}, input_activation={self.input_activation!r}"
 
 
-class WeightNormLinear(_WeightNormalized, nn.Linear):
+class WeightNormLinear(WeightNormBase, nn.Linear):
     r"""A linear layer with weight normalization (Salimans and Kingma 2016).
 
     .. math:: z_i = \gamma_i \frac{w_i \cdot x}{\|w_i\|} + b_i
@@ -244,29 +236,23 @@ class WeightNormLinear(_WeightNormalized, nn.Linear):
         return functional.weight_norm_linear(x, self.weight, gain, self.bias, input_mean,
                                              NORM_EPS)
 
-    @staticmethod
-    def _torch_args(module: nn.Linear) -> dict:
-        return dict(in_features=module.in_features, out_features=module.out_features,
-                    bias=module.bias is not None, device=module.weight.device,
-                    dtype=module.weight.dtype)
 
-
-class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
-    r"""A 2d convolution with weight normalization (Salimans and Kingma 2016).
+class _WeightNormConv(ConvGeometry, WeightNormBase):
+    r"""A convolution with weight normalization (Salimans and Kingma 2016).
 
     .. math:: z_c = \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
 
     with w_c the kernel of output channel c, of shape
-    (in_channels / groups, kH, kW), normalized as a whole. Initialization
-    as in nn.Conv2d, then gamma = 1, b = 0.
+    (in_channels / groups, *kernel_size), normalized as a whole. Initialization
+    as in the torch convolution, then gamma = 1, b = 0.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        bias, padding_mode, device, dtype: as the torch convolution it replaces.
 
     Shape:
-        - Input: (N, C_in, H, W) or (C_in, H, W)
-        - Output: (N, C_out, H_out, W_out) or (C_out, H_out, W_out), as nn.Conv2d
+        - Input: (N, C_in, *positions) or (C_in, *positions)
+        - Output: (N, C_out, *positions_out) or (C_out, *positions_out), as torch's
 
     Example:
         >>> layer = WeightNormConv2d(3, 16, 3, padding=1)
@@ -274,17 +260,14 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
         torch.Size([8, 16, 32, 32])
     """
 
-    plain_type = nn.Conv2d
+    @property
+    def _unit_dim(self) -> int:  # the output's channel dim, from the end: unbatched inputs too
+        return -self.spatial_dims() - 1
 
-    _unit_dim = -3
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, *args, **kw):
         checks.positive_int(type(self).__name__, "in_channels", in_channels)
         checks.positive_int(type(self).__name__, "out_channels", out_channels)
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
+        super().__init__(in_channels, out_channels, *args, **kw)
         self._add_gain()
 
     @property
@@ -296,28 +279,28 @@ class WeightNormConv2d(_WeightNormalized, nn.Conv2d):
         return self.out_channels * math.prod(self.kernel_size)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: expected input of shape "
-                             f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+        self._check_conv_input(x, unbatched_too=True)
 
     def _map(self, x):
         gain, inv_norm, bias = self._scale_and_bias()
-        padding = self.padding
-        if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, then convolve
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return functional.row_scaled_conv2d(x, self.weight, gain, inv_norm, bias,
-                                                   self.stride, padding, self.dilation,
-                                                   self.groups)
+        x, padding = self._padded(x)
+        return functional.row_scaled_conv(x, self.weight, gain, inv_norm, bias, self.stride,
+                                          padding, self.dilation, self.groups)
 
-    @staticmethod
-    def _torch_args(module: nn.Conv2d) -> dict:
-        return dict(in_channels=module.in_channels, out_channels=module.out_channels,
-                    kernel_size=module.kernel_size, stride=module.stride,
-                    padding=module.padding, dilation=module.dilation, groups=module.groups,
-                    bias=module.bias is not None, padding_mode=module.padding_mode,
-                    device=module.weight.device, dtype=module.weight.dtype)
+
+class WeightNormConv1d(_WeightNormConv, nn.Conv1d):
+    __doc__ = _WeightNormConv.__doc__.replace("A convolution", "A 1d convolution", 1)
+    plain_type = nn.Conv1d
+
+
+class WeightNormConv2d(_WeightNormConv, nn.Conv2d):
+    __doc__ = _WeightNormConv.__doc__.replace("A convolution", "A 2d convolution", 1)
+    plain_type = nn.Conv2d
+
+
+class WeightNormConv3d(_WeightNormConv, nn.Conv3d):
+    __doc__ = _WeightNormConv.__doc__.replace("A convolution", "A 3d convolution", 1)
+    plain_type = nn.Conv3d
 
 
 class ScaledWeightNormLinear(_Scaled, WeightNormLinear):
@@ -346,27 +329,38 @@ class ScaledWeightNormLinear(_Scaled, WeightNormLinear):
     """
 
 
-class ScaledWeightNormConv2d(_Scaled, WeightNormConv2d):
-    r"""A 2d convolution with scaled weight normalization (Arpit and Bengio 2019).
+_SCALED_CONV_DOC = r"""A {n}d convolution with scaled weight normalization (Arpit and Bengio 2019).
 
-    .. math:: z_c = \sqrt{k \cdot \mathrm{fan\_in} / \mathrm{fan\_out}}
-              \cdot \gamma_c \frac{w_c \star x}{\|w_c\|} + b_c
+    .. math:: z_c = \sqrt{{k \cdot \mathrm{{fan\_in}} / \mathrm{{fan\_out}}}}
+              \cdot \gamma_c \frac{{w_c \star x}}{{\|w_c\|}} + b_c
 
-    k as in `ScaledWeightNormLinear`; fan_in = in_channels * kH * kW and
-    fan_out = out_channels * kH * kW.
+    k as in `ScaledWeightNormLinear`; fan_in = in_channels * kernel size and
+    fan_out = out_channels * kernel size (the kernel size: the product of kernel_size).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv{n}d`.
         nonlinearity: as :class:`ScaledWeightNormLinear`.
 
     Shape:
-        - Input: (N, C_in, H, W) or (C_in, H, W)
-        - Output: (N, C_out, H_out, W_out) or (C_out, H_out, W_out)
+        - Input: (N, C_in, {positions}) or (C_in, {positions}), as nn.Conv{n}d
+        - Output: (N, C_out, *positions_out) or (C_out, *positions_out)
 
     Example:
-        >>> conv = ScaledWeightNormConv2d(16, 32, 3, padding=1, nonlinearity="relu")
+        >>> conv = ScaledWeightNormConv{n}d(16, 32, 3, padding=1, nonlinearity="relu")
     """
+
+
+class ScaledWeightNormConv1d(_Scaled, WeightNormConv1d):
+    __doc__ = _SCALED_CONV_DOC.format(n=1, positions=SPATIAL_NAMES[1])
+
+
+class ScaledWeightNormConv2d(_Scaled, WeightNormConv2d):
+    __doc__ = _SCALED_CONV_DOC.format(n=2, positions=SPATIAL_NAMES[2])
+
+
+class ScaledWeightNormConv3d(_Scaled, WeightNormConv3d):
+    __doc__ = _SCALED_CONV_DOC.format(n=3, positions=SPATIAL_NAMES[3])
 
 
 class NormPropLinear(_NormProp, WeightNormLinear):
@@ -397,23 +391,34 @@ class NormPropLinear(_NormProp, WeightNormLinear):
     """
 
 
-class NormPropConv2d(_NormProp, WeightNormConv2d):
-    r"""A 2d convolution of Normalization Propagation (Arpit et al. 2016).
+_NORMPROP_CONV_DOC = r"""A {n}d convolution of Normalization Propagation (Arpit et al. 2016).
 
-    .. math:: z_c = \gamma_c \frac{w_c \star \tilde x}{\|w_c\|} + b_c
+    .. math:: z_c = \gamma_c \frac{{w_c \star \tilde x}}{{\|w_c\|}} + b_c
 
     x~ as in `NormPropLinear`; zero padding counts as a ReLU output of 0 and
     is standardized too.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv2d`.
+        bias, padding_mode, device, dtype: as :class:`torch.nn.Conv{n}d`.
         input_activation: as :class:`NormPropLinear`.
 
     Shape:
-        - Input: (N, C_in, H, W) or (C_in, H, W)
-        - Output: (N, C_out, H_out, W_out) or (C_out, H_out, W_out)
+        - Input: (N, C_in, {positions}) or (C_in, {positions}), as nn.Conv{n}d
+        - Output: (N, C_out, *positions_out) or (C_out, *positions_out)
 
     Example:
-        >>> conv = NormPropConv2d(16, 32, 3, padding=1)  # after a ReLU
+        >>> conv = NormPropConv{n}d(16, 32, 3, padding=1)  # after a ReLU
     """
+
+
+class NormPropConv1d(_NormProp, WeightNormConv1d):
+    __doc__ = _NORMPROP_CONV_DOC.format(n=1, positions=SPATIAL_NAMES[1])
+
+
+class NormPropConv2d(_NormProp, WeightNormConv2d):
+    __doc__ = _NORMPROP_CONV_DOC.format(n=2, positions=SPATIAL_NAMES[2])
+
+
+class NormPropConv3d(_NormProp, WeightNormConv3d):
+    __doc__ = _NORMPROP_CONV_DOC.format(n=3, positions=SPATIAL_NAMES[3])

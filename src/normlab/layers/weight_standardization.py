@@ -7,19 +7,10 @@ from torch import nn
 
 from .. import checks
 from ..functional.weight_standardization import standardized_weight
-from ._base import WeightNormalizedLayer
+from ._base import SourceWeight, WeightNormalizedLayer
 
 # The floor of each kernel's std (normlab's weight norm floors ||w|| at the same value).
 STD_EPS = 1e-12
-
-
-def _conv_args(conv: nn.Module) -> dict:
-    """The constructor arguments of a torch ConvNd that `conv` has."""
-    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
-                kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                padding_mode=conv.padding_mode, device=conv.weight.device,
-                dtype=conv.weight.dtype)
 
 
 class _WeightStandardized(WeightNormalizedLayer):
@@ -73,26 +64,16 @@ class _WeightStandardized(WeightNormalizedLayer):
         checks.floating_point_input(type(self).__name__, x)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
-    @classmethod
-    def from_module(cls, module: nn.Module, **kw):
-        """A layer with `module`'s geometry, raw kernels and bias (class docstring: its
-        function is that of the standardized kernels). Keywords go to the constructor."""
-        cls.check_source(module)
-        layer = cls(**_conv_args(module), **kw)
-        with torch.no_grad():
-            layer.weight.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        return layer
+    def _load_source(self, source: SourceWeight) -> None:
+        """The torch layer's kernels (its weight as it computes it) as the raw `weight`, and
+        its bias (class docstring: the function is that of the standardized kernels)."""
+        self.weight.copy_(source.weight)
+        if self.bias is not None:
+            self.bias.copy_(source.bias)
 
-    @torch.no_grad()
     def to_plain(self, input_size=None) -> nn.Module:
         """The torch convolution with this layer's standardized kernels and bias."""
-        plain = self.plain_type(**_conv_args(self))
-        plain.weight.copy_(self.standardized_weight())
-        if self.bias is not None:
-            plain.bias.copy_(self.bias)
-        return plain.train(self.training)
+        return self._plain_with(self.standardized_weight(), self.bias)
 
 
 class WeightStandardizedConv1d(_WeightStandardized, nn.Conv1d):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..functional import row_norms
-from ..layers.weight_norm import NORM_EPS, WeightNormConv2d, WeightNormLinear
+from ..layers.weight_norm import NORM_EPS, WeightNormBase
 
 
 class Renormalize:
@@ -31,7 +31,7 @@ class Renormalize:
 
     .. math:: w_i \leftarrow w_i / \lVert w_i \rVert
 
-    for every output unit of every `WeightNormLinear`/`WeightNormConv2d`
+    for every output unit of every `WeightNormLinear`/`WeightNormConv1d/2d/3d`
     (and their subclasses: scaled weight normalization, NormProp) in `model`.
     Those layers divide by :math:`\lVert w_i \rVert`, so the function is kept;
     what changes is the next gradient, which no longer shrinks as the norm
@@ -56,10 +56,10 @@ class Renormalize:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.optimizer = optimizer
         self.layers = [m for m in model.modules()
-                       if isinstance(m, (WeightNormLinear, WeightNormConv2d))]
+                       if isinstance(m, WeightNormBase)]
         if not self.layers:
             raise ValueError(f"Renormalize found no weight-normalized layer in "
-                             f"{type(model).__name__}: it rescales WeightNormLinear/Conv2d "
+                             f"{type(model).__name__}: it rescales WeightNormLinear/ConvNd "
                              f"layers (weight_norm, scaled_weight_norm, normprop)")
 
     def __repr__(self) -> str:
