@@ -317,19 +317,19 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
                 self.bias.add_(weight.flatten(1).sum(1), alpha=mean)
         self.inv_norm.fill_(1)
         self.row_scale.fill_(1)
-        self._sync()
+        self._declare_consistent()
 
     def _row_shape(self) -> tuple[int, ...]:
         return (-1,) + (1,) * (self.weight.dim() - 1)
 
-    def _sync(self) -> None:
+    def _declare_consistent(self) -> None:
         """Declare V, s and t consistent as they are now."""
         self._tracking.steps_since_renorm = 0
         self.steps_since_renorm.zero_()
         self._tracking.records.clear()
-        self._mark_synced()
+        self._note_weight_identity()
 
-    def _mark_synced(self) -> None:
+    def _note_weight_identity(self) -> None:
         # The identity tells a new Parameter (deepcopy) from an in-place change.
         tracking, weight = self._tracking, self._parameters["weight"]  # (a per-step path)
         if tracking.weight_id != id(weight):
@@ -353,7 +353,7 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
         if not tracing:  # Python-side bookkeeping, which a traced graph cannot hold
             tracking = self._tracking
             if tracking.weight_id != id(weight):
-                self._mark_synced()
+                self._note_weight_identity()
             elif tracking.weight_version != weight._version:
                 self._weight_changed_outside()
             if fused and tracking.records:
@@ -452,7 +452,7 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
         else:
             self.row_scale.mul_(stored)
         self.inv_norm.copy_(self.explicit_norms().reciprocal())
-        self._sync()
+        self._declare_consistent()
 
     @torch.no_grad()
     def to_plain(self, input_size=None) -> nn.Module:
@@ -496,7 +496,7 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
                                    momentum, state)
             else:
                 updated = self._fused_update(*samples, lr, weight_decay)
-        self._mark_synced()
+        self._note_weight_identity()
         tracking = self._tracking
         tracking.steps_since_renorm += 1
         if self.renorm_every is not None and tracking.steps_since_renorm >= self.renorm_every:
@@ -633,14 +633,14 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
     def _refresh_norms(self) -> None:
         """t computed from the weight as it is (one pass), declared consistent."""
         self.inv_norm.copy_(self.explicit_norms().reciprocal())
-        self._mark_synced()
+        self._note_weight_identity()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the per-row scale: s = 1
         state_dict.setdefault(prefix + "row_scale", torch.ones_like(self.row_scale))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         steps = int(self.steps_since_renorm)
-        self._sync()
+        self._declare_consistent()
         self._tracking.steps_since_renorm = steps
         self.steps_since_renorm.fill_(steps)
 
