@@ -310,3 +310,13 @@ def test_a_killed_sweeps_training_run_resumes_from_its_checkpoint_in_a_worker(tm
     assert [point["step"] for point in run.history] == [5, 10, 15, 16]
     assert run.history[0]["test_acc"] == sweep_helper.RESUMED_MARK  # continued, not redone
     assert not path.exists()
+
+
+def test_a_probes_revision_gives_it_a_new_key_and_revision_0_keeps_the_old_one():
+    def measure(seed):
+        return [{"x": seed}]
+
+    plain, revised = Probe(measure), Probe(measure, revision=1)
+    assert "revision" not in plain.to_dict()  # the keys of results stored before revisions
+    assert revised.to_dict() == {**plain.to_dict(), "revision": 1}
+    assert revised.key() != plain.key()

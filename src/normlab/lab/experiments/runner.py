@@ -56,13 +56,17 @@ class Probe:
     seed: int = 0
     params: dict = field(default_factory=dict)
     uses_data: bool = False
+    # raised when what `fn` measures changes: a new key, so a resumed sweep (or one
+    # --resume-from an export) measures again rather than copying the old result
+    revision: int = 0
 
     def to_dict(self) -> dict:
         # named by the module's name from before the lab moved (normlab._moved keeps it
         # importable), so committed results and resumed sweeps keep their probes' keys
         module = self.fn.__module__.replace("normlab.lab.", "normlab.", 1)
+        revision = {"revision": self.revision} if self.revision else {}  # old keys unchanged
         return {"probe": f"{module}.{self.fn.__qualname__}", "seed": self.seed,
-                "params": self.params}
+                "params": self.params, **revision}
 
     def key(self) -> str:
         text = json.dumps(self.to_dict(), sort_keys=True)

@@ -118,7 +118,8 @@ def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
 def jobs(settings: Settings) -> list[Probe]:
     points = grid(task=TASKS, batch=BATCHES_BY_MODE[settings.mode], norm=NORMS,
                   quick=(settings.quick,), seed=range(settings.seeds))
-    return [Probe(training_memory_probe)] + [
+    # revision 1: the 3-D U-Nets counted with OnlineNorm3d (before: BatchNorm3d as a stand-in)
+    return [Probe(training_memory_probe, revision=1)] + [
         Probe(batch_probe, point.pop("seed"), point, uses_data=True) for point in points
         if is_run(settings, point["norm"], point["task"], point["batch"])]
 
