@@ -258,7 +258,8 @@ class LayerScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         out, inv_rms = ctx.saved_tensors
         flat = grad.reshape(out.shape)
-        mean_dot = torch.bmm(flat.unsqueeze(1), out.unsqueeze(2)).view(-1) / out.shape[1]
+        # (a batched matrix product here is a GEMV per sample: ten times slower on CPU)
+        mean_dot = (flat * out).sum(1) / out.shape[1]
         grad_z = torch.addcmul(flat, out, -mean_dot[:, None]).mul_(inv_rms[:, None])
         return grad_z.view(grad.shape), None
 
