@@ -252,13 +252,14 @@ _SPATIAL_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 def _hits_torch_bf16_conv_bug(torch_layer: nn.Module, shape, low_precision: bool) -> bool:
     """torch 2.13's CPU bfloat16 convolutions go wrong when the input is shorter than the
-    kernel: conv1d's backward returns NaN weight gradients at random (about 1 call in 3;
-    plain F.conv1d on (1, 1, 1) with a (2, 1, 3) kernel, stride 2, padding 1), and conv3d's
-    forward returns wrong or non-finite values (plain F.conv3d on (1, 1, 1, 2, 3) with a
-    (3, 1, 3, 3, 3) kernel, padding 1: 20 of 20 seeds off the float64 result); conv2d was
-    right in the same checks. Not a method's fault: those draws are left out while torch
-    has the bug."""
-    if not low_precision or type(torch_layer) not in (nn.Conv1d, nn.Conv3d):
+    kernel in some dim: conv1d's backward returns NaN weight gradients at random (about 1
+    call in 3; plain F.conv1d on (1, 1, 1) with a (2, 1, 3) kernel, stride 2, padding 1),
+    conv2d's backward wrong weight gradients (plain F.conv2d on (1, 1, 3, 1) with a
+    (1, 1, 3, 3) kernel, stride 2, padding 1: 20 of 20 seeds off the float64 result, 19
+    non-finite), conv3d's forward wrong values (plain F.conv3d on (1, 1, 1, 2, 3) with a
+    (3, 1, 3, 3, 3) kernel, padding 1: 20 of 20). Not a method's fault: those draws are left
+    out while torch has the bug."""
+    if not low_precision or type(torch_layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return False
     spatial = shape[-len(torch_layer.kernel_size):]
     return any(size < kernel for size, kernel in zip(spatial, torch_layer.kernel_size))
