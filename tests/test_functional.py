@@ -137,3 +137,4 @@ def test_online_norm_layer_scale_matches_its_formula_and_gradchecks():
     assert torch.autograd.gradcheck(lambda t: LayerScale.apply(t, eps), (z,))
     vectors = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: LayerScale.apply(t, eps), (vectors,))
+    assert LayerScale.apply(torch.randn(0, 4, 5), eps).shape == (0, 4, 5)  # an empty batch

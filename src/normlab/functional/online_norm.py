@@ -247,7 +247,7 @@ class LayerScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, eps: float) -> torch.Tensor:
-        flat = z.reshape(z.shape[0], -1)
+        flat = z.reshape(z.shape[0], math.prod(z.shape[1:]))  # explicit: N may be 0
         mean_square = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]
         inv_rms = (mean_square + eps).rsqrt()
         out = flat * inv_rms[:, None]
