@@ -132,7 +132,7 @@ def equi_norm(weight: torch.Tensor, input_mean: torch.Tensor, gain: torch.Tensor
     (float32, float64, out of tracing) the transform and its gradient run compiled,
     once differentiable; elsewhere the torch operations of `unit_row_shift_scale`.
     """
-    kernel = _native.for_tensor("equinorm", weight)
+    kernel = _native.for_tensor("equinorm", weight, openmp=True)
     if kernel is not None and gain.dtype == weight.dtype:
         return _CompiledEquiNorm.apply(weight, input_mean, gain, positions_ratio, groups,
                                        single_pass, kernel)
@@ -152,16 +152,16 @@ class _CompiledEquiNorm(torch.autograd.Function):
     def forward(ctx, weight, input_mean, gain, positions_ratio: float, groups: int,
                 single_pass: bool, kernel):
         rows = weight.reshape(weight.shape[0], weight.shape[1], -1)
-        mean = _row_input_means(input_mean, weight, groups)
+        mean = input_mean.to(weight.dtype).reshape(groups, -1)  # the means each group sees
         floor_scale = _floor_scale(weight.dtype)
         out, *solved = kernel.forward(rows, mean, gain, positions_ratio, single_pass,
                                       floor_scale)
         guards = solved[-1]
-        for taken, what in zip(guards, (_INPUT_SUM, _CONTRIBUTION)):
+        for taken, what in zip(guards.t(), (_INPUT_SUM, _CONTRIBUTION)):
             _warn_degenerate(taken != 0, what)
         ctx.save_for_backward(rows, mean, gain, *solved)
         ctx.kernel, ctx.single_pass, ctx.floor_scale = kernel, single_pass, floor_scale
-        ctx.groups, ctx.mean_dtype = groups, input_mean.dtype
+        ctx.mean_dtype = input_mean.dtype
         return out.view_as(weight)
 
     @staticmethod
@@ -171,7 +171,5 @@ class _CompiledEquiNorm(torch.autograd.Function):
         grad_rows, grad_mean, grad_gain = ctx.kernel.backward(
             grad.reshape(rows.shape), rows, mean, gain, *solved, ctx.single_pass,
             ctx.floor_scale)
-        # each input channel's mean feeds the rows of its group
-        grad_input_mean = grad_mean.reshape(ctx.groups, -1, mean.shape[1]).sum(1).flatten()
-        return (grad_rows.view(grad.shape), grad_input_mean.to(ctx.mean_dtype), grad_gain,
+        return (grad_rows.view(grad.shape), grad_mean.flatten().to(ctx.mean_dtype), grad_gain,
                 None, None, None, None)
