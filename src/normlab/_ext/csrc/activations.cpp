@@ -30,15 +30,6 @@
 #include <limits>
 #include <vector>
 
-// As in enorm.cpp: the row loops are compiled for AVX2 + FMA and for the baseline, and
-// the CPU picks at load time. The forward and the backward of a row run the same clone,
-// so the affine map, contracted to an FMA or not, gives the same z in both.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ROW_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define ROW_LOOP
-#endif
-
 namespace {
 
 constexpr int64_t kGrainElements = 32768;  // per parallel task: ~L2-sized, enough to amortize
@@ -65,8 +56,11 @@ inline void forward_element(scalar_t x, scalar_t* y, scalar_t* out, scalar_t sca
                             scalar_t shift, scalar_t gamma, scalar_t beta, scalar_t limit) {
   const scalar_t normalized = x * scale + shift;
   *y = normalized;
-  // std::max/min keep a NaN (the first argument), as torch.clamp does
-  *out = std::min(std::max(affine(gamma, normalized, beta), -limit), limit);
+  // std::max then std::min, written as selects of values (theirs select references: a
+  // branch, which keeps the loops around from vectorizing); a NaN stays, as in torch.clamp
+  const scalar_t z = affine(gamma, normalized, beta);
+  const scalar_t above_lower = z < -limit ? -limit : z;
+  *out = limit < above_lower ? limit : above_lower;
 }
 
 // The input gradient g * p + q + r * y of one element, g the gradient masked by the clamp.
@@ -76,9 +70,9 @@ inline scalar_t grad_input_element(scalar_t g, scalar_t y, scalar_t p, scalar_t 
 }
 
 template <typename scalar_t>
-ROW_LOOP void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t size,
-                          scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
-                          scalar_t limit) {
+void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t size,
+                 scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
+                 scalar_t limit) {
   for (int64_t i = 0; i < size; ++i) {
     forward_element(x[i], y + i, out + i, scale, shift, gamma, beta, limit);
   }
@@ -88,8 +82,8 @@ ROW_LOOP void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t
 // in float32, converting every element to double took ~4x the time of torch's float
 // sums) and in double across blocks.
 template <typename scalar_t>
-ROW_LOOP void reduce_row(const scalar_t* grad, const scalar_t* y, int64_t size, scalar_t gamma,
-                         scalar_t beta, scalar_t limit, double* dot, double* total) {
+void reduce_row(const scalar_t* grad, const scalar_t* y, int64_t size, scalar_t gamma,
+                scalar_t beta, scalar_t limit, double* dot, double* total) {
   double dot_sum = 0, grad_sum = 0;
   for (int64_t start = 0; start < size; start += kSumBlock) {
     const int64_t stop = std::min(size, start + kSumBlock);
@@ -109,7 +103,7 @@ ROW_LOOP void reduce_row(const scalar_t* grad, const scalar_t* y, int64_t size, 
 
 // Sum of x, and sum of (x - center)^2, over a row: blocks in the dtype, double across.
 template <typename scalar_t>
-ROW_LOOP double row_sum(const scalar_t* x, int64_t size) {
+double row_sum(const scalar_t* x, int64_t size) {
   double sum = 0;
   for (int64_t start = 0; start < size; start += kSumBlock) {
     const int64_t stop = std::min(size, start + kSumBlock);
@@ -122,7 +116,7 @@ ROW_LOOP double row_sum(const scalar_t* x, int64_t size) {
 }
 
 template <typename scalar_t>
-ROW_LOOP double row_square_deviation(const scalar_t* x, int64_t size, scalar_t center) {
+double row_square_deviation(const scalar_t* x, int64_t size, scalar_t center) {
   double sum = 0;
   for (int64_t start = 0; start < size; start += kSumBlock) {
     const int64_t stop = std::min(size, start + kSumBlock);
@@ -134,9 +128,39 @@ ROW_LOOP double row_square_deviation(const scalar_t* x, int64_t size, scalar_t c
   return sum;
 }
 
+// Sum of a * b over a row: blocks in the dtype, double across.
+template <typename scalar_t>
+double row_dot(const scalar_t* a, const scalar_t* b, int64_t size) {
+  double sum = 0;
+  for (int64_t start = 0; start < size; start += kSumBlock) {
+    const int64_t stop = std::min(size, start + kSumBlock);
+    scalar_t block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = start; i < stop; ++i) block += a[i] * b[i];
+    sum += block;
+  }
+  return sum;
+}
+
+// out = x * scale over a row.
+template <typename scalar_t>
+void scaled_row(const scalar_t* x, scalar_t* out, int64_t size, scalar_t scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) out[i] = x[i] * scale;
+}
+
+// Layer scaling's gradient over a sample's row, out the forward's output:
+// (grad - out mean_dot) scale.
+template <typename scalar_t>
+void layer_scale_grad_row(const scalar_t* grad, const scalar_t* out, scalar_t* grad_z,
+                          int64_t size, scalar_t mean_dot, scalar_t scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) grad_z[i] = (grad[i] - out[i] * mean_dot) * scale;
+}
+
 // Sum of x and of x^2 over a row: blocks in the dtype, double across.
 template <typename scalar_t>
-ROW_LOOP void row_power_sums(const scalar_t* x, int64_t size, double* sum, double* square_sum) {
+void row_power_sums(const scalar_t* x, int64_t size, double* sum, double* square_sum) {
   double total = 0, squares = 0;
   for (int64_t start = 0; start < size; start += kSumBlock) {
     const int64_t stop = std::min(size, start + kSumBlock);
@@ -192,18 +216,16 @@ inline BackwardStep backward_step(double leak, double alpha, double dot_mean, do
 }
 
 // Rows of one position ((N, C) inputs): the forward of sample t over a block of channels,
-// the stream and the row pass in one loop, vectorized over the channels.
+// the stream and the row pass in one loop, vectorized over the channels. A row's mean(y) and
+// mean(y^2) are y and y^2: only 1 / sqrt(sigma2 + eps) is kept beside y for the backward.
 template <typename scalar_t>
-ROW_LOOP void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
-                             const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
-                             double alpha, double eps, double* mu, double* sigma2,
-                             double* inv_std, double* y_mean, double* y_square_mean) {
+void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
+                    const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
+                    double alpha, double eps, double* mu, double* sigma2, double* inv_std) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const ForwardStep step = forward_step(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
     inv_std[c] = step.inv_std;
-    y_mean[c] = step.y_mean;
-    y_square_mean[c] = step.y_square_mean;
     forward_element(x[c], y + c, out + c, static_cast<scalar_t>(step.inv_std),
                     static_cast<scalar_t>(step.shift), gamma[c], beta[c], limit);
   }
@@ -213,12 +235,11 @@ ROW_LOOP void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int6
 // that it vectorizes), then the control process and the input gradient in one loop; the
 // weight and bias gradients accumulate.
 template <typename scalar_t>
-ROW_LOOP void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
-                              int64_t channels, const scalar_t* gamma, const scalar_t* beta,
-                              scalar_t limit, double leak, double alpha, const double* inv_std,
-                              const double* y_mean, const double* y_square_mean, double* u,
-                              double* v, double* grad_gamma, double* grad_beta,
-                              scalar_t* masked_grad) {
+void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
+                     int64_t channels, const scalar_t* gamma, const scalar_t* beta,
+                     scalar_t limit, double leak, double alpha, const double* inv_std,
+                     double* u, double* v, double* grad_gamma, double* grad_beta,
+                     scalar_t* masked_grad) {
   for (int64_t c = 0; c < channels; ++c) {
     masked_grad[c] = masked(grad[c], affine(gamma[c], y[c], beta[c]), limit);
   }
@@ -227,8 +248,9 @@ ROW_LOOP void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t*
     const scalar_t g = masked_grad[c];
     const scalar_t dot = g * y[c];
     const double gain = gamma[c];
+    const double y_mean = y[c];  // the row's mean(y), and its mean(y^2) y_mean^2
     const BackwardStep step = backward_step(leak, alpha, gain * dot, gain * g, inv_std[c],
-                                            y_mean[c], y_square_mean[c], u + c, v + c);
+                                            y_mean, y_mean * y_mean, u + c, v + c);
     grad_x[c] = grad_input_element(g, y[c], static_cast<scalar_t>(gain * inv_std[c]),
                                    static_cast<scalar_t>(step.q), static_cast<scalar_t>(step.r));
     grad_gamma[c] += dot;
@@ -237,9 +259,9 @@ ROW_LOOP void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t*
 }
 
 template <typename scalar_t>
-ROW_LOOP void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* out,
-                             int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
-                             scalar_t p, scalar_t q, scalar_t r) {
+void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* out,
+                    int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
+                    scalar_t p, scalar_t q, scalar_t r) {
   for (int64_t i = 0; i < size; ++i) {
     out[i] = grad_input_element(masked(grad[i], affine(gamma, y[i], beta), limit), y[i], p, q, r);
   }
@@ -251,9 +273,9 @@ ROW_LOOP void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* 
 // Per channel, the sum of x - center and of (x - center)^2 over `positions` positions: blocks
 // of kSumBlock positions in the dtype, vectorized over the channels, double across blocks.
 template <typename scalar_t>
-ROW_LOOP void position_power_sums(const scalar_t* x, int64_t positions, int64_t stride,
-                                  int64_t count, const scalar_t* center, double* sum,
-                                  double* square_sum) {
+void position_power_sums(const scalar_t* x, int64_t positions, int64_t stride,
+                         int64_t count, const scalar_t* center, double* sum,
+                         double* square_sum) {
   scalar_t block[kChannelBlock], block_squares[kChannelBlock];
   std::fill(sum, sum + count, 0.0);
   std::fill(square_sum, square_sum + count, 0.0);
@@ -279,10 +301,10 @@ ROW_LOOP void position_power_sums(const scalar_t* x, int64_t positions, int64_t 
 // reduce_row's sums (g * (y - center) and g, g masked by the clamp) for `count` channels over
 // the positions; gamma, beta and center point at the block's channels.
 template <typename scalar_t>
-ROW_LOOP void position_grad_sums(const scalar_t* grad, const scalar_t* y, int64_t positions,
-                                 int64_t stride, int64_t count, const scalar_t* gamma,
-                                 const scalar_t* beta, scalar_t limit, const scalar_t* center,
-                                 double* dot, double* total) {
+void position_grad_sums(const scalar_t* grad, const scalar_t* y, int64_t positions,
+                        int64_t stride, int64_t count, const scalar_t* gamma,
+                        const scalar_t* beta, scalar_t limit, const scalar_t* center,
+                        double* dot, double* total) {
   scalar_t block_dot[kChannelBlock], block_grad[kChannelBlock];
   std::fill(dot, dot + count, 0.0);
   std::fill(total, total + count, 0.0);
@@ -307,9 +329,9 @@ ROW_LOOP void position_grad_sums(const scalar_t* grad, const scalar_t* y, int64_
 
 // forward_row for one position's channels, each with its own row's scale and shift.
 template <typename scalar_t>
-ROW_LOOP void forward_position(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
-                               const scalar_t* scale, const scalar_t* shift,
-                               const scalar_t* gamma, const scalar_t* beta, scalar_t limit) {
+void forward_position(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
+                      const scalar_t* scale, const scalar_t* shift,
+                      const scalar_t* gamma, const scalar_t* beta, scalar_t limit) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     forward_element(x[c], y + c, out + c, scale[c], shift[c], gamma[c], beta[c], limit);
@@ -318,10 +340,10 @@ ROW_LOOP void forward_position(const scalar_t* x, scalar_t* y, scalar_t* out, in
 
 // grad_input_row for one position's channels.
 template <typename scalar_t>
-ROW_LOOP void grad_input_position(const scalar_t* grad, const scalar_t* y, scalar_t* out,
-                                  int64_t channels, const scalar_t* gamma, const scalar_t* beta,
-                                  scalar_t limit, const scalar_t* p, const scalar_t* q,
-                                  const scalar_t* r) {
+void grad_input_position(const scalar_t* grad, const scalar_t* y, scalar_t* out,
+                         int64_t channels, const scalar_t* gamma, const scalar_t* beta,
+                         scalar_t limit, const scalar_t* p, const scalar_t* q,
+                         const scalar_t* r) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     out[c] = grad_input_element(masked(grad[c], affine(gamma[c], y[c], beta[c]), limit), y[c],
@@ -332,9 +354,9 @@ ROW_LOOP void grad_input_position(const scalar_t* grad, const scalar_t* y, scala
 // Batch normalization's input gradient for one position's channels: grad * p + (x - mean) * r
 // + q, per channel.
 template <typename scalar_t>
-ROW_LOOP void grad_batch_norm_position(const scalar_t* grad, const scalar_t* x, scalar_t* out,
-                                       int64_t channels, const scalar_t* mean,
-                                       const scalar_t* p, const scalar_t* q, const scalar_t* r) {
+void grad_batch_norm_position(const scalar_t* grad, const scalar_t* x, scalar_t* out,
+                              int64_t channels, const scalar_t* mean,
+                              const scalar_t* p, const scalar_t* q, const scalar_t* r) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) out[c] = grad[c] * p[c] + (x[c] - mean[c]) * r[c] + q[c];
 }
@@ -397,12 +419,17 @@ void check_rows(const char* what, const at::Tensor& activation,
   }
 }
 
+// Rows of `size` elements per parallel task.
+int64_t rows_per_task(int64_t size) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(size, 1));
+}
+
 // Calls body(row, channel, begin offset) for the rows, in parallel on torch's threads.
 template <typename Body>
 void for_each_row(const at::Tensor& activation, const Body& body) {
   const int64_t channels = activation.size(1), size = activation.size(2);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(size, 1));
-  at::parallel_for(0, activation.size(0) * channels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, activation.size(0) * channels, rows_per_task(size), [&](int64_t begin,
+                                                                              int64_t end) {
     for (int64_t row = begin; row < end; ++row) body(row, row % channels, row * size);
   });
 }
@@ -498,7 +525,8 @@ at::Tensor stream_state(const char* what, const at::Tensor& state, int64_t chann
 }
 
 // Online Normalization's forward over a batch, the whole of OnlineNormFunction.forward:
-// (y, out, inv_std, y_mean, y_square_mean), the last three float64 (N, C) for the backward;
+// (y, out, inv_std, y_mean, y_square_mean), the last three float64 (N, C) for the backward
+// (for a (N, C, 1) x, where mean(y) and mean(y^2) are y and y^2, the last two are empty);
 // running_mean and running_var are updated in place. y and out are in x's layout.
 std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor& gamma_in,
                                        const at::Tensor& beta_in, at::Tensor running_mean,
@@ -511,8 +539,11 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
   const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
   auto mu = stream_state("online stream_forward", running_mean, channels);
   auto sigma2 = stream_state("online stream_forward", running_var, channels);
-  auto per_row = at::empty({3, samples, channels}, x.options().dtype(at::kDouble));
-  auto inv_std = per_row[0], y_mean = per_row[1], y_square_mean = per_row[2];
+  const int64_t kept_per_row = size == 1 ? 1 : 3;
+  auto per_row = at::empty({kept_per_row, samples, channels}, x.options().dtype(at::kDouble));
+  auto inv_std = per_row[0];
+  auto y_mean = size == 1 ? per_row.new_empty({0}) : per_row[1],
+       y_square_mean = size == 1 ? per_row.new_empty({0}) : per_row[2];
   auto y = at::empty_like(x), out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_forward", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *ga = gamma.data_ptr<scalar_t>(),
@@ -527,7 +558,7 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;
           forward_sample(xs + at, ys + at, os + at, end - begin, ga + begin, be + begin, bound,
-                         alpha, eps, mus + begin, sigmas + begin, inv + at, ym + at, ysq + at);
+                         alpha, eps, mus + begin, sigmas + begin, inv + at);
         }
       });
       return;
@@ -610,11 +641,13 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
              y_square_mean = y_square_mean_in.contiguous();
   check_rows("online stream_backward", y, {}, gamma, beta);
   const auto rows = y.sizes().slice(0, 2);
+  const int64_t samples = y.size(0), channels = y.size(1), size = y.size(2);
   for (const auto& t : {inv_std, y_mean, y_square_mean}) {
-    TORCH_CHECK(t.sizes() == rows && t.scalar_type() == at::kDouble,
+    // (N, C, 1): y gives mean(y) and mean(y^2), which stream_forward leaves empty
+    const bool from_y = size == 1 && !t.is_same(inv_std) && t.numel() == 0;
+    TORCH_CHECK((t.sizes() == rows || from_y) && t.scalar_type() == at::kDouble,
                 "online stream_backward: expected float64 per-row statistics of shape ", rows);
   }
-  const int64_t samples = y.size(0), channels = y.size(1), size = y.size(2);
   auto u = stream_state("online stream_backward", mean_control, channels);
   auto v = stream_state("online stream_backward", correlation_control, channels);
   auto grad_affine = at::zeros({2, channels}, y.options().dtype(at::kDouble));
@@ -636,8 +669,8 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;
           backward_sample(gs + at, ys + at, out + at, end - begin, ga + begin, be + begin,
-                          bound, leak, alpha, inv + at, ym + at, ysq + at, us + begin,
-                          vs + begin, gga + begin, gbe + begin, masked_grad.data());
+                          bound, leak, alpha, inv + at, us + begin, vs + begin, gga + begin,
+                          gbe + begin, masked_grad.data());
         }
       });
       return;
@@ -829,6 +862,58 @@ std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
   return {grad_x, sums[0], sums[1]};
 }
 
+// Online Normalization's "ls" error compensation (functional.LayerScale), each sample of an
+// (N, M) z divided by sqrt(mean(z^2) + eps): (out, inv_rms), inv_rms float64 (N,). Two passes
+// over a sample, where the torch operations took four and two temporaries.
+std::vector<at::Tensor> layer_scale_forward(const at::Tensor& z_in, double eps) {
+  const auto z = z_in.contiguous();
+  TORCH_CHECK(z.dim() == 2 && z.is_floating_point(),
+              "layer_scale_forward: expected an (N, M) floating-point tensor, got ", z.sizes());
+  const int64_t samples = z.size(0), size = z.size(1);
+  auto out = at::empty_like(z);
+  auto inv_rms = at::empty({samples}, z.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "layer_scale_forward", [&] {
+    const scalar_t* zs = z.data_ptr<scalar_t>();
+    scalar_t* os = out.data_ptr<scalar_t>();
+    double* inv = inv_rms.data_ptr<double>();
+    at::parallel_for(0, samples, rows_per_task(size), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* row = zs + n * size;
+        inv[n] = 1.0 / std::sqrt(row_square_deviation(row, size, scalar_t(0)) / size + eps);
+        const auto scale = static_cast<scalar_t>(inv[n]);
+        scaled_row(row, os + n * size, size, scale);
+      }
+    });
+  });
+  return {out, inv_rms};
+}
+
+// Its gradient, with o = out: (grad - o mean(grad o)) inv_rms per sample.
+at::Tensor layer_scale_backward(const at::Tensor& grad_in, const at::Tensor& out_in,
+                                const at::Tensor& inv_rms_in) {
+  const auto out = out_in.contiguous(), grad = grad_in.contiguous().view(out.sizes()),
+             inv_rms = inv_rms_in.contiguous();
+  TORCH_CHECK(grad.scalar_type() == out.scalar_type() && inv_rms.scalar_type() == at::kDouble &&
+                  inv_rms.dim() == 1 && inv_rms.size(0) == out.size(0),
+              "layer_scale_backward: expected what layer_scale_forward returned");
+  const int64_t samples = out.size(0), size = out.size(1);
+  auto grad_z = at::empty_like(out);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "layer_scale_backward", [&] {
+    const scalar_t *gs = grad.data_ptr<scalar_t>(), *os = out.data_ptr<scalar_t>();
+    const double* inv = inv_rms.data_ptr<double>();
+    scalar_t* gz = grad_z.data_ptr<scalar_t>();
+    at::parallel_for(0, samples, rows_per_task(size), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t at = n * size;
+        const auto mean_dot = static_cast<scalar_t>(row_dot(gs + at, os + at, size) / size);
+        const auto scale = static_cast<scalar_t>(inv[n]);
+        layer_scale_grad_row(gs + at, os + at, gz + at, size, mean_dot, scale);
+      }
+    });
+  });
+  return grad_z;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("online_forward", &forward);
   module.def("online_backward_sums", &backward_sums);
@@ -837,4 +922,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("channel_batch_norm_backward", &channel_batch_norm_backward);
   module.def("online_stream_forward", &stream_forward);
   module.def("online_stream_backward", &stream_backward);
+  module.def("layer_scale_forward", &layer_scale_forward);
+  module.def("layer_scale_backward", &layer_scale_backward);
 }

@@ -26,15 +26,6 @@
 #include <optional>
 #include <vector>
 
-// The loops over a row are compiled twice, for AVX2 + FMA and for the baseline, and the
-// CPU picks at load time (a build may be shared by machines of different CPUs). With
-// AVX2 they take ~0.7x the time of the baseline's SSE2 (p = 2, 500 x 500 float32).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ENORM_ROW_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define ENORM_ROW_LOOP
-#endif
-
 namespace {
 
 // |x|^p for an integer p, written out so that the loops vectorize (std::pow would not,
@@ -86,7 +77,7 @@ constexpr int64_t kRowBlock = 32, kSumBlock = 256;
 
 // acc[j] += sum over rows i in [begin, end) and positions r of |w_ijr|^p.
 template <typename scalar_t, typename Power>
-ENORM_ROW_LOOP void add_column_powers(const Layer<scalar_t>& layer, int64_t begin, int64_t end, double* acc,
+void add_column_powers(const Layer<scalar_t>& layer, int64_t begin, int64_t end, double* acc,
                        Power power) {
   const int64_t in_units = layer.in_units, positions = layer.positions;
   if (positions == 1) {
@@ -117,7 +108,7 @@ ENORM_ROW_LOOP void add_column_powers(const Layer<scalar_t>& layer, int64_t begi
 
 // sum over j and r of column_weight_j |w_ijr|^p for one row (column_weight empty: 1).
 template <typename scalar_t, typename Power>
-ENORM_ROW_LOOP double row_powers(const scalar_t* __restrict__ row, int64_t in_units, int64_t positions,
+double row_powers(const scalar_t* __restrict__ row, int64_t in_units, int64_t positions,
                   const std::vector<scalar_t>& column_weight, Power power) {
   double total = 0;
   if (column_weight.empty()) {
@@ -154,7 +145,7 @@ ENORM_ROW_LOOP double row_powers(const scalar_t* __restrict__ row, int64_t in_un
 // row_jr *= (d s_j)^power (s empty: 1), the factor rounded to scalar_t as the eager
 // path's outer product is.
 template <typename scalar_t>
-ENORM_ROW_LOOP void scale_row(scalar_t* __restrict__ row, int64_t in_units, int64_t positions, scalar_t d,
+void scale_row(scalar_t* __restrict__ row, int64_t in_units, int64_t positions, scalar_t d,
                const std::vector<scalar_t>& s, int64_t power) {
   if (s.empty()) {
     const scalar_t factor = raised(d, power);
@@ -172,7 +163,7 @@ ENORM_ROW_LOOP void scale_row(scalar_t* __restrict__ row, int64_t in_units, int6
 
 // The positions == 1 case of scale_row for the weight itself (power 1), vectorized.
 template <typename scalar_t>
-ENORM_ROW_LOOP void scale_linear_row(scalar_t* __restrict__ row, int64_t in_units, scalar_t d,
+void scale_linear_row(scalar_t* __restrict__ row, int64_t in_units, scalar_t d,
                       const scalar_t* __restrict__ s) {
 #pragma omp simd
   for (int64_t j = 0; j < in_units; ++j) row[j] *= scalar_t(d * s[j]);
@@ -180,10 +171,10 @@ ENORM_ROW_LOOP void scale_linear_row(scalar_t* __restrict__ row, int64_t in_unit
 
 // Rows per task: enough work (~32k elements) to be worth a thread.
 int64_t grain(int64_t row_size) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_size, 1)); }
-
-template <typename scalar_t, typename Power>
-void balance(std::vector<Layer<scalar_t>>& chain, int64_t last, double p, double c,
-             bool balance_bias, bool weighted_rows, Power power) {
+              
+              template <typename scalar_t, typename Power>
+              void balance(std::vector<Layer<scalar_t>>& chain, int64_t last, double p, double c,
+              bool balance_bias, bool weighted_rows, Power power) {
   // 1. column sums of layers 1 .. last, each thread over its share of their rows
   std::vector<int64_t> offset(last + 1, 0), first_row(last + 1, 0);
   int64_t columns = 0, rows = 0;
