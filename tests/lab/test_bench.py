@@ -79,11 +79,20 @@ def test_channels_last_case_times_each_layer_on_both_layouts():
     assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
 
 
+def test_equinorm_layers_case_times_the_conv_batches_and_the_linear_layer():
+    rows = bench.run(["equinorm_layers"], min_run_time=0.01)
+    assert [(r.method, r.variant, r.baseline) for r in rows] == [
+        *(("EquiNormConv2d", f"{batch}x64x32x32", "conv2d+batch")
+          for batch in bench.EQUINORM_CONV_BATCHES),
+        ("EquiNormLinear", "128x784", "linear+batch")]
+    assert all(r.method_s > 0 and r.baseline_s > 0 for r in rows)
+
+
 def test_every_case_is_registered():
     assert list(bench.CASES) == ["torch_norms", "online", "online_small_batch", "online_1d",
                                  "batch_renorm", "channels_last", "weight_norm",
-                                 "equinorm", "enorm", "fastnorm", "fastnorm_crossover", "sync",
-                                 "fold", "methods"]
+                                 "equinorm", "equinorm_layers", "enorm", "fastnorm",
+                                 "fastnorm_crossover", "sync", "fold", "methods"]
 
 
 def test_fastnorm_cases_report_every_variant_against_its_baseline():

@@ -33,6 +33,7 @@ from torch.utils import benchmark
 from .. import distributed, registry
 from ..fold import fold
 from ..layers.batch_renorm import BatchRenorm2d
+from ..layers.equinorm import EquiNormConv2d, EquiNormLinear
 from ..layers.fastnorm import tracked_sq_norms
 from ..layers.online import OnlineNorm1d, OnlineNorm2d
 from ..layers.weight_norm import WeightNormLinear
@@ -258,6 +259,32 @@ def equinorm(min_run_time: float) -> list[Row]:
 
     return [compare("equinorm", "cifar_resnet20 64x3x32x32", "equinorm", step("equinorm"),
                     "batch", step("batch"), min_run_time)]
+
+
+EQUINORM_CONV_BATCHES = (1, 8)
+
+
+@case("equinorm_layers")
+def equinorm_layers(min_run_time: float) -> list[Row]:
+    """EquiNormConv2d 64->64 3x3 on 32x32 at batch 1 and 8, against Conv2d + BatchNorm2d,
+    and EquiNormLinear 784->512 at batch 128 against Linear + BatchNorm1d, forward+backward,
+    float32, non-negative inputs (after a ReLU, where the method is used); targets: <= 1.3x
+    (conv, batch 1), <= 1.5x (linear)."""
+    torch.manual_seed(0)
+    rows = []
+    for batch in EQUINORM_CONV_BATCHES:
+        x = torch.rand(batch, 64, 32, 32)
+        rows.append(compare(
+            "equinorm_layers", _shape(x.shape), "EquiNormConv2d",
+            forward_backward(EquiNormConv2d(64, 64, 3, padding=1), x), "conv2d+batch",
+            forward_backward(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)),
+                             x), min_run_time))
+    x = torch.rand(128, 784)
+    rows.append(compare("equinorm_layers", _shape(x.shape), "EquiNormLinear",
+                        forward_backward(EquiNormLinear(784, 512), x), "linear+batch",
+                        forward_backward(nn.Sequential(nn.Linear(784, 512), nn.BatchNorm1d(512)),
+                                         x), min_run_time))
+    return rows
 
 
 @case("enorm")
