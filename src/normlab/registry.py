@@ -86,6 +86,16 @@ class Method:
             runs beside (``"activation"``, which includes ``none``: it rescales
             plain Linear/Conv2d weights; ``"weight"``: it rescales the rows of
             weight-normalized layers).
+        label: the name reports and figures show (default: `name`).
+        batch_free: a normalizer that uses no batch statistics: in training as in
+            evaluation each sample is normalized by its own values (or, for Online
+            Normalization, by running statistics of the samples before it), so it trains
+            at any batch size, 1 included. Declared by activation normalizers; every
+            weight normalizer is one. Batch-size comparisons (the onlinenorm recipe) run
+            every such method.
+        activation_pair: weight family: the activation normalizer its paper runs it with
+            (Weight Standardization: ``"group"``), or None when it runs alone; training's
+            norm spec ``"group+weight_standardization"`` builds the pair.
     """
 
     name: str
@@ -99,6 +109,9 @@ class Method:
     dims: dict[type, int] = field(default_factory=dict)
     optimizer: Callable[..., object] | None = None
     pairs_with: str = "activation"
+    label: str = ""
+    batch_free: bool = False
+    activation_pair: str | None = None
 
     @property
     def classes(self) -> tuple[type, ...]:
@@ -119,6 +132,11 @@ class Method:
         if self.pairs_with not in ("activation", "weight"):
             raise ValueError(f"pairs_with must be 'activation' or 'weight', "
                              f"got {self.pairs_with!r}")
+        if self.activation_pair is not None and self.family != "weight":
+            raise ValueError(f"{self.name}: only a weight normalizer runs with an "
+                             f"activation_pair, got one for family {self.family!r}")
+        if not self.label:
+            object.__setattr__(self, "label", self.name)  # (frozen: set once, here)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -170,25 +188,28 @@ def register(method: Method) -> Method:
     return method
 
 
-def activation_method(name: str, paper: str, summary: str, classes: tuple[type, ...]
-                      ) -> Method:
+def activation_method(name: str, paper: str, summary: str, classes: tuple[type, ...],
+                      label: str = "", batch_free: bool = False) -> Method:
     """The record of an activation normalizer from its classes (one per `dim` they declare):
     `build` picks the class of the dim asked for."""
     by_dim = {cls.dim: cls for cls in classes}
     return Method(name, "activation", paper, summary,
                   build=lambda num_features, dim, **kw: by_dim[dim](num_features, **kw),
-                  dims={cls: cls.dim for cls in classes})
+                  dims={cls: cls.dim for cls in classes}, label=label, batch_free=batch_free)
 
 
 def weight_method(name: str, paper: str, summary: str, classes: tuple[type, ...],
-                  optimizer: Callable[..., object] | None = None) -> Method:
+                  optimizer: Callable[..., object] | None = None, label: str = "",
+                  activation_pair: str | None = None) -> Method:
     """The record of a weight normalizer from its classes: each replaces its `plain_type`;
-    the first layer of a model gets what the classes declare in `first_layer_kw`."""
+    the first layer of a model gets what the classes declare in `first_layer_kw`. It is
+    batch-free: its statistics are its weights'."""
     first_layer_kw = {}
     for cls in classes:
         first_layer_kw.update(cls.first_layer_kw)
     return Method(name, "weight", paper, summary, replaces={cls.plain_type: cls for cls in classes},
-                  first_layer_kw=first_layer_kw, optimizer=optimizer)
+                  first_layer_kw=first_layer_kw, optimizer=optimizer, label=label,
+                  batch_free=True, activation_pair=activation_pair)
 
 
 # -- activation normalizers ----------------------------------------------------
@@ -196,24 +217,26 @@ register(Method("none", "activation", "-", "no normalization (identity)",
                 build=lambda num_features, dim, **kw: nn.Identity()))
 register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normalization",
                 "normalize each channel with batch statistics (torch)",
-                build=_batch_norm))
+                build=_batch_norm, label="BatchNorm"))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
                 "normalize each sample over all its channels (torch)", build=_layer_norm,
-                dims={VectorLayerNorm: 1}))
+                dims={VectorLayerNorm: 1}, label="LayerNorm", batch_free=True))
 register(Method("group", "activation", "Wu and He (2018), Group Normalization",
-                "normalize each sample over groups of channels (torch)", build=_group_norm))
+                "normalize each sample over groups of channels (torch)", build=_group_norm,
+                label="GroupNorm", batch_free=True))
 register(Method("instance", "activation",
                 "Ulyanov, Vedaldi and Lempitsky (2016), Instance Normalization",
                 "normalize each sample and channel over positions (torch)",
-                build=_instance_norm))
+                build=_instance_norm, label="InstanceNorm", batch_free=True))
 register(activation_method("batch_renorm", "Ioffe (2017), Batch Renormalization",
                            "batch normalization corrected towards the running statistics",
-                           (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)))
+                           (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), label="Batch Renorm"))
 register(activation_method("online",
                            "Chiley et al. (2019), Online Normalization for Training Neural "
                            "Networks",
                            "normalize each sample with running statistics of the samples "
-                           "before it", (OnlineNorm1d, OnlineNorm2d, OnlineNorm3d)))
+                           "before it", (OnlineNorm1d, OnlineNorm2d, OnlineNorm3d),
+                           label="Online Norm", batch_free=True))
 
 register(activation_method("frn",
                            "Singh and Krishnan (2020), Filter Response Normalization Layer: "
@@ -222,7 +245,7 @@ register(activation_method("frn",
                            "divide each sample's channel by its root mean square, then a "
                            "learned-threshold ReLU (TLU)",
                            (FilterResponseNorm1d, FilterResponseNorm2d,
-                            FilterResponseNorm3d)))
+                            FilterResponseNorm3d), label="FRN", batch_free=True))
 
 # -- weight normalizers ----------------------------------------------------------
 register(weight_method("weight_norm",
@@ -259,7 +282,8 @@ register(weight_method("weight_standardization",
                        "arXiv:1903.10520",
                        "standardize each conv kernel (zero mean, unit std); pair with group",
                        (WeightStandardizedConv1d, WeightStandardizedConv2d,
-                        WeightStandardizedConv3d)))
+                        WeightStandardizedConv3d), label="Weight Standardization",
+                       activation_pair="group"))
 
 # -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
