@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import checks, module_kinds
+from .fold import feeds, traced
 from .layers._base import WeightNormalizedLayer
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .layers.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
@@ -93,6 +94,9 @@ class Method:
             at any batch size, 1 included. Declared by activation normalizers; every
             weight normalizer is one. Batch-size comparisons (the onlinenorm recipe) run
             every such method.
+        needs_positions: activation family: normalizes each channel over a sample's
+            positions alone, so that on (N, C) features, which have none, its output is
+            constant (InstanceNorm); a comparison on an MLP leaves it out.
         activation_pair: weight family: the activation normalizer its paper runs it with
             (Weight Standardization: ``"group"``), or None when it runs alone; training's
             norm spec ``"group+weight_standardization"`` builds the pair.
@@ -111,6 +115,7 @@ class Method:
     pairs_with: str = "activation"
     label: str = ""
     batch_free: bool = False
+    needs_positions: bool = False
     activation_pair: str | None = None
 
     @property
@@ -227,7 +232,8 @@ register(Method("group", "activation", "Wu and He (2018), Group Normalization",
 register(Method("instance", "activation",
                 "Ulyanov, Vedaldi and Lempitsky (2016), Instance Normalization",
                 "normalize each sample and channel over positions (torch)",
-                build=_instance_norm, label="InstanceNorm", batch_free=True))
+                build=_instance_norm, label="InstanceNorm", batch_free=True,
+                needs_positions=True))
 register(activation_method("batch_renorm", "Ioffe (2017), Batch Renormalization",
                            "batch normalization corrected towards the running statistics",
                            (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), label="Batch Renorm"))
@@ -521,4 +527,60 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
         warnings.warn(f"convert(model, {name!r}) left {len(left_in_place)} layer(s) with "
                       f"weights that {name} cannot replace as they are: "
                       f"{', '.join(left_in_place)}", stacklevel=2)
+    _drop_absorbed_activations(model, method)
     return model
+
+
+# the calls, besides the module's, that compute what an activation module does
+_FUNCTIONAL_FORMS = {nn.ReLU: (torch.relu, torch.relu_, nn.functional.relu, "relu", "relu_")}
+# modules that scale each value by a factor >= 0 (0 or 1 / (1 - p)), so that a ReLU after
+# them is one before them: MONAI's blocks put a dropout between normalizer and activation
+_NONNEGATIVE_SCALINGS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _drop_absorbed_activations(model: nn.Module, method: Method) -> None:
+    """Replace by nn.Identity each activation module that a normalizer of `method` absorbs
+    (`absorbs_following`: FRN's TLU, the ReLU) where the traced forward shows it called on
+    that normalizer's output alone (normlab.fold.feeds), directly or through dropouts;
+    warn where one follows a normalizer but cannot be replaced (called elsewhere too, or
+    as a function) or where the forward cannot be traced. At conversion the function is
+    kept: the normalizer's own activation starts as the one replaced (FRN's tau = 0)."""
+    absorbing = tuple(cls for cls in method.dims if cls.absorbs_following)
+    if not absorbing:
+        return
+    untraceable, kept = [], []
+    for path, root, graph in traced(model, lambda m: isinstance(m, absorbing), untraceable):
+        sole_consumer = dict(feeds(root, graph))
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(root.get_submodule(node.target),
+                                                          absorbing):
+                continue
+            absorbed = root.get_submodule(node.target).absorbs_following
+            consumer = sole_consumer.get(node.target)
+            while consumer is not None and \
+                    type(root.get_submodule(consumer)) in _NONNEGATIVE_SCALINGS:
+                consumer = sole_consumer.get(consumer)
+            if consumer is not None and type(root.get_submodule(consumer)) in absorbed:
+                parent, _, child = consumer.rpartition(".")
+                training = root.get_submodule(consumer).training
+                setattr(root.get_submodule(parent), child, nn.Identity().train(training))
+            elif any(_computes(root, user, absorbed) for user in node.users):
+                kept.append(path + node.target)
+    if kept:
+        warnings.warn(f"convert(model, {method.name!r}): the activation after "
+                      f"{', '.join(kept)} stays (called elsewhere too, or as a function: "
+                      f"replacing it would change more than that step); the normalizer's own "
+                      f"activation replaces it in the paper", stacklevel=3)
+    if untraceable:
+        warnings.warn(f"convert(model, {method.name!r}): torch.fx cannot trace "
+                      f"{'; '.join(untraceable)}; an activation right after a new normalizer "
+                      f"there stays (inside the submodules it can trace, it was replaced)",
+                      stacklevel=3)
+
+
+def _computes(root: nn.Module, node, activations: tuple[type, ...]) -> bool:
+    """Whether graph node `node` computes one of `activations`, as a module or a function."""
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) in activations
+    return node.op in ("call_function", "call_method") and any(
+        node.target in _FUNCTIONAL_FORMS.get(activation, ()) for activation in activations)

@@ -139,6 +139,8 @@ def test_quick_and_full_add_the_registry_s_batch_free_methods_to_main_s_jobs(
         (t, b) for t in onlinenorm.TASKS for b in onlinenorm.BATCHES_BY_MODE[settings.mode]}
     assert {p["task"] for p in extra if "weight_standardization" in p["norm"]} == {
         "cifar10-resnet"}
+    # InstanceNorm normalizes over positions alone: an MLP's features have none
+    assert {p["task"] for p in extra if p["norm"] == "instance"} == {"cifar10-resnet"}
     assert onlinenorm.label("group+weight_standardization") == (
         "GroupNorm + Weight Standardization")
 
@@ -184,3 +186,4 @@ def test_the_other_batch_free_methods_are_shown_beside_the_claims_and_change_no_
     mlp, resnet = dependency.split("; cifar10-resnet")
     assert "FRN 12.60" in mlp and "FRN 12.70" in resnet
     assert "Weight Standardization" not in mlp and "Weight Standardization 12.70" in resnet
+    assert "InstanceNorm" not in mlp and "InstanceNorm 12.70" in resnet

@@ -92,9 +92,12 @@ def label(arm: str) -> str:
 
 
 def applies(arm: str, task: str) -> bool:
-    """Whether `arm` normalizes `task`'s model: a weight normalizer replaces its layers."""
+    """Whether `arm` normalizes `task`'s model: a weight normalizer replaces its layers; an
+    activation normalizer has something to normalize over (the MLP's features have no
+    positions)."""
     methods = [registry.get(name) for name in arm.split("+")]
-    return all(TASK_LAYER[task] in m.replaces for m in methods if m.family == "weight")
+    return all(TASK_LAYER[task] in m.replaces if m.family == "weight"
+               else not (m.needs_positions and TASK_LAYER[task] is nn.Linear) for m in methods)
 
 
 def cannot_train(norm: str, task: str, batch: int) -> bool:
@@ -327,7 +330,8 @@ def protocol(settings: Settings) -> list[str]:
            f"registry, outside the claims' rules: "
            f"{', '.join(label(a) for a in arms(settings.mode) if a not in NORMS)} (a weight "
            f"normalizer with the activation normalizer its paper pairs it with, on the tasks "
-           f"whose layers it replaces)."] if arms(settings.mode) != NORMS else []),
+           f"whose layers it replaces; one that normalizes over positions alone not on the "
+           f"MLP)."] if arms(settings.mode) != NORMS else []),
         f"(c) On the last {GAP_SAMPLES} held-out test samples: mean over samples of "
         f"||f_train(x) - f_eval(x)|| / ||f_eval(x)|| on the logits, training mode on a copy "
         f"of the trained network fed batches of the training size.",
