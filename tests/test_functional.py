@@ -5,6 +5,9 @@ from torch.nn import functional as F
 from normlab.functional import row_norms, weight_norm_linear
 from normlab.functional import row_scaled_conv as weight_normalized_conv2d
 from normlab.functional import row_scaled_linear as weight_normalized_linear
+from normlab.functional.fastnorm import tracked_sq_norms, with_logical_gradient
+
+F64 = torch.float64
 
 
 def test_weight_normalized_linear_matches_normalized_rows_and_its_gradient():
@@ -138,3 +141,51 @@ def test_online_norm_layer_scale_matches_its_formula_and_gradchecks():
     vectors = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: LayerScale.apply(t, eps), (vectors,))
     assert LayerScale.apply(torch.randn(0, 4, 5), eps).shape == (0, 4, 5)  # an empty batch
+
+
+@pytest.mark.parametrize("row_scale", [1.0, 2.5])
+def test_fastnorm_logical_gradient_is_the_weight_normalization_gradient_of_w(row_scale):
+    """Through with_logical_gradient (FastNorm's dense mode) autograd gives V the true
+    gradient of W = s V (gradcheck with s = 1, where W = V), orthogonal to each row, and for
+    s != 1 the same gradient: the function depends on W's direction only."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=F64)
+    gain = torch.rand(4, dtype=F64) + 0.5
+    bias = torch.randn(4, dtype=F64)
+    weight = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    scale = torch.full((4,), row_scale, dtype=F64)
+
+    def fast(w):  # t tracked = exact here, so perturbing w must move the output as WN does
+        inv_norm_stored = w.detach().norm(dim=1).reciprocal()
+        return weight_normalized_linear(
+            x, with_logical_gradient(w, inv_norm_stored, scale), gain, inv_norm_stored, bias)
+    if row_scale == 1.0:
+        assert torch.autograd.gradcheck(fast, (weight,))
+    fast(weight).sum().backward()
+    logical = (weight * scale[:, None]).detach().requires_grad_(True)
+    torch.nn.functional.linear(x, gain[:, None] * logical / logical.norm(dim=1, keepdim=True),
+                               bias).sum().backward()
+    assert torch.allclose(weight.grad, logical.grad)
+    assert torch.allclose((weight.grad * weight).sum(1), torch.zeros(4, dtype=F64), atol=1e-12)
+
+
+def test_fastnorm_tracked_sq_norms_match_the_explicit_update():
+    torch.manual_seed(0)
+    m, n, batch, lr, wd = 6, 9, 5, 0.3, 0.1
+    weight = torch.randn(m, n, dtype=F64)
+    gain = torch.rand(m, dtype=F64) + 0.5
+    inv_norm = weight.norm(dim=1).reciprocal()
+    h = torch.randn(batch, n, dtype=F64)
+    delta = torch.randn(batch, m, dtype=F64)
+    grad = torch.zeros_like(weight)  # seed 000 eq. 2, summed over the samples
+    for b in range(batch):
+        for i in range(m):
+            p = weight[i] @ h[b]
+            a = delta[b, i] * gain[i] * inv_norm[i]
+            grad[i] += a * (h[b] - inv_norm[i] ** 2 * p * weight[i])
+    updated = (1 - lr * wd) * weight - lr * grad
+    a = delta * gain * inv_norm
+    a_dot_p = (a * (h @ weight.T)).sum(0)
+    tracked = tracked_sq_norms(inv_norm.pow(-2), h, a, a_dot_p, inv_norm**2 * a_dot_p, lr, wd)
+    expected = updated.norm(dim=1).square()
+    assert ((tracked - expected).abs().max() / expected.abs().max()).item() < 1e-12

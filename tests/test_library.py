@@ -76,3 +76,15 @@ def test_a_renamed_public_name_keeps_working_with_a_warning(module, old, new):
     module = importlib.import_module(module)
     with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
         assert getattr(module, old) is getattr(module, new)
+
+
+@pytest.mark.parametrize("name", ["tracked_sq_norms", "KERNEL_MAX_BATCH"])
+def test_fastnorms_math_answers_at_its_old_place_in_the_layers_module_with_a_warning(name):
+    from normlab.functional import fastnorm as fastnorm_math
+    from normlab.layers import fastnorm as fastnorm_layers
+
+    with pytest.warns(DeprecationWarning, match=f"normlab.layers.fastnorm.{name} is now "
+                                                f"normlab.functional.fastnorm.{name}"):
+        assert getattr(fastnorm_layers, name) is getattr(fastnorm_math, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        fastnorm_layers.no_such_name  # noqa: B018

@@ -162,3 +162,25 @@ def test_freeze_makes_a_training_network_use_its_running_statistics(name):
         assert torch.equal(value, buffers[key]), key
     assert all(m.weight.grad is None for m in net.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def test_convert_to_frn_replaces_basic_unet_s_relus_through_its_dropouts(monkeypatch):
+    """MONAI's blocks run norm, dropout, activation: each ReLU fed by a new FRN (through the
+    dropout) gives way to FRN's TLU, and the function is kept at conversion (tau = 0)."""
+    from normlab.layers.filter_response_norm import FilterResponseNorm3d
+
+    torch.manual_seed(0)
+    model = nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2,
+                           features=(4, 4, 8, 8, 16, 4), act="relu").eval()
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # BasicUNet traces: nothing it cannot tell
+        converted = normlab.convert(model, "frn")
+    assert relus == 18 == sum(isinstance(m, FilterResponseNorm3d) for m in converted.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in converted.modules())
+    monkeypatch.setattr(FilterResponseNorm3d, "absorbs_following", ())
+    kept = normlab.convert(model, "frn")
+    assert sum(isinstance(m, nn.ReLU) for m in kept.modules()) == relus
+    kept.load_state_dict(converted.state_dict())
+    x = torch.randn(1, 1, SIDE, SIDE, SIDE)
+    torch.testing.assert_close(converted(x), kept(x))

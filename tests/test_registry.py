@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -407,3 +409,71 @@ def test_from_module_takes_subclasses_that_keep_the_forward_only(cls):
     message = f"expects an nn.{plain.__name__}, got Overrides, a subclass that overrides"
     with pytest.raises(TypeError, match=message):
         cls.from_module(overrides(*args))
+
+
+# -- convert(model, "frn"): FRN's TLU takes the place of the ReLU after the normalizer --
+
+def frn_outputs_with_and_without_the_relu(model, x):
+    """The converted model's output, and that of the same model with each FilterResponseNorm's
+    output put through a ReLU (what keeping the ReLUs would compute)."""
+    from normlab.layers.filter_response_norm import FilterResponseNorm2d
+
+    converted = normlab.convert(model, "frn")
+    with_relu = nn.Sequential(*[nn.Sequential(m, nn.ReLU()) if isinstance(
+        m, FilterResponseNorm2d) else m for m in converted])
+    return converted, converted(x), with_relu(x)
+
+
+def test_convert_to_frn_drops_the_relu_each_normalizer_fed_alone():
+    torch.manual_seed(0)
+    # the second ReLU after a dropout, which scales by factors >= 0: a ReLU before it
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Dropout(0.5),
+                          nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4),
+                          nn.LeakyReLU())
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every ReLU here can be told: no warning
+        converted, out, reference = frn_outputs_with_and_without_the_relu(model.eval(), x)
+    assert [type(m).__name__ for m in converted] == [
+        "Conv2d", "FilterResponseNorm2d", "Identity", "Conv2d", "FilterResponseNorm2d",
+        "Dropout", "Identity", "Conv2d", "FilterResponseNorm2d", "LeakyReLU"]  # only ReLUs
+    torch.testing.assert_close(out, reference)  # tau = 0: the TLU is the ReLU it replaces
+    with torch.no_grad():
+        converted[1].tau.fill_(-0.5)  # a learned threshold below 0 now acts
+    assert (converted[:2](x) < 0).any()
+    assert isinstance(normlab.convert(model, "group")[2], nn.ReLU)  # other methods keep it
+
+
+def test_convert_to_frn_keeps_a_relu_it_cannot_replace_alone_and_says_so():
+    class SharedRelu(nn.Module):  # torchvision's BasicBlock: one ReLU module, two calls
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(x + self.relu(self.bn(self.conv(x))))
+
+    class FunctionalRelu(SharedRelu):
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    class Untraceable(nn.Module):  # control flow on a value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+            self.tail = SharedRelu()
+
+        def forward(self, x):
+            return self.tail(self.body(x)) if x.sum() > 0 else x
+
+    for model, where in ((SharedRelu(), "after bn"), (FunctionalRelu(), "after bn")):
+        with pytest.warns(UserWarning, match=f"the activation {where} stays"):
+            converted = normlab.convert(model, "frn")
+        assert isinstance(converted.relu, nn.ReLU)
+    with pytest.warns(UserWarning) as record:
+        converted = normlab.convert(Untraceable(), "frn")
+    messages = " ".join(str(w.message) for w in record)
+    assert "cannot trace the model (Untraceable" in messages
+    assert "the activation after tail.bn stays" in messages
+    assert isinstance(converted.body[2], nn.Identity)  # inside what it can trace: replaced

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -84,7 +85,10 @@ def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Modu
     input_sizes = _input_sizes(model, example_input) if example_input is not None else {}
     _to_plain(model, input_sizes)
     untraceable: list[str] = []
-    _fold_traced(model, "", untraceable)
+    for _, module, graph in traced(model, _foldable_norm, untraceable):
+        for layer_name, norm_name, form in _foldable_pairs(module, graph):
+            _fold_into(module.get_submodule(layer_name), form)
+            _remove(module, norm_name, form.after)
     if untraceable:
         warnings.warn(f"fold: torch.fx cannot trace {'; '.join(untraceable)}; the normalizers "
                       f"were folded inside the submodules it can trace", stacklevel=2)
@@ -145,11 +149,15 @@ class _Tracer(fx.Tracer):
             super().is_leaf_module(module, qualified_name)
 
 
-def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
-    """Fold the normalizers inside `module` through its traced graph; where it cannot be
-    traced, inside each child, and name it in `untraceable`."""
-    if not any(_foldable_norm(m) for m in list(module.modules())[1:]):
-        return  # nothing to fold inside
+def traced(module: nn.Module, wanted: Callable[[nn.Module], bool], untraceable: list[str],
+           path: str = "") -> Iterator[tuple[str, nn.Module, fx.Graph]]:
+    """(path, submodule, its forward traced by torch.fx) for `module` or, where it cannot be
+    traced, for its children in turn (each named with the reason in `untraceable`), as far
+    down as a submodule holds a module that `wanted` accepts. Normalizers stay single calls
+    in the graphs. What fold and convert read to know who feeds whom (`feeds`); changing a
+    submodule's children between two steps of the walk is safe."""
+    if not any(wanted(m) for m in list(module.modules())[1:]):
+        return  # nothing wanted inside
     attributes = set(vars(module))
     try:
         graph = _Tracer().trace(module)
@@ -157,22 +165,22 @@ def _fold_traced(module: nn.Module, path: str, untraceable: list[str]) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         untraceable.append(f"{path.rstrip('.') or 'the model'} ({type(module).__name__}: "
                            f"{type(error).__name__}: {reason})")
-        for name, child in module.named_children():
-            _fold_traced(child, f"{path}{name}.", untraceable)
-        return
+        graph = None
     finally:  # the tracer keeps the tensor constants of forward as attributes of `module`
         for name in set(vars(module)) - attributes:
             delattr(module, name)
-    for layer_name, norm_name, form in _foldable_pairs(module, graph):
-        _fold_into(module.get_submodule(layer_name), form)
-        _remove(module, norm_name, form.after)
+    if graph is not None:
+        yield path, module, graph
+        return
+    for name, child in module.named_children():
+        yield from traced(child, wanted, untraceable, f"{path}{name}.")
 
 
-def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str, AffineForm]]:
-    """(layer, normalizer, the normalizer's form): the qualified names in `root` of each
-    normalizer call whose only input is a call of a foldable layer with no other user, both
-    modules called once, held by one parent, without hooks, and their attributes
-    read nowhere else in the graph."""
+def feeds(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
+    """(source, consumer): the qualified names in `root` of each module call in `graph`
+    whose only input is a call of module `source` with no other user, both modules called
+    once, held by one parent, without hooks, and their attributes read nowhere else in the
+    graph: the pairs where replacing either module changes that one step alone."""
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     attributes_read = [node.target for node in graph.nodes if node.op == "get_attr"]
     # A module held by several parents (or twice by one) may be called where the graph does
@@ -193,14 +201,22 @@ def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str, Af
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module"
-                and len(source.users) == 1):
-            continue
-        layer, norm = root.get_submodule(source.target), root.get_submodule(node.target)
+        if (isinstance(source, fx.Node) and source.op == "call_module"
+                and len(source.users) == 1 and called_once_alone(source.target)
+                and called_once_alone(node.target)):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def _foldable_pairs(root: nn.Module, graph: fx.Graph) -> list[tuple[str, str, AffineForm]]:
+    """(layer, normalizer, the normalizer's form) of each of `feeds` where a foldable layer
+    feeds a normalizer whose evaluation-mode function is a per-channel affine map."""
+    pairs = []
+    for layer_name, norm_name in feeds(root, graph):
+        layer, norm = root.get_submodule(layer_name), root.get_submodule(norm_name)
         form = _eval_affine_form(norm) if type(layer) in FOLDABLE_LAYERS else None
-        if form is not None and form.scale.numel() == layer.weight.shape[0] and \
-                called_once_alone(source.target) and called_once_alone(node.target):
-            pairs.append((source.target, node.target, form))
+        if form is not None and form.scale.numel() == layer.weight.shape[0]:
+            pairs.append((layer_name, norm_name, form))
     return pairs
 
 

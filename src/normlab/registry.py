@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import checks, module_kinds
+from .fold import feeds, traced
 from .layers._base import WeightNormalizedLayer
 from .layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .layers.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
@@ -86,6 +87,19 @@ class Method:
             runs beside (``"activation"``, which includes ``none``: it rescales
             plain Linear/Conv2d weights; ``"weight"``: it rescales the rows of
             weight-normalized layers).
+        label: the name reports and figures show (default: `name`).
+        batch_free: a normalizer that uses no batch statistics: in training as in
+            evaluation each sample is normalized by its own values (or, for Online
+            Normalization, by running statistics of the samples before it), so it trains
+            at any batch size, 1 included. Declared by activation normalizers; every
+            weight normalizer is one. Batch-size comparisons (the onlinenorm recipe) run
+            every such method.
+        needs_positions: activation family: normalizes each channel over a sample's
+            positions alone, so that on (N, C) features, which have none, its output is
+            constant (InstanceNorm); a comparison on an MLP leaves it out.
+        activation_pair: weight family: the activation normalizer its paper runs it with
+            (Weight Standardization: ``"group"``), or None when it runs alone; training's
+            norm spec ``"group+weight_standardization"`` builds the pair.
     """
 
     name: str
@@ -99,6 +113,10 @@ class Method:
     dims: dict[type, int] = field(default_factory=dict)
     optimizer: Callable[..., object] | None = None
     pairs_with: str = "activation"
+    label: str = ""
+    batch_free: bool = False
+    needs_positions: bool = False
+    activation_pair: str | None = None
 
     @property
     def classes(self) -> tuple[type, ...]:
@@ -119,6 +137,11 @@ class Method:
         if self.pairs_with not in ("activation", "weight"):
             raise ValueError(f"pairs_with must be 'activation' or 'weight', "
                              f"got {self.pairs_with!r}")
+        if self.activation_pair is not None and self.family != "weight":
+            raise ValueError(f"{self.name}: only a weight normalizer runs with an "
+                             f"activation_pair, got one for family {self.family!r}")
+        if not self.label:
+            object.__setattr__(self, "label", self.name)  # (frozen: set once, here)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -170,25 +193,28 @@ def register(method: Method) -> Method:
     return method
 
 
-def activation_method(name: str, paper: str, summary: str, classes: tuple[type, ...]
-                      ) -> Method:
+def activation_method(name: str, paper: str, summary: str, classes: tuple[type, ...],
+                      label: str = "", batch_free: bool = False) -> Method:
     """The record of an activation normalizer from its classes (one per `dim` they declare):
     `build` picks the class of the dim asked for."""
     by_dim = {cls.dim: cls for cls in classes}
     return Method(name, "activation", paper, summary,
                   build=lambda num_features, dim, **kw: by_dim[dim](num_features, **kw),
-                  dims={cls: cls.dim for cls in classes})
+                  dims={cls: cls.dim for cls in classes}, label=label, batch_free=batch_free)
 
 
 def weight_method(name: str, paper: str, summary: str, classes: tuple[type, ...],
-                  optimizer: Callable[..., object] | None = None) -> Method:
+                  optimizer: Callable[..., object] | None = None, label: str = "",
+                  activation_pair: str | None = None) -> Method:
     """The record of a weight normalizer from its classes: each replaces its `plain_type`;
-    the first layer of a model gets what the classes declare in `first_layer_kw`."""
+    the first layer of a model gets what the classes declare in `first_layer_kw`. It is
+    batch-free: its statistics are its weights'."""
     first_layer_kw = {}
     for cls in classes:
         first_layer_kw.update(cls.first_layer_kw)
     return Method(name, "weight", paper, summary, replaces={cls.plain_type: cls for cls in classes},
-                  first_layer_kw=first_layer_kw, optimizer=optimizer)
+                  first_layer_kw=first_layer_kw, optimizer=optimizer, label=label,
+                  batch_free=True, activation_pair=activation_pair)
 
 
 # -- activation normalizers ----------------------------------------------------
@@ -196,24 +222,27 @@ register(Method("none", "activation", "-", "no normalization (identity)",
                 build=lambda num_features, dim, **kw: nn.Identity()))
 register(Method("batch", "activation", "Ioffe and Szegedy (2015), Batch Normalization",
                 "normalize each channel with batch statistics (torch)",
-                build=_batch_norm))
+                build=_batch_norm, label="BatchNorm"))
 register(Method("layer", "activation", "Ba, Kiros and Hinton (2016), Layer Normalization",
                 "normalize each sample over all its channels (torch)", build=_layer_norm,
-                dims={VectorLayerNorm: 1}))
+                dims={VectorLayerNorm: 1}, label="LayerNorm", batch_free=True))
 register(Method("group", "activation", "Wu and He (2018), Group Normalization",
-                "normalize each sample over groups of channels (torch)", build=_group_norm))
+                "normalize each sample over groups of channels (torch)", build=_group_norm,
+                label="GroupNorm", batch_free=True))
 register(Method("instance", "activation",
                 "Ulyanov, Vedaldi and Lempitsky (2016), Instance Normalization",
                 "normalize each sample and channel over positions (torch)",
-                build=_instance_norm))
+                build=_instance_norm, label="InstanceNorm", batch_free=True,
+                needs_positions=True))
 register(activation_method("batch_renorm", "Ioffe (2017), Batch Renormalization",
                            "batch normalization corrected towards the running statistics",
-                           (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)))
+                           (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d), label="Batch Renorm"))
 register(activation_method("online",
                            "Chiley et al. (2019), Online Normalization for Training Neural "
                            "Networks",
                            "normalize each sample with running statistics of the samples "
-                           "before it", (OnlineNorm1d, OnlineNorm2d, OnlineNorm3d)))
+                           "before it", (OnlineNorm1d, OnlineNorm2d, OnlineNorm3d),
+                           label="Online Norm", batch_free=True))
 
 register(activation_method("frn",
                            "Singh and Krishnan (2020), Filter Response Normalization Layer: "
@@ -222,7 +251,7 @@ register(activation_method("frn",
                            "divide each sample's channel by its root mean square, then a "
                            "learned-threshold ReLU (TLU)",
                            (FilterResponseNorm1d, FilterResponseNorm2d,
-                            FilterResponseNorm3d)))
+                            FilterResponseNorm3d), label="FRN", batch_free=True))
 
 # -- weight normalizers ----------------------------------------------------------
 register(weight_method("weight_norm",
@@ -259,7 +288,8 @@ register(weight_method("weight_standardization",
                        "arXiv:1903.10520",
                        "standardize each conv kernel (zero mean, unit std); pair with group",
                        (WeightStandardizedConv1d, WeightStandardizedConv2d,
-                        WeightStandardizedConv3d)))
+                        WeightStandardizedConv3d), label="Weight Standardization",
+                       activation_pair="group"))
 
 # -- rebalancers -------------------------------------------------------------------
 register(Method("enorm", "rebalancer", "Stock et al. (2019), Equi-normalization of Neural Networks",
@@ -497,4 +527,60 @@ def convert(model: nn.Module, name: str, keep_activation_norm: bool = False,
         warnings.warn(f"convert(model, {name!r}) left {len(left_in_place)} layer(s) with "
                       f"weights that {name} cannot replace as they are: "
                       f"{', '.join(left_in_place)}", stacklevel=2)
+    _drop_absorbed_activations(model, method)
     return model
+
+
+# the calls, besides the module's, that compute what an activation module does
+_FUNCTIONAL_FORMS = {nn.ReLU: (torch.relu, torch.relu_, nn.functional.relu, "relu", "relu_")}
+# modules that scale each value by a factor >= 0 (0 or 1 / (1 - p)), so that a ReLU after
+# them is one before them: MONAI's blocks put a dropout between normalizer and activation
+_NONNEGATIVE_SCALINGS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _drop_absorbed_activations(model: nn.Module, method: Method) -> None:
+    """Replace by nn.Identity each activation module that a normalizer of `method` absorbs
+    (`absorbs_following`: FRN's TLU, the ReLU) where the traced forward shows it called on
+    that normalizer's output alone (normlab.fold.feeds), directly or through dropouts;
+    warn where one follows a normalizer but cannot be replaced (called elsewhere too, or
+    as a function) or where the forward cannot be traced. At conversion the function is
+    kept: the normalizer's own activation starts as the one replaced (FRN's tau = 0)."""
+    absorbing = tuple(cls for cls in method.dims if cls.absorbs_following)
+    if not absorbing:
+        return
+    untraceable, kept = [], []
+    for path, root, graph in traced(model, lambda m: isinstance(m, absorbing), untraceable):
+        sole_consumer = dict(feeds(root, graph))
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(root.get_submodule(node.target),
+                                                          absorbing):
+                continue
+            absorbed = root.get_submodule(node.target).absorbs_following
+            consumer = sole_consumer.get(node.target)
+            while consumer is not None and \
+                    type(root.get_submodule(consumer)) in _NONNEGATIVE_SCALINGS:
+                consumer = sole_consumer.get(consumer)
+            if consumer is not None and type(root.get_submodule(consumer)) in absorbed:
+                parent, _, child = consumer.rpartition(".")
+                training = root.get_submodule(consumer).training
+                setattr(root.get_submodule(parent), child, nn.Identity().train(training))
+            elif any(_computes(root, user, absorbed) for user in node.users):
+                kept.append(path + node.target)
+    if kept:
+        warnings.warn(f"convert(model, {method.name!r}): the activation after "
+                      f"{', '.join(kept)} stays (called elsewhere too, or as a function: "
+                      f"replacing it would change more than that step); the normalizer's own "
+                      f"activation replaces it in the paper", stacklevel=3)
+    if untraceable:
+        warnings.warn(f"convert(model, {method.name!r}): torch.fx cannot trace "
+                      f"{'; '.join(untraceable)}; an activation right after a new normalizer "
+                      f"there stays (inside the submodules it can trace, it was replaced)",
+                      stacklevel=3)
+
+
+def _computes(root: nn.Module, node, activations: tuple[type, ...]) -> bool:
+    """Whether graph node `node` computes one of `activations`, as a module or a function."""
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) in activations
+    return node.op in ("call_function", "call_method") and any(
+        node.target in _FUNCTIONAL_FORMS.get(activation, ()) for activation in activations)

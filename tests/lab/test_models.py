@@ -49,3 +49,23 @@ def test_cifar_resnet_depth_check_and_residual_scale():
     model = models.cifar_resnet(depth=14, width=4, scale_residual=True)
     blocks = [m for m in model.modules() if isinstance(m, models.BasicBlock)]
     assert len(blocks) == 6 and all(b.residual_scale == pytest.approx(1 / 6) for b in blocks)
+
+
+def test_a_weight_normalizer_joined_to_an_activation_normalizer_gets_both():
+    """"group+weight_standardization": Weight Standardization's convolutions, each followed
+    by GroupNorm (the pairing of Qiao et al. 2019), without conv biases (GroupNorm shifts)."""
+    from normlab import WeightStandardizedConv2d
+
+    with pytest.warns(UserWarning, match="8 \\(Linear\\)"):  # the classifier stays plain
+        model = models.cifar_resnet(depth=8, width=8, norm="group+weight_standardization")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 9 and all(type(c) is WeightStandardizedConv2d for c in convs)
+    assert all(c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 9
+    assert models.layer_methods("weight_standardization+group") == (
+        "group", "weight_standardization")
+    assert models.layer_methods("fastnorm") == ("none", "fastnorm")
+    for spec in ("batch+group", "fastnorm+normprop", "batch+enorm"):
+        with pytest.raises(ValueError, match="at most one layer normalizer of each family"):
+            models.layer_methods(spec)

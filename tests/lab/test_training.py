@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from normlab import models, training
+from normlab import FastNormSGD, models, training
 from normlab.training import Checkpoint, TrainConfig, split_norm, train
 
 pytestmark = pytest.mark.usefixtures("needs_sklearn")  # digits: the fast dataset for these tests
@@ -85,6 +85,20 @@ def test_config_key_is_stable_and_distinguishes_configs():
 
 def test_split_norm():
     assert split_norm("batch") == ("batch", None)
+    assert split_norm("group+weight_standardization") == ("group+weight_standardization", None)
+    assert split_norm("group+weight_norm+renorm") == ("group+weight_norm", "renorm")
+    with pytest.raises(ValueError, match="at most one rebalancer"):
+        split_norm("batch+enorm+enorm")
+    with pytest.raises(ValueError, match="scale-free"):  # a weight normalizer in the pair
+        split_norm("group+weight_standardization+enorm")
+
+
+def test_a_paired_weight_normalizer_trains_with_its_own_optimizer():
+    config = TrainConfig(task="cifar10-resnet", norm="group+fastnorm",
+                         model_kw={"depth": 8, "width": 8})
+    model = training.build_model(config)
+    assert isinstance(training.build_optimizer(model, config), FastNormSGD)
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
 
 
 def test_random_crop_flip_keeps_shape_and_content():

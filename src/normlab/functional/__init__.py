@@ -8,6 +8,10 @@ calls torch.nn.functional.batch_norm:
   :func:`row_scaled_linear`, :func:`row_scaled_conv` (rows scaled by norms
   given) and :func:`row_norms`: weight normalization (WeightNorm, scaled
   WeightNorm, NormProp, FastNorm).
+* :func:`recorded_linear`, :func:`with_logical_gradient` (forward), then
+  :func:`step_coefficients`, :func:`fused_sgd_step` (with :func:`tracked_sq_norms`) or
+  :func:`logical_weight_gradient` (step): FastNorm, whose SGD step is a rank-B update
+  with the row norms tracked from the batch.
 * :func:`batch_renorm`: Batch Renormalization.
 * :func:`online_norm`: Online Normalization, forward and its control-process
   backward.
@@ -27,13 +31,22 @@ import warnings
 
 from .batch_renorm import batch_renorm
 from .equinorm import equi_norm, equilibrium_shift_scale, unit_row_shift_scale
+from .fastnorm import (
+    fused_sgd_step,
+    logical_weight_gradient,
+    recorded_linear,
+    step_coefficients,
+    tracked_sq_norms,
+    with_logical_gradient,
+)
 from .online_norm import ONLINE_NORM_ECMS, OnlineNormFunction, linear_scan, online_norm
 from .weight_norm import row_norms, row_scaled_conv, row_scaled_linear, weight_norm_linear
 
 __all__ = ["ONLINE_NORM_ECMS", "OnlineNormFunction", "batch_renorm", "equi_norm",
-           "equilibrium_shift_scale", "linear_scan", "online_norm", "row_norms",
-           "row_scaled_conv", "row_scaled_linear", "unit_row_shift_scale",
-           "weight_norm_linear"]
+           "equilibrium_shift_scale", "fused_sgd_step", "linear_scan", "logical_weight_gradient",
+           "online_norm", "recorded_linear", "row_norms", "row_scaled_conv", "row_scaled_linear",
+           "step_coefficients", "tracked_sq_norms", "unit_row_shift_scale",
+           "weight_norm_linear", "with_logical_gradient"]
 
 # old name -> new name: weight_normalized_linear was easily taken for weight_norm_linear
 _RENAMED = {"weight_normalized_linear": "row_scaled_linear",

@@ -32,9 +32,9 @@ from torch.utils import benchmark
 
 from .. import distributed, registry
 from ..fold import fold
+from ..functional.fastnorm import tracked_sq_norms
 from ..layers.batch_renorm import BatchRenorm2d
 from ..layers.equinorm import EquiNormConv2d, EquiNormLinear
-from ..layers.fastnorm import tracked_sq_norms
 from ..layers.online import OnlineNorm1d, OnlineNorm2d
 from ..layers.weight_norm import WeightNormLinear
 from ..optim import FastNormSGD

@@ -15,31 +15,47 @@ from .. import registry
 from ..rebalancers.row_renorm import Renormalize
 
 
+def layer_methods(norm: str) -> tuple[str, str | None]:
+    """The activation normalizer ("none" without one) and the weight normalizer (None
+    without one) that `norm` names: one method, or one of each joined by '+', as a weight
+    normalizer and the activation normalizer it runs with (``"group+weight_standardization"``
+    -> ``("group", "weight_standardization")``; ``"fastnorm"`` -> ``("none", "fastnorm")``)."""
+    methods = [registry.get(name) for name in norm.split("+")]
+    activations = [m.name for m in methods if m.family == "activation"]
+    weights = [m.name for m in methods if m.family == "weight"]
+    if len(activations) > 1 or len(weights) > 1 or len(activations) + len(weights) < len(methods):
+        raise ValueError(f"norm {norm!r}: expected at most one layer normalizer of each family "
+                         f"(an activation normalizer, a weight normalizer, or one of each "
+                         f"joined by '+', as in group+weight_standardization)")
+    return (activations[0] if activations else "none"), (weights[0] if weights else None)
+
+
 def _norm(norm: str, num_features: int, dim: int) -> nn.Module:
-    if registry.get(norm).family == "activation":
-        return registry.create(norm, num_features, dim)
-    return nn.Identity()
+    activation, _ = layer_methods(norm)
+    return registry.create(activation, num_features, dim)
 
 
 def _needs_bias(norm: str) -> bool:
     """A layer followed by an activation normalizer gets its shift from it."""
-    return norm == "none" or registry.get(norm).family != "activation"
+    return layer_methods(norm)[0] == "none"
 
 
 def _apply_weight_norm(model: nn.Module, norm: str, unit_rows: bool = False,
                        **norm_kw) -> nn.Module:
-    """`model` with its Linear/Conv layers converted to weight method `norm`.
+    """`model` with its Linear/Conv layers converted to the weight normalizer of `norm`, its
+    activation normalizers kept.
 
     ``unit_rows=True`` stores every direction with unit rows (the gain keeps the
     function): plain SGD's step on the direction then starts at the nominal
     learning rate, as FastNorm's does, instead of about 3x it (torch's default
     init gives rows of norm 1/sqrt(3)).
     """
-    if registry.get(norm).family != "weight":
+    _, weight = layer_methods(norm)
+    if weight is None:
         if unit_rows:
             raise ValueError(f"unit_rows applies to weight normalizers; {norm!r} is not one")
         return model
-    model = registry.convert(model, norm, **norm_kw)
+    model = registry.convert(model, weight, keep_activation_norm=True, **norm_kw)
     if unit_rows:
         Renormalize(model).step()
     return model

@@ -76,7 +76,8 @@ class TrainConfig:
     """Everything that defines a run; two equal configs give the same numbers on CPU.
 
     `norm` names a registered method; ``"batch+enorm"`` combines a layer
-    normalizer with a rebalancer. `eval_every` counts optimizer steps between
+    normalizer with a rebalancer, ``"group+weight_standardization"`` an activation
+    normalizer with a weight normalizer. `eval_every` counts optimizer steps between
     evaluations (0: at the end of each epoch). `train_limit`/`test_limit`
     keep the first samples of each split (quick modes). `dtype` is the dtype
     of the parameters and inputs. `standardize` shifts and scales each input
@@ -137,18 +138,19 @@ class TrainConfig:
 
 
 def split_norm(spec: str) -> tuple[str, str | None]:
-    """``"batch+enorm"`` -> ``("batch", "enorm")``; ``"enorm"`` -> ``("none", "enorm")``."""
-    names = spec.split("+")
-    methods = [registry.get(name) for name in names]
+    """The layer normalizers and the rebalancer of a norm spec: ``"batch+enorm"`` ->
+    ``("batch", "enorm")``; ``"enorm"`` -> ``("none", "enorm")``;
+    ``"group+weight_standardization"`` -> ``("group+weight_standardization", None)``."""
+    methods = [registry.get(name) for name in spec.split("+")]
     rebalancers = [m.name for m in methods if m.family == "rebalancer"]
-    layers = [m.name for m in methods if m.family != "rebalancer"]
-    if len(rebalancers) > 1 or len(layers) > 1:
-        raise ValueError(f"norm {spec!r}: expected at most one layer normalizer and one "
-                         f"rebalancer, joined by '+'")
-    layer = layers[0] if layers else "none"
+    layer = "+".join(m.name for m in methods if m.family != "rebalancer") or "none"
+    if len(rebalancers) > 1:
+        raise ValueError(f"norm {spec!r}: expected at most one rebalancer, joined by '+' to "
+                         f"the layer normalizers")
+    _, weight = models.layer_methods(layer)  # at most one of each family
     if rebalancers:
         rebalancer = registry.get(rebalancers[0])
-        layer_family = registry.get(layer).family
+        layer_family = "activation" if weight is None else "weight"
         if layer_family != rebalancer.pairs_with and rebalancer.pairs_with == "activation":
             raise ValueError(f"norm {spec!r}: {rebalancer.name} rescales plain Linear/Conv2d "
                              f"weights, which a weight normalizer makes scale-free; use one "
@@ -183,8 +185,8 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig):
-    layer_norm, _ = split_norm(config.norm)
-    make = registry.get(layer_norm).optimizer or torch.optim.SGD
+    _, weight = models.layer_methods(split_norm(config.norm)[0])
+    make = (registry.get(weight).optimizer if weight else None) or torch.optim.SGD
     return make(model.parameters(), lr=config.lr, momentum=config.momentum,
                 weight_decay=config.weight_decay)
 

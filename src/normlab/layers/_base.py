@@ -257,6 +257,9 @@ class ActivationNorm:
     # batch's positions), "positions" (one sample's positions), or None (running statistics
     # only, or no statistic)
     statistics_over: ClassVar[str | None] = None
+    # activation modules that, called on this normalizer's output alone, `convert` replaces
+    # by nn.Identity: FRN's TLU takes the place of the ReLU after the normalizer it replaces
+    absorbs_following: ClassVar[tuple[type, ...]] = ()
 
     def eval_affine_form(self) -> AffineForm | None:
         """This normalizer's evaluation-mode function as a per-channel affine map, or None

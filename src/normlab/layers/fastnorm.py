@@ -1,29 +1,18 @@
-"""FastNorm: weight normalization whose norms are tracked, not computed.
+"""FastNorm's layers: weight normalization whose norms are tracked, not computed.
 
 From "FastNorm: Improving Numerical Stability of Deep Network Training with
-Efficient Normalization" (anonymous, 2019 submission). The layer computes
-explicit weight normalization's function, z_i = gain_i (W_i . h) / ||W_i|| +
-bias_i, but an SGD step never rescales the weight matrix and, in the default
-*fused* mode, never builds a dense gradient either:
+Efficient Normalization" (anonymous, 2019 submission). The math (the fused step,
+the tracked norms, the autograd functions and the compiled kernels' dispatch) is
+:mod:`normlab.functional.fastnorm`; its docstring derives it. Here: the layers,
+which hold W = diag(s) V (`weight` V, buffers `row_scale` s and `inv_norm`
+t = 1 / ||W_i||), and the interface their optimizer, :class:`~normlab.FastNormSGD`,
+uses: `layer_of` and `registrations` find the layers among the parameters, and each
+layer's `sgd_step` and `discard_finished_records` step them.
 
-The weight-normalization gradient of row i over a batch of B samples is
-grad_i = sum_b a_bi h_b - kappa_i W_i, with a_bi = gain_i t_i delta_bi,
-t_i = 1 / ||W_i||, p_bi = W_i . h_b and kappa_i = t_i^2 (a_i . p_i). An SGD
-step with weight decay wd is therefore
-
-    W_i' = c_i W_i - lr sum_b a_bi h_b,     c_i = 1 - lr wd + lr kappa_i,
-
-a per-row scale plus a rank-B update. The layer stores W = diag(s) V: the
-per-row scalars s absorb c (s' = c s) and only the rank-B part touches the
-stored matrix, V' = V - (lr / s') A^T H: one `addmm_`. Since grad_i is
-orthogonal to W_i, the new norms follow from the B samples alone,
-
-    ||W_i'||^2 = (1 - lr wd)^2 ||W_i||^2 + lr^2 (a_i^T K a_i - t_i^2 (a_i . p_i)^2),
-
-with K = H H^T: O(B^2 (n + m)) instead of O(mn) (`tracked_sq_norms`). The
-forward reads 1 / ||V_i|| = t_i s_i. Above `max_tracked_batch` samples the
-norms are computed explicitly after the fused update instead (the Gram
-matrix then costs more than one pass over V).
+In the default *fused* mode (FastNormLinear) an SGD step is a per-row scale of s
+and a rank-B update of V, with the norms tracked from the B samples. Above
+`max_tracked_batch` samples the norms are computed explicitly after the fused
+update instead (the Gram matrix then costs more than one pass over V).
 
 Renormalization (every `renorm_every` steps, or `renormalize()`) divides the
 rows of V by their norms and moves those norms into s, so the logical
@@ -31,15 +20,6 @@ weight W, hence the training trajectory, is unchanged up to rounding, and
 refreshes t from the explicit norms (bounding the drift of the tracking in
 low precision). The paper's reset of ||W_i|| to 1, which also resets weight
 normalization's effective learning rate, is the option `renorm_resets_norm`.
-
-On CPU, up to KERNEL_MAX_BATCH samples, the fused mode's training forward,
-its backward and the step each run as one compiled call (csrc/fastnorm.cpp,
-built on first use: normlab._ext.loader), since at small batches the dozens of
-small tensor operations of the eager path cost more than the arithmetic. The
-forward's autograd function gives a per-forward leaf ("probe") the output
-gradient dL/dz, which is how the step gets its samples without a Python hook;
-the compiled step also applies SGD to the gain and bias. The eager path
-computes the same and is the specification (tests compare them).
 
 The *dense* mode (`mode="dense"`, and `FastNormConv1d/2d/3d` always) is the
 paper's hybrid mode: autograd gives `weight.grad` the true gradient with
@@ -54,8 +34,8 @@ it and computes the norms explicitly.
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 import weakref
 
 import torch
@@ -63,9 +43,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import checks
-from .._ext import loader as _native
 from .._ext.loader import tracing as _tracing
 from ..distributed import HasSyncedForm
+from ..functional import fastnorm as fastnorm_math
 from ._base import ConvGeometry, SourceWeight, WeightNormalizedLayer, plain_args
 from .weight_norm import INPUT_STATS
 
@@ -73,12 +53,6 @@ from .weight_norm import INPUT_STATS
 # compiled, 2 threads, 2026-12-02): tracked / explicit norms 0.77x at batch 2, 0.93x at
 # 16, 0.99x at 32, 1.11x at 64, 1.4x at 128, so the explicit norms take over above 16.
 DEFAULT_MAX_TRACKED_BATCH = 16
-# The compiled kernels (csrc/fastnorm.cpp) remove per-operation dispatch, which
-# dominates at small batches; their loops are single-threaded where torch's
-# elementwise operations are threaded. Measured against the eager path (784-1024-10
-# MLP step, 2 threads, alternating in one process, 2026-12-02): 0.80x at batch 32,
-# 0.99x at 128, 1.00x at 512; above that the eager path runs.
-KERNEL_MAX_BATCH = 512
 # Measured with `tools/fastnorm_drift.py --every 100` (the FastNorm paper's
 # 784-1024-10 MLP, batch 16, lr 0.05, fused mode, no renormalization): the
 # tracked norms drift from the explicit ones by 1.7e-5 (relative, max over rows)
@@ -88,6 +62,18 @@ KERNEL_MAX_BATCH = 512
 # it keeps the trajectory and costs one pass over the weight per 200 steps.
 DEFAULT_RENORM_EVERY = 200
 RENORM_DRIFT_BOUND = 0.05
+
+# public names that moved to normlab.functional.fastnorm with the math: old name, warned
+_MOVED_TO_FUNCTIONAL = ("KERNEL_MAX_BATCH", "tracked_sq_norms")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_FUNCTIONAL:
+        warnings.warn(f"normlab.layers.fastnorm.{name} is now "
+                      f"normlab.functional.fastnorm.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(fastnorm_math, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # id(weight Parameter) -> its layer, held weakly: behind `layer_of` (a plain dict
 # lookup per parameter and step; the owner's `weight is param` check rules out reused ids).
@@ -108,31 +94,6 @@ def registrations() -> int:
     return _owners_changed[0]
 
 
-class _LogicalGradient(torch.autograd.Function):
-    """Identity on V forward; backward turns autograd's gradient for V into the
-    weight-normalization gradient of the logical weight W = diag(s) V.
-
-    With the scale 1/||V_i|| = u_i held fixed in the forward, autograd gives
-    G_i = gain_i u_i sum_b delta_bi h_b; the true gradient of W_i is
-    (G_i - u_i^2 (G_i . V_i) V_i) / s_i (the part along the row removed, as
-    d(1/||W_i||)/dW_i contributes, and the chain rule through W = s V).
-    """
-
-    @staticmethod
-    def forward(ctx, weight, inv_norm_stored, row_scale):
-        ctx.save_for_backward(weight, inv_norm_stored, row_scale)
-        return weight.view_as(weight)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        weight, inv_norm_stored, row_scale = ctx.saved_tensors
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        along = (grad * weight).flatten(1).sum(1) * inv_norm_stored.square()
-        projected = torch.addcmul(grad, weight, along.view(shape).to(grad.dtype), value=-1)
-        return projected.div_(row_scale.view(shape).to(grad.dtype)), None, None
-
-
 class _Tracking:
     """A layer's bookkeeping between forward and step, in one mutable object
     (nn.Module's __setattr__ is slow on the per-step path)."""
@@ -141,116 +102,7 @@ class _Tracking:
 
     def __init__(self):
         self.weight_id, self.weight_version, self.steps_since_renorm = None, None, 0
-        self.records: list[_Record] = []
-
-
-class _Record:
-    """One training forward: its inputs h and pre-scale outputs q = V h, each (B, features),
-    and a (B, m) leaf whose gradient autograd fills with dL/dz: the output gradients
-    delta (summed over backwards, as gradients are)."""
-
-    __slots__ = ("inputs", "outputs", "probe")
-
-    def __init__(self, inputs: torch.Tensor, outputs: torch.Tensor, probe: torch.Tensor):
-        self.inputs, self.outputs, self.probe = inputs, outputs, probe
-
-    @property
-    def output_grads(self) -> torch.Tensor | None:
-        return self.probe.grad
-
-
-def _recorded_forward(x, gain, bias, weight, inv_norm, row_scale, records):
-    """The fused mode's training forward, z = gain * t s * (V h) + bias (t s = 1/||V_i||),
-    recording its samples in `records`; V gets no gradient (FastNormSGD updates it)."""
-    rows = _rows(x)
-    probe = torch.empty(rows.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device,
-                        requires_grad=True)
-    kernel = _kernel(rows, inv_norm, row_scale, weight, gain, bias)
-    function = _RecordedLinear.apply if kernel is None else kernel.recorded_linear
-    z, q = function(rows, gain, bias, probe, weight.detach(), inv_norm, row_scale)
-    records.append(_Record(rows.detach(), q, probe))
-    return z if x.dim() == 2 else z.view(*x.shape[:-1], z.shape[-1])
-
-
-# torch.compile runs the recording forward outside its graph (one graph break):
-# a traced backward would record at trace time only.
-_recorded_forward_untraced = torch.compiler.disable(_recorded_forward)
-
-
-class _RecordedLinear(torch.autograd.Function):
-    """`_recorded_forward`'s autograd function: returns (z, q) and gives the probe dL/dz.
-    The eager path, and the specification, of RecordedLinear in csrc/fastnorm.cpp."""
-
-    @staticmethod
-    def forward(ctx, rows, gain, bias, probe, weight, inv_norm, row_scale):
-        q = F.linear(rows, weight)
-        scale = gain * _as(inv_norm * row_scale, weight.dtype)
-        z = q * scale if bias is None else torch.addcmul(bias, q, scale)
-        ctx.mark_non_differentiable(q)
-        ctx.set_materialize_grads(False)  # q's gradient stays None: no zeros made
-        ctx.save_for_backward(weight, gain, inv_norm, row_scale, q)
-        return z, q
-
-    @staticmethod
-    def backward(ctx, output_grads, _):
-        if torch.is_grad_enabled():  # (cheaper than once_differentiable's wrapper)
-            raise RuntimeError("FastNormLinear(mode='fused') has no double backward "
-                               "(create_graph=True); use mode='dense'")
-        weight, gain, inv_norm, row_scale, q = ctx.saved_tensors
-        inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
-        needs_x, _, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = F.linear(output_grads * (gain * inv_norm_stored), weight.T) if needs_x else None
-        grad_gain = (output_grads * q).sum(0) * inv_norm_stored
-        grad_bias = output_grads.sum(0) if needs_bias else None
-        return grad_x, grad_gain, grad_bias, output_grads, None, None, None
-
-
-def _kernel(rows, inv_norm, row_scale, *like_rows):
-    """The compiled fused-mode kernels where they apply, else None: CPU, at most
-    KERNEL_MAX_BATCH `rows`, no autocast, t and s of one dtype, the tensors `like_rows`
-    (weight, gain, ...; None skipped) of the rows' dtype."""
-    if (not rows.is_cpu or rows.shape[0] > KERNEL_MAX_BATCH
-            or inv_norm.dtype != row_scale.dtype or _cpu_autocast()):
-        return None
-    dtype = rows.dtype
-    for x in like_rows:
-        if x is not None and x.dtype != dtype:
-            return None
-    return _native.module("fastnorm")
-
-
-try:
-    torch.is_autocast_enabled("cpu")
-    _cpu_autocast = functools.partial(torch.is_autocast_enabled, "cpu")
-except TypeError:  # torch < 2.4
-    _cpu_autocast = torch.is_autocast_cpu_enabled
-
-
-def tracked_sq_norms(sq_norms: torch.Tensor, inputs: torch.Tensor, coefficients: torch.Tensor,
-                     a_dot_p: torch.Tensor, kappa: torch.Tensor, lr: float,
-                     weight_decay: float) -> torch.Tensor:
-    """||W_i'||^2 after W' = (1 - lr wd) W - lr grad, from the B samples alone.
-
-    `inputs` (B, n) are the h_b and `coefficients` (B, m) the a_bi = gain_i t_i
-    delta_bi, so that grad_i = sum_b a_bi h_b - kappa_i W_i with, per row,
-    `a_dot_p` = a_i . p_i (p_bi = W_i . h_b) and `kappa` = t_i^2 (a_i . p_i).
-    As grad_i is orthogonal to W_i, ||grad_i||^2 = a_i^T H H^T a_i - kappa_i (a_i . p_i).
-    Costs O(B^2 (n + m)).
-    """
-    a = coefficients
-    a_gram_a = ((inputs @ inputs.T @ a) * a).sum(0)
-    grad_sq = a_gram_a.sub_(kappa * a_dot_p).clamp_min_(0)  # rounding can go below 0
-    return torch.add(sq_norms * (1 - lr * weight_decay) ** 2, grad_sq, alpha=lr**2)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(*, features) as (rows, features)."""
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-
-
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # skips the dispatch of a no-op .to(): the fused step is a chain of tiny ops at batch 1
-    return x if x.dtype == dtype else x.to(dtype)
+        self.records: list[fastnorm_math.RecordedForward] = []
 
 
 class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
@@ -360,14 +212,14 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
                 self._drop_stale_records()
         if fused and self.training and weight.requires_grad and torch.is_grad_enabled():
             # the step needs this forward's samples (fused: FastNormLinear only)
-            record = _recorded_forward_untraced if tracing else _recorded_forward
-            return record(x, gain, bias, weight, inv_norm, row_scale, self._tracking.records)
-        # 1 / ||V_i|| = t_i s_i: the scale that V's rows need
-        inv_norm_stored = _as(inv_norm * row_scale, weight.dtype)
+            return fastnorm_math.recorded_linear(x, gain, bias, weight, inv_norm, row_scale,
+                                                 self._tracking.records)
+        inv_norm_stored = fastnorm_math.stored_inv_norms(inv_norm, row_scale, weight.dtype)
         if fused:
             q = self._map(x, weight.detach())
         else:
-            q = self._map(x, _LogicalGradient.apply(weight, inv_norm_stored, row_scale))
+            q = self._map(x, fastnorm_math.with_logical_gradient(weight, inv_norm_stored,
+                                                                 row_scale))
         scale = self._per_output(gain * inv_norm_stored)
         return q * scale if bias is None else torch.addcmul(self._per_output(bias), q, scale)
 
@@ -485,7 +337,7 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
         if self._mode == "dense":
             if self.weight.grad is None:
                 return updated
-            self._dense_update(_as(self.weight.grad, self.inv_norm.dtype), lr, weight_decay,
+            self._dense_update(self.weight.grad.to(self.inv_norm.dtype), lr, weight_decay,
                                momentum, state)
         else:
             samples = self._consume_records()
@@ -524,13 +376,14 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
     def _coefficients(self, outputs, output_grads):
         """a_bi = gain_i t_i delta_bi and a_i . p_i (p_bi = W_i . h_b = s_i q_bi), in the
         dtype of t, once checked to explain the gain's gradient."""
-        compute = self.inv_norm.dtype
-        gain = _as(self.gain.detach(), compute)
-        a = _as(output_grads, compute) * (gain * self.inv_norm)
-        a_p = a * _as(outputs, compute) * self.row_scale
+        compute, gain = self.inv_norm.dtype, self.gain.detach()
+        a, a_p = fastnorm_math.step_coefficients(outputs, output_grads, gain, self.inv_norm,
+                                                 self.row_scale)
         grad = self.gain.grad
-        self._check_explained(0.0 if grad is None else float(torch.dot(gain, _as(grad, compute))),
-                              float(a_p.sum()), float(torch.linalg.vector_norm(a_p, 1)))
+        gain_dot_grad = 0.0 if grad is None else float(torch.dot(gain.to(compute),
+                                                                 grad.to(compute)))
+        self._check_explained(gain_dot_grad, float(a_p.sum()),
+                              float(torch.linalg.vector_norm(a_p, 1)))
         return a, a_p.sum(0)
 
     def _check_explained(self, gain_dot_grad: float, explained: float, magnitude: float) -> None:
@@ -560,10 +413,13 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
         weight, gain, bias = params["weight"], params["gain"], params.get("bias")
         inv_norm, row_scale = buffers["inv_norm"], buffers["row_scale"]
         track = inputs.shape[0] <= self.max_tracked_batch
-        kernel = _kernel(outputs, inv_norm, row_scale, output_grads, gain, weight, bias)
+        kernel = fastnorm_math.compiled_kernel(outputs, inv_norm, row_scale, output_grads, gain,
+                                               weight, bias)
         updated = ()
-        if kernel is None:
-            self._fused_step(inputs, outputs, output_grads, lr, weight_decay, track)
+        if kernel is None:  # the eager path, the compiled step's specification
+            a, a_dot_p = self._coefficients(outputs, output_grads)
+            fastnorm_math.fused_sgd_step(inputs, a, a_dot_p, weight, inv_norm, row_scale, lr,
+                                         weight_decay, track)
         elif kernel.fused_step(inputs, outputs, output_grads, gain, inv_norm, row_scale, weight,
                                gain.grad, bias, None if bias is None else bias.grad, lr,
                                weight_decay, track):
@@ -575,27 +431,11 @@ class _FastNorm(nn.Module, WeightNormalizedLayer, HasSyncedForm):
                            .reciprocal_())
         return updated
 
-    def _fused_step(self, inputs, outputs, output_grads, lr: float, weight_decay: float,
-                    track: bool) -> None:
-        """s', V' and, if `track`, the tracked t', in place: the eager path, and the
-        specification, of the compiled step in csrc/fastnorm.cpp."""
-        a, a_dot_p = self._coefficients(outputs, output_grads)
-        sq_inv_norm = self.inv_norm.square()
-        kappa = sq_inv_norm * a_dot_p
-        if track:
-            sq_norms = tracked_sq_norms(sq_inv_norm.reciprocal_(), _as(inputs, a.dtype), a,
-                                        a_dot_p, kappa, lr, weight_decay)
-            torch.rsqrt(sq_norms.clamp_min_(torch.finfo(sq_norms.dtype).tiny), out=self.inv_norm)
-        self.row_scale.mul_(kappa.mul_(lr).add_(1 - lr * weight_decay))
-        self.weight.addmm_(_as(a / self.row_scale, self.weight.dtype).T,
-                           _as(inputs, self.weight.dtype), alpha=-lr)
-
     def _materialized_gradient(self, inputs, outputs, output_grads) -> torch.Tensor:
         """The dense gradient of the logical weight, A^T H - t^2 (a . p) W."""
         a, a_dot_p = self._coefficients(outputs, output_grads)
-        kappa = self.inv_norm.square() * a_dot_p
-        logical = self.logical_weight().to(a.dtype)
-        return torch.addmm(logical * -kappa[:, None], a.T, _as(inputs, a.dtype))
+        return fastnorm_math.logical_weight_gradient(inputs, a, a_dot_p, self.logical_weight(),
+                                                     self.inv_norm)
 
     def _dense_update(self, grad: torch.Tensor, lr: float, weight_decay: float,
                       momentum: float, state: dict) -> None:
@@ -659,7 +499,7 @@ class FastNormLinear(_FastNorm):
     scalars s (buffer `row_scale`) and t = 1 / ||W_i|| (buffer `inv_norm`) are
     kept by :class:`FastNormSGD`, which in the default fused mode applies an SGD
     step as a rank-B update of V and tracks the norms from the B samples
-    (module docstring). Train it with :class:`FastNormSGD`.
+    (:mod:`normlab.functional.fastnorm` derives it). Train it with :class:`FastNormSGD`.
 
     Args:
         in_features, out_features, bias: as :class:`torch.nn.Linear`.

@@ -16,6 +16,7 @@ LEARNED_EPS_START = 1e-4
 class _FilterResponseNorm(nn.Module, ActivationNorm):
     _input_dims: tuple[int, ...]
     statistics_over = "positions"
+    absorbs_following = (nn.ReLU,)  # its TLU: max(y, tau) is a ReLU at tau = 0
 
     def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False, *,
                  device=None, dtype=None):

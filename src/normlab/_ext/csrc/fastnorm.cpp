@@ -1,8 +1,8 @@
 // FastNorm's fused mode on CPU: the training forward, its backward and the SGD
 // step of one layer, each one call with its per-row arithmetic in one pass.
 //
-// The eager paths in normlab/layers/fastnorm.py (`_RecordedLinear`,
-// `_FastNorm._fused_step`) are the specification; these compute the same
+// The eager paths in normlab/functional/fastnorm.py (`_RecordedLinear`,
+// `fused_sgd_step`) are the specification; these compute the same
 // quantities without the dozens of tensor operations (each a dispatch, at
 // batch 1 costing more than its arithmetic) that dominate a small-batch step.
 // The matrix products stay BLAS calls.

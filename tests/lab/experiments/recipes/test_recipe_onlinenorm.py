@@ -1,4 +1,7 @@
+import hashlib
+
 import falsification
+import pytest
 import torch
 from torch import nn
 
@@ -97,9 +100,90 @@ def test_decisive_protocol_runs_batch_1_for_the_batch_free_norms_only_and_last()
     params = [j.params for j in trainings]
     assert probe.fn is onlinenorm.training_memory_probe
     assert {p["batch"] for p in params} == {1, 2, 8, 128}
-    assert {p["norm"] for p in params if p["batch"] == 1} == set(onlinenorm.BATCH_FREE)
+    assert {p["norm"] for p in params if p["batch"] == 1} == set(onlinenorm.COMPARED_BATCH_FREE)
     cifar = [p for p in params if p["task"] == "cifar10-resnet"]
     assert len(cifar) == 3 * (4 * 3 + 2) and cifar[-6:] == [p for p in cifar if p["batch"] == 1]
     # its MNIST runs are the full protocol's (copied from its export by --resume-from)
     full_keys = {j.key() for j in onlinenorm.jobs(FULL)}
     assert {j.key() for j in onlinenorm.jobs(DECISIVE)} <= full_keys
+
+
+def keys_digest(keys) -> str:
+    return hashlib.sha256(" ".join(keys).encode()).hexdigest()
+
+
+def test_the_decisive_job_list_is_main_s_of_2026_12_03():
+    """A decisive sweep runs at a fixed commit (issue 25): its 85 jobs, in order, are the
+    ones main's code (d8e4ff2) listed, whatever the registry holds since."""
+    jobs = onlinenorm.jobs(DECISIVE)
+    assert len(jobs) == 85
+    assert {j.params["norm"] for j in jobs if j.params} == set(onlinenorm.NORMS)
+    assert keys_digest(j.key() for j in jobs) == (
+        "722baafcecca730a7948d4acfc1724327d2868607f47331dd572e8021999f343")
+
+
+@pytest.mark.parametrize("settings, count, digest", [
+    (QUICK, 39, "62aa1e445aa2da44dd9cfdcc4515637f560ccdb76d2be678fe4eb09288c60884"),
+    (FULL, 115, "cd6d8745bfbe35dcac200b70de2eee57c54f82f557c8bd775f24b2d359f4cf07")])
+def test_quick_and_full_add_the_registry_s_batch_free_methods_to_main_s_jobs(
+        settings, count, digest):
+    jobs = onlinenorm.jobs(settings)
+    compared = [j.key() for j in jobs if not j.params or j.params["norm"] in onlinenorm.NORMS]
+    assert len(compared) == count and keys_digest(sorted(compared)) == digest  # main's, kept
+    extra = [j.params for j in jobs if j.params and j.params["norm"] not in onlinenorm.NORMS]
+    arms = {p["norm"] for p in extra}
+    assert {"frn", "group+weight_standardization"} <= arms
+    assert arms == {a for a in onlinenorm.BATCH_FREE if a not in onlinenorm.NORMS}
+    # every batch size, both tasks; Weight Standardization has no Linear: the ResNet only
+    assert {(p["task"], p["batch"]) for p in extra if p["norm"] == "frn"} == {
+        (t, b) for t in onlinenorm.TASKS for b in onlinenorm.BATCHES_BY_MODE[settings.mode]}
+    assert {p["task"] for p in extra if "weight_standardization" in p["norm"]} == {
+        "cifar10-resnet"}
+    # InstanceNorm normalizes over positions alone: an MLP's features have none
+    assert {p["task"] for p in extra if p["norm"] == "instance"} == {"cifar10-resnet"}
+    assert onlinenorm.label("group+weight_standardization") == (
+        "GroupNorm + Weight Standardization")
+
+
+def test_a_newly_registered_batch_free_method_joins_by_itself(monkeypatch):
+    from torch import nn as torch_nn
+
+    from normlab import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register(registry.Method(
+        "unit_rms", "activation", "-", "a batch-free test method", label="Unit RMS",
+        build=lambda num_features, dim, **kw: torch_nn.Identity(), batch_free=True))
+    registry.register(registry.Method("batch_twin", "activation", "-", "uses batch statistics",
+                                      build=lambda num_features, dim, **kw: torch_nn.Identity()))
+    arms = onlinenorm.batch_free_arms()
+    assert "unit_rms" in arms and "batch_twin" not in arms
+    assert onlinenorm.label("unit_rms") == "Unit RMS"
+
+
+def test_the_other_batch_free_methods_are_shown_beside_the_claims_and_change_no_verdict():
+    def acc(norm, batch):  # the extra arms as batch-dependent as BatchNorm: no verdict moves
+        return steady_acc("batch" if norm not in onlinenorm.NORMS else norm, batch)
+
+    def gap(norm, batch):
+        return steady_gap("batch" if norm not in onlinenorm.NORMS else norm, batch)
+
+    with_extras = fake_results(acc, gap, settings=QUICK)
+    without = recipe.Results([r for r in with_extras.runs
+                              if r.config.get("params", {}).get("norm", "batch")
+                              in onlinenorm.NORMS])
+    assert len(without.runs) < len(with_extras.runs)
+    for check in (onlinenorm.check_batch_dependency, onlinenorm.check_symmetry):
+        extended, plain = check(with_extras, QUICK), check(without, QUICK)
+        assert (extended.verdict, extended.why, extended.seeds) == (
+            plain.verdict, plain.why, plain.seeds)
+        assert "beside the rule" not in plain.ours  # a report of older runs reads as before
+        assert extended.ours.startswith(plain.ours.split(";")[0])
+        assert "FRN" in extended.ours and "GroupNorm + Weight Standardization" in extended.ours
+    dependency = onlinenorm.check_batch_dependency(with_extras, QUICK).ours
+    # batch-dependent in this fake, 0.5 + b / 1000: over batches 2-128 on the MLP (BatchNorm
+    # cannot train at 1 there), 1-128 on the ResNet
+    mlp, resnet = dependency.split("; cifar10-resnet")
+    assert "FRN 12.60" in mlp and "FRN 12.70" in resnet
+    assert "Weight Standardization" not in mlp and "Weight Standardization 12.70" in resnet
+    assert "InstanceNorm" not in mlp and "InstanceNorm 12.70" in resnet

@@ -4,7 +4,9 @@
 (b) Test accuracy against the batch size for BatchNorm, GroupNorm, Batch
     Renormalization and Online Normalization, on the MNIST MLP and a small
     CIFAR ResNet: the poster's claim that Online Normalization "eliminates
-    batch dependency".
+    batch dependency". The quick and full protocols also run every other
+    batch-free method of the registry (FRN, Weight Standardization with
+    GroupNorm, ...), shown beside the claims, outside their rules.
 (c) Train/inference symmetry: on held-out data, the relative difference
     between a trained network's outputs in training mode (batches of the
     training size) and in evaluation mode.
@@ -18,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from .... import registry
 from ... import training
 from .. import memory
 from ..plots import band_panels
@@ -37,11 +40,10 @@ from ..recipe import (
 )
 from ..runner import Probe
 
+# What the claims compare (their rules, fixed on 2026-12-03, name these four)
 NORMS = ("batch", "group", "batch_renorm", "online")
-LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "batch_renorm": "Batch Renorm",
-          "online": "Online Norm"}
 BATCH_DEPENDENT = ("batch", "batch_renorm")
-BATCH_FREE = ("group", "online")  # normalizers without batch statistics
+COMPARED_BATCH_FREE = ("group", "online")
 # By mode: the batch sizes run; the decisive mode runs batch 1 only for the batch-free
 # normalizers (the costliest runs; no claim compares the others there), and last.
 BATCHES_BY_MODE = {"quick": (1, 2, 8, 32, 128), "decisive": (2, 8, 128, 1),
@@ -53,6 +55,49 @@ EPOCHS = {False: {"mnist-mlp": 5, "cifar10-resnet": 15}, True: {"mnist-mlp": 1,
                                                                "cifar10-resnet": 1}}
 QUICK_LIMITS = {"mnist-mlp": (3_000, 1_000), "cifar10-resnet": (1_000, 1_000)}  # train, test
 GAP_SAMPLES = 1_000  # held-out samples for the train/eval gap
+TASK_LAYER = {"mnist-mlp": nn.Linear, "cifar10-resnet": nn.Conv2d}  # what a weight norm replaces
+
+
+def batch_free_arms() -> tuple[str, ...]:
+    """The registry's batch-free methods, in registration order, as the norm a run trains:
+    each activation normalizer that declares itself batch-free, and each weight normalizer
+    that declares a batch-free activation pair, joined to it (``group+weight_standardization``).
+    The comparison sets what normalizes each layer's output against BatchNorm; a weight
+    normalizer enters it with the activation normalizer its paper pairs it with."""
+    arms = []
+    for name in registry.available():
+        method = registry.get(name)
+        if method.family == "activation" and method.batch_free:
+            arms.append(name)
+        elif (method.family == "weight" and method.activation_pair is not None
+              and registry.get(method.activation_pair).batch_free):
+            arms.append(f"{method.activation_pair}+{name}")
+    return tuple(arms)
+
+
+BATCH_FREE = batch_free_arms()
+
+
+def arms(mode: str) -> tuple[str, ...]:
+    """The norms a mode runs: the compared four; in the quick and full modes, every other
+    batch-free method after them. The decisive grid is fixed (issue 25): the four only."""
+    if mode == "decisive":
+        return NORMS
+    return NORMS + tuple(arm for arm in BATCH_FREE if arm not in NORMS)
+
+
+def label(arm: str) -> str:
+    """The registry's labels of the methods `arm` joins ("GroupNorm + Weight Standardization")."""
+    return " + ".join(registry.get(name).label for name in arm.split("+"))
+
+
+def applies(arm: str, task: str) -> bool:
+    """Whether `arm` normalizes `task`'s model: a weight normalizer replaces its layers; an
+    activation normalizer has something to normalize over (the MLP's features have no
+    positions)."""
+    methods = [registry.get(name) for name in arm.split("+")]
+    return all(TASK_LAYER[task] in m.replaces if m.family == "weight"
+               else not (m.needs_positions and TASK_LAYER[task] is nn.Linear) for m in methods)
 
 
 def cannot_train(norm: str, task: str, batch: int) -> bool:
@@ -63,9 +108,10 @@ def cannot_train(norm: str, task: str, batch: int) -> bool:
 
 def is_run(settings: Settings, norm: str, task: str, batch: int) -> bool:
     """Whether the mode trains `norm` on `task` at `batch`."""
-    if batch not in BATCHES_BY_MODE[settings.mode] or cannot_train(norm, task, batch):
+    if (batch not in BATCHES_BY_MODE[settings.mode] or norm not in arms(settings.mode)
+            or cannot_train(norm, task, batch) or not applies(norm, task)):
         return False
-    return not (settings.mode == "decisive" and batch == 1 and norm not in BATCH_FREE)
+    return not (settings.mode == "decisive" and batch == 1 and norm not in COMPARED_BATCH_FREE)
 
 
 # -- probes ------------------------------------------------------------------
@@ -116,7 +162,7 @@ def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
 
 
 def jobs(settings: Settings) -> list[Probe]:
-    points = grid(task=TASKS, batch=BATCHES_BY_MODE[settings.mode], norm=NORMS,
+    points = grid(task=TASKS, batch=BATCHES_BY_MODE[settings.mode], norm=arms(settings.mode),
                   quick=(settings.quick,), seed=range(settings.seeds))
     # revision 1: the 3-D U-Nets counted with OnlineNorm3d (before: BatchNorm3d as a stand-in)
     return [Probe(training_memory_probe, revision=1)] + [
@@ -181,10 +227,26 @@ def _seeds(results: Results, settings: Settings, batches) -> int:
                     for b in batches(t)))
 
 
+def _beside_the_rule(results: Results, settings: Settings, task: str, describe,
+                     batch: int | None = None) -> str:
+    """"; beside the rule: <label> <describe(task, arm)>, ..." for the mode's arms besides
+    the compared four that have runs on `task` (at `batch`, if given); "" when none has:
+    a report on runs made before they joined the protocol reads as it did."""
+    at = {} if batch is None else {"batch": batch}
+    ran = [arm for arm in arms(settings.mode) if arm not in NORMS
+           and results.select(probe=batch_probe, task=task, norm=arm, **at)]
+    if not ran:
+        return ""
+    return "; beside the rule: " + ", ".join(f"{label(a)} {describe(task, a)}" for a in ran)
+
+
 def check_batch_dependency(results: Results, settings: Settings) -> Verdict:
     spreads = {(t, n): _spread(results, t, n, settings) for t in TASKS for n in NORMS}
     ours = "; ".join(f"{t} (batches {_common_batches(t, settings)}): " + ", ".join(
-        f"{LABELS[n]} {100 * spreads[t, n]:.2f}" for n in NORMS) for t in TASKS)
+        f"{label(n)} {100 * spreads[t, n]:.2f}" for n in NORMS) + _beside_the_rule(
+            results, settings, t,
+            lambda task, arm: f"{100 * _spread(results, task, arm, settings):.2f}")
+        for t in TASKS)
     ours = "range of median test accuracy over batch sizes (points): " + ours
     seeds = _seeds(results, settings, lambda t: _common_batches(t, settings))
     if not seeds:
@@ -204,7 +266,9 @@ def check_symmetry(results: Results, settings: Settings) -> Verdict:
     small = SYMMETRY_SMALL_BATCH
     gaps = {(t, n): metric(results, t, n, small, "gap") for t in TASKS for n in NORMS}
     ours = f"relative train/eval output gap at batch {small}: " + "; ".join(
-        f"{t}: " + ", ".join(f"{LABELS[n]} {median_iqr(gaps[t, n], '{:.2g}')}" for n in NORMS)
+        f"{t}: " + ", ".join(f"{label(n)} {median_iqr(gaps[t, n], '{:.2g}')}" for n in NORMS)
+        + _beside_the_rule(results, settings, t, lambda task, arm: median_iqr(
+            metric(results, task, arm, small, "gap"), "{:.2g}"), batch=small)
         for t in TASKS)
     seeds = fewest(*gaps.values())
     if not seeds:
@@ -225,11 +289,13 @@ def check_symmetry(results: Results, settings: Settings) -> Verdict:
 def _lines(results: Results, settings: Settings, task: str, name: str, scale: float):
     lines = []
     batches = sorted(BATCHES_BY_MODE[settings.mode])
-    for norm in NORMS:
+    for norm in arms(settings.mode):
+        if not applies(norm, task):
+            continue
         per_batch = [metric(results, task, norm, b, name) if is_run(settings, norm, task, b)
                      else [] for b in batches]
         seeds = max(map(len, per_batch))
-        lines.append((LABELS[norm], [[scale * v[s] if s < len(v) else math.nan
+        lines.append((label(norm), [[scale * v[s] if s < len(v) else math.nan
                                       for v in per_batch] for s in range(seeds)]))
     return lines
 
@@ -260,6 +326,12 @@ def protocol(settings: Settings) -> list[str]:
         f"momentum 0.9, weight decay 5e-4); learning rate 0.1 x batch / 128 (linear scaling), "
         f"decayed linearly to 0; epochs {EPOCHS[settings.quick]}. BatchNorm and Batch Renorm "
         f"are not run on the MLP at batch 1 (one value per channel: torch refuses).",
+        *([f"Beside the four the claims compare, every other batch-free method of the "
+           f"registry, outside the claims' rules: "
+           f"{', '.join(label(a) for a in arms(settings.mode) if a not in NORMS)} (a weight "
+           f"normalizer with the activation normalizer its paper pairs it with, on the tasks "
+           f"whose layers it replaces; one that normalizes over positions alone not on the "
+           f"MLP)."] if arms(settings.mode) != NORMS else []),
         f"(c) On the last {GAP_SAMPLES} held-out test samples: mean over samples of "
         f"||f_train(x) - f_eval(x)|| / ||f_eval(x)|| on the logits, training mode on a copy "
         f"of the trained network fed batches of the training size.",
