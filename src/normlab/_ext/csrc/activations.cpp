@@ -1,5 +1,6 @@
 // Passes over (N, C, S) activations, read as N * C rows of S positions: Online
-// Normalization's, fused (Chiley et al. 2019, arXiv:1905.05894), and batch statistics.
+// Normalization's, fused (Chiley et al. 2019, arXiv:1905.05894), batch statistics, and Batch
+// Renormalization's training step (Ioffe 2017, arXiv:1702.03275), one call each way.
 //
 // Online Normalization: `OnlineNormFunction` in normlab/functional.py is the
 // specification; its eager path runs these as torch operations, 4 passes forward after
@@ -339,6 +340,20 @@ ROW_LOOP void grad_batch_norm_position(const scalar_t* grad, const scalar_t* x, 
   for (int64_t c = 0; c < channels; ++c) out[c] = grad[c] * p[c] + (x[c] - mean[c]) * r[c] + q[c];
 }
 
+// x * scale + shift over a row, and over one position's channels (each its own scale, shift).
+template <typename scalar_t>
+ROW_LOOP void affine_row(const scalar_t* x, scalar_t* out, int64_t size, scalar_t scale,
+                         scalar_t shift) {
+  for (int64_t i = 0; i < size; ++i) out[i] = x[i] * scale + shift;
+}
+
+template <typename scalar_t>
+ROW_LOOP void affine_position(const scalar_t* x, scalar_t* out, int64_t channels,
+                              const scalar_t* scale, const scalar_t* shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) out[c] = x[c] * scale[c] + shift[c];
+}
+
 // Whether (N, C, S) `t` is positions-major: the (N, C, S) view of a channels_last tensor.
 bool positions_major(const at::Tensor& t) {
   if (t.dim() != 3) return false;
@@ -351,6 +366,28 @@ bool positions_major(const at::Tensor& t) {
 at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
   if (t.strides() == like.strides()) return t;
   return at::empty_like(like).copy_(t);
+}
+
+// Whether (N, C, *) `t` has one position per sample: S = 1, as (N, C) inputs.
+bool one_position(const at::Tensor& t) {
+  return t.numel() == t.size(0) * t.size(1);
+}
+
+// (N, C, *) `t` as the (N, C, S) view the passes read. With one position per sample, the
+// positions-major (1, C, N) view of its (N, C) matrix: each sample's channels are then one
+// vectorized row, where N * C rows of one element each took ~100x as long ((256, 1024):
+// 2.4 ms for the moments).
+at::Tensor channel_rows(const char* what, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2 && t.is_floating_point(), what,
+              ": expected an (N, C, ...) float32 or float64 tensor, got ", t.sizes());
+  if (one_position(t)) return t.reshape({t.size(0), t.size(1)}).t().unsqueeze(0);
+  return t.reshape({t.size(0), t.size(1), -1});
+}
+
+// `rows`, laid out as channel_rows gave (N, C, *) `like`, in like's shape.
+at::Tensor from_channel_rows(const at::Tensor& rows, const at::Tensor& like) {
+  if (one_position(like)) return rows.squeeze(0).t().reshape(like.sizes());
+  return rows.view(like.sizes());
 }
 
 // Calls body(sample, begin, end) for each sample's blocks of kChannelBlock channels, in
@@ -726,49 +763,154 @@ void position_channel_moments(const scalar_t* xs, int64_t samples, int64_t chann
   }
 }
 
-// (mean, biased variance) of each channel over N and S, float64 (C,), in two passes (one for
-// a positions-major x).
-std::vector<at::Tensor> channel_moments(const at::Tensor& x_in) {
-  const bool by_position = positions_major(x_in);
-  const auto x = by_position ? x_in : x_in.contiguous();
+// (mean, biased variance) of each channel of (N, C, S) `x` (positions-major or contiguous)
+// over N and S, into `means` and `vars`: two passes per channel for a contiguous x, one for
+// a positions-major one.
+template <typename scalar_t>
+void moments_into(const at::Tensor& x, bool by_position, double* means, double* vars) {
   TORCH_CHECK(x.dim() == 3 && x.is_floating_point() && x.size(0) * x.size(2) > 0,
               "channel_moments: expected a non-empty (N, C, S) float32 or float64 tensor, got ",
               x.sizes());
   const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
   const double count = static_cast<double>(samples * size);
-  auto mean = at::empty({channels}, x.options().dtype(at::kDouble)), var = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments", [&] {
-    const scalar_t* xs = x.data_ptr<scalar_t>();
-    double *means = mean.data_ptr<double>(), *vars = var.data_ptr<double>();
-    if (by_position) {
-      position_channel_moments(xs, samples, channels, size, means, vars);
-      return;
-    }
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double total = 0;
-        for (int64_t n = 0; n < samples; ++n) total += row_sum(xs + (n * channels + c) * size, size);
-        const double m = total / count;
-        const auto center = static_cast<scalar_t>(m);
-        double squares = 0;
-        for (int64_t n = 0; n < samples; ++n) {
-          squares += row_square_deviation(xs + (n * channels + c) * size, size, center);
-        }
-        const double offset = m - static_cast<double>(center);  // the center's rounding
-        means[c] = m;
-        vars[c] = std::max(0.0, squares / count - offset * offset);
+  const scalar_t* xs = x.data_ptr<scalar_t>();
+  if (by_position) {
+    position_channel_moments(xs, samples, channels, size, means, vars);
+    return;
+  }
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double total = 0;
+      for (int64_t n = 0; n < samples; ++n) total += row_sum(xs + (n * channels + c) * size, size);
+      const double m = total / count;
+      const auto center = static_cast<scalar_t>(m);
+      double squares = 0;
+      for (int64_t n = 0; n < samples; ++n) {
+        squares += row_square_deviation(xs + (n * channels + c) * size, size, center);
       }
-    });
+      const double offset = m - static_cast<double>(center);  // the center's rounding
+      means[c] = m;
+      vars[c] = std::max(0.0, squares / count - offset * offset);
+    }
+  });
+}
+
+// (mean, biased variance) of each channel of (N, C, *) x over all dims but 1, float64 (C,), in
+// two passes (one for a positions-major x).
+std::vector<at::Tensor> channel_moments(const at::Tensor& x_in) {
+  const auto rows = channel_rows("channel_moments", x_in);
+  const bool by_position = positions_major(rows);
+  const auto x = by_position ? rows : rows.contiguous();
+  auto mean = at::empty({x.size(1)}, x.options().dtype(at::kDouble)), var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments", [&] {
+    moments_into<scalar_t>(x, by_position, mean.data_ptr<double>(), var.data_ptr<double>());
   });
   return {mean, var};
 }
 
+// Sum of grad * (x - center) and of grad over a row: blocks in the dtype, double across.
+template <typename scalar_t>
+ROW_LOOP void row_grad_sums(const scalar_t* grad, const scalar_t* x, int64_t size,
+                            scalar_t center, double* dot, double* total) {
+  double dot_sum = 0, grad_sum = 0;
+  for (int64_t start = 0; start < size; start += kSumBlock) {
+    const int64_t stop = std::min(size, start + kSumBlock);
+    scalar_t block_dot = 0, block_grad = 0;
+#pragma omp simd reduction(+ : block_dot, block_grad)
+    for (int64_t i = start; i < stop; ++i) {
+      block_dot += grad[i] * (x[i] - center);
+      block_grad += grad[i];
+    }
+    dot_sum += block_dot;
+    grad_sum += block_grad;
+  }
+  *dot = dot_sum;
+  *total = grad_sum;
+}
+
+// Batch normalization's input gradient over a row: grad * p + (x - mean) * r + q.
+template <typename scalar_t>
+ROW_LOOP void grad_batch_norm_row(const scalar_t* grad, const scalar_t* x, scalar_t* out,
+                                  int64_t size, scalar_t mean, scalar_t p, scalar_t q,
+                                  scalar_t r) {
+  for (int64_t i = 0; i < size; ++i) out[i] = grad[i] * p + (x[i] - mean) * r + q;
+}
+
+// Batch normalization's backward of (N, C, S) `x` (positions-major or contiguous, `grad` in
+// its layout) given its batch mean and inverse std and `gain`, the weight: grad_x into `out`,
+// and per channel the sums of grad * x_hat and of grad into `grad_scale` and `grad_bias`, with
+// x_hat = (x - mean) * inv_std and the gradient taken through the batch statistics, as aten's
+// native_batch_norm_backward computes them (whose channels_last kernel took ~2.5x its
+// contiguous one on CPU). Two passes: the sums, then
+// grad_x = (grad - mean(grad) - x_hat * mean(grad * x_hat)) * gain * inv_std.
+template <typename scalar_t>
+void batch_norm_backward_into(const at::Tensor& grad, const at::Tensor& x, bool by_position,
+                              const scalar_t* gain, const scalar_t* ms, const scalar_t* is,
+                              scalar_t* out, scalar_t* grad_scale, scalar_t* grad_bias) {
+  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
+  const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>();
+  std::vector<double> dots(samples * channels), totals(samples * channels);
+  if (by_position) {
+    const std::vector<scalar_t> ones(channels, scalar_t(1)), zeros(channels, scalar_t(0));
+    const auto unclamped = std::numeric_limits<scalar_t>::infinity();
+    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
+                                                           int64_t end) {
+      const int64_t at = n * size * channels + begin, row = n * channels + begin;
+      position_grad_sums(gs + at, xs + at, size, channels, end - begin, ones.data() + begin,
+                         zeros.data() + begin, unclamped, ms + begin, dots.data() + row,
+                         totals.data() + row);
+    });
+  } else {
+    for_each_row(x, [&](int64_t row, int64_t channel, int64_t at) {
+      row_grad_sums(gs + at, xs + at, size, ms[channel], dots.data() + row, totals.data() + row);
+    });
+  }
+  // per channel: grad_x = grad * p + (x - mean) * r + q
+  std::vector<scalar_t> p(channels), q(channels), r(channels);
+  const double count = static_cast<double>(samples * size);
+  for (int64_t c = 0; c < channels; ++c) {
+    double dot = 0, total = 0;
+    for (int64_t n = 0; n < samples; ++n) {
+      dot += dots[n * channels + c];
+      total += totals[n * channels + c];
+    }
+    const double inv = is[c], scaled = static_cast<double>(gain[c]) * inv;
+    p[c] = static_cast<scalar_t>(scaled);
+    r[c] = static_cast<scalar_t>(-scaled * inv * inv * dot / count);
+    q[c] = static_cast<scalar_t>(-scaled * total / count);
+    grad_scale[c] = static_cast<scalar_t>(dot * inv);
+    grad_bias[c] = static_cast<scalar_t>(total);
+  }
+  if (by_position) {
+    for_each_position(samples, channels, size, [&](int64_t, int64_t at) {
+      grad_batch_norm_position(gs + at, xs + at, out + at, channels, ms, p.data(), q.data(),
+                               r.data());
+    });
+  } else {
+    for_each_row(x, [&](int64_t, int64_t channel, int64_t at) {
+      grad_batch_norm_row(gs + at, xs + at, out + at, size, ms[channel], p[channel], q[channel],
+                          r[channel]);
+    });
+  }
+}
+
+void check_per_channel(const char* what, std::initializer_list<at::Tensor> per_channel,
+                       const at::Tensor& x) {
+  for (const auto& t : per_channel) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == x.scalar_type(),
+                what, ": expected per-channel tensors of shape (", x.size(1),
+                ",) and x's dtype");
+  }
+}
+
+void check_gradient(const char* what, const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), what,
+              ": expected a gradient of x's shape and dtype");
+}
+
 // Batch normalization's backward for a positions-major (N, C, S) x, given its batch mean and
 // inverse std and the weight: (grad_x in x's layout, sum of grad * x_hat, sum of grad), the
-// sums per channel in x's dtype, with x_hat = (x - mean) * inv_std and the gradient taken
-// through the batch statistics, as aten's native_batch_norm_backward computes them (whose
-// channels_last kernel took ~2.5x its contiguous one on CPU). Two passes: the sums, then
-// grad_x = (grad - mean(grad) - x_hat * mean(grad * x_hat)) * weight * inv_std.
+// sums per channel in x's dtype; see batch_norm_backward_into.
 std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
                                                     const at::Tensor& x,
                                                     const at::Tensor& weight_in,
@@ -777,56 +919,133 @@ std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
   TORCH_CHECK(positions_major(x) && x.is_floating_point(),
               "channel_batch_norm_backward: expected the (N, C, S) view of a channels_last "
               "float32 or float64 tensor, got sizes ", x.sizes(), " and strides ", x.strides());
-  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type(),
-              "channel_batch_norm_backward: expected a gradient of x's shape and dtype");
-  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
+  check_gradient("channel_batch_norm_backward", grad_in, x);
   const auto grad = in_layout_of(grad_in, x), weight = weight_in.contiguous(),
              mean = mean_in.contiguous(), inv_std = inv_std_in.contiguous();
-  for (const auto& t : {weight, mean, inv_std}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels && t.scalar_type() == x.scalar_type(),
-                "channel_batch_norm_backward: expected per-channel tensors of shape (",
-                channels, ",) and x's dtype");
-  }
+  check_per_channel("channel_batch_norm_backward", {weight, mean, inv_std}, x);
   auto grad_x = at::empty_like(x);
-  auto sums = at::empty({2, channels}, x.options());
+  auto sums = at::empty({2, x.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_batch_norm_backward", [&] {
-    const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>(),
-                   *ws = weight.data_ptr<scalar_t>(), *ms = mean.data_ptr<scalar_t>(),
-                   *is = inv_std.data_ptr<scalar_t>();
-    const std::vector<scalar_t> ones(channels, scalar_t(1)), zeros(channels, scalar_t(0));
-    const auto unclamped = std::numeric_limits<scalar_t>::infinity();
-    std::vector<double> dots(samples * channels), totals(samples * channels);
-    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
-                                                           int64_t end) {
-      const int64_t at = n * size * channels + begin, row = n * channels + begin;
-      position_grad_sums(gs + at, xs + at, size, channels, end - begin, ones.data() + begin,
-                         zeros.data() + begin, unclamped, ms + begin, dots.data() + row,
-                         totals.data() + row);
-    });
-    // per channel: grad_x = grad * p + (x - mean) * r + q
-    std::vector<scalar_t> p(channels), q(channels), r(channels);
-    scalar_t *grad_weight = sums[0].data_ptr<scalar_t>(), *grad_bias = sums[1].data_ptr<scalar_t>();
-    const double count = static_cast<double>(samples * size);
-    for (int64_t c = 0; c < channels; ++c) {
-      double dot = 0, total = 0;
-      for (int64_t n = 0; n < samples; ++n) {
-        dot += dots[n * channels + c];
-        total += totals[n * channels + c];
-      }
-      const double inv = is[c], gain = static_cast<double>(ws[c]) * inv;
-      p[c] = static_cast<scalar_t>(gain);
-      r[c] = static_cast<scalar_t>(-gain * inv * inv * dot / count);
-      q[c] = static_cast<scalar_t>(-gain * total / count);
-      grad_weight[c] = static_cast<scalar_t>(dot * inv);
-      grad_bias[c] = static_cast<scalar_t>(total);
-    }
-    scalar_t* out = grad_x.data_ptr<scalar_t>();
-    for_each_position(samples, channels, size, [&](int64_t, int64_t at) {
-      grad_batch_norm_position(gs + at, xs + at, out + at, channels, ms, p.data(), q.data(),
-                               r.data());
-    });
+    batch_norm_backward_into(grad, x, true, weight.data_ptr<scalar_t>(),
+                             mean.data_ptr<scalar_t>(), inv_std.data_ptr<scalar_t>(),
+                             grad_x.data_ptr<scalar_t>(), sums[0].data_ptr<scalar_t>(),
+                             sums[1].data_ptr<scalar_t>());
   });
   return {grad_x, sums[0], sums[1]};
+}
+
+// Batch Renormalization (Ioffe 2017, arXiv:1702.03275) in training, one call each way:
+// `_BatchRenorm` and `batch_renorm` in normlab/functional/batch_renorm.py are the
+// specification, whose eager path takes ~15 small torch operations around the passes (the
+// per-call cost that dominated at batch 2 and on (N, C) inputs). Forward: the moments, then
+// per channel r, d, the running statistics and the affine map, then one pass writing
+// out = x * alpha + beta. Backward: batch normalization's with the weight weight * r (r and d
+// are constants of the backward pass), the weight's gradient r * grad_scale + d * grad_bias.
+// The per-channel arithmetic is the eager path's, in x's dtype, operation for operation.
+
+enum RenormStat { kMean, kInvStd, kR, kD, kRenormStats };
+
+// {out in x's layout, new running mean, new running var, stats (4, C): batch mean, batch
+// inverse std, r, d} for (N, C, *) x; the running statistics given are not modified. The new
+// ones move towards the batch's by `momentum`, the variance unbiased, as in torch's BatchNorm.
+std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                             const at::Tensor& bias_in,
+                                             const at::Tensor& running_mean_in,
+                                             const at::Tensor& running_var_in, double momentum,
+                                             double eps, double r_max, double d_max) {
+  const auto rows = channel_rows("batch_renorm_forward", x_in);
+  const bool by_position = positions_major(rows);
+  const auto x = by_position ? rows : rows.contiguous(), weight = weight_in.contiguous(),
+             bias = bias_in.contiguous(), running_mean = running_mean_in.contiguous(),
+             running_var = running_var_in.contiguous();
+  check_per_channel("batch_renorm_forward", {weight, bias, running_mean, running_var}, x);
+  const int64_t channels = x.size(1);
+  auto out = at::empty_like(x), new_mean = at::empty_like(running_mean),
+       new_var = at::empty_like(running_var), stats = at::empty({kRenormStats, channels},
+                                                                x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_forward", [&] {
+    std::vector<double> batch_means(channels), batch_vars(channels);
+    moments_into<scalar_t>(x, by_position, batch_means.data(), batch_vars.data());
+    const double count = static_cast<double>(x.size(0) * x.size(2));
+    const scalar_t *ws = weight.data_ptr<scalar_t>(), *bs = bias.data_ptr<scalar_t>(),
+                   *rms = running_mean.data_ptr<scalar_t>(),
+                   *rvs = running_var.data_ptr<scalar_t>();
+    scalar_t *means = stats[kMean].data_ptr<scalar_t>(),
+             *inv_stds = stats[kInvStd].data_ptr<scalar_t>(), *rs = stats[kR].data_ptr<scalar_t>(),
+             *ds = stats[kD].data_ptr<scalar_t>(), *new_means = new_mean.data_ptr<scalar_t>(),
+             *new_vars = new_var.data_ptr<scalar_t>();
+    const auto epsilon = static_cast<scalar_t>(eps), keep = static_cast<scalar_t>(1 - momentum),
+               rate = static_cast<scalar_t>(momentum), r_low = static_cast<scalar_t>(1 / r_max),
+               r_high = static_cast<scalar_t>(r_max), d_limit = static_cast<scalar_t>(d_max);
+    std::vector<scalar_t> alpha(channels), beta(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const auto mean = static_cast<scalar_t>(batch_means[c]);
+      const scalar_t inv_std = scalar_t(1) / std::sqrt(static_cast<scalar_t>(batch_vars[c]) +
+                                                       epsilon);
+      const scalar_t sigma = std::sqrt(rvs[c] + epsilon);
+      // std::max/min keep a NaN (the first argument), as torch.clamp does
+      const scalar_t r = std::min(std::max(scalar_t(1) / (inv_std * sigma), r_low), r_high);
+      const scalar_t d = std::min(std::max((mean - rms[c]) / sigma, -d_limit), d_limit);
+      means[c] = mean;
+      inv_stds[c] = inv_std;
+      rs[c] = r;
+      ds[c] = d;
+      alpha[c] = inv_std * (ws[c] * r);
+      beta[c] = (bs[c] + ws[c] * d) - mean * alpha[c];
+      const auto unbiased = static_cast<scalar_t>(batch_vars[c] * count / (count - 1));
+      new_means[c] = rms[c] * keep + rate * mean;
+      new_vars[c] = rvs[c] * keep + rate * unbiased;
+    }
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    scalar_t* os = out.data_ptr<scalar_t>();
+    if (by_position) {
+      for_each_position(x.size(0), channels, x.size(2), [&](int64_t, int64_t at) {
+        affine_position(xs + at, os + at, channels, alpha.data(), beta.data());
+      });
+    } else {
+      const int64_t size = x.size(2);
+      for_each_row(x, [&](int64_t, int64_t channel, int64_t at) {
+        affine_row(xs + at, os + at, size, alpha[channel], beta[channel]);
+      });
+    }
+  });
+  return {from_channel_rows(out, x_in), new_mean, new_var, stats};
+}
+
+// {grad_x in x's layout, grad_weight, grad_bias} of batch_renorm_forward's out, given its
+// (N, C, *) x and stats.
+std::vector<at::Tensor> batch_renorm_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                              const at::Tensor& weight_in,
+                                              const at::Tensor& stats_in) {
+  check_gradient("batch_renorm_backward", grad_in, x_in);
+  const auto rows = channel_rows("batch_renorm_backward", x_in);
+  const bool by_position = positions_major(rows);
+  const auto x = by_position ? rows : rows.contiguous(), weight = weight_in.contiguous(),
+             stats = stats_in.contiguous();
+  check_per_channel("batch_renorm_backward", {weight}, x);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kRenormStats && stats.size(1) == x.size(1) &&
+                  stats.scalar_type() == x.scalar_type(),
+              "batch_renorm_backward: expected the (4, C) stats of batch_renorm_forward");
+  const auto grad = in_layout_of(channel_rows("batch_renorm_backward", grad_in), x);
+  const int64_t channels = x.size(1);
+  auto grad_x = at::empty_like(x), grad_weight = at::empty_like(weight),
+       grad_bias = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_backward", [&] {
+    const scalar_t *ws = weight.data_ptr<scalar_t>(), *rs = stats[kR].data_ptr<scalar_t>(),
+                   *ds = stats[kD].data_ptr<scalar_t>();
+    std::vector<scalar_t> gain(channels), grad_scale(channels);
+    for (int64_t c = 0; c < channels; ++c) gain[c] = ws[c] * rs[c];
+    scalar_t* grad_biases = grad_bias.data_ptr<scalar_t>();
+    batch_norm_backward_into(grad, x, by_position, gain.data(), stats[kMean].data_ptr<scalar_t>(),
+                             stats[kInvStd].data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                             grad_scale.data(), grad_biases);
+    // y = weight * (r x_hat + d) + bias
+    scalar_t* grad_weights = grad_weight.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_weights[c] = rs[c] * grad_scale[c] + ds[c] * grad_biases[c];
+    }
+  });
+  return {from_channel_rows(grad_x, x_in), grad_weight, grad_bias};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -837,4 +1056,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("channel_batch_norm_backward", &channel_batch_norm_backward);
   module.def("online_stream_forward", &stream_forward);
   module.def("online_stream_backward", &stream_backward);
+  module.def("batch_renorm_forward", &batch_renorm_forward);
+  module.def("batch_renorm_backward", &batch_renorm_backward);
 }
