@@ -45,6 +45,7 @@ namespace {
 constexpr int64_t kGrainElements = 32768;  // per parallel task: ~L2-sized, enough to amortize
 constexpr int64_t kSumBlock = 256;  // positions summed in the activation's dtype; see reduce_row
 constexpr int64_t kChannelBlock = 64;  // channels summed together in positions-major sums
+constexpr int64_t kCenterPositions = 16;  // averaged for the center of positions-major moments
 
 // gamma * y + beta, the value the clamp sees; one definition for forward and backward.
 template <typename scalar_t>
@@ -340,18 +341,20 @@ ROW_LOOP void grad_batch_norm_position(const scalar_t* grad, const scalar_t* x, 
   for (int64_t c = 0; c < channels; ++c) out[c] = grad[c] * p[c] + (x[c] - mean[c]) * r[c] + q[c];
 }
 
-// x * scale + shift over a row, and over one position's channels (each its own scale, shift).
+// (x - center) * scale + shift over a row, and over one position's channels (each its own
+// center, scale and shift).
 template <typename scalar_t>
-ROW_LOOP void affine_row(const scalar_t* x, scalar_t* out, int64_t size, scalar_t scale,
-                         scalar_t shift) {
-  for (int64_t i = 0; i < size; ++i) out[i] = x[i] * scale + shift;
+ROW_LOOP void affine_row(const scalar_t* x, scalar_t* out, int64_t size, scalar_t center,
+                         scalar_t scale, scalar_t shift) {
+  for (int64_t i = 0; i < size; ++i) out[i] = (x[i] - center) * scale + shift;
 }
 
 template <typename scalar_t>
 ROW_LOOP void affine_position(const scalar_t* x, scalar_t* out, int64_t channels,
-                              const scalar_t* scale, const scalar_t* shift) {
+                              const scalar_t* center, const scalar_t* scale,
+                              const scalar_t* shift) {
 #pragma omp simd
-  for (int64_t c = 0; c < channels; ++c) out[c] = x[c] * scale[c] + shift[c];
+  for (int64_t c = 0; c < channels; ++c) out[c] = (x[c] - center[c]) * scale[c] + shift[c];
 }
 
 // Whether (N, C, S) `t` is positions-major: the (N, C, S) view of a channels_last tensor.
@@ -736,20 +739,31 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
 }
 
 // Positions-major channel_moments, in one pass: per (sample, channel) sums of the deviations
-// from the channel's first value (a center within the data's spread, so that the variance
-// E[(x - c)^2] - E[x - c]^2 does not cancel as E[x^2] - E[x]^2 would at a large mean), in
-// parallel, then their totals.
+// from a center c within the data's spread (so that the variance E[(x - c)^2] - E[x - c]^2
+// does not cancel as E[x^2] - E[x]^2 would at a large mean), in parallel, then their totals.
+// The center is the mean of kCenterPositions positions spread over the batch: the first
+// position alone, a few deviations from the mean, made E[x - c]^2 several times the variance,
+// and the float32 block sums' rounding as many times larger in it.
 template <typename scalar_t>
 void position_channel_moments(const scalar_t* xs, int64_t samples, int64_t channels,
                               int64_t size, double* means, double* vars) {
-  const double count = static_cast<double>(samples * size);
+  const int64_t positions = samples * size;
+  const double count = static_cast<double>(positions);
   std::vector<double> sums(samples * channels), square_sums(samples * channels);
-  const scalar_t* center = xs;  // the first position's channels
+  std::vector<double> picked(channels, 0.0);
+  const int64_t picks = std::min(positions, kCenterPositions);
+  for (int64_t k = 0; k < picks; ++k) {
+    const scalar_t* row = xs + (k * positions / picks) * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) picked[c] += row[c];
+  }
+  std::vector<scalar_t> center(channels);
+  for (int64_t c = 0; c < channels; ++c) center[c] = static_cast<scalar_t>(picked[c] / picks);
   for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
                                                          int64_t end) {
     const int64_t row = n * channels + begin;
     position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
-                        center + begin, sums.data() + row, square_sums.data() + row);
+                        center.data() + begin, sums.data() + row, square_sums.data() + row);
   });
   for (int64_t c = 0; c < channels; ++c) {
     double total = 0, squares = 0;
@@ -941,7 +955,10 @@ std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
 // per channel r, d, the running statistics and the affine map, then one pass writing
 // out = x * alpha + beta. Backward: batch normalization's with the weight weight * r (r and d
 // are constants of the backward pass), the weight's gradient r * grad_scale + d * grad_bias.
-// The per-channel arithmetic is the eager path's, in x's dtype, operation for operation.
+// The per-channel arithmetic is the eager path's, in x's dtype, except that the output is
+// (x - mean) * alpha + shift where torch's batch norm computes x * alpha + (shift - mean * alpha):
+// at a small batch variance (batch 2: two close values) alpha is large, and rounding
+// mean * alpha cost float32 outputs 1e-5 of their scale.
 
 enum RenormStat { kMean, kInvStd, kR, kD, kRenormStats };
 
@@ -977,7 +994,7 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
     const auto epsilon = static_cast<scalar_t>(eps), keep = static_cast<scalar_t>(1 - momentum),
                rate = static_cast<scalar_t>(momentum), r_low = static_cast<scalar_t>(1 / r_max),
                r_high = static_cast<scalar_t>(r_max), d_limit = static_cast<scalar_t>(d_max);
-    std::vector<scalar_t> alpha(channels), beta(channels);
+    std::vector<scalar_t> alpha(channels), shift(channels);
     for (int64_t c = 0; c < channels; ++c) {
       const auto mean = static_cast<scalar_t>(batch_means[c]);
       const scalar_t inv_std = scalar_t(1) / std::sqrt(static_cast<scalar_t>(batch_vars[c]) +
@@ -991,7 +1008,7 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
       rs[c] = r;
       ds[c] = d;
       alpha[c] = inv_std * (ws[c] * r);
-      beta[c] = (bs[c] + ws[c] * d) - mean * alpha[c];
+      shift[c] = bs[c] + ws[c] * d;
       const auto unbiased = static_cast<scalar_t>(batch_vars[c] * count / (count - 1));
       new_means[c] = rms[c] * keep + rate * mean;
       new_vars[c] = rvs[c] * keep + rate * unbiased;
@@ -1000,12 +1017,12 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
     scalar_t* os = out.data_ptr<scalar_t>();
     if (by_position) {
       for_each_position(x.size(0), channels, x.size(2), [&](int64_t, int64_t at) {
-        affine_position(xs + at, os + at, channels, alpha.data(), beta.data());
+        affine_position(xs + at, os + at, channels, means, alpha.data(), shift.data());
       });
     } else {
       const int64_t size = x.size(2);
       for_each_row(x, [&](int64_t, int64_t channel, int64_t at) {
-        affine_row(xs + at, os + at, size, alpha[channel], beta[channel]);
+        affine_row(xs + at, os + at, size, means[channel], alpha[channel], shift[channel]);
       });
     }
   });
