@@ -401,9 +401,9 @@ def test_the_compiled_step_computes_what_the_eager_path_computes(cls, shape, mem
     if kernel is None:
         skip_unless_ci("the compiled activations kernel could not be built on this machine")
     calls = []
-    monkeypatch.setattr(kernel, "batch_renorm_forward",
-                        lambda *args, forward=kernel.batch_renorm_forward:
-                        calls.append(args[0].shape) or forward(*args))
+    monkeypatch.setattr(kernel, "batch_renorm_train",
+                        lambda *args, train=kernel.batch_renorm_train:
+                        calls.append(args[0].shape) or train(*args))
     batches = spread_batches(shape, memory_format)
     reverse = list(reversed(range(len(shape))))  # the first gradient in the reverse layout
     grads = [torch.randn([shape[d] for d in reverse], dtype=torch.float64).permute(reverse),
@@ -446,3 +446,27 @@ def test_one_value_per_channel_raises_in_training_on_each_path(shape, passes):
         BatchRenorm1d(3)(torch.randn(shape))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         nn.BatchNorm1d(3)(torch.randn(shape))  # as torch's BatchNorm does
+
+
+@pytest.mark.parametrize("shape,memory_format", [((8, 4), None), ((8, 4, 3), None),
+                                                 ((2, 4, 3, 3), torch.channels_last)])
+def test_the_output_takes_in_place_operations_as_batch_norms_does(shape, memory_format, passes):
+    # nn.ReLU(inplace=True) after the layer: an autograd function's output that is a view of
+    # another tensor it made would refuse it
+    layer = (BatchRenorm1d if len(shape) < 4 else BatchRenorm2d)(4)
+    x = torch.randn(shape).contiguous(memory_format=memory_format or torch.contiguous_format)
+    x.requires_grad_(True)
+    out = layer(x)
+    expected = torch.autograd.grad(out.relu().sum(), x, retain_graph=True)[0]
+    out.relu_().sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_first_order_gradients_under_create_graph_and_no_second_order(passes):
+    layer = BatchRenorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(BatchRenorm1d(4)(x).pow(2).sum(), x)
+    torch.testing.assert_close(grad, plain)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()

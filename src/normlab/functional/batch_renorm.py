@@ -48,30 +48,6 @@ class _BatchRenorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class _CompiledBatchRenorm(torch.autograd.Function):
-    # The training step of `batch_renorm` without a process group (the statistics, r and d,
-    # the running statistics' update and _BatchRenorm) in one compiled call each way
-    # (csrc/activations.cpp): the eager path's ~15 small torch operations around its passes
-    # cost more than the passes themselves at batch 2 or on (N, C) inputs. Saved: x, the
-    # weight and four floats per channel (mean, inverse std, r, d), as _BatchRenorm saves.
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                r_max: float, d_max: float, kernel):
-        out, new_mean, new_var, stats = kernel.batch_renorm_forward(
-            x, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max)
-        ctx.save_for_backward(x, weight, stats)
-        ctx.kernel = kernel
-        ctx.mark_non_differentiable(new_mean, new_var)
-        return out, new_mean, new_var
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad, _grad_mean, _grad_var):
-        x, weight, stats = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = ctx.kernel.batch_renorm_backward(grad, x, weight, stats)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
 def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor | None,
                  running_var: torch.Tensor | None,
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -112,9 +88,11 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor | None,
     if training and running_mean is not None and process_group is None:
         kernel = _native.for_tensor("activations", work, openmp=True)
         if kernel is not None and running_mean.dtype == running_var.dtype == work.dtype:
-            out, new_mean, new_var = _CompiledBatchRenorm.apply(
-                work, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max,
-                kernel)
+            # the step below, its statistics and _BatchRenorm in one compiled call each way
+            # (csrc/activations.cpp): ~15 small torch operations around the passes cost
+            # more than the passes themselves at batch 2 or on (N, C) inputs
+            out, new_mean, new_var = kernel.batch_renorm_train(
+                work, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max)
             return out.to(x.dtype), new_mean, new_var
     with autocast_off(x):
         if running_mean is None:

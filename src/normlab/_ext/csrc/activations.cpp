@@ -22,6 +22,7 @@
 // ~4x the time of a pass over the activations on CPU; `channel_moments` takes two
 // vectorized passes per channel, the second over data still in cache (one pass over a
 // positions-major activation, around each channel's first value).
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -29,6 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 // As in enorm.cpp: the row loops are compiled for AVX2 + FMA and for the baseline, and
@@ -383,14 +386,29 @@ bool one_position(const at::Tensor& t) {
 at::Tensor channel_rows(const char* what, const at::Tensor& t) {
   TORCH_CHECK(t.dim() >= 2 && t.is_floating_point(), what,
               ": expected an (N, C, ...) float32 or float64 tensor, got ", t.sizes());
-  if (one_position(t)) return t.reshape({t.size(0), t.size(1)}).t().unsqueeze(0);
+  if (one_position(t)) {  // one view op: at these sizes each op's dispatch is felt
+    const auto matrix = t.reshape({t.size(0), t.size(1)});
+    return matrix.as_strided({1, t.size(1), t.size(0)},
+                             {t.size(0) * t.size(1), matrix.stride(1), matrix.stride(0)});
+  }
   return t.reshape({t.size(0), t.size(1), -1});
 }
 
-// `rows`, laid out as channel_rows gave (N, C, *) `like`, in like's shape.
-at::Tensor from_channel_rows(const at::Tensor& rows, const at::Tensor& like) {
-  if (one_position(like)) return rows.squeeze(0).t().reshape(like.sizes());
-  return rows.view(like.sizes());
+// An uninitialized tensor of (N, C, *) `like`'s shape, in like's memory format where its
+// channel_rows view has the strides of `rows` (like's rows as the passes read them), else
+// contiguous; and that view, which the passes write. The result itself is no view: an
+// in-place operation on a view that an autograd function returns is an error.
+std::pair<at::Tensor, at::Tensor> empty_with_rows(const char* what, const at::Tensor& like,
+                                                  const at::Tensor& rows) {
+  auto out = at::empty_like(like);
+  auto out_rows = channel_rows(what, out);
+  if (out_rows.strides() != rows.strides()) {
+    out = at::empty(like.sizes(), like.options());
+    out_rows = channel_rows(what, out);
+  }
+  TORCH_INTERNAL_ASSERT(out_rows.strides() == rows.strides() &&
+                        out_rows.data_ptr() == out.data_ptr());
+  return {out, out_rows};
 }
 
 // Calls body(sample, begin, end) for each sample's blocks of kChannelBlock channels, in
@@ -977,9 +995,10 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
              running_var = running_var_in.contiguous();
   check_per_channel("batch_renorm_forward", {weight, bias, running_mean, running_var}, x);
   const int64_t channels = x.size(1);
-  auto out = at::empty_like(x), new_mean = at::empty_like(running_mean),
-       new_var = at::empty_like(running_var), stats = at::empty({kRenormStats, channels},
-                                                                x.options());
+  at::Tensor out, out_rows;
+  std::tie(out, out_rows) = empty_with_rows("batch_renorm_forward", x_in, x);
+  auto new_mean = at::empty_like(running_mean), new_var = at::empty_like(running_var),
+       stats = at::empty({kRenormStats, channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_forward", [&] {
     std::vector<double> batch_means(channels), batch_vars(channels);
     moments_into<scalar_t>(x, by_position, batch_means.data(), batch_vars.data());
@@ -987,9 +1006,10 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
     const scalar_t *ws = weight.data_ptr<scalar_t>(), *bs = bias.data_ptr<scalar_t>(),
                    *rms = running_mean.data_ptr<scalar_t>(),
                    *rvs = running_var.data_ptr<scalar_t>();
-    scalar_t *means = stats[kMean].data_ptr<scalar_t>(),
-             *inv_stds = stats[kInvStd].data_ptr<scalar_t>(), *rs = stats[kR].data_ptr<scalar_t>(),
-             *ds = stats[kD].data_ptr<scalar_t>(), *new_means = new_mean.data_ptr<scalar_t>(),
+    scalar_t* const stat = stats.data_ptr<scalar_t>();
+    scalar_t *means = stat + kMean * channels, *inv_stds = stat + kInvStd * channels,
+             *rs = stat + kR * channels, *ds = stat + kD * channels,
+             *new_means = new_mean.data_ptr<scalar_t>(),
              *new_vars = new_var.data_ptr<scalar_t>();
     const auto epsilon = static_cast<scalar_t>(eps), keep = static_cast<scalar_t>(1 - momentum),
                rate = static_cast<scalar_t>(momentum), r_low = static_cast<scalar_t>(1 / r_max),
@@ -1014,7 +1034,7 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
       new_vars[c] = rvs[c] * keep + rate * unbiased;
     }
     const scalar_t* xs = x.data_ptr<scalar_t>();
-    scalar_t* os = out.data_ptr<scalar_t>();
+    scalar_t* os = out_rows.data_ptr<scalar_t>();
     if (by_position) {
       for_each_position(x.size(0), channels, x.size(2), [&](int64_t, int64_t at) {
         affine_position(xs + at, os + at, channels, means, alpha.data(), shift.data());
@@ -1026,7 +1046,7 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
       });
     }
   });
-  return {from_channel_rows(out, x_in), new_mean, new_var, stats};
+  return {out, new_mean, new_var, stats};
 }
 
 // {grad_x in x's layout, grad_weight, grad_bias} of batch_renorm_forward's out, given its
@@ -1045,16 +1065,18 @@ std::vector<at::Tensor> batch_renorm_backward(const at::Tensor& grad_in, const a
               "batch_renorm_backward: expected the (4, C) stats of batch_renorm_forward");
   const auto grad = in_layout_of(channel_rows("batch_renorm_backward", grad_in), x);
   const int64_t channels = x.size(1);
-  auto grad_x = at::empty_like(x), grad_weight = at::empty_like(weight),
-       grad_bias = at::empty_like(weight);
+  at::Tensor grad_x, grad_x_rows;
+  std::tie(grad_x, grad_x_rows) = empty_with_rows("batch_renorm_backward", x_in, x);
+  auto grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_backward", [&] {
-    const scalar_t *ws = weight.data_ptr<scalar_t>(), *rs = stats[kR].data_ptr<scalar_t>(),
-                   *ds = stats[kD].data_ptr<scalar_t>();
+    const scalar_t* const stat = stats.data_ptr<scalar_t>();
+    const scalar_t *ws = weight.data_ptr<scalar_t>(), *rs = stat + kR * channels,
+                   *ds = stat + kD * channels;
     std::vector<scalar_t> gain(channels), grad_scale(channels);
     for (int64_t c = 0; c < channels; ++c) gain[c] = ws[c] * rs[c];
     scalar_t* grad_biases = grad_bias.data_ptr<scalar_t>();
-    batch_norm_backward_into(grad, x, by_position, gain.data(), stats[kMean].data_ptr<scalar_t>(),
-                             stats[kInvStd].data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+    batch_norm_backward_into(grad, x, by_position, gain.data(), stat + kMean * channels,
+                             stat + kInvStd * channels, grad_x_rows.data_ptr<scalar_t>(),
                              grad_scale.data(), grad_biases);
     // y = weight * (r x_hat + d) + bias
     scalar_t* grad_weights = grad_weight.data_ptr<scalar_t>();
@@ -1062,7 +1084,57 @@ std::vector<at::Tensor> batch_renorm_backward(const at::Tensor& grad_in, const a
       grad_weights[c] = rs[c] * grad_scale[c] + ds[c] * grad_biases[c];
     }
   });
-  return {from_channel_rows(grad_x, x_in), grad_weight, grad_bias};
+  return {grad_x, grad_weight, grad_bias};
+}
+
+// As Python's torch.autograd.function.once_differentiable: under create_graph, `gradients`
+// (computed by the kernels, outside autograd) get a node that raises if they are differentiated.
+torch::autograd::variable_list once_differentiable(const at::Tensor& grad,
+                                                  torch::autograd::variable_list gradients) {
+  if (!at::GradMode::is_enabled() || !grad.requires_grad()) return gradients;
+  for (auto& t : gradients) {
+    if (t.defined()) t = t.detach().set_requires_grad(true);
+  }
+  const auto count = static_cast<int64_t>(gradients.size());
+  return torch::autograd::DelayedError("trying to differentiate twice BatchRenorm's compiled "
+                                       "backward, which has no double backward", count)
+      .apply(std::move(gradients));
+}
+
+// Batch Renormalization's training step as an autograd function in C++: the backward runs
+// without Python (whose autograd.Function cost ~20 us a step, a third of BatchNorm1d's whole
+// step at (32, 512)). Saved: x, the weight and the (4, C) stats, as _BatchRenorm saves.
+struct BatchRenormFunction : public torch::autograd::Function<BatchRenormFunction> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+      const at::Tensor& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+      double momentum, double eps, double r_max, double d_max) {
+    auto results = batch_renorm_forward(x, weight, bias, running_mean, running_var, momentum,
+                                        eps, r_max, d_max);
+    ctx->save_for_backward({x, weight, results[3]});
+    ctx->mark_non_differentiable({results[1], results[2]});
+    return {results[0], results[1], results[2]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto gradients = batch_renorm_backward(grads[0], saved[0], saved[1], saved[2]);
+    gradients = once_differentiable(grads[0], std::move(gradients));
+    return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(),
+            at::Tensor(),  at::Tensor(),   at::Tensor(),   at::Tensor()};
+  }
+};
+
+// (out, new running mean, new running var) of Batch Renormalization's training step on
+// (N, C, *) x, differentiable in x, weight and bias; see batch_renorm_forward.
+torch::autograd::variable_list batch_renorm_train(const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& bias,
+                                                  const at::Tensor& running_mean,
+                                                  const at::Tensor& running_var, double momentum,
+                                                  double eps, double r_max, double d_max) {
+  return BatchRenormFunction::apply(x, weight, bias, running_mean, running_var, momentum, eps,
+                                    r_max, d_max);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -1073,6 +1145,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("channel_batch_norm_backward", &channel_batch_norm_backward);
   module.def("online_stream_forward", &stream_forward);
   module.def("online_stream_backward", &stream_backward);
-  module.def("batch_renorm_forward", &batch_renorm_forward);
-  module.def("batch_renorm_backward", &batch_renorm_backward);
+  module.def("batch_renorm_train", &batch_renorm_train);
 }
