@@ -29,7 +29,9 @@ class _BatchRenorm(torch.autograd.Function):
     # the affine map forward; torch's batch-norm backward (a reduction and an
     # elementwise pass) backward. r and d are constants of the backward pass, so
     # the gradient w.r.t. x is batch normalization's with the weight weight * r.
-    # Saved: x and per-channel vectors, as BatchNorm saves.
+    # Saved: x and per-channel vectors, as BatchNorm saves. With batch_statistics and
+    # _renorm_constants, the specification of the compiled training step
+    # (csrc/activations.cpp, batch_renorm_train), which runs instead on CPU.
     @staticmethod
     def forward(ctx, x, weight, bias, batch_mean, batch_var, batch_inv_std, r, d, eps: float):
         scale = weight * r
