@@ -102,6 +102,28 @@ def test_float32_batch_statistics_stay_accurate_with_a_large_channel_offset(stat
                                atol=0)
 
 
+@pytest.mark.parametrize("shape", [(300, 3), (300, 3, 1), (3, 3, 10, 10)])
+def test_compiled_float32_moments_stay_accurate_with_an_outlier_first(shape):
+    # The compiled moments of (N, C) inputs (read as one row of N positions per channel) and of
+    # channels_last ones sum deviations from a center; the first value lies 6 deviations out,
+    # which as the center cost the float32 moments an order of magnitude (the mean: 1.3e-6).
+    kernel = _native.module("activations", openmp=True)
+    if kernel is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
+    torch.manual_seed(2)
+    view = (1, 3) + (1,) * (len(shape) - 2)
+    scale, offset = torch.tensor([0.01, 1.0, 3.0]), torch.tensor([1e3, -1e4, 5.0])
+    x = torch.randn(shape) * scale.view(view) + offset.view(view)
+    x.view(shape[0], 3, -1)[0, :, 0] = offset + 6 * scale
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    exact = x.double()
+    dims = [0] + list(range(2, len(shape)))
+    mean, var = kernel.channel_moments(x)
+    torch.testing.assert_close(mean, exact.mean(dims), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var, exact.var(dims, unbiased=False), rtol=1e-5, atol=0)
+
+
 def test_batch_norm_backward_is_the_gradient_of_the_affine_batch_norm():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)

@@ -109,6 +109,11 @@ def test_fastnorm_cases_report_every_variant_against_its_baseline():
     assert all((r.method, r.baseline) == ("tracked", "explicit norms") for r in crossover)
 
 
+def test_batch_renorm_rows_cover_batch_2_and_the_one_dimensional_inputs():
+    rows = bench.run(["batch_renorm"], min_run_time=0.01)
+    assert [r.variant for r in rows] == ["32x64x32x32", "2x64x32x32", "256x1024", "32x512"]
+
+
 @pytest.mark.parametrize("name,method,baseline", [
     ("enorm", "enorm cycle", "sgd step"), ("equinorm", "equinorm", "batch"),
     ("weight_norm", "WeightNormLinear", "torch weight_norm"),

@@ -1,8 +1,13 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 import normlab
+from conftest import no_kernel, skip_unless_ci
+from normlab._ext import loader as _native
+from normlab.functional import batch_renorm
 from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 
@@ -316,3 +321,152 @@ def test_swa_update_bn_recomputes_the_statistics_as_the_cumulative_average_of_th
                                    torch.stack([x.mean(dims) for x in seen]).mean(0))
         torch.testing.assert_close(norm.running_var,
                                    torch.stack([x.var(dims) for x in seen]).mean(0))
+
+
+# -- the compiled training step (csrc/activations.cpp) against the eager path ---------------------
+COMPILED_CASES = [
+    (BatchRenorm1d, (2, 70), None),  # (N, C) at batch 2, more channels than one block (64)
+    (BatchRenorm1d, (300, 130), None),  # (N, C): blocks of channels on two threads
+    (BatchRenorm1d, (1, 5, 7), None),  # batch 1
+    (BatchRenorm1d, (3, 5, 300), None),  # rows longer than the kernel's summing block (256)
+    (BatchRenorm1d, (8, 9, 1), None),  # one position per sample, read as (N, C)
+    (BatchRenorm2d, (2, 5, 6, 7), None),
+    (BatchRenorm2d, (1, 72, 5, 7), torch.channels_last),
+    (BatchRenorm2d, (2, 72, 5, 7), torch.channels_last),
+    (BatchRenorm3d, (2, 5, 2, 3, 4), torch.channels_last_3d),
+]
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def spread_batches(shape, memory_format, count=2):
+    """float64 batches whose channels range from scale 0.2 to 3 and mean -2 to 2, so that r and
+    d clip at both limits against the running statistics of `make` (r_max 1.5, d_max 0.5)."""
+    generator = torch.Generator().manual_seed(0)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    scale = torch.linspace(0.2, 3.0, shape[1], dtype=torch.float64).view(view)
+    shift = torch.linspace(-2.0, 2.0, shape[1], dtype=torch.float64).view(view)
+    return [(torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift)
+            .contiguous(memory_format=memory_format or torch.contiguous_format)
+            for _ in range(count)]
+
+
+def clips_at_both_limits(layer, x) -> bool:
+    """Whether the first training step of `layer` on `x` clips r above and below and d."""
+    dims = [0] + list(range(2, x.dim()))
+    sigma = (layer.running_var + layer.eps).sqrt()
+    r = (x.var(dims, unbiased=False) + layer.eps).sqrt() / sigma
+    d = (x.mean(dims) - layer.running_mean) / sigma
+    return bool((r > layer.r_max).any() and (r < 1 / layer.r_max).any()
+                and (d.abs() > layer.d_max).any())
+
+
+def renorm_steps(cls, dtype, batches, grads):
+    """Outputs, input gradients, parameter gradients and running statistics over training
+    steps of `make`'s layer in `dtype`, on two threads; outputs keep the inputs' layout."""
+    layer = make(cls, batches[0].shape[1], r_max=1.5, d_max=0.5, momentum=0.1).to(dtype)
+    assert clips_at_both_limits(layer, batches[0].to(dtype))
+    record = []
+    with threads(2):
+        for x, grad in zip(batches, grads):
+            x = x.to(dtype, copy=True).requires_grad_(True)
+            out = layer(x)
+            assert [st for st, n in zip(out.stride(), x.shape) if n > 1] == \
+                [st for st, n in zip(x.stride(), x.shape) if n > 1]
+            out.backward(grad.to(dtype))
+            record += [out.detach(), x.grad]
+    return record + [p.grad for p in layer.parameters()] + [layer.running_mean,
+                                                            layer.running_var]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("cls,shape,memory_format", COMPILED_CASES)
+def test_the_compiled_step_computes_what_the_eager_path_computes(cls, shape, memory_format,
+                                                                dtype, rtol, monkeypatch):
+    """Outputs (in the input's layout), input and parameter gradients and running statistics
+    over two training steps, r and d clipped at both limits, the first output gradient not
+    contiguous, two threads: within rtol of the tensor's scale of the eager path's, plus in
+    float32 twice the eager path's own distance from float64. That term matters at batch 2
+    only, where a channel's two values can lie close: its inverse std is then large and the
+    float32 rounding of its mean moves its outputs by ~1e-5 of the scale in either path."""
+    kernel = _native.module("activations", openmp=True)
+    if kernel is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
+    calls = []
+    monkeypatch.setattr(kernel, "batch_renorm_train",
+                        lambda *args, train=kernel.batch_renorm_train:
+                        calls.append(args[0].shape) or train(*args))
+    batches = spread_batches(shape, memory_format)
+    reverse = list(reversed(range(len(shape))))  # the first gradient in the reverse layout
+    grads = [torch.randn([shape[d] for d in reverse], dtype=torch.float64).permute(reverse),
+             torch.randn(shape, dtype=torch.float64)]
+    compiled = renorm_steps(cls, dtype, batches, grads)
+    assert calls == [shape, shape]  # the compiled step ran, once per step
+    monkeypatch.setattr(_native, "for_tensor", no_kernel)
+    eager, exact = renorm_steps(cls, dtype, batches, grads), \
+        renorm_steps(cls, torch.float64, batches, grads)
+    assert calls == [shape, shape]
+    for got, want, reference in zip(compiled, eager, exact):
+        assert got.dtype == want.dtype == dtype
+        rounding = (want.double() - reference).abs().max()
+        assert (got - want).abs().max() <= rtol * want.abs().max() + 2 * rounding
+
+
+@pytest.mark.parametrize("shape,memory_format", [((5, 3), None), ((2, 3, 4), None),
+                                                 ((2, 3, 3, 3), torch.channels_last)])
+def test_gradcheck_of_input_weight_and_bias_on_each_layout_where_r_and_d_are_clipped(
+        shape, memory_format, passes):
+    # as test_gradcheck_where_r_and_d_are_clipped: r and d at their limits are constants
+    torch.manual_seed(0)
+    running_mean, running_var = torch.full((3,), 50.0, dtype=torch.float64), \
+        torch.full((3,), 100.0, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64).contiguous(
+        memory_format=memory_format or torch.contiguous_format).requires_grad_(True)
+    weight = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_(True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def renorm(x, weight, bias):
+        return batch_renorm(x, running_mean, running_var, weight, bias, training=True,
+                            momentum=0.0, r_max=2.0, d_max=1.0)[0]
+
+    assert torch.autograd.gradcheck(renorm, (x, weight, bias))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1)])
+def test_one_value_per_channel_raises_in_training_on_each_path(shape, passes):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchRenorm1d(3)(torch.randn(shape))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm1d(3)(torch.randn(shape))  # as torch's BatchNorm does
+
+
+@pytest.mark.parametrize("shape,memory_format", [((8, 4), None), ((8, 4, 3), None),
+                                                 ((2, 4, 3, 3), torch.channels_last)])
+def test_the_output_takes_in_place_operations_as_batch_norms_does(shape, memory_format, passes):
+    # nn.ReLU(inplace=True) after the layer: an autograd function's output that is a view of
+    # another tensor it made would refuse it
+    layer = (BatchRenorm1d if len(shape) < 4 else BatchRenorm2d)(4)
+    x = torch.randn(shape).contiguous(memory_format=memory_format or torch.contiguous_format)
+    x.requires_grad_(True)
+    out = layer(x)
+    expected = torch.autograd.grad(out.relu().sum(), x, retain_graph=True)[0]
+    out.relu_().sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_first_order_gradients_under_create_graph_and_no_second_order(passes):
+    layer = BatchRenorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(BatchRenorm1d(4)(x).pow(2).sum(), x)
+    torch.testing.assert_close(grad, plain)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()

@@ -100,7 +100,7 @@ def batch_statistics(x: torch.Tensor, running_mean: torch.Tensor, running_var: t
         return torch.batch_norm_update_stats(x.detach(), running_mean, running_var, momentum)
     # on CPU the op (Welford's update per element) takes ~4x a pass over x: two passes
     channels = x.shape[1]
-    mean, var = kernel.channel_moments(x.detach().reshape(x.shape[0], channels, -1))
+    mean, var = kernel.channel_moments(x.detach())
     count = x.numel() // channels
     with torch.no_grad():
         for running, batch in ((running_mean, mean), (running_var, var * count / (count - 1))):

@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .._ext import loader as _native
 from ..distributed import global_batch_norm
 from .aten_helpers import (
     autocast_off,
@@ -28,7 +29,9 @@ class _BatchRenorm(torch.autograd.Function):
     # the affine map forward; torch's batch-norm backward (a reduction and an
     # elementwise pass) backward. r and d are constants of the backward pass, so
     # the gradient w.r.t. x is batch normalization's with the weight weight * r.
-    # Saved: x and per-channel vectors, as BatchNorm saves.
+    # Saved: x and per-channel vectors, as BatchNorm saves. With batch_statistics and
+    # _renorm_constants, the specification of the compiled training step
+    # (csrc/activations.cpp, batch_renorm_train), which runs instead on CPU.
     @staticmethod
     def forward(ctx, x, weight, bias, batch_mean, batch_var, batch_inv_std, r, d, eps: float):
         scale = weight * r
@@ -84,6 +87,15 @@ def batch_renorm(x: torch.Tensor, running_mean: torch.Tensor | None,
     view = (1, -1) + (1,) * (x.dim() - 2)
     weight = work.new_ones(x.shape[1]) if weight is None else weight.to(work.dtype)
     bias = work.new_zeros(x.shape[1]) if bias is None else bias.to(work.dtype)
+    if training and running_mean is not None and process_group is None:
+        kernel = _native.for_tensor("activations", work, openmp=True)
+        if kernel is not None and running_mean.dtype == running_var.dtype == work.dtype:
+            # the step below, its statistics and _BatchRenorm in one compiled call each way
+            # (csrc/activations.cpp): ~15 small torch operations around the passes cost
+            # more than the passes themselves at batch 2 or on (N, C) inputs
+            out, new_mean, new_var = kernel.batch_renorm_train(
+                work, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max)
+            return out.to(x.dtype), new_mean, new_var
     with autocast_off(x):
         if running_mean is None:
             if not training:

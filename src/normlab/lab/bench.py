@@ -33,7 +33,7 @@ from torch.utils import benchmark
 from .. import distributed, registry
 from ..fold import fold
 from ..functional.fastnorm import tracked_sq_norms
-from ..layers.batch_renorm import BatchRenorm2d
+from ..layers.batch_renorm import BatchRenorm1d, BatchRenorm2d
 from ..layers.equinorm import EquiNormConv2d, EquiNormLinear
 from ..layers.online import OnlineNorm1d, OnlineNorm2d
 from ..layers.weight_norm import WeightNormLinear
@@ -204,10 +204,19 @@ def online_1d(min_run_time: float) -> list[Row]:
         {"batch": nn.BatchNorm1d}, method=f"online(ecm={ecm})")]
 
 
+BATCH_RENORM_SMALL_BATCH = (2, 64, 32, 32)  # the method's use: small minibatches
+BATCH_RENORM_1D_SHAPES = ONLINE_1D_SHAPES  # the papers' MLPs
+
+
 @case("batch_renorm")
 def batch_renorm(min_run_time: float) -> list[Row]:
-    """BatchRenorm2d, forward+backward, float32, against BatchNorm2d; target <= 1.1x."""
-    return _against_batch_norm("batch_renorm", BatchRenorm2d, ONLINE_SHAPES[:1], min_run_time)
+    """BatchRenorm2d and BatchRenorm1d, forward+backward, float32, against torch's BatchNorm of
+    the same dimension; targets: <= 1.1x at (32, 64, 32, 32), <= 1.2x at batch 2
+    (2, 64, 32, 32), <= 1.5x on (N, C) inputs (256, 1024) and (32, 512)."""
+    return (_against_batch_norm("batch_renorm", BatchRenorm2d,
+                                (ONLINE_SHAPES[0], BATCH_RENORM_SMALL_BATCH), min_run_time)
+            + _against_batch_norm("batch_renorm", BatchRenorm1d, BATCH_RENORM_1D_SHAPES,
+                                  min_run_time, {"batch": nn.BatchNorm1d}))
 
 
 CHANNELS_LAST_LAYERS = {"online": OnlineNorm2d, "batch_renorm": BatchRenorm2d,

@@ -1,5 +1,6 @@
 // Passes over (N, C, S) activations, read as N * C rows of S positions: Online
-// Normalization's, fused (Chiley et al. 2019, arXiv:1905.05894), and batch statistics.
+// Normalization's, fused (Chiley et al. 2019, arXiv:1905.05894), batch statistics, and Batch
+// Renormalization's training step (Ioffe 2017, arXiv:1702.03275), one call each way.
 //
 // Online Normalization: `OnlineNormFunction` in normlab/functional.py is the
 // specification; its eager path runs these as torch operations, 4 passes forward after
@@ -21,6 +22,7 @@
 // ~4x the time of a pass over the activations on CPU; `channel_moments` takes two
 // vectorized passes per channel, the second over data still in cache (one pass over a
 // positions-major activation, around each channel's first value).
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,6 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -35,6 +39,7 @@ namespace {
 constexpr int64_t kGrainElements = 32768;  // per parallel task: ~L2-sized, enough to amortize
 constexpr int64_t kSumBlock = 256;  // positions summed in the activation's dtype; see reduce_row
 constexpr int64_t kChannelBlock = 64;  // channels summed together in positions-major sums
+constexpr int64_t kCenterPositions = 16;  // averaged for the center of positions-major moments
 
 // gamma * y + beta, the value the clamp sees; one definition for forward and backward.
 template <typename scalar_t>
@@ -361,6 +366,22 @@ void grad_batch_norm_position(const scalar_t* grad, const scalar_t* x, scalar_t*
   for (int64_t c = 0; c < channels; ++c) out[c] = grad[c] * p[c] + (x[c] - mean[c]) * r[c] + q[c];
 }
 
+// (x - center) * scale + shift over a row, and over one position's channels (each its own
+// center, scale and shift).
+template <typename scalar_t>
+void affine_row(const scalar_t* x, scalar_t* out, int64_t size, scalar_t center,
+                scalar_t scale, scalar_t shift) {
+  for (int64_t i = 0; i < size; ++i) out[i] = (x[i] - center) * scale + shift;
+}
+
+template <typename scalar_t>
+void affine_position(const scalar_t* x, scalar_t* out, int64_t channels,
+                     const scalar_t* center, const scalar_t* scale,
+                     const scalar_t* shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) out[c] = (x[c] - center[c]) * scale[c] + shift[c];
+}
+
 // Whether (N, C, S) `t` is positions-major: the (N, C, S) view of a channels_last tensor.
 bool positions_major(const at::Tensor& t) {
   if (t.dim() != 3) return false;
@@ -373,6 +394,43 @@ bool positions_major(const at::Tensor& t) {
 at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
   if (t.strides() == like.strides()) return t;
   return at::empty_like(like).copy_(t);
+}
+
+// Whether (N, C, *) `t` has one position per sample: S = 1, as (N, C) inputs.
+bool one_position(const at::Tensor& t) {
+  return t.numel() == t.size(0) * t.size(1);
+}
+
+// (N, C, *) `t` as the (N, C, S) view the passes read. With one position per sample, the
+// positions-major (1, C, N) view of its (N, C) matrix: each sample's channels are then one
+// vectorized row, where N * C rows of one element each took ~100x as long ((256, 1024):
+// 2.4 ms for the moments).
+at::Tensor channel_rows(const char* what, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2 && t.is_floating_point(), what,
+              ": expected an (N, C, ...) float32 or float64 tensor, got ", t.sizes());
+  if (one_position(t)) {  // one view op: at these sizes each op's dispatch is felt
+    const auto matrix = t.reshape({t.size(0), t.size(1)});
+    return matrix.as_strided({1, t.size(1), t.size(0)},
+                             {t.size(0) * t.size(1), matrix.stride(1), matrix.stride(0)});
+  }
+  return t.reshape({t.size(0), t.size(1), -1});
+}
+
+// An uninitialized tensor of (N, C, *) `like`'s shape, in like's memory format where its
+// channel_rows view has the strides of `rows` (like's rows as the passes read them), else
+// contiguous; and that view, which the passes write. The result itself is no view: an
+// in-place operation on a view that an autograd function returns is an error.
+std::pair<at::Tensor, at::Tensor> empty_with_rows(const char* what, const at::Tensor& like,
+                                                  const at::Tensor& rows) {
+  auto out = at::empty_like(like);
+  auto out_rows = channel_rows(what, out);
+  if (out_rows.strides() != rows.strides()) {
+    out = at::empty(like.sizes(), like.options());
+    out_rows = channel_rows(what, out);
+  }
+  TORCH_INTERNAL_ASSERT(out_rows.strides() == rows.strides() &&
+                        out_rows.data_ptr() == out.data_ptr());
+  return {out, out_rows};
 }
 
 // Calls body(sample, begin, end) for each sample's blocks of kChannelBlock channels, in
@@ -732,20 +790,31 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
 }
 
 // Positions-major channel_moments, in one pass: per (sample, channel) sums of the deviations
-// from the channel's first value (a center within the data's spread, so that the variance
-// E[(x - c)^2] - E[x - c]^2 does not cancel as E[x^2] - E[x]^2 would at a large mean), in
-// parallel, then their totals.
+// from a center c within the data's spread (so that the variance E[(x - c)^2] - E[x - c]^2
+// does not cancel as E[x^2] - E[x]^2 would at a large mean), in parallel, then their totals.
+// The center is the mean of kCenterPositions positions spread over the batch: the first
+// position alone, a few deviations from the mean, made E[x - c]^2 several times the variance,
+// and the float32 block sums' rounding as many times larger in it.
 template <typename scalar_t>
 void position_channel_moments(const scalar_t* xs, int64_t samples, int64_t channels,
                               int64_t size, double* means, double* vars) {
-  const double count = static_cast<double>(samples * size);
+  const int64_t positions = samples * size;
+  const double count = static_cast<double>(positions);
   std::vector<double> sums(samples * channels), square_sums(samples * channels);
-  const scalar_t* center = xs;  // the first position's channels
+  std::vector<double> picked(channels, 0.0);
+  const int64_t picks = std::min(positions, kCenterPositions);
+  for (int64_t k = 0; k < picks; ++k) {
+    const scalar_t* row = xs + (k * positions / picks) * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) picked[c] += row[c];
+  }
+  std::vector<scalar_t> center(channels);
+  for (int64_t c = 0; c < channels; ++c) center[c] = static_cast<scalar_t>(picked[c] / picks);
   for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
                                                          int64_t end) {
     const int64_t row = n * channels + begin;
     position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
-                        center + begin, sums.data() + row, square_sums.data() + row);
+                        center.data() + begin, sums.data() + row, square_sums.data() + row);
   });
   for (int64_t c = 0; c < channels; ++c) {
     double total = 0, squares = 0;
@@ -759,49 +828,154 @@ void position_channel_moments(const scalar_t* xs, int64_t samples, int64_t chann
   }
 }
 
-// (mean, biased variance) of each channel over N and S, float64 (C,), in two passes (one for
-// a positions-major x).
-std::vector<at::Tensor> channel_moments(const at::Tensor& x_in) {
-  const bool by_position = positions_major(x_in);
-  const auto x = by_position ? x_in : x_in.contiguous();
+// (mean, biased variance) of each channel of (N, C, S) `x` (positions-major or contiguous)
+// over N and S, into `means` and `vars`: two passes per channel for a contiguous x, one for
+// a positions-major one.
+template <typename scalar_t>
+void moments_into(const at::Tensor& x, bool by_position, double* means, double* vars) {
   TORCH_CHECK(x.dim() == 3 && x.is_floating_point() && x.size(0) * x.size(2) > 0,
               "channel_moments: expected a non-empty (N, C, S) float32 or float64 tensor, got ",
               x.sizes());
   const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
   const double count = static_cast<double>(samples * size);
-  auto mean = at::empty({channels}, x.options().dtype(at::kDouble)), var = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments", [&] {
-    const scalar_t* xs = x.data_ptr<scalar_t>();
-    double *means = mean.data_ptr<double>(), *vars = var.data_ptr<double>();
-    if (by_position) {
-      position_channel_moments(xs, samples, channels, size, means, vars);
-      return;
-    }
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double total = 0;
-        for (int64_t n = 0; n < samples; ++n) total += row_sum(xs + (n * channels + c) * size, size);
-        const double m = total / count;
-        const auto center = static_cast<scalar_t>(m);
-        double squares = 0;
-        for (int64_t n = 0; n < samples; ++n) {
-          squares += row_square_deviation(xs + (n * channels + c) * size, size, center);
-        }
-        const double offset = m - static_cast<double>(center);  // the center's rounding
-        means[c] = m;
-        vars[c] = std::max(0.0, squares / count - offset * offset);
+  const scalar_t* xs = x.data_ptr<scalar_t>();
+  if (by_position) {
+    position_channel_moments(xs, samples, channels, size, means, vars);
+    return;
+  }
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double total = 0;
+      for (int64_t n = 0; n < samples; ++n) total += row_sum(xs + (n * channels + c) * size, size);
+      const double m = total / count;
+      const auto center = static_cast<scalar_t>(m);
+      double squares = 0;
+      for (int64_t n = 0; n < samples; ++n) {
+        squares += row_square_deviation(xs + (n * channels + c) * size, size, center);
       }
-    });
+      const double offset = m - static_cast<double>(center);  // the center's rounding
+      means[c] = m;
+      vars[c] = std::max(0.0, squares / count - offset * offset);
+    }
+  });
+}
+
+// (mean, biased variance) of each channel of (N, C, *) x over all dims but 1, float64 (C,), in
+// two passes (one for a positions-major x).
+std::vector<at::Tensor> channel_moments(const at::Tensor& x_in) {
+  const auto rows = channel_rows("channel_moments", x_in);
+  const bool by_position = positions_major(rows);
+  const auto x = by_position ? rows : rows.contiguous();
+  auto mean = at::empty({x.size(1)}, x.options().dtype(at::kDouble)), var = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_moments", [&] {
+    moments_into<scalar_t>(x, by_position, mean.data_ptr<double>(), var.data_ptr<double>());
   });
   return {mean, var};
 }
 
+// Sum of grad * (x - center) and of grad over a row: blocks in the dtype, double across.
+template <typename scalar_t>
+void row_grad_sums(const scalar_t* grad, const scalar_t* x, int64_t size,
+                   scalar_t center, double* dot, double* total) {
+  double dot_sum = 0, grad_sum = 0;
+  for (int64_t start = 0; start < size; start += kSumBlock) {
+    const int64_t stop = std::min(size, start + kSumBlock);
+    scalar_t block_dot = 0, block_grad = 0;
+#pragma omp simd reduction(+ : block_dot, block_grad)
+    for (int64_t i = start; i < stop; ++i) {
+      block_dot += grad[i] * (x[i] - center);
+      block_grad += grad[i];
+    }
+    dot_sum += block_dot;
+    grad_sum += block_grad;
+  }
+  *dot = dot_sum;
+  *total = grad_sum;
+}
+
+// Batch normalization's input gradient over a row: grad * p + (x - mean) * r + q.
+template <typename scalar_t>
+void grad_batch_norm_row(const scalar_t* grad, const scalar_t* x, scalar_t* out,
+                         int64_t size, scalar_t mean, scalar_t p, scalar_t q,
+                         scalar_t r) {
+  for (int64_t i = 0; i < size; ++i) out[i] = grad[i] * p + (x[i] - mean) * r + q;
+}
+
+// Batch normalization's backward of (N, C, S) `x` (positions-major or contiguous, `grad` in
+// its layout) given its batch mean and inverse std and `gain`, the weight: grad_x into `out`,
+// and per channel the sums of grad * x_hat and of grad into `grad_scale` and `grad_bias`, with
+// x_hat = (x - mean) * inv_std and the gradient taken through the batch statistics, as aten's
+// native_batch_norm_backward computes them (whose channels_last kernel took ~2.5x its
+// contiguous one on CPU). Two passes: the sums, then
+// grad_x = (grad - mean(grad) - x_hat * mean(grad * x_hat)) * gain * inv_std.
+template <typename scalar_t>
+void batch_norm_backward_into(const at::Tensor& grad, const at::Tensor& x, bool by_position,
+                              const scalar_t* gain, const scalar_t* ms, const scalar_t* is,
+                              scalar_t* out, scalar_t* grad_scale, scalar_t* grad_bias) {
+  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
+  const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>();
+  std::vector<double> dots(samples * channels), totals(samples * channels);
+  if (by_position) {
+    const std::vector<scalar_t> ones(channels, scalar_t(1)), zeros(channels, scalar_t(0));
+    const auto unclamped = std::numeric_limits<scalar_t>::infinity();
+    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
+                                                           int64_t end) {
+      const int64_t at = n * size * channels + begin, row = n * channels + begin;
+      position_grad_sums(gs + at, xs + at, size, channels, end - begin, ones.data() + begin,
+                         zeros.data() + begin, unclamped, ms + begin, dots.data() + row,
+                         totals.data() + row);
+    });
+  } else {
+    for_each_row(x, [&](int64_t row, int64_t channel, int64_t at) {
+      row_grad_sums(gs + at, xs + at, size, ms[channel], dots.data() + row, totals.data() + row);
+    });
+  }
+  // per channel: grad_x = grad * p + (x - mean) * r + q
+  std::vector<scalar_t> p(channels), q(channels), r(channels);
+  const double count = static_cast<double>(samples * size);
+  for (int64_t c = 0; c < channels; ++c) {
+    double dot = 0, total = 0;
+    for (int64_t n = 0; n < samples; ++n) {
+      dot += dots[n * channels + c];
+      total += totals[n * channels + c];
+    }
+    const double inv = is[c], scaled = static_cast<double>(gain[c]) * inv;
+    p[c] = static_cast<scalar_t>(scaled);
+    r[c] = static_cast<scalar_t>(-scaled * inv * inv * dot / count);
+    q[c] = static_cast<scalar_t>(-scaled * total / count);
+    grad_scale[c] = static_cast<scalar_t>(dot * inv);
+    grad_bias[c] = static_cast<scalar_t>(total);
+  }
+  if (by_position) {
+    for_each_position(samples, channels, size, [&](int64_t, int64_t at) {
+      grad_batch_norm_position(gs + at, xs + at, out + at, channels, ms, p.data(), q.data(),
+                               r.data());
+    });
+  } else {
+    for_each_row(x, [&](int64_t, int64_t channel, int64_t at) {
+      grad_batch_norm_row(gs + at, xs + at, out + at, size, ms[channel], p[channel], q[channel],
+                          r[channel]);
+    });
+  }
+}
+
+void check_per_channel(const char* what, std::initializer_list<at::Tensor> per_channel,
+                       const at::Tensor& x) {
+  for (const auto& t : per_channel) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == x.scalar_type(),
+                what, ": expected per-channel tensors of shape (", x.size(1),
+                ",) and x's dtype");
+  }
+}
+
+void check_gradient(const char* what, const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), what,
+              ": expected a gradient of x's shape and dtype");
+}
+
 // Batch normalization's backward for a positions-major (N, C, S) x, given its batch mean and
 // inverse std and the weight: (grad_x in x's layout, sum of grad * x_hat, sum of grad), the
-// sums per channel in x's dtype, with x_hat = (x - mean) * inv_std and the gradient taken
-// through the batch statistics, as aten's native_batch_norm_backward computes them (whose
-// channels_last kernel took ~2.5x its contiguous one on CPU). Two passes: the sums, then
-// grad_x = (grad - mean(grad) - x_hat * mean(grad * x_hat)) * weight * inv_std.
+// sums per channel in x's dtype; see batch_norm_backward_into.
 std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
                                                     const at::Tensor& x,
                                                     const at::Tensor& weight_in,
@@ -810,54 +984,17 @@ std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
   TORCH_CHECK(positions_major(x) && x.is_floating_point(),
               "channel_batch_norm_backward: expected the (N, C, S) view of a channels_last "
               "float32 or float64 tensor, got sizes ", x.sizes(), " and strides ", x.strides());
-  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type(),
-              "channel_batch_norm_backward: expected a gradient of x's shape and dtype");
-  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
+  check_gradient("channel_batch_norm_backward", grad_in, x);
   const auto grad = in_layout_of(grad_in, x), weight = weight_in.contiguous(),
              mean = mean_in.contiguous(), inv_std = inv_std_in.contiguous();
-  for (const auto& t : {weight, mean, inv_std}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels && t.scalar_type() == x.scalar_type(),
-                "channel_batch_norm_backward: expected per-channel tensors of shape (",
-                channels, ",) and x's dtype");
-  }
+  check_per_channel("channel_batch_norm_backward", {weight, mean, inv_std}, x);
   auto grad_x = at::empty_like(x);
-  auto sums = at::empty({2, channels}, x.options());
+  auto sums = at::empty({2, x.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_batch_norm_backward", [&] {
-    const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>(),
-                   *ws = weight.data_ptr<scalar_t>(), *ms = mean.data_ptr<scalar_t>(),
-                   *is = inv_std.data_ptr<scalar_t>();
-    const std::vector<scalar_t> ones(channels, scalar_t(1)), zeros(channels, scalar_t(0));
-    const auto unclamped = std::numeric_limits<scalar_t>::infinity();
-    std::vector<double> dots(samples * channels), totals(samples * channels);
-    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
-                                                           int64_t end) {
-      const int64_t at = n * size * channels + begin, row = n * channels + begin;
-      position_grad_sums(gs + at, xs + at, size, channels, end - begin, ones.data() + begin,
-                         zeros.data() + begin, unclamped, ms + begin, dots.data() + row,
-                         totals.data() + row);
-    });
-    // per channel: grad_x = grad * p + (x - mean) * r + q
-    std::vector<scalar_t> p(channels), q(channels), r(channels);
-    scalar_t *grad_weight = sums[0].data_ptr<scalar_t>(), *grad_bias = sums[1].data_ptr<scalar_t>();
-    const double count = static_cast<double>(samples * size);
-    for (int64_t c = 0; c < channels; ++c) {
-      double dot = 0, total = 0;
-      for (int64_t n = 0; n < samples; ++n) {
-        dot += dots[n * channels + c];
-        total += totals[n * channels + c];
-      }
-      const double inv = is[c], gain = static_cast<double>(ws[c]) * inv;
-      p[c] = static_cast<scalar_t>(gain);
-      r[c] = static_cast<scalar_t>(-gain * inv * inv * dot / count);
-      q[c] = static_cast<scalar_t>(-gain * total / count);
-      grad_weight[c] = static_cast<scalar_t>(dot * inv);
-      grad_bias[c] = static_cast<scalar_t>(total);
-    }
-    scalar_t* out = grad_x.data_ptr<scalar_t>();
-    for_each_position(samples, channels, size, [&](int64_t, int64_t at) {
-      grad_batch_norm_position(gs + at, xs + at, out + at, channels, ms, p.data(), q.data(),
-                               r.data());
-    });
+    batch_norm_backward_into(grad, x, true, weight.data_ptr<scalar_t>(),
+                             mean.data_ptr<scalar_t>(), inv_std.data_ptr<scalar_t>(),
+                             grad_x.data_ptr<scalar_t>(), sums[0].data_ptr<scalar_t>(),
+                             sums[1].data_ptr<scalar_t>());
   });
   return {grad_x, sums[0], sums[1]};
 }
@@ -914,6 +1051,177 @@ at::Tensor layer_scale_backward(const at::Tensor& grad_in, const at::Tensor& out
   return grad_z;
 }
 
+// Batch Renormalization (Ioffe 2017, arXiv:1702.03275) in training, one call each way:
+// `_BatchRenorm` and `batch_renorm` in normlab/functional/batch_renorm.py are the
+// specification, whose eager path takes ~15 small torch operations around the passes (the
+// per-call cost that dominated at batch 2 and on (N, C) inputs). Forward: the moments, then
+// per channel r, d, the running statistics and the affine map, then one pass writing
+// out = x * alpha + beta. Backward: batch normalization's with the weight weight * r (r and d
+// are constants of the backward pass), the weight's gradient r * grad_scale + d * grad_bias.
+// The per-channel arithmetic is the eager path's, in x's dtype, except that the output is
+// (x - mean) * alpha + shift where torch's batch norm computes x * alpha + (shift - mean * alpha):
+// at a small batch variance (batch 2: two close values) alpha is large, and rounding
+// mean * alpha cost float32 outputs 1e-5 of their scale.
+
+enum RenormStat { kMean, kInvStd, kR, kD, kRenormStats };
+
+// {out in x's layout, new running mean, new running var, stats (4, C): batch mean, batch
+// inverse std, r, d} for (N, C, *) x; the running statistics given are not modified. The new
+// ones move towards the batch's by `momentum`, the variance unbiased, as in torch's BatchNorm.
+std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                             const at::Tensor& bias_in,
+                                             const at::Tensor& running_mean_in,
+                                             const at::Tensor& running_var_in, double momentum,
+                                             double eps, double r_max, double d_max) {
+  const auto rows = channel_rows("batch_renorm_forward", x_in);
+  const bool by_position = positions_major(rows);
+  const auto x = by_position ? rows : rows.contiguous(), weight = weight_in.contiguous(),
+             bias = bias_in.contiguous(), running_mean = running_mean_in.contiguous(),
+             running_var = running_var_in.contiguous();
+  check_per_channel("batch_renorm_forward", {weight, bias, running_mean, running_var}, x);
+  const int64_t channels = x.size(1);
+  at::Tensor out, out_rows;
+  std::tie(out, out_rows) = empty_with_rows("batch_renorm_forward", x_in, x);
+  auto new_mean = at::empty_like(running_mean), new_var = at::empty_like(running_var),
+       stats = at::empty({kRenormStats, channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_forward", [&] {
+    std::vector<double> batch_means(channels), batch_vars(channels);
+    moments_into<scalar_t>(x, by_position, batch_means.data(), batch_vars.data());
+    const double count = static_cast<double>(x.size(0) * x.size(2));
+    const scalar_t *ws = weight.data_ptr<scalar_t>(), *bs = bias.data_ptr<scalar_t>(),
+                   *rms = running_mean.data_ptr<scalar_t>(),
+                   *rvs = running_var.data_ptr<scalar_t>();
+    scalar_t* const stat = stats.data_ptr<scalar_t>();
+    scalar_t *means = stat + kMean * channels, *inv_stds = stat + kInvStd * channels,
+             *rs = stat + kR * channels, *ds = stat + kD * channels,
+             *new_means = new_mean.data_ptr<scalar_t>(),
+             *new_vars = new_var.data_ptr<scalar_t>();
+    const auto epsilon = static_cast<scalar_t>(eps), keep = static_cast<scalar_t>(1 - momentum),
+               rate = static_cast<scalar_t>(momentum), r_low = static_cast<scalar_t>(1 / r_max),
+               r_high = static_cast<scalar_t>(r_max), d_limit = static_cast<scalar_t>(d_max);
+    std::vector<scalar_t> alpha(channels), shift(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const auto mean = static_cast<scalar_t>(batch_means[c]);
+      const scalar_t inv_std = scalar_t(1) / std::sqrt(static_cast<scalar_t>(batch_vars[c]) +
+                                                       epsilon);
+      const scalar_t sigma = std::sqrt(rvs[c] + epsilon);
+      // std::max/min keep a NaN (the first argument), as torch.clamp does
+      const scalar_t r = std::min(std::max(scalar_t(1) / (inv_std * sigma), r_low), r_high);
+      const scalar_t d = std::min(std::max((mean - rms[c]) / sigma, -d_limit), d_limit);
+      means[c] = mean;
+      inv_stds[c] = inv_std;
+      rs[c] = r;
+      ds[c] = d;
+      alpha[c] = inv_std * (ws[c] * r);
+      shift[c] = bs[c] + ws[c] * d;
+      const auto unbiased = static_cast<scalar_t>(batch_vars[c] * count / (count - 1));
+      new_means[c] = rms[c] * keep + rate * mean;
+      new_vars[c] = rvs[c] * keep + rate * unbiased;
+    }
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    scalar_t* os = out_rows.data_ptr<scalar_t>();
+    if (by_position) {
+      for_each_position(x.size(0), channels, x.size(2), [&](int64_t, int64_t at) {
+        affine_position(xs + at, os + at, channels, means, alpha.data(), shift.data());
+      });
+    } else {
+      const int64_t size = x.size(2);
+      for_each_row(x, [&](int64_t, int64_t channel, int64_t at) {
+        affine_row(xs + at, os + at, size, means[channel], alpha[channel], shift[channel]);
+      });
+    }
+  });
+  return {out, new_mean, new_var, stats};
+}
+
+// {grad_x in x's layout, grad_weight, grad_bias} of batch_renorm_forward's out, given its
+// (N, C, *) x and stats.
+std::vector<at::Tensor> batch_renorm_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                              const at::Tensor& weight_in,
+                                              const at::Tensor& stats_in) {
+  check_gradient("batch_renorm_backward", grad_in, x_in);
+  const auto rows = channel_rows("batch_renorm_backward", x_in);
+  const bool by_position = positions_major(rows);
+  const auto x = by_position ? rows : rows.contiguous(), weight = weight_in.contiguous(),
+             stats = stats_in.contiguous();
+  check_per_channel("batch_renorm_backward", {weight}, x);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kRenormStats && stats.size(1) == x.size(1) &&
+                  stats.scalar_type() == x.scalar_type(),
+              "batch_renorm_backward: expected the (4, C) stats of batch_renorm_forward");
+  const auto grad = in_layout_of(channel_rows("batch_renorm_backward", grad_in), x);
+  const int64_t channels = x.size(1);
+  at::Tensor grad_x, grad_x_rows;
+  std::tie(grad_x, grad_x_rows) = empty_with_rows("batch_renorm_backward", x_in, x);
+  auto grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_backward", [&] {
+    const scalar_t* const stat = stats.data_ptr<scalar_t>();
+    const scalar_t *ws = weight.data_ptr<scalar_t>(), *rs = stat + kR * channels,
+                   *ds = stat + kD * channels;
+    std::vector<scalar_t> gain(channels), grad_scale(channels);
+    for (int64_t c = 0; c < channels; ++c) gain[c] = ws[c] * rs[c];
+    scalar_t* grad_biases = grad_bias.data_ptr<scalar_t>();
+    batch_norm_backward_into(grad, x, by_position, gain.data(), stat + kMean * channels,
+                             stat + kInvStd * channels, grad_x_rows.data_ptr<scalar_t>(),
+                             grad_scale.data(), grad_biases);
+    // y = weight * (r x_hat + d) + bias
+    scalar_t* grad_weights = grad_weight.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_weights[c] = rs[c] * grad_scale[c] + ds[c] * grad_biases[c];
+    }
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+// As Python's torch.autograd.function.once_differentiable: under create_graph, `gradients`
+// (computed by the kernels, outside autograd) get a node that raises if they are differentiated.
+torch::autograd::variable_list once_differentiable(const at::Tensor& grad,
+                                                  torch::autograd::variable_list gradients) {
+  if (!at::GradMode::is_enabled() || !grad.requires_grad()) return gradients;
+  for (auto& t : gradients) {
+    if (t.defined()) t = t.detach().set_requires_grad(true);
+  }
+  const auto count = static_cast<int64_t>(gradients.size());
+  return torch::autograd::DelayedError("trying to differentiate twice BatchRenorm's compiled "
+                                       "backward, which has no double backward", count)
+      .apply(std::move(gradients));
+}
+
+// Batch Renormalization's training step as an autograd function in C++: the backward runs
+// without Python (whose autograd.Function cost ~20 us a step, a third of BatchNorm1d's whole
+// step at (32, 512)). Saved: x, the weight and the (4, C) stats, as _BatchRenorm saves.
+struct BatchRenormFunction : public torch::autograd::Function<BatchRenormFunction> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+      const at::Tensor& bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+      double momentum, double eps, double r_max, double d_max) {
+    auto results = batch_renorm_forward(x, weight, bias, running_mean, running_var, momentum,
+                                        eps, r_max, d_max);
+    ctx->save_for_backward({x, weight, results[3]});
+    ctx->mark_non_differentiable({results[1], results[2]});
+    return {results[0], results[1], results[2]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto gradients = batch_renorm_backward(grads[0], saved[0], saved[1], saved[2]);
+    gradients = once_differentiable(grads[0], std::move(gradients));
+    return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(),
+            at::Tensor(),  at::Tensor(),   at::Tensor(),   at::Tensor()};
+  }
+};
+
+// (out, new running mean, new running var) of Batch Renormalization's training step on
+// (N, C, *) x, differentiable in x, weight and bias; see batch_renorm_forward.
+torch::autograd::variable_list batch_renorm_train(const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& bias,
+                                                  const at::Tensor& running_mean,
+                                                  const at::Tensor& running_var, double momentum,
+                                                  double eps, double r_max, double d_max) {
+  return BatchRenormFunction::apply(x, weight, bias, running_mean, running_var, momentum, eps,
+                                    r_max, d_max);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("online_forward", &forward);
   module.def("online_backward_sums", &backward_sums);
@@ -924,4 +1232,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("online_stream_backward", &stream_backward);
   module.def("layer_scale_forward", &layer_scale_forward);
   module.def("layer_scale_backward", &layer_scale_backward);
+  module.def("batch_renorm_train", &batch_renorm_train);
 }
