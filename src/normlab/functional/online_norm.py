@@ -106,9 +106,10 @@ class OnlineNormFunction(torch.autograd.Function):
     Forward updates `running_mean`/`running_var` in place; backward runs the
     control process and updates `mean_control`/`correlation_control` in place.
     Saved for backward: the normalized output y and per-(sample, channel) scalars.
-    On CPU in float32/float64, in one process, each direction is one compiled call
-    (csrc/activations.cpp, stream_forward/stream_backward: the sequential loops the
-    scans below stand in for); the torch operations below are their specification.
+    This is the specification: on CPU in float32/float64, in one process, `online_norm`
+    runs the compiled step instead (csrc/activations.cpp, online_norm_train: the sequential
+    loops the scans below stand in for, one call each way, the autograd function in C++).
+    With `ranks`, or where the kernel serves, its row passes run compiled here.
 
     With `ranks` (a `RankSlice`), x is this rank's slice of the group's
     global batch: the per-(sample, channel) scalars are gathered so that both
@@ -123,15 +124,6 @@ class OnlineNormFunction(torch.autograd.Function):
         ctx.control = (mean_control, correlation_control)
         ctx.alpha_bkw, ctx.clamp_val, ctx.ranks = alpha_bkw, clamp_val, ranks
         kernel = _online_kernel(x)
-        # One process: both streams and the passes in one compiled call per direction (at
-        # batch 1 and 2 the many small torch operations below cost more than the passes).
-        ctx.whole_stream = kernel is not None and ranks is None
-        if ctx.whole_stream:
-            y, out, *per_row = kernel.online_stream_forward(
-                x, *_affine_or_identity(weight, bias, x), running_mean, running_var,
-                alpha_fwd, eps, _bound(clamp_val))
-            ctx.save_for_backward(y, weight, bias, *per_row)
-            return out
         mean, var = _sample_moments(x)
         if ranks is not None:
             mean, var = ranks.gather(torch.stack([mean, var], 1)).unbind(1)
@@ -168,14 +160,6 @@ class OnlineNormFunction(torch.autograd.Function):
         mean_control, correlation_control = ctx.control
         leak = 1 - ctx.alpha_bkw
         kernel = _online_kernel(y)
-        if ctx.whole_stream:
-            grad_x, grad_weight, grad_bias = kernel.online_stream_backward(
-                grad_out, y, *_affine_or_identity(weight, bias, y), _bound(ctx.clamp_val),
-                inv_std, y_mean, y_square_mean, mean_control, correlation_control,
-                ctx.alpha_bkw)
-            if weight is None:
-                return (grad_x,) + (None,) * 11
-            return (grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)) + (None,) * 9
         # grad_z: grad_out through the clamp's mask; the gradient w.r.t. y is weight * grad_z,
         # never materialized. The kernel recomputes the mask in each of its two passes.
         if kernel is not None:
@@ -326,9 +310,18 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             if process_group is not None:
                 ranks = RankSlice.of(work.shape[0], process_group, x.device)
                 ranks.require_rows("Online Normalization")
-            out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
-                                           mean_control, correlation_control, alpha_fwd,
-                                           alpha_bkw, eps, clamp, ranks)
+            kernel = _online_kernel(work) if ranks is None else None
+            if kernel is not None:
+                # one compiled call each way, no Python in the backward: at batch 1 and 2 the
+                # torch operations of OnlineNormFunction, and its Python, cost more than the
+                # passes
+                out = kernel.online_norm_train(
+                    work, *_affine_or_identity(weight, bias, work), running_mean, running_var,
+                    mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp))
+            else:
+                out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
+                                               mean_control, correlation_control, alpha_fwd,
+                                               alpha_bkw, eps, clamp, ranks)
         else:
             inv_std = (running_var.to(work.dtype) + eps).rsqrt()[:, None]
             y = (work - running_mean.to(work.dtype)[:, None]) * inv_std

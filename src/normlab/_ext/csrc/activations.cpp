@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -1174,15 +1175,16 @@ std::vector<at::Tensor> batch_renorm_backward(const at::Tensor& grad_in, const a
 
 // As Python's torch.autograd.function.once_differentiable: under create_graph, `gradients`
 // (computed by the kernels, outside autograd) get a node that raises if they are differentiated.
-torch::autograd::variable_list once_differentiable(const at::Tensor& grad,
+torch::autograd::variable_list once_differentiable(const char* what, const at::Tensor& grad,
                                                   torch::autograd::variable_list gradients) {
   if (!at::GradMode::is_enabled() || !grad.requires_grad()) return gradients;
   for (auto& t : gradients) {
     if (t.defined()) t = t.detach().set_requires_grad(true);
   }
   const auto count = static_cast<int64_t>(gradients.size());
-  return torch::autograd::DelayedError("trying to differentiate twice BatchRenorm's compiled "
-                                       "backward, which has no double backward", count)
+  return torch::autograd::DelayedError(std::string("trying to differentiate twice ") + what +
+                                           "'s compiled backward, which has no double backward",
+                                       count)
       .apply(std::move(gradients));
 }
 
@@ -1205,7 +1207,7 @@ struct BatchRenormFunction : public torch::autograd::Function<BatchRenormFunctio
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     auto gradients = batch_renorm_backward(grads[0], saved[0], saved[1], saved[2]);
-    gradients = once_differentiable(grads[0], std::move(gradients));
+    gradients = once_differentiable("BatchRenorm", grads[0], std::move(gradients));
     return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(),
             at::Tensor(),  at::Tensor(),   at::Tensor(),   at::Tensor()};
   }
@@ -1222,6 +1224,57 @@ torch::autograd::variable_list batch_renorm_train(const at::Tensor& x, const at:
                                     r_max, d_max);
 }
 
+// Online Normalization's training step in one process (OnlineNormFunction in
+// normlab/functional/online_norm.py, its specification) as an autograd function in C++:
+// stream_forward, then stream_backward, with no Python around them (a Python
+// autograd.Function costs ~25 us a step: GroupNorm's whole step at batch 1). The running
+// statistics are updated in forward, the control state (kept by reference) in backward.
+struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& gamma, const at::Tensor& beta,
+                            const at::Tensor& running_mean, const at::Tensor& running_var,
+                            const at::Tensor& mean_control,
+                            const at::Tensor& correlation_control, double alpha_fwd,
+                            double alpha_bkw, double eps, double limit) {
+    auto results = stream_forward(x, gamma, beta, running_mean, running_var, alpha_fwd, eps,
+                                  limit);  // y, out, inv_std, y_mean, y_square_mean
+    ctx->save_for_backward({results[0], gamma, beta, results[2], results[3], results[4]});
+    ctx->saved_data["mean_control"] = mean_control;
+    ctx->saved_data["correlation_control"] = correlation_control;
+    ctx->saved_data["alpha_bkw"] = alpha_bkw;
+    ctx->saved_data["limit"] = limit;
+    return results[1];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& gamma = saved[1];
+    auto gradients = stream_backward(
+        grads[0], saved[0], gamma, saved[2], ctx->saved_data["limit"].toDouble(), saved[3],
+        saved[4], saved[5], ctx->saved_data["mean_control"].toTensor(),
+        ctx->saved_data["correlation_control"].toTensor(),
+        ctx->saved_data["alpha_bkw"].toDouble());
+    gradients[1] = gradients[1].to(gamma.scalar_type());
+    gradients[2] = gradients[2].to(gamma.scalar_type());
+    gradients = once_differentiable("OnlineNorm", grads[0], std::move(gradients));
+    return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(),   at::Tensor(),   at::Tensor(), at::Tensor()};
+  }
+};
+
+// The output of Online Normalization's training step on (N, C, S) x, differentiable in x,
+// gamma and beta; arguments as stream_forward's, and the control state with alpha_bkw as
+// stream_backward's.
+at::Tensor online_norm_train(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                             const at::Tensor& running_mean, const at::Tensor& running_var,
+                             const at::Tensor& mean_control,
+                             const at::Tensor& correlation_control, double alpha_fwd,
+                             double alpha_bkw, double eps, double limit) {
+  return OnlineNormStepFunction::apply(x, gamma, beta, running_mean, running_var, mean_control,
+                                       correlation_control, alpha_fwd, alpha_bkw, eps, limit);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("online_forward", &forward);
   module.def("online_backward_sums", &backward_sums);
@@ -1233,4 +1286,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("layer_scale_forward", &layer_scale_forward);
   module.def("layer_scale_backward", &layer_scale_backward);
   module.def("batch_renorm_train", &batch_renorm_train);
+  module.def("online_norm_train", &online_norm_train);
 }
