@@ -208,3 +208,12 @@ def plant_checkpoint(store: Store, job) -> Path:
     state["history"][0]["test_acc"] = RESUMED_MARK
     checkpoint.save(state)
     return path
+
+
+def training_probe(seed: int, checkpoint=None) -> list[dict]:
+    """A probe that trains (`training_job`), from and into the sweep's `checkpoint`, and
+    returns the run's last test accuracy."""
+    from normlab import training
+
+    result = training.train(training_job(), checkpoint=checkpoint)
+    return [{"point": 0, "value": result.final["test_acc"]}]

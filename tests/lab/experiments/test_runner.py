@@ -265,6 +265,25 @@ def test_a_training_run_checkpoints_into_the_sweep_folder_which_drops_it_once_st
     assert _numbers(runs[job.key()].history) == _numbers(training.train(job).history)
 
 
+@pytest.mark.usefixtures("needs_sklearn")
+def test_a_probe_that_trains_checkpoints_as_a_training_run_does(tmp_path):
+    # (as onlinenorm's batch_probe: its CIFAR-10 runs are the sweep's longest)
+    trains = Probe(sweep_helper.training_probe, 0, trains=True)
+    measures = Probe(sweep_helper.training_probe, 1)
+    executor = _InProcess()
+    with Store.in_folder(tmp_path) as store:
+        run_sweep([trains, measures], store, executor=executor, checkpoint_every=1e-9,
+                  stream=open(os.devnull, "w"))
+        runs = {run.key: run for run in store.runs()}
+    checkpoint = executor.given[trains.key()]
+    assert Path(checkpoint.path) == tmp_path.resolve() / "checkpoints" / f"{trains.key()}.pt"
+    assert executor.given[measures.key()] is None
+    assert executor.existed[trains.key()] and list((tmp_path / "checkpoints").iterdir()) == []
+    # the flag is not part of the key (committed results keep theirs), nor are the numbers
+    assert trains.key() == Probe(sweep_helper.training_probe, 0).key()
+    assert runs[trains.key()].history == runs[measures.key()].history
+
+
 def _numbers(history: list[dict]) -> list[dict]:
     """A history as stored (every value a float), less the wall times."""
     return [{name: float(value) for name, value in point.items() if name != "wall_time"}

@@ -50,12 +50,16 @@ class Probe:
     `fn` must be a module-level function so that workers can find it. A probe
     that reads a dataset says so with `uses_data`; it then also gets the
     sweep's ``data_dir`` (which is not part of its key: results do not depend on it).
+    A probe that trains a model says so with `trains`; it then also gets ``checkpoint``
+    (a `training.Checkpoint`, or None), which it hands to `training.train`, so that its run
+    survives a kill as a training job's does (not part of its key either).
     """
 
     fn: Callable[..., list[dict]]
     seed: int = 0
     params: dict = field(default_factory=dict)
     uses_data: bool = False
+    trains: bool = False
     # raised when what `fn` measures changes: a new key, so a resumed sweep (or one
     # --resume-from an export) measures again rather than copying the old result
     revision: int = 0
@@ -84,14 +88,16 @@ def job_config(job: Job) -> dict:
 def execute(job: Job, data_dir=None, checkpoint: training.Checkpoint | None = None) -> Run:
     """Run one job; an exception becomes status ``failed`` with its traceback.
 
-    A training job with a `checkpoint` continues from it when it exists and
-    saves its state there as it goes; its wall time then includes the time of
-    the interrupted attempts up to their last checkpoint."""
+    A training job (or a probe that trains) with a `checkpoint` continues from it when
+    it exists and saves its state there as it goes; its wall time then includes the
+    time of the interrupted attempts up to their last checkpoint."""
     start = time.perf_counter()
     try:
         if isinstance(job, Probe):
             data_kw = {"data_dir": data_dir} if job.uses_data else {}
-            status, history = "done", job.fn(seed=job.seed, **job.params, **data_kw)
+            checkpoint_kw = {"checkpoint": checkpoint} if job.trains else {}
+            status, history = "done", job.fn(seed=job.seed, **job.params, **data_kw,
+                                             **checkpoint_kw)
             wall_time = time.perf_counter() - start
         else:
             result = training.train(job, data_dir=data_dir, checkpoint=checkpoint)
@@ -342,7 +348,7 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
         if job.key() in finished and isinstance(job, training.TrainConfig):
             checkpoint_for(store, job).remove()
     checkpoints = {job.key(): checkpoint_for(store, job, checkpoint_every) for job in pending
-                   if checkpoint_every and isinstance(job, training.TrainConfig)}
+                   if checkpoint_every and trains(job)}
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": len(unique) - len(pending)}
     # sys.stderr as it is now, not at import (pytest's capture, a redirect, may have closed it)
     progress = _Progress(label, len(unique), counts["skipped"], stream or sys.stderr)
@@ -382,8 +388,13 @@ def run_sweep(jobs: list[Job], store: Store, workers: int | None = None, data_di
     return counts
 
 
-def checkpoint_for(store: Store, job: training.TrainConfig,
-                   seconds: float = 300.0) -> training.Checkpoint:
+def trains(job: Job) -> bool:
+    """Whether `job` trains a model, and so checkpoints: a training job, or a probe that
+    says it trains."""
+    return isinstance(job, training.TrainConfig) or (isinstance(job, Probe) and job.trains)
+
+
+def checkpoint_for(store: Store, job: Job, seconds: float = 300.0) -> training.Checkpoint:
     """Training `job`'s checkpoint in `store`'s folder, ``checkpoints/<job key>.pt``, by its
     absolute path (what a Ray worker on another node sees of the shared folder)."""
     path = store.path.parent.resolve() / CHECKPOINT_DIR / f"{job.key()}.pt"

@@ -106,6 +106,8 @@ def test_decisive_protocol_runs_batch_1_for_the_batch_free_norms_only_and_last()
     # its MNIST runs are the full protocol's (copied from its export by --resume-from)
     full_keys = {j.key() for j in onlinenorm.jobs(FULL)}
     assert {j.key() for j in onlinenorm.jobs(DECISIVE)} <= full_keys
+    # each training run checkpoints (a CIFAR-10 one takes hours); the memory probe does not
+    assert all(j.trains for j in trainings) and not probe.trains
 
 
 def keys_digest(keys) -> str:

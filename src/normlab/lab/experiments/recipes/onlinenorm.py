@@ -150,10 +150,11 @@ def train_config(seed: int, task: str, norm: str, batch: int, quick: bool
 
 
 def batch_probe(seed: int, task: str, norm: str, batch: int, quick: bool,
-                data_dir=None) -> list[dict]:
-    """(b) and (c): train `task` with `norm` at `batch`, then measure the gap."""
+                data_dir=None, checkpoint: training.Checkpoint | None = None) -> list[dict]:
+    """(b) and (c): train `task` with `norm` at `batch` (from and into `checkpoint`, if
+    given), then measure the gap."""
     config = train_config(seed, task, norm, batch, quick)
-    result = training.train(config, data_dir=data_dir)
+    result = training.train(config, data_dir=data_dir, checkpoint=checkpoint)
     if result.status != "done":
         return [{"diverged": 1.0}]
     images, labels = training.load_split(config, "test", data_dir)
@@ -166,8 +167,8 @@ def jobs(settings: Settings) -> list[Probe]:
                   quick=(settings.quick,), seed=range(settings.seeds))
     # revision 1: the 3-D U-Nets counted with OnlineNorm3d (before: BatchNorm3d as a stand-in)
     return [Probe(training_memory_probe, revision=1)] + [
-        Probe(batch_probe, point.pop("seed"), point, uses_data=True) for point in points
-        if is_run(settings, point["norm"], point["task"], point["batch"])]
+        Probe(batch_probe, point.pop("seed"), point, uses_data=True, trains=True)
+        for point in points if is_run(settings, point["norm"], point["task"], point["batch"])]
 
 
 # -- claims ------------------------------------------------------------------
