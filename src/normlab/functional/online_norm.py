@@ -230,15 +230,21 @@ class LayerScale(torch.autograd.Function):
 
     On CPU in float32/float64 each direction is one compiled call (csrc/activations.cpp,
     layer_scale_forward/backward: two passes over a sample, no temporaries); the torch
-    operations below are their specification.
+    operations below are their specification. `in_place` (for a contiguous `z` that nothing
+    else reads, as the compiled Online step's output) writes the output into z there.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, eps: float, in_place: bool = False) -> torch.Tensor:
         flat = z.reshape(z.shape[0], math.prod(z.shape[1:]))  # explicit: N may be 0
         ctx.kernel = _online_kernel(flat)
+        if ctx.kernel is not None and in_place and z.is_contiguous():
+            _, inv_rms = ctx.kernel.layer_scale_forward(flat, eps, True)
+            ctx.mark_dirty(z)
+            ctx.save_for_backward(z, inv_rms)
+            return z
         if ctx.kernel is not None:
-            out, inv_rms = ctx.kernel.layer_scale_forward(flat, eps)
+            out, inv_rms = ctx.kernel.layer_scale_forward(flat, eps, False)
         else:
             mean_square = torch.linalg.vector_norm(flat, dim=1).square() / flat.shape[1]
             inv_rms = (mean_square + eps).rsqrt()
@@ -249,13 +255,14 @@ class LayerScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, inv_rms = ctx.saved_tensors
+        out = out.reshape(out.shape[0], math.prod(out.shape[1:]))  # (z itself, in place)
         flat = grad.reshape(out.shape)
         if ctx.kernel is not None:
-            return ctx.kernel.layer_scale_backward(flat, out, inv_rms).view(grad.shape), None
+            return ctx.kernel.layer_scale_backward(flat, out, inv_rms).view(grad.shape), None, None
         # (a batched matrix product here is a GEMV per sample: ten times slower on CPU)
         mean_dot = (flat * out).sum(1) / out.shape[1]
         grad_z = torch.addcmul(flat, out, -mean_dot[:, None]).mul_(inv_rms[:, None])
-        return grad_z.view(grad.shape), None
+        return grad_z.view(grad.shape), None, None
 
 
 def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -304,6 +311,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     weight = None if weight is None else weight.to(work.dtype)
     bias = None if bias is None else bias.to(work.dtype)
     clamp = clamp_val if ecm == "ac" else None
+    fresh_output = False  # out is the compiled step's, read by nothing else
     with autocast_off(x):
         if training:
             ranks = None
@@ -318,6 +326,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
                 out = kernel.online_norm_train(
                     work, *_affine_or_identity(weight, bias, work), running_mean, running_var,
                     mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp))
+                fresh_output = True
             else:
                 out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
                                                mean_control, correlation_control, alpha_fwd,
@@ -327,5 +336,5 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             y = (work - running_mean.to(work.dtype)[:, None]) * inv_std
             out = _affine_clamp(y, weight, bias, clamp)
         if ecm == "ls":
-            out = LayerScale.apply(out, ls_eps)
+            out = LayerScale.apply(out, ls_eps, fresh_output)
     return in_memory_format_of(out.to(x.dtype).reshape(x.shape), x)

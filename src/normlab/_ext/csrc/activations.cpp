@@ -1002,13 +1002,17 @@ std::vector<at::Tensor> channel_batch_norm_backward(const at::Tensor& grad_in,
 
 // Online Normalization's "ls" error compensation (functional.LayerScale), each sample of an
 // (N, M) z divided by sqrt(mean(z^2) + eps): (out, inv_rms), inv_rms float64 (N,). Two passes
-// over a sample, where the torch operations took four and two temporaries.
-std::vector<at::Tensor> layer_scale_forward(const at::Tensor& z_in, double eps) {
+// over a sample, where the torch operations took four and two temporaries. `in_place` writes
+// out into a contiguous z (no fresh activation-sized buffer, whose page faults cost about a
+// pass).
+std::vector<at::Tensor> layer_scale_forward(const at::Tensor& z_in, double eps, bool in_place) {
+  TORCH_CHECK(z_in.dim() == 2 && z_in.is_floating_point(),
+              "layer_scale_forward: expected an (N, M) floating-point tensor, got ", z_in.sizes());
+  TORCH_CHECK(!in_place || z_in.is_contiguous(),
+              "layer_scale_forward: in place needs a contiguous tensor");
   const auto z = z_in.contiguous();
-  TORCH_CHECK(z.dim() == 2 && z.is_floating_point(),
-              "layer_scale_forward: expected an (N, M) floating-point tensor, got ", z.sizes());
   const int64_t samples = z.size(0), size = z.size(1);
-  auto out = at::empty_like(z);
+  auto out = in_place ? z : at::empty_like(z);
   auto inv_rms = at::empty({samples}, z.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "layer_scale_forward", [&] {
     const scalar_t* zs = z.data_ptr<scalar_t>();
