@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 		$(BIN)/pip install "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
 	$(BIN)/pip install -e ".[dev,ray,lab]"
 	# the compiled kernels, built once here rather than inside the first run (about 40 s)
-	$(BIN)/python -c "import normlab._ext.loader as native; native.module('fastnorm'); native.module('scan'); native.module('enorm', openmp=True); native.module('activations', openmp=True); native.module('equinorm')"
+	$(BIN)/python -c "import normlab._ext.loader as native; native.module('fastnorm'); native.module('scan'); native.module('enorm', openmp=True); native.module('activations', openmp=True); native.module('equinorm', openmp=True)"
 	touch $@
 
 data: setup

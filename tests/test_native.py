@@ -13,10 +13,11 @@ def fresh(monkeypatch):
 @pytest.mark.parametrize("name, openmp, functions", [
     ("fastnorm", False, ["fused_step", "recorded_linear"]),
     ("enorm", True, ["balance_chain"]),
-    ("equinorm", False, ["forward", "backward"]),
+    ("equinorm", True, ["forward", "backward"]),
     ("activations", True, ["online_forward", "online_backward_sums", "online_backward_input",
                            "channel_moments", "online_stream_forward",
-                           "online_stream_backward"]),
+                           "online_stream_backward", "online_norm_train", "layer_scale_forward",
+                           "layer_scale_backward", "batch_renorm_train"]),
 ])
 def test_a_kernel_builds_and_is_named_by_its_source_and_flags(fresh, monkeypatch, name, openmp,
                                                               functions):

@@ -27,7 +27,7 @@ def kernel_transform(request, monkeypatch):
     float32/float64) and on the eager torch path, its specification."""
     if request.param == "eager":
         monkeypatch.setattr(_native, "for_tensor", no_kernel)
-    elif _native.module("equinorm") is None:
+    elif _native.module("equinorm", openmp=True) is None:
         skip_unless_ci("the compiled equinorm kernel could not be built on this machine")
     return request.param
 
@@ -385,7 +385,7 @@ def test_the_kernel_gradient_is_autograds_where_each_denominator_falls_back(sing
     of group 1 cancel (its input sum falls back): the compiled transform's output and
     gradients against autograd through the eager path (gradcheck cannot cross the floors'
     band of ~1e-8 with its finite differences; the test above checks the eager path)."""
-    if _native.module("equinorm") is None:
+    if _native.module("equinorm", openmp=True) is None:
         skip_unless_ci("the compiled equinorm kernel could not be built on this machine")
     weight = torch.tensor([[-0.07, -0.46, -0.2], [0.4, -0.3, 0.1], [0.2, -0.5, 0.3],
                            [-0.1, 0.6, -0.2]], dtype=torch.float64, requires_grad=True)
