@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from normlab import bench, cli, training
+from normlab.experiments import Store
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -314,6 +315,14 @@ def test_reproduce_refuses_a_recipe_whose_cifar_data_is_missing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _stored_runs(out: Path) -> int:
+    """The finished runs in the sweep folder `out`'s database (0 before it exists)."""
+    if not (out / "results.db").exists():
+        return 0
+    with Store.in_folder(out) as store:
+        return len(store.finished_keys())
+
+
 def _reproduce_gated(out: Path, gate: Path, pid_dir: Path) -> subprocess.Popen:
     """`normlab reproduce` on two quick probes, then two that wait while `gate` exists; in a
     session of its own, so that a signal to its process group is a terminal's Ctrl-C."""
@@ -334,7 +343,9 @@ def test_an_interrupted_reproduce_says_what_it_saved_in_one_line_and_exits_at_on
     sweep = _reproduce_gated(out, gate, pid_dir)
     try:
         deadline = time.monotonic() + 90
-        while len(list(pid_dir.iterdir())) < 2:  # both gated runs are busy in their workers
+        # both gated runs busy in their workers, and both quick ones stored (a worker starts
+        # its next run before the driver has stored the last one: on busy cores, seconds)
+        while len(list(pid_dir.iterdir())) < 2 or _stored_runs(out) < 2:
             assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()
             time.sleep(0.05)
         # Ctrl-C reaches the whole process group, SIGTERM (kill) the command alone
