@@ -1,8 +1,10 @@
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,17 @@ def skip_unless_ci(reason: str) -> None:
         pytest.fail(f"{reason}; CI is set, so the test fails instead of skipping",
                     pytrace=False)
     pytest.skip(reason, allow_module_level=True)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to `count` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def no_kernel(*args, **kwargs) -> None:

@@ -1,11 +1,10 @@
-import contextlib
 
 import pytest
 import torch
 from torch import nn
 
 import normlab
-from conftest import no_kernel, skip_unless_ci
+from conftest import no_kernel, skip_unless_ci, torch_threads
 from normlab._ext import loader as _native
 from normlab.functional import batch_renorm
 from normlab.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -337,16 +336,6 @@ COMPILED_CASES = [
 ]
 
 
-@contextlib.contextmanager
-def threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def spread_batches(shape, memory_format, count=2):
     """float64 batches whose channels range from scale 0.2 to 3 and mean -2 to 2, so that r and
     d clip at both limits against the running statistics of `make` (r_max 1.5, d_max 0.5)."""
@@ -375,7 +364,7 @@ def renorm_steps(cls, dtype, batches, grads):
     layer = make(cls, batches[0].shape[1], r_max=1.5, d_max=0.5, momentum=0.1).to(dtype)
     assert clips_at_both_limits(layer, batches[0].to(dtype))
     record = []
-    with threads(2):
+    with torch_threads(2):
         for x, grad in zip(batches, grads):
             x = x.to(dtype, copy=True).requires_grad_(True)
             out = layer(x)

@@ -1,11 +1,10 @@
-import contextlib
 
 import pytest
 import torch
 from torch import nn
 
 import normlab
-from conftest import no_kernel, skip_unless_ci
+from conftest import no_kernel, skip_unless_ci, torch_threads
 from normlab._ext import loader as _native
 from normlab.functional.online_norm import _linear_scan_eager, linear_scan
 from normlab.layers.online import OnlineNorm1d, OnlineNorm2d, OnlineNorm3d
@@ -170,7 +169,7 @@ def test_the_compiled_passes_compute_what_the_eager_path_computes(cls, shape, kw
         with torch.no_grad():
             if layer.affine:
                 layer.weight.mul_(3)  # large enough that the default clamp at 5 acts
-        with _threads(2):
+        with torch_threads(2):
             outs, grads_x, state = run_layer(layer, batches, grads)
         params = [p.grad for p in layer.parameters()]
         results.append(outs + grads_x + list(state) + params)
@@ -178,16 +177,6 @@ def test_the_compiled_passes_compute_what_the_eager_path_computes(cls, shape, kw
         assert (results[1][0].abs() == layer.clamp_val).any()
     for got, want in zip(*results):
         assert_close(got, want, 1e-5)
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_float32_batch_of_1024_is_stable_against_float64_reference():

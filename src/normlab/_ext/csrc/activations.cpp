@@ -134,20 +134,6 @@ double row_square_deviation(const scalar_t* x, int64_t size, scalar_t center) {
   return sum;
 }
 
-// Sum of a * b over a row: blocks in the dtype, double across.
-template <typename scalar_t>
-double row_dot(const scalar_t* a, const scalar_t* b, int64_t size) {
-  double sum = 0;
-  for (int64_t start = 0; start < size; start += kSumBlock) {
-    const int64_t stop = std::min(size, start + kSumBlock);
-    scalar_t block = 0;
-#pragma omp simd reduction(+ : block)
-    for (int64_t i = start; i < stop; ++i) block += a[i] * b[i];
-    sum += block;
-  }
-  return sum;
-}
-
 // out = x * scale over a row.
 template <typename scalar_t>
 void scaled_row(const scalar_t* x, scalar_t* out, int64_t size, scalar_t scale) {
@@ -1047,7 +1033,9 @@ at::Tensor layer_scale_backward(const at::Tensor& grad_in, const at::Tensor& out
     at::parallel_for(0, samples, rows_per_task(size), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const int64_t at = n * size;
-        const auto mean_dot = static_cast<scalar_t>(row_dot(gs + at, os + at, size) / size);
+        double dot, total;  // (the total is not needed)
+        row_grad_sums(gs + at, os + at, size, scalar_t(0), &dot, &total);
+        const auto mean_dot = static_cast<scalar_t>(dot / size);
         const auto scale = static_cast<scalar_t>(inv[n]);
         layer_scale_grad_row(gs + at, os + at, gz + at, size, mean_dot, scale);
       }
