@@ -93,11 +93,13 @@ def test_the_compiled_stream_passes_keep_the_channels_last_layout(kernel):
     x = torch.randn(3, 70, 4, 5).contiguous(memory_format=torch.channels_last).flatten(2)
     assert x.stride() == (70 * 20, 1, 70)
     gamma, beta = torch.rand(70) + 0.5, torch.rand(70) - 0.5
-    y, out, *per_row = kernel.online_stream_forward(x, gamma, beta, torch.zeros(70),
-                                                    torch.ones(70), 0.9, 1e-5, 1.0)
-    assert y.stride() == out.stride() == x.stride()
-    grad_x, _, _ = kernel.online_stream_backward(torch.randn(3, 70, 20), y, gamma, beta, 1.0,
-                                                 *per_row, torch.zeros(70), torch.zeros(70), 0.9)
+    out, record, kept = kernel.online_stream_forward(x, gamma, beta, torch.zeros(70),
+                                                     torch.ones(70), 0.9, 1e-5, 1.0)
+    assert out.stride() == x.stride()
+    assert kept is x  # the backward reads x itself, no copy
+    grad_x, _, _ = kernel.online_stream_backward(torch.randn(3, 70, 20), x, gamma, beta, record,
+                                                 torch.zeros(70), torch.zeros(70), 0.9, 0.9, 1e-5,
+                                                 1.0)
     assert grad_x.stride() == x.stride()
     mean, var = kernel.channel_moments(x.double())
     torch.testing.assert_close(mean, x.double().mean((0, 2)), rtol=1e-12, atol=1e-12)

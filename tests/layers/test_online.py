@@ -442,8 +442,9 @@ def test_backward_keeps_one_activation_sized_tensor_like_batch_norm():
         nn.BatchNorm2d(16), x)
     activation = x.numel() * x.element_size()
     assert activation <= batch_norm < 1.1 * activation
-    # the normalized output, plus three float64 scalars per (sample, channel)
-    assert online <= batch_norm + 3 * 8 * 8 * 16
+    # the input (the compiled step) or the normalized output (the eager path), plus four
+    # float64 scalars per (sample, channel)
+    assert online <= batch_norm + 4 * 8 * 8 * 16
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -452,6 +453,20 @@ def test_saves_one_activation_sized_tensor_plus_per_sample_channel_scalars(affin
     x = torch.randn(samples, channels, 5, 5)
     saved = saved_tensors(OnlineNorm2d(channels, affine=affine), x)
     sizes = sorted(t.numel() for t in saved)
-    # the normalized output y; the rest (statistics, weight, bias) at most one per (n, c)
-    assert sizes[-1] == x.numel() and sizes[-2] <= samples * channels, [tuple(t.shape)
-                                                                       for t in saved]
+    # x (the compiled step) or the normalized output y (the eager path); the rest
+    # (statistics, weight, bias) at most four per (n, c)
+    assert sizes[-1] == x.numel() and sizes[-2] <= 4 * samples * channels, [tuple(t.shape)
+                                                                           for t in saved]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_compiled_step_saves_x_itself_where_the_spec_saves_a_fresh_y(memory_format):
+    # one activation-sized buffer fewer written per step (the output only, as BatchNorm)
+    if _native.module("activations", openmp=True) is None:
+        skip_unless_ci("the compiled activations kernel could not be built on this machine")
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=memory_format).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        OnlineNorm2d(3)(x)
+    activations = [t for t in saved if t.numel() == x.numel()]
+    assert [t.untyped_storage().data_ptr() for t in activations] == [x.data_ptr()]

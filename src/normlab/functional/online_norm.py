@@ -82,6 +82,12 @@ def _affine_or_identity(weight, bias, like: torch.Tensor) -> tuple[torch.Tensor,
     return like.new_ones(like.shape[1]), like.new_zeros(like.shape[1])
 
 
+def _in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` in `dtype` (None stays None); as Tensor.to, without its dispatch where nothing
+    changes (at batch 1 each call is felt)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _bound(clamp_val: float | None) -> float:
     """The kernels' clamp bound: infinity stands for no clamp."""
     return math.inf if clamp_val is None else clamp_val
@@ -308,8 +314,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     # passes read as it is (the eager path's reshapes copy it).
     flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
     work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    weight = None if weight is None else weight.to(work.dtype)
-    bias = None if bias is None else bias.to(work.dtype)
+    weight, bias = _in_dtype(weight, work.dtype), _in_dtype(bias, work.dtype)
     clamp = clamp_val if ecm == "ac" else None
     fresh_output = False  # out is the compiled step's, read by nothing else
     with autocast_off(x):
@@ -337,4 +342,4 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             out = _affine_clamp(y, weight, bias, clamp)
         if ecm == "ls":
             out = LayerScale.apply(out, ls_eps, fresh_output)
-    return in_memory_format_of(out.to(x.dtype).reshape(x.shape), x)
+    return in_memory_format_of(_in_dtype(out, x.dtype).reshape(x.shape), x)

@@ -10,6 +10,9 @@
 //   forward:  y = x * scale + shift and out = clamp(gamma * y + beta), one pass;
 //   backward: the clamp's mask is recomputed from y, never stored; one pass sums
 //             g * y and g over each row, one pass writes g * p + q + r * y.
+// The training step (stream_forward/backward) writes only out: its backward recomputes y
+// from x and the row's scale and shift, and runs each channel's rows in turn, the sums, the
+// stream's step and the row's pass in one parallel region (the row still in cache).
 // `limit` is the clamp's bound (infinity: no clamp).
 //
 // A channels_last (or channels_last_3d) activation reaches here as an (N, C, S) view whose
@@ -56,17 +59,21 @@ inline scalar_t masked(scalar_t grad, scalar_t z, scalar_t limit) {
   return ((z <= -limit) | (z >= limit)) ? scalar_t(0) : grad;
 }
 
-// y = x * scale + shift and out = clamp(gamma * y + beta) of one element.
+// y = x * scale + shift, the normalized value: written by the forward of the spec's path,
+// recomputed from x everywhere else (one definition, so the recomputed y is the written one).
 template <typename scalar_t>
-inline void forward_element(scalar_t x, scalar_t* y, scalar_t* out, scalar_t scale,
-                            scalar_t shift, scalar_t gamma, scalar_t beta, scalar_t limit) {
-  const scalar_t normalized = x * scale + shift;
-  *y = normalized;
+inline scalar_t normalized(scalar_t x, scalar_t scale, scalar_t shift) {
+  return x * scale + shift;
+}
+
+// out = clamp(gamma * y + beta) of one element.
+template <typename scalar_t>
+inline scalar_t output_element(scalar_t y, scalar_t gamma, scalar_t beta, scalar_t limit) {
   // std::max then std::min, written as selects of values (theirs select references: a
   // branch, which keeps the loops around from vectorizing); a NaN stays, as in torch.clamp
-  const scalar_t z = affine(gamma, normalized, beta);
+  const scalar_t z = affine(gamma, y, beta);
   const scalar_t above_lower = z < -limit ? -limit : z;
-  *out = limit < above_lower ? limit : above_lower;
+  return limit < above_lower ? limit : above_lower;
 }
 
 // The input gradient g * p + q + r * y of one element, g the gradient masked by the clamp.
@@ -75,29 +82,40 @@ inline scalar_t grad_input_element(scalar_t g, scalar_t y, scalar_t p, scalar_t 
   return g * p + q + r * y;
 }
 
+// out over a row, and y there too unless `y` is null.
 template <typename scalar_t>
 void forward_row(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t size,
                  scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
                  scalar_t limit) {
+  if (y == nullptr) {
+    for (int64_t i = 0; i < size; ++i) {
+      out[i] = output_element(normalized(x[i], scale, shift), gamma, beta, limit);
+    }
+    return;
+  }
   for (int64_t i = 0; i < size; ++i) {
-    forward_element(x[i], y + i, out + i, scale, shift, gamma, beta, limit);
+    y[i] = normalized(x[i], scale, shift);
+    out[i] = output_element(y[i], gamma, beta, limit);
   }
 }
 
-// The sums run in the activation's dtype over blocks of kSumBlock positions (vectorized:
-// in float32, converting every element to double took ~4x the time of torch's float
-// sums) and in double across blocks.
+// The sums of g * y and of g over a row, g the gradient masked by the clamp, y recomputed
+// from x (scale 1 and shift 0 where x is y). They run in the activation's dtype over blocks
+// of kSumBlock positions (vectorized: in float32, converting every element to double took
+// ~4x the time of torch's float sums) and in double across blocks.
 template <typename scalar_t>
-void reduce_row(const scalar_t* grad, const scalar_t* y, int64_t size, scalar_t gamma,
-                scalar_t beta, scalar_t limit, double* dot, double* total) {
+void reduce_row(const scalar_t* grad, const scalar_t* x, int64_t size, scalar_t scale,
+                scalar_t shift, scalar_t gamma, scalar_t beta, scalar_t limit, double* dot,
+                double* total) {
   double dot_sum = 0, grad_sum = 0;
   for (int64_t start = 0; start < size; start += kSumBlock) {
     const int64_t stop = std::min(size, start + kSumBlock);
     scalar_t block_dot = 0, block_grad = 0;
 #pragma omp simd reduction(+ : block_dot, block_grad)
     for (int64_t i = start; i < stop; ++i) {
-      const scalar_t g = masked(grad[i], affine(gamma, y[i], beta), limit);
-      block_dot += g * y[i];
+      const scalar_t y = normalized(x[i], scale, shift);
+      const scalar_t g = masked(grad[i], affine(gamma, y, beta), limit);
+      block_dot += g * y;
       block_grad += g;
     }
     dot_sum += block_dot;
@@ -209,7 +227,9 @@ inline BackwardStep backward_step(double leak, double alpha, double dot_mean, do
 
 // Rows of one position ((N, C) inputs): the forward of sample t over a block of channels,
 // the stream and the row pass in one loop, vectorized over the channels. A row's mean(y) and
-// mean(y^2) are y and y^2: only 1 / sqrt(sigma2 + eps) is kept beside y for the backward.
+// mean(y^2) are y and y^2: y and 1 / sqrt(sigma2 + eps) (float64) are kept for the backward.
+// (Keeping x instead, and rerunning the streams in the backward, took longer: 1.2x the
+// step at (256, 1024), the mean's stream alone 1.1x.)
 template <typename scalar_t>
 void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
                     const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
@@ -218,8 +238,9 @@ void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t chann
   for (int64_t c = 0; c < channels; ++c) {
     const ForwardStep step = forward_step(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
     inv_std[c] = step.inv_std;
-    forward_element(x[c], y + c, out + c, static_cast<scalar_t>(step.inv_std),
-                    static_cast<scalar_t>(step.shift), gamma[c], beta[c], limit);
+    y[c] = normalized(x[c], static_cast<scalar_t>(step.inv_std),
+                      static_cast<scalar_t>(step.shift));
+    out[c] = output_element(y[c], gamma[c], beta[c], limit);
   }
 }
 
@@ -250,12 +271,20 @@ void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
   }
 }
 
+// The input gradient's terms of a row: g * p + q + r * y.
 template <typename scalar_t>
-void grad_input_row(const scalar_t* grad, const scalar_t* y, scalar_t* out,
-                    int64_t size, scalar_t gamma, scalar_t beta, scalar_t limit,
-                    scalar_t p, scalar_t q, scalar_t r) {
+struct InputGradTerms {
+  scalar_t p, q, r;
+};
+
+// The input gradient over a row, y recomputed from x (scale 1 and shift 0 where x is y).
+template <typename scalar_t>
+void grad_input_row(const scalar_t* grad, const scalar_t* x, scalar_t* out, int64_t size,
+                    scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
+                    scalar_t limit, scalar_t p, scalar_t q, scalar_t r) {
   for (int64_t i = 0; i < size; ++i) {
-    out[i] = grad_input_element(masked(grad[i], affine(gamma, y[i], beta), limit), y[i], p, q, r);
+    const scalar_t y = normalized(x[i], scale, shift);
+    out[i] = grad_input_element(masked(grad[i], affine(gamma, y, beta), limit), y, p, q, r);
   }
 }
 
@@ -290,13 +319,13 @@ void position_power_sums(const scalar_t* x, int64_t positions, int64_t stride,
   }
 }
 
-// reduce_row's sums (g * (y - center) and g, g masked by the clamp) for `count` channels over
-// the positions; gamma, beta and center point at the block's channels.
+// reduce_row's sums for `count` channels over the positions; scale, shift, gamma and beta
+// point at the block's channels.
 template <typename scalar_t>
-void position_grad_sums(const scalar_t* grad, const scalar_t* y, int64_t positions,
-                        int64_t stride, int64_t count, const scalar_t* gamma,
-                        const scalar_t* beta, scalar_t limit, const scalar_t* center,
-                        double* dot, double* total) {
+void position_grad_sums(const scalar_t* grad, const scalar_t* x, int64_t positions,
+                        int64_t stride, int64_t count, const scalar_t* scale,
+                        const scalar_t* shift, const scalar_t* gamma, const scalar_t* beta,
+                        scalar_t limit, double* dot, double* total) {
   scalar_t block_dot[kChannelBlock], block_grad[kChannelBlock];
   std::fill(dot, dot + count, 0.0);
   std::fill(total, total + count, 0.0);
@@ -304,11 +333,12 @@ void position_grad_sums(const scalar_t* grad, const scalar_t* y, int64_t positio
     std::fill(block_dot, block_dot + count, scalar_t(0));
     std::fill(block_grad, block_grad + count, scalar_t(0));
     for (int64_t s = start; s < std::min(positions, start + kSumBlock); ++s) {
-      const scalar_t *g_row = grad + s * stride, *y_row = y + s * stride;
+      const scalar_t *g_row = grad + s * stride, *x_row = x + s * stride;
 #pragma omp simd
       for (int64_t c = 0; c < count; ++c) {
-        const scalar_t g = masked(g_row[c], affine(gamma[c], y_row[c], beta[c]), limit);
-        block_dot[c] += g * (y_row[c] - center[c]);
+        const scalar_t y = normalized(x_row[c], scale[c], shift[c]);
+        const scalar_t g = masked(g_row[c], affine(gamma[c], y, beta[c]), limit);
+        block_dot[c] += g * y;
         block_grad[c] += g;
       }
     }
@@ -319,27 +349,28 @@ void position_grad_sums(const scalar_t* grad, const scalar_t* y, int64_t positio
   }
 }
 
-// forward_row for one position's channels, each with its own row's scale and shift.
+// The output for one position's channels, each with its own row's scale and shift.
 template <typename scalar_t>
-void forward_position(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
+void forward_position(const scalar_t* x, scalar_t* out, int64_t channels,
                       const scalar_t* scale, const scalar_t* shift,
                       const scalar_t* gamma, const scalar_t* beta, scalar_t limit) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    forward_element(x[c], y + c, out + c, scale[c], shift[c], gamma[c], beta[c], limit);
+    out[c] = output_element(normalized(x[c], scale[c], shift[c]), gamma[c], beta[c], limit);
   }
 }
 
 // grad_input_row for one position's channels.
 template <typename scalar_t>
-void grad_input_position(const scalar_t* grad, const scalar_t* y, scalar_t* out,
-                         int64_t channels, const scalar_t* gamma, const scalar_t* beta,
-                         scalar_t limit, const scalar_t* p, const scalar_t* q,
-                         const scalar_t* r) {
+void grad_input_position(const scalar_t* grad, const scalar_t* x, scalar_t* out,
+                         int64_t channels, const scalar_t* scale, const scalar_t* shift,
+                         const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
+                         const scalar_t* p, const scalar_t* q, const scalar_t* r) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    out[c] = grad_input_element(masked(grad[c], affine(gamma[c], y[c], beta[c]), limit), y[c],
-                                p[c], q[c], r[c]);
+    const scalar_t y = normalized(x[c], scale[c], shift[c]);
+    out[c] = grad_input_element(masked(grad[c], affine(gamma[c], y, beta[c]), limit), y, p[c],
+                                q[c], r[c]);
   }
 }
 
@@ -521,8 +552,8 @@ std::vector<at::Tensor> backward_sums(const at::Tensor& grad_in, const at::Tenso
     double *dots = dot.data_ptr<double>(), *totals = total.data_ptr<double>();
     const auto bound = static_cast<scalar_t>(limit);
     for_each_row(y, [&](int64_t row, int64_t channel, int64_t at) {
-      reduce_row(gs + at, ys + at, y.size(2), ga[channel], be[channel], bound, dots + row,
-                 totals + row);
+      reduce_row(gs + at, ys + at, y.size(2), scalar_t(1), scalar_t(0), ga[channel],
+                 be[channel], bound, dots + row, totals + row);
     });
   });
   return {dot, total};
@@ -548,31 +579,64 @@ at::Tensor backward_input(const at::Tensor& grad_in, const at::Tensor& y_in,
     scalar_t* os = out.data_ptr<scalar_t>();
     const auto bound = static_cast<scalar_t>(limit);
     for_each_row(y, [&](int64_t row, int64_t channel, int64_t at) {
-      grad_input_row(gs + at, ys + at, os + at, y.size(2), ga[channel], be[channel], bound,
-                     ps[row], qs[row], rs[row]);
+      grad_input_row(gs + at, ys + at, os + at, y.size(2), scalar_t(1), scalar_t(0),
+                     ga[channel], be[channel], bound, ps[row], qs[row], rs[row]);
     });
   });
   return out;
 }
 
 // Calls body(begin, end) for blocks of channels, in parallel: the streams run along the
-// samples, each channel on its own.
+// samples, each channel on its own, over `elements` elements of the channel.
 template <typename Body>
-void for_channel_blocks(int64_t samples, int64_t channels, const Body& body) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(samples, 1));
+void for_channel_blocks(int64_t elements, int64_t channels, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(elements, 1));
   at::parallel_for(0, channels, grain, body);
 }
 
-at::Tensor stream_state(const char* what, const at::Tensor& state, int64_t channels) {
+// A float64 copy of a per-channel state buffer (of any floating dtype and stride), read and
+// written through its data: at batch 1 each torch operation's dispatch (a copy to float64
+// and back was four of them) costs about as much as a pass over the activation.
+std::vector<double> read_state(const char* what, const at::Tensor& state, int64_t channels) {
   TORCH_CHECK(state.dim() == 1 && state.size(0) == channels && state.is_floating_point(), what,
               ": expected per-channel state of shape (", channels, ",)");
-  return state.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  std::vector<double> values(channels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, state.scalar_type(), "read_state",
+                                  [&] {
+    const scalar_t* data = state.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) values[c] = data[c * state.stride(0)];
+  });
+  return values;
+}
+
+void write_state(at::Tensor& state, const std::vector<double>& values) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, state.scalar_type(), "write_state",
+                                  [&] {
+    scalar_t* data = state.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < state.size(0); ++c) {
+      data[c * state.stride(0)] = static_cast<scalar_t>(values[c]);
+    }
+  });
+  torch::autograd::impl::bump_version(state);  // as an in-place torch operation would
+}
+
+// What the stream backward needs of the forward, float64 (the "record"). For S > 1, per row
+// (sample, channel): kRecordStats values, 1 / sqrt(sigma2 + eps), the shift -mu / sqrt(sigma2
+// + eps) (y is recomputed from x with both, cast to x's dtype as the forward cast them),
+// mean(y) and mean(y^2). For S = 1, (N, C): 1 / sqrt(sigma2 + eps) per element, beside y.
+enum RecordStat { kInvStdRecord, kShiftRecord, kYMeanRecord, kYSquareMeanRecord, kRecordStats };
+
+std::vector<int64_t> record_shape(int64_t samples, int64_t channels, int64_t size) {
+  if (size == 1) return {samples, channels};
+  return {kRecordStats, samples, channels};
 }
 
 // Online Normalization's forward over a batch, the whole of OnlineNormFunction.forward:
-// (y, out, inv_std, y_mean, y_square_mean), the last three float64 (N, C) for the backward
-// (for a (N, C, 1) x, where mean(y) and mean(y^2) are y and y^2, the last two are empty);
-// running_mean and running_var are updated in place. y and out are in x's layout.
+// (out in x's layout, the record, the activation the backward reads); running_mean and
+// running_var are updated in place. For S > 1 out is the only activation-sized tensor
+// written, and the backward reads x (which BatchNorm saves too) where the specification
+// saves y: one fresh activation-sized buffer less a step. For S = 1 it reads y (see
+// forward_sample).
 std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor& gamma_in,
                                        const at::Tensor& beta_in, at::Tensor running_mean,
                                        at::Tensor running_var, double alpha, double eps,
@@ -581,199 +645,206 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
   const auto x = by_position ? x_in : x_in.contiguous(), gamma = gamma_in.contiguous(),
              beta = beta_in.contiguous();
   check_rows("online stream_forward", x, {}, gamma, beta);
-  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2);
-  auto mu = stream_state("online stream_forward", running_mean, channels);
-  auto sigma2 = stream_state("online stream_forward", running_var, channels);
-  const int64_t kept_per_row = size == 1 ? 1 : 3;
-  auto per_row = at::empty({kept_per_row, samples, channels}, x.options().dtype(at::kDouble));
-  auto inv_std = per_row[0];
-  auto y_mean = size == 1 ? per_row.new_empty({0}) : per_row[1],
-       y_square_mean = size == 1 ? per_row.new_empty({0}) : per_row[2];
-  auto y = at::empty_like(x), out = at::empty_like(x);
+  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2),
+                rows = samples * channels;
+  auto mu = read_state("online stream_forward", running_mean, channels);
+  auto sigma2 = read_state("online stream_forward", running_var, channels);
+  auto record = at::empty(record_shape(samples, channels, size),
+                          x.options().dtype(at::kDouble));
+  auto out = at::empty_like(x), kept_activation = size == 1 ? at::empty_like(x) : x;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_forward", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *ga = gamma.data_ptr<scalar_t>(),
                    *be = beta.data_ptr<scalar_t>();
-    scalar_t *ys = y.data_ptr<scalar_t>(), *os = out.data_ptr<scalar_t>();
-    double *mus = mu.data_ptr<double>(), *sigmas = sigma2.data_ptr<double>(),
-           *inv = inv_std.data_ptr<double>(), *ym = y_mean.data_ptr<double>(),
-           *ysq = y_square_mean.data_ptr<double>();
+    scalar_t* os = out.data_ptr<scalar_t>();
+    double* kept = record.data_ptr<double>();
     const auto bound = static_cast<scalar_t>(limit);
     if (size == 1) {
+      scalar_t* ys = kept_activation.data_ptr<scalar_t>();
       for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;
           forward_sample(xs + at, ys + at, os + at, end - begin, ga + begin, be + begin, bound,
-                         alpha, eps, mus + begin, sigmas + begin, inv + at);
+                         alpha, eps, mu.data() + begin, sigma2.data() + begin, kept + at);
         }
       });
       return;
     }
-    // Moments of each row, the streams along the samples, then one pass writing y and out.
-    auto moments = at::empty({2, samples, channels}, x.options().dtype(at::kDouble));
-    auto row_affine = at::empty({2, samples, channels}, x.options());
-    double *means = moments[0].data_ptr<double>(), *vars = moments[1].data_ptr<double>();
-    scalar_t *scales = row_affine[0].data_ptr<scalar_t>(),
-             *shifts = row_affine[1].data_ptr<scalar_t>();
-    const auto row_moments = [&](int64_t row, double sum, double square_sum) {
-      means[row] = sum / size;
-      vars[row] = std::max(0.0, square_sum / size - means[row] * means[row]);
+    double *inv = kept + kInvStdRecord * rows, *shifts = kept + kShiftRecord * rows,
+           *y_means = kept + kYMeanRecord * rows, *y_square_means = kept + kYSquareMeanRecord * rows;
+    // the stream's step at a row, from its sum and sum of squares
+    const auto step_row = [&](int64_t row, int64_t c, double sum, double square_sum) {
+      const double mean = sum / size, var = std::max(0.0, square_sum / size - mean * mean);
+      const ForwardStep step = forward_step(alpha, eps, mean, var, &mu[c], &sigma2[c]);
+      inv[row] = step.inv_std;
+      shifts[row] = step.shift;
+      y_means[row] = step.y_mean;
+      y_square_means[row] = step.y_square_mean;
     };
-    if (by_position) {
-      const std::vector<scalar_t> no_center(channels, scalar_t(0));
-      for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
-                                                             int64_t end) {
-        double sum[kChannelBlock], square_sum[kChannelBlock];
-        position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
-                            no_center.data() + begin, sum, square_sum);
+    if (!by_position) {
+      // per channel, each sample's row in turn: its sums, the step, its output (the row is
+      // still in cache), all in one parallel region
+      for_channel_blocks(samples * size, channels, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          row_moments(n * channels + c, sum[c - begin], square_sum[c - begin]);
+          for (int64_t row = c; row < rows; row += channels) {
+            const int64_t at = row * size;
+            double sum, square_sum;
+            row_power_sums(xs + at, size, &sum, &square_sum);
+            step_row(row, c, sum, square_sum);
+            forward_row(xs + at, static_cast<scalar_t*>(nullptr), os + at, size,
+                        static_cast<scalar_t>(inv[row]), static_cast<scalar_t>(shifts[row]),
+                        ga[c], be[c], bound);
+          }
         }
       });
-    } else {
-      for_each_row(x, [&](int64_t row, int64_t, int64_t at) {
-        double sum, square_sum;
-        row_power_sums(xs + at, size, &sum, &square_sum);
-        row_moments(row, sum, square_sum);
-      });
+      return;
     }
+    // positions-major: the sums of each row, the streams along the samples, then one pass
+    // writing out, each position's channels a vectorized row
+    std::vector<double> sums(rows), square_sums(rows);
+    const std::vector<scalar_t> no_center(channels, scalar_t(0));
+    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
+                                                           int64_t end) {
+      const int64_t row = n * channels + begin;
+      position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
+                          no_center.data() + begin, sums.data() + row, square_sums.data() + row);
+    });
+    std::vector<scalar_t> scales(rows), row_shifts(rows);
     for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < samples; ++t) {
-        for (int64_t row = t * channels + begin; row < t * channels + end; ++row) {
-          const int64_t c = row % channels;
-          const ForwardStep step =
-              forward_step(alpha, eps, means[row], vars[row], mus + c, sigmas + c);
-          inv[row] = step.inv_std;
-          ym[row] = step.y_mean;
-          ysq[row] = step.y_square_mean;
-          scales[row] = static_cast<scalar_t>(step.inv_std);
-          shifts[row] = static_cast<scalar_t>(step.shift);
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t row = c; row < rows; row += channels) {
+          step_row(row, c, sums[row], square_sums[row]);
+          scales[row] = static_cast<scalar_t>(inv[row]);
+          row_shifts[row] = static_cast<scalar_t>(shifts[row]);
         }
       }
     });
-    if (by_position) {
-      for_each_position(samples, channels, size, [&](int64_t n, int64_t at) {
-        forward_position(xs + at, ys + at, os + at, channels, scales + n * channels,
-                         shifts + n * channels, ga, be, bound);
-      });
-    } else {
-      for_each_row(x, [&](int64_t row, int64_t channel, int64_t at) {
-        forward_row(xs + at, ys + at, os + at, size, scales[row], shifts[row], ga[channel],
-                    be[channel], bound);
-      });
-    }
+    for_each_position(samples, channels, size, [&](int64_t n, int64_t at) {
+      forward_position(xs + at, os + at, channels, scales.data() + n * channels,
+                       row_shifts.data() + n * channels, ga, be, bound);
+    });
   });
-  running_mean.copy_(mu);
-  running_var.copy_(sigma2);
-  return {y, out, inv_std, y_mean, y_square_mean};
+  write_state(running_mean, mu);
+  write_state(running_var, sigma2);
+  return {out, record, kept_activation};
 }
 
-// Its backward, the whole of OnlineNormFunction.backward: (grad_x, grad_gamma, grad_beta), the
-// last two float64 (C,); mean_control (u) and correlation_control (v) are updated in place.
-// grad_x is in y's layout.
-std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& y_in,
+// Its backward, the whole of OnlineNormFunction.backward, from what stream_forward kept (x,
+// or y for S = 1, as `x_in`) and its record: (grad_x in x's layout, grad_gamma, grad_beta),
+// the last two (C,) in x's dtype, summed in float64; mean_control (u) and correlation_control
+// (v) are updated in place.
+std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                                         const at::Tensor& gamma_in, const at::Tensor& beta_in,
-                                        double limit, const at::Tensor& inv_std_in,
-                                        const at::Tensor& y_mean_in,
-                                        const at::Tensor& y_square_mean_in,
-                                        at::Tensor mean_control, at::Tensor correlation_control,
-                                        double alpha) {
-  TORCH_CHECK(grad_in.sizes() == y_in.sizes() && grad_in.scalar_type() == y_in.scalar_type(),
-              "online stream_backward: expected a gradient of y's shape and dtype");
-  const bool by_position = positions_major(y_in);
-  const auto y = by_position ? y_in : y_in.contiguous(), grad = in_layout_of(grad_in, y),
+                                        const at::Tensor& record_in, at::Tensor mean_control,
+                                        at::Tensor correlation_control, double alpha_fwd,
+                                        double alpha_bkw, double eps, double limit) {
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+              "online stream_backward: expected a gradient of x's shape and dtype");
+  const bool by_position = positions_major(x_in);
+  const auto x = by_position ? x_in : x_in.contiguous(), grad = in_layout_of(grad_in, x),
              gamma = gamma_in.contiguous(), beta = beta_in.contiguous(),
-             inv_std = inv_std_in.contiguous(), y_mean = y_mean_in.contiguous(),
-             y_square_mean = y_square_mean_in.contiguous();
-  check_rows("online stream_backward", y, {}, gamma, beta);
-  const auto rows = y.sizes().slice(0, 2);
-  const int64_t samples = y.size(0), channels = y.size(1), size = y.size(2);
-  for (const auto& t : {inv_std, y_mean, y_square_mean}) {
-    // (N, C, 1): y gives mean(y) and mean(y^2), which stream_forward leaves empty
-    const bool from_y = size == 1 && !t.is_same(inv_std) && t.numel() == 0;
-    TORCH_CHECK((t.sizes() == rows || from_y) && t.scalar_type() == at::kDouble,
-                "online stream_backward: expected float64 per-row statistics of shape ", rows);
-  }
-  auto u = stream_state("online stream_backward", mean_control, channels);
-  auto v = stream_state("online stream_backward", correlation_control, channels);
-  auto grad_affine = at::zeros({2, channels}, y.options().dtype(at::kDouble));
-  auto grad_gamma = grad_affine[0], grad_beta = grad_affine[1];
-  auto grad_x = at::empty_like(y);
-  const double leak = 1 - alpha;
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "online_stream_backward", [&] {
-    const scalar_t *gs = grad.data_ptr<scalar_t>(), *ys = y.data_ptr<scalar_t>(),
+             record = record_in.contiguous();
+  check_rows("online stream_backward", x, {}, gamma, beta);
+  const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2),
+                rows = samples * channels;
+  const auto expected = record_shape(samples, channels, size);
+  TORCH_CHECK(record.sizes() == at::IntArrayRef(expected) && record.scalar_type() == at::kDouble,
+              "online stream_backward: expected the float64 record of shape ", expected,
+              " that stream_forward returned, got ", record.sizes());
+  auto u = read_state("online stream_backward", mean_control, channels);
+  auto v = read_state("online stream_backward", correlation_control, channels);
+  std::vector<double> grad_sums(2 * channels, 0.0);  // of gamma, then of beta
+  auto grad_affine = at::empty({2, channels}, x.options());
+  auto grad_x = at::empty_like(x);
+  const double leak = 1 - alpha_bkw;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_backward", [&] {
+    const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>(),
                    *ga = gamma.data_ptr<scalar_t>(), *be = beta.data_ptr<scalar_t>();
-    const double *inv = inv_std.data_ptr<double>(), *ym = y_mean.data_ptr<double>(),
-                 *ysq = y_square_mean.data_ptr<double>();
-    double *us = u.data_ptr<double>(), *vs = v.data_ptr<double>(),
-           *gga = grad_gamma.data_ptr<double>(), *gbe = grad_beta.data_ptr<double>();
+    const double* kept = record.data_ptr<double>();
+    double *gga = grad_sums.data(), *gbe = gga + channels;
     scalar_t* out = grad_x.data_ptr<scalar_t>();
     const auto bound = static_cast<scalar_t>(limit);
     if (size == 1) {
       for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> masked_grad(end - begin);
         for (int64_t t = 0; t < samples; ++t) {
-          const int64_t at = t * channels + begin;
-          backward_sample(gs + at, ys + at, out + at, end - begin, ga + begin, be + begin,
-                          bound, leak, alpha, inv + at, us + begin, vs + begin, gga + begin,
-                          gbe + begin, masked_grad.data());
+          const int64_t at = t * channels + begin;  // xs: y here
+          backward_sample(gs + at, xs + at, out + at, end - begin, ga + begin, be + begin, bound,
+                          leak, alpha_bkw, kept + at, u.data() + begin, v.data() + begin,
+                          gga + begin, gbe + begin, masked_grad.data());
         }
       });
       return;
     }
-    // The sums of each row, the control process along the samples, then one pass writing
-    // the input gradient.
-    auto sums = at::empty({2, samples, channels}, y.options().dtype(at::kDouble));
-    auto terms = at::empty({3, samples, channels}, y.options());
-    double *dots = sums[0].data_ptr<double>(), *totals = sums[1].data_ptr<double>();
-    scalar_t *ps = terms[0].data_ptr<scalar_t>(), *qs = terms[1].data_ptr<scalar_t>(),
-             *rs = terms[2].data_ptr<scalar_t>();
-    if (by_position) {
-      const std::vector<scalar_t> no_center(channels, scalar_t(0));
-      for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
-                                                             int64_t end) {
-        const int64_t at = n * size * channels + begin, row = n * channels + begin;
-        position_grad_sums(gs + at, ys + at, size, channels, end - begin, ga + begin,
-                           be + begin, bound, no_center.data() + begin, dots + row,
-                           totals + row);
+    const double *inv = kept + kInvStdRecord * rows, *shifts = kept + kShiftRecord * rows,
+                 *y_means = kept + kYMeanRecord * rows,
+                 *y_square_means = kept + kYSquareMeanRecord * rows;
+    // the control process's step at a row, from its sums of g * y and g: the input
+    // gradient's (p, q, r); the weight and bias gradients accumulate
+    const auto step_row = [&](int64_t row, int64_t c, double dot, double total) {
+      const double gain = ga[c];
+      const BackwardStep step =
+          backward_step(leak, alpha_bkw, gain * dot / size, gain * total / size, inv[row],
+                        y_means[row], y_square_means[row], &u[c], &v[c]);
+      gga[c] += dot;
+      gbe[c] += total;
+      return InputGradTerms<scalar_t>{static_cast<scalar_t>(gain * inv[row]),
+                                      static_cast<scalar_t>(step.q),
+                                      static_cast<scalar_t>(step.r)};
+    };
+    if (!by_position) {
+      for_channel_blocks(samples * size, channels, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          for (int64_t row = c; row < rows; row += channels) {
+            const int64_t at = row * size;
+            const auto scale = static_cast<scalar_t>(inv[row]),
+                       shift = static_cast<scalar_t>(shifts[row]);
+            double dot, total;
+            reduce_row(gs + at, xs + at, size, scale, shift, ga[c], be[c], bound, &dot, &total);
+            const auto [p, q, r] = step_row(row, c, dot, total);
+            grad_input_row(gs + at, xs + at, out + at, size, scale, shift, ga[c], be[c], bound,
+                           p, q, r);
+          }
+        }
       });
-    } else {
-      for_each_row(y, [&](int64_t row, int64_t channel, int64_t at) {
-        reduce_row(gs + at, ys + at, size, ga[channel], be[channel], bound, dots + row,
-                   totals + row);
-      });
+      return;
     }
+    std::vector<scalar_t> scales(rows), row_shifts(rows);
+    for (int64_t row = 0; row < rows; ++row) {
+      scales[row] = static_cast<scalar_t>(inv[row]);
+      row_shifts[row] = static_cast<scalar_t>(shifts[row]);
+    }
+    std::vector<double> dots(rows), totals(rows);
+    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
+                                                           int64_t end) {
+      const int64_t at = n * size * channels + begin, row = n * channels + begin;
+      position_grad_sums(gs + at, xs + at, size, channels, end - begin, scales.data() + row,
+                         row_shifts.data() + row, ga + begin, be + begin, bound,
+                         dots.data() + row, totals.data() + row);
+    });
+    std::vector<scalar_t> ps(rows), qs(rows), rs(rows);
     for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < samples; ++t) {
-        for (int64_t row = t * channels + begin; row < t * channels + end; ++row) {
-          const int64_t c = row % channels;
-          const double gain = ga[c];
-          const BackwardStep step =
-              backward_step(leak, alpha, gain * dots[row] / size, gain * totals[row] / size,
-                            inv[row], ym[row], ysq[row], us + c, vs + c);
-          ps[row] = static_cast<scalar_t>(gain * inv[row]);
-          qs[row] = static_cast<scalar_t>(step.q);
-          rs[row] = static_cast<scalar_t>(step.r);
-          gga[c] += dots[row];
-          gbe[c] += totals[row];
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t row = c; row < rows; row += channels) {
+          const auto terms = step_row(row, c, dots[row], totals[row]);
+          ps[row] = terms.p;
+          qs[row] = terms.q;
+          rs[row] = terms.r;
         }
       }
     });
-    if (by_position) {
-      for_each_position(samples, channels, size, [&](int64_t n, int64_t at) {
-        const int64_t row = n * channels;
-        grad_input_position(gs + at, ys + at, out + at, channels, ga, be, bound, ps + row,
-                            qs + row, rs + row);
-      });
-    } else {
-      for_each_row(y, [&](int64_t row, int64_t channel, int64_t at) {
-        grad_input_row(gs + at, ys + at, out + at, size, ga[channel], be[channel], bound,
-                       ps[row], qs[row], rs[row]);
-      });
-    }
+    for_each_position(samples, channels, size, [&](int64_t n, int64_t at) {
+      const int64_t row = n * channels;
+      grad_input_position(gs + at, xs + at, out + at, channels, scales.data() + row,
+                          row_shifts.data() + row, ga, be, bound, ps.data() + row,
+                          qs.data() + row, rs.data() + row);
+    });
   });
-  mean_control.copy_(u);
-  correlation_control.copy_(v);
-  return {grad_x, grad_gamma, grad_beta};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_grad_affine", [&] {
+    std::copy(grad_sums.begin(), grad_sums.end(), grad_affine.data_ptr<scalar_t>());
+  });
+  write_state(mean_control, u);
+  write_state(correlation_control, v);
+  return {grad_x, grad_affine[0], grad_affine[1]};
 }
 
 // Positions-major channel_moments, in one pass: per (sample, channel) sums of the deviations
@@ -903,14 +974,17 @@ void batch_norm_backward_into(const at::Tensor& grad, const at::Tensor& x, bool 
   const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>();
   std::vector<double> dots(samples * channels), totals(samples * channels);
   if (by_position) {
+    // reduce_row's sums with y = x * 1 - mean (x - mean exactly), gamma 1, beta 0, no clamp
     const std::vector<scalar_t> ones(channels, scalar_t(1)), zeros(channels, scalar_t(0));
+    std::vector<scalar_t> minus_mean(channels);
+    for (int64_t c = 0; c < channels; ++c) minus_mean[c] = -ms[c];
     const auto unclamped = std::numeric_limits<scalar_t>::infinity();
     for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
                                                            int64_t end) {
       const int64_t at = n * size * channels + begin, row = n * channels + begin;
       position_grad_sums(gs + at, xs + at, size, channels, end - begin, ones.data() + begin,
-                         zeros.data() + begin, unclamped, ms + begin, dots.data() + row,
-                         totals.data() + row);
+                         minus_mean.data() + begin, ones.data() + begin, zeros.data() + begin,
+                         unclamped, dots.data() + row, totals.data() + row);
     });
   } else {
     for_each_row(x, [&](int64_t row, int64_t channel, int64_t at) {
@@ -1219,8 +1293,9 @@ torch::autograd::variable_list batch_renorm_train(const at::Tensor& x, const at:
 // Online Normalization's training step in one process (OnlineNormFunction in
 // normlab/functional/online_norm.py, its specification) as an autograd function in C++:
 // stream_forward, then stream_backward, with no Python around them (a Python
-// autograd.Function costs ~25 us a step: GroupNorm's whole step at batch 1). The running
-// statistics are updated in forward, the control state (kept by reference) in backward.
+// autograd.Function costs ~25 us a step: GroupNorm's whole step at batch 1). Saved: x and the
+// forward's record, as BatchNorm saves x and its statistics. The running statistics are
+// updated in forward, the control state (kept by reference) in backward.
 struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& gamma, const at::Tensor& beta,
@@ -1229,26 +1304,26 @@ struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepF
                             const at::Tensor& correlation_control, double alpha_fwd,
                             double alpha_bkw, double eps, double limit) {
     auto results = stream_forward(x, gamma, beta, running_mean, running_var, alpha_fwd, eps,
-                                  limit);  // y, out, inv_std, y_mean, y_square_mean
-    ctx->save_for_backward({results[0], gamma, beta, results[2], results[3], results[4]});
+                                  limit);  // out, the record, x or y
+    ctx->save_for_backward({results[2], gamma, beta, results[1]});  // x (y for S = 1)
     ctx->saved_data["mean_control"] = mean_control;
     ctx->saved_data["correlation_control"] = correlation_control;
-    ctx->saved_data["alpha_bkw"] = alpha_bkw;
-    ctx->saved_data["limit"] = limit;
-    return results[1];
+    for (const auto& [name, value] : {std::pair{"alpha_fwd", alpha_fwd}, {"alpha_bkw", alpha_bkw},
+                                      {"eps", eps}, {"limit", limit}}) {
+      ctx->saved_data[name] = value;
+    }
+    return results[0];
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto& gamma = saved[1];
+    const auto number = [&](const char* name) { return ctx->saved_data[name].toDouble(); };
     auto gradients = stream_backward(
-        grads[0], saved[0], gamma, saved[2], ctx->saved_data["limit"].toDouble(), saved[3],
-        saved[4], saved[5], ctx->saved_data["mean_control"].toTensor(),
-        ctx->saved_data["correlation_control"].toTensor(),
-        ctx->saved_data["alpha_bkw"].toDouble());
-    gradients[1] = gradients[1].to(gamma.scalar_type());
-    gradients[2] = gradients[2].to(gamma.scalar_type());
+        grads[0], saved[0], gamma, saved[2], saved[3], ctx->saved_data["mean_control"].toTensor(),
+        ctx->saved_data["correlation_control"].toTensor(), number("alpha_fwd"),
+        number("alpha_bkw"), number("eps"), number("limit"));
     gradients = once_differentiable("OnlineNorm", grads[0], std::move(gradients));
     return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(),   at::Tensor(),   at::Tensor(), at::Tensor()};
