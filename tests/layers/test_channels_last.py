@@ -18,6 +18,7 @@ FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 CASES = [
     (OnlineNorm2d, (6, 72, 5, 7), {}),  # more channels than one of the kernel's blocks (64)
     (OnlineNorm2d, (1, 16, 9, 9), {"ecm": "ls"}),  # batch 1
+    (OnlineNorm2d, (3, 16, 5, 5), {"ecm": "ls"}),  # each sample's block scaled in its layout
     (OnlineNorm2d, (4, 16, 5, 5), {"ecm": None, "affine": False}),
     (OnlineNorm3d, (2, 12, 3, 4, 5), {"clamp_val": 1.0}),
     (OnlineNorm3d, (1, 12, 3, 4, 5), {}),

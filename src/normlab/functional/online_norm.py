@@ -236,19 +236,14 @@ class LayerScale(torch.autograd.Function):
 
     On CPU in float32/float64 each direction is one compiled call (csrc/activations.cpp,
     layer_scale_forward/backward: two passes over a sample, no temporaries); the torch
-    operations below are their specification. `in_place` (for a contiguous `z` that nothing
-    else reads, as the compiled Online step's output) writes the output into z there.
+    operations below are their specification. The compiled Online step runs the same calls
+    itself, in place on its output.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, eps: float, in_place: bool = False) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, eps: float) -> torch.Tensor:
         flat = z.reshape(z.shape[0], math.prod(z.shape[1:]))  # explicit: N may be 0
         ctx.kernel = _online_kernel(flat)
-        if ctx.kernel is not None and in_place and z.is_contiguous():
-            _, inv_rms = ctx.kernel.layer_scale_forward(flat, eps, True)
-            ctx.mark_dirty(z)
-            ctx.save_for_backward(z, inv_rms)
-            return z
         if ctx.kernel is not None:
             out, inv_rms = ctx.kernel.layer_scale_forward(flat, eps, False)
         else:
@@ -261,14 +256,13 @@ class LayerScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, inv_rms = ctx.saved_tensors
-        out = out.reshape(out.shape[0], math.prod(out.shape[1:]))  # (z itself, in place)
         flat = grad.reshape(out.shape)
         if ctx.kernel is not None:
-            return ctx.kernel.layer_scale_backward(flat, out, inv_rms).view(grad.shape), None, None
+            return ctx.kernel.layer_scale_backward(flat, out, inv_rms).view(grad.shape), None
         # (a batched matrix product here is a GEMV per sample: ten times slower on CPU)
         mean_dot = (flat * out).sum(1) / out.shape[1]
         grad_z = torch.addcmul(flat, out, -mean_dot[:, None]).mul_(inv_rms[:, None])
-        return grad_z.view(grad.shape), None, None
+        return grad_z.view(grad.shape), None
 
 
 def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -316,7 +310,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     weight, bias = _in_dtype(weight, work.dtype), _in_dtype(bias, work.dtype)
     clamp = clamp_val if ecm == "ac" else None
-    fresh_output = False  # out is the compiled step's, read by nothing else
+    layer_scaled = False  # by the compiled step
     with autocast_off(x):
         if training:
             ranks = None
@@ -325,13 +319,14 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
                 ranks.require_rows("Online Normalization")
             kernel = _online_kernel(work) if ranks is None else None
             if kernel is not None:
-                # one compiled call each way, no Python in the backward: at batch 1 and 2 the
-                # torch operations of OnlineNormFunction, and its Python, cost more than the
-                # passes
+                # one compiled call each way, layer scaling included, no Python in the
+                # backward: at batch 1 and 2 the torch operations of OnlineNormFunction, and
+                # its Python, cost more than the passes
+                layer_scaled = ecm == "ls"
                 out = kernel.online_norm_train(
                     work, *_affine_or_identity(weight, bias, work), running_mean, running_var,
-                    mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp))
-                fresh_output = True
+                    mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp),
+                    layer_scaled, ls_eps)
             else:
                 out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
                                                mean_control, correlation_control, alpha_fwd,
@@ -340,6 +335,6 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             inv_std = (running_var.to(work.dtype) + eps).rsqrt()[:, None]
             y = (work - running_mean.to(work.dtype)[:, None]) * inv_std
             out = _affine_clamp(y, weight, bias, clamp)
-        if ecm == "ls":
-            out = LayerScale.apply(out, ls_eps, fresh_output)
+        if ecm == "ls" and not layer_scaled:
+            out = LayerScale.apply(out, ls_eps)
     return in_memory_format_of(_in_dtype(out, x.dtype).reshape(x.shape), x)

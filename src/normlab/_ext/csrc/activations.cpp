@@ -227,13 +227,13 @@ inline BackwardStep backward_step(double leak, double alpha, double dot_mean, do
 
 // Rows of one position ((N, C) inputs): the forward of sample t over a block of channels,
 // the stream and the row pass in one loop, vectorized over the channels. A row's mean(y) and
-// mean(y^2) are y and y^2: y and 1 / sqrt(sigma2 + eps) (float64) are kept for the backward.
+// mean(y^2) are y and y^2: y and 1 / sqrt(sigma2 + eps) are kept for the backward.
 // (Keeping x instead, and rerunning the streams in the backward, took longer: 1.2x the
 // step at (256, 1024), the mean's stream alone 1.1x.)
 template <typename scalar_t>
 void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
                     const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
-                    double alpha, double eps, double* mu, double* sigma2, double* inv_std) {
+                    double alpha, double eps, double* mu, double* sigma2, scalar_t* inv_std) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const ForwardStep step = forward_step(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
@@ -250,7 +250,7 @@ void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t chann
 template <typename scalar_t>
 void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
                      int64_t channels, const scalar_t* gamma, const scalar_t* beta,
-                     scalar_t limit, double leak, double alpha, const double* inv_std,
+                     scalar_t limit, double leak, double alpha, const scalar_t* inv_std,
                      double* u, double* v, double* grad_gamma, double* grad_beta,
                      scalar_t* masked_grad) {
   for (int64_t c = 0; c < channels; ++c) {
@@ -620,15 +620,19 @@ void write_state(at::Tensor& state, const std::vector<double>& values) {
   torch::autograd::impl::bump_version(state);  // as an in-place torch operation would
 }
 
-// What the stream backward needs of the forward, float64 (the "record"). For S > 1, per row
+// What the stream backward needs of the forward (the "record"). For S > 1, float64 per row
 // (sample, channel): kRecordStats values, 1 / sqrt(sigma2 + eps), the shift -mu / sqrt(sigma2
 // + eps) (y is recomputed from x with both, cast to x's dtype as the forward cast them),
-// mean(y) and mean(y^2). For S = 1, (N, C): 1 / sqrt(sigma2 + eps) per element, beside y.
+// mean(y) and mean(y^2). For S = 1, (N, C) in x's dtype: 1 / sqrt(sigma2 + eps) per element,
+// beside y. In float32 that is its rounding (relative 6e-8, the output's own precision) where
+// the specification keeps float64: an activation-sized buffer, whose float64 copy cost the
+// step at (256, 1024) 8% more time and a third more saved memory.
 enum RecordStat { kInvStdRecord, kShiftRecord, kYMeanRecord, kYSquareMeanRecord, kRecordStats };
 
-std::vector<int64_t> record_shape(int64_t samples, int64_t channels, int64_t size) {
-  if (size == 1) return {samples, channels};
-  return {kRecordStats, samples, channels};
+at::Tensor empty_record(const at::Tensor& x) {
+  const int64_t samples = x.size(0), channels = x.size(1);
+  if (x.size(2) == 1) return at::empty({samples, channels}, x.options());
+  return at::empty({kRecordStats, samples, channels}, x.options().dtype(at::kDouble));
 }
 
 // Online Normalization's forward over a batch, the whole of OnlineNormFunction.forward:
@@ -649,14 +653,12 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
                 rows = samples * channels;
   auto mu = read_state("online stream_forward", running_mean, channels);
   auto sigma2 = read_state("online stream_forward", running_var, channels);
-  auto record = at::empty(record_shape(samples, channels, size),
-                          x.options().dtype(at::kDouble));
+  auto record = empty_record(x);
   auto out = at::empty_like(x), kept_activation = size == 1 ? at::empty_like(x) : x;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_forward", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *ga = gamma.data_ptr<scalar_t>(),
                    *be = beta.data_ptr<scalar_t>();
     scalar_t* os = out.data_ptr<scalar_t>();
-    double* kept = record.data_ptr<double>();
     const auto bound = static_cast<scalar_t>(limit);
     if (size == 1) {
       scalar_t* ys = kept_activation.data_ptr<scalar_t>();
@@ -664,11 +666,13 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;
           forward_sample(xs + at, ys + at, os + at, end - begin, ga + begin, be + begin, bound,
-                         alpha, eps, mu.data() + begin, sigma2.data() + begin, kept + at);
+                         alpha, eps, mu.data() + begin, sigma2.data() + begin,
+                         record.data_ptr<scalar_t>() + at);
         }
       });
       return;
     }
+    double* kept = record.data_ptr<double>();
     double *inv = kept + kInvStdRecord * rows, *shifts = kept + kShiftRecord * rows,
            *y_means = kept + kYMeanRecord * rows, *y_square_means = kept + kYSquareMeanRecord * rows;
     // the stream's step at a row, from its sum and sum of squares
@@ -746,10 +750,12 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
   check_rows("online stream_backward", x, {}, gamma, beta);
   const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2),
                 rows = samples * channels;
-  const auto expected = record_shape(samples, channels, size);
-  TORCH_CHECK(record.sizes() == at::IntArrayRef(expected) && record.scalar_type() == at::kDouble,
-              "online stream_backward: expected the float64 record of shape ", expected,
-              " that stream_forward returned, got ", record.sizes());
+  const auto expected = empty_record(x);
+  TORCH_CHECK(record.sizes() == expected.sizes() &&
+                  record.scalar_type() == expected.scalar_type(),
+              "online stream_backward: expected the record of shape ", expected.sizes(), " and ",
+              "dtype ", expected.scalar_type(), " that stream_forward returned, got ",
+              record.sizes());
   auto u = read_state("online stream_backward", mean_control, channels);
   auto v = read_state("online stream_backward", correlation_control, channels);
   std::vector<double> grad_sums(2 * channels, 0.0);  // of gamma, then of beta
@@ -759,7 +765,6 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_backward", [&] {
     const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>(),
                    *ga = gamma.data_ptr<scalar_t>(), *be = beta.data_ptr<scalar_t>();
-    const double* kept = record.data_ptr<double>();
     double *gga = grad_sums.data(), *gbe = gga + channels;
     scalar_t* out = grad_x.data_ptr<scalar_t>();
     const auto bound = static_cast<scalar_t>(limit);
@@ -769,12 +774,14 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;  // xs: y here
           backward_sample(gs + at, xs + at, out + at, end - begin, ga + begin, be + begin, bound,
-                          leak, alpha_bkw, kept + at, u.data() + begin, v.data() + begin,
+                          leak, alpha_bkw, record.data_ptr<scalar_t>() + at, u.data() + begin,
+                          v.data() + begin,
                           gga + begin, gbe + begin, masked_grad.data());
         }
       });
       return;
     }
+    const double* kept = record.data_ptr<double>();
     const double *inv = kept + kInvStdRecord * rows, *shifts = kept + kShiftRecord * rows,
                  *y_means = kept + kYMeanRecord * rows,
                  *y_square_means = kept + kYSquareMeanRecord * rows;
@@ -1296,50 +1303,73 @@ torch::autograd::variable_list batch_renorm_train(const at::Tensor& x, const at:
 // autograd.Function costs ~25 us a step: GroupNorm's whole step at batch 1). Saved: x and the
 // forward's record, as BatchNorm saves x and its statistics. The running statistics are
 // updated in forward, the control state (kept by reference) in backward.
+// Each sample of an activation the stream kernels wrote ((N, C, S) or positions-major) as one
+// row of its memory, (N, C * S): a sample's values are contiguous in both layouts, and layer
+// scaling sums and scales a whole sample, in any order.
+at::Tensor sample_rows(const at::Tensor& t) {
+  const int64_t samples = t.size(0), size = samples == 0 ? 0 : t.numel() / samples;
+  return t.as_strided({samples, size}, {size, 1});
+}
+
 struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& gamma, const at::Tensor& beta,
                             const at::Tensor& running_mean, const at::Tensor& running_var,
                             const at::Tensor& mean_control,
                             const at::Tensor& correlation_control, double alpha_fwd,
-                            double alpha_bkw, double eps, double limit) {
+                            double alpha_bkw, double eps, double limit, bool layer_scale,
+                            double ls_eps) {
     auto results = stream_forward(x, gamma, beta, running_mean, running_var, alpha_fwd, eps,
                                   limit);  // out, the record, x or y
-    ctx->save_for_backward({results[2], gamma, beta, results[1]});  // x (y for S = 1)
+    auto out = results[0];
+    at::Tensor inv_rms;  // layer scaling's, in place on out: no fresh activation-sized buffer
+    if (layer_scale) inv_rms = layer_scale_forward(sample_rows(out), ls_eps, true)[1];
+    ctx->save_for_backward({results[2], gamma, beta, results[1],  // x (y for S = 1)
+                            layer_scale ? out : at::Tensor(), inv_rms});
     ctx->saved_data["mean_control"] = mean_control;
     ctx->saved_data["correlation_control"] = correlation_control;
     for (const auto& [name, value] : {std::pair{"alpha_fwd", alpha_fwd}, {"alpha_bkw", alpha_bkw},
                                       {"eps", eps}, {"limit", limit}}) {
       ctx->saved_data[name] = value;
     }
-    return results[0];
+    return out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto& gamma = saved[1];
+    const auto &gamma = saved[1], &out = saved[4], &inv_rms = saved[5];
+    auto grad = grads[0];
+    if (inv_rms.defined()) {  // layer scaling's gradient, in out's layout
+      grad = layer_scale_backward(sample_rows(in_layout_of(grad, out)), sample_rows(out),
+                                  inv_rms)
+                 .as_strided(out.sizes(), out.strides());
+    }
     const auto number = [&](const char* name) { return ctx->saved_data[name].toDouble(); };
     auto gradients = stream_backward(
-        grads[0], saved[0], gamma, saved[2], saved[3], ctx->saved_data["mean_control"].toTensor(),
+        grad, saved[0], gamma, saved[2], saved[3], ctx->saved_data["mean_control"].toTensor(),
         ctx->saved_data["correlation_control"].toTensor(), number("alpha_fwd"),
         number("alpha_bkw"), number("eps"), number("limit"));
     gradients = once_differentiable("OnlineNorm", grads[0], std::move(gradients));
     return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(),   at::Tensor(),   at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(),   at::Tensor(),   at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
 // The output of Online Normalization's training step on (N, C, S) x, differentiable in x,
-// gamma and beta; arguments as stream_forward's, and the control state with alpha_bkw as
-// stream_backward's.
+// gamma and beta; arguments as stream_forward's, the control state with alpha_bkw as
+// stream_backward's, and with `layer_scale` the "ls" error compensation of the output
+// (layer_scale_forward's, with ls_eps).
 at::Tensor online_norm_train(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                              const at::Tensor& running_mean, const at::Tensor& running_var,
                              const at::Tensor& mean_control,
                              const at::Tensor& correlation_control, double alpha_fwd,
-                             double alpha_bkw, double eps, double limit) {
+                             double alpha_bkw, double eps, double limit, bool layer_scale,
+                             double ls_eps) {
   return OnlineNormStepFunction::apply(x, gamma, beta, running_mean, running_var, mean_control,
-                                       correlation_control, alpha_fwd, alpha_bkw, eps, limit);
+                                       correlation_control, alpha_fwd, alpha_bkw, eps, limit,
+                                       layer_scale, ls_eps);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
