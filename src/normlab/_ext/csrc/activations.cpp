@@ -43,6 +43,7 @@ namespace {
 constexpr int64_t kGrainElements = 32768;  // per parallel task: ~L2-sized, enough to amortize
 constexpr int64_t kSumBlock = 256;  // positions summed in the activation's dtype; see reduce_row
 constexpr int64_t kChannelBlock = 64;  // channels summed together in positions-major sums
+constexpr int64_t kCacheElements = 1 << 18;  // per range of samples read twice; see for_sample_ranges
 constexpr int64_t kCenterPositions = 16;  // averaged for the center of positions-major moments
 
 // gamma * y + beta, the value the clamp sees; one definition for forward and backward.
@@ -451,30 +452,43 @@ std::pair<at::Tensor, at::Tensor> empty_with_rows(const char* what, const at::Te
   return {out, out_rows};
 }
 
-// Calls body(sample, begin, end) for each sample's blocks of kChannelBlock channels, in
-// parallel: each block's sums over the sample's positions.
+// Calls body(sample, begin, end) for the blocks of kChannelBlock channels of each sample in
+// [first, last), in parallel: each block's sums over the sample's positions.
 template <typename Body>
-void for_sample_channel_blocks(int64_t samples, int64_t channels, int64_t size,
+void for_sample_channel_blocks(int64_t first, int64_t last, int64_t channels, int64_t size,
                                const Body& body) {
   const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (size * kChannelBlock));
-  at::parallel_for(0, samples * blocks, grain, [&](int64_t first, int64_t last) {
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t begin = (task % blocks) * kChannelBlock;
-      body(task / blocks, begin, std::min(channels, begin + kChannelBlock));
+  at::parallel_for(first * blocks, last * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t channel = (task % blocks) * kChannelBlock;
+      body(task / blocks, channel, std::min(channels, channel + kChannelBlock));
     }
   });
 }
 
-// Calls body(sample, at) for each position (at: the offset of its first channel), in parallel.
+// Calls body(sample, at) for each position of the samples in [first, last) (at: the offset of
+// its first channel), in parallel.
 template <typename Body>
-void for_each_position(int64_t samples, int64_t channels, int64_t size, const Body& body) {
+void for_each_position(int64_t first, int64_t last, int64_t channels, int64_t size,
+                       const Body& body) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / channels);
-  at::parallel_for(0, samples * size, grain, [&](int64_t first, int64_t last) {
-    for (int64_t position = first; position < last; ++position) {
+  at::parallel_for(first * size, last * size, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t position = begin; position < end; ++position) {
       body(position / size, position * channels);
     }
   });
+}
+
+// Calls body(first, last) for consecutive ranges of samples of about kCacheElements values
+// each, in order: a positions-major pass that reads a range twice (its sums, then its
+// outputs, the streams' steps between) finds it in cache the second time.
+template <typename Body>
+void for_sample_ranges(int64_t samples, int64_t sample_values, const Body& body) {
+  const int64_t count = std::max<int64_t>(1, kCacheElements / std::max<int64_t>(sample_values, 1));
+  for (int64_t first = 0; first < samples; first += count) {
+    body(first, std::min(samples, first + count));
+  }
 }
 
 void check_rows(const char* what, const at::Tensor& activation,
@@ -702,29 +716,28 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
       });
       return;
     }
-    // positions-major: the sums of each row, the streams along the samples, then one pass
-    // writing out, each position's channels a vectorized row
+    // positions-major, by ranges of samples: the sums of each row, the streams' steps (C a
+    // sample, in order), then one pass writing out, each position's channels a vectorized row
     std::vector<double> sums(rows), square_sums(rows);
-    const std::vector<scalar_t> no_center(channels, scalar_t(0));
-    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
-                                                           int64_t end) {
-      const int64_t row = n * channels + begin;
-      position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
-                          no_center.data() + begin, sums.data() + row, square_sums.data() + row);
-    });
     std::vector<scalar_t> scales(rows), row_shifts(rows);
-    for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t row = c; row < rows; row += channels) {
-          step_row(row, c, sums[row], square_sums[row]);
-          scales[row] = static_cast<scalar_t>(inv[row]);
-          row_shifts[row] = static_cast<scalar_t>(shifts[row]);
-        }
+    const std::vector<scalar_t> no_center(channels, scalar_t(0));
+    for_sample_ranges(samples, channels * size, [&](int64_t first, int64_t last) {
+      for_sample_channel_blocks(first, last, channels, size, [&](int64_t n, int64_t begin,
+                                                                 int64_t end) {
+        const int64_t row = n * channels + begin;
+        position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
+                            no_center.data() + begin, sums.data() + row,
+                            square_sums.data() + row);
+      });
+      for (int64_t row = first * channels; row < last * channels; ++row) {
+        step_row(row, row % channels, sums[row], square_sums[row]);
+        scales[row] = static_cast<scalar_t>(inv[row]);
+        row_shifts[row] = static_cast<scalar_t>(shifts[row]);
       }
-    });
-    for_each_position(samples, channels, size, [&](int64_t n, int64_t at) {
-      forward_position(xs + at, os + at, channels, scales.data() + n * channels,
-                       row_shifts.data() + n * channels, ga, be, bound);
+      for_each_position(first, last, channels, size, [&](int64_t n, int64_t at) {
+        forward_position(xs + at, os + at, channels, scales.data() + n * channels,
+                         row_shifts.data() + n * channels, ga, be, bound);
+      });
     });
   });
   write_state(running_mean, mu);
@@ -815,35 +828,33 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
       });
       return;
     }
-    std::vector<scalar_t> scales(rows), row_shifts(rows);
+    // positions-major, by ranges of samples as the forward
+    std::vector<scalar_t> scales(rows), row_shifts(rows), ps(rows), qs(rows), rs(rows);
     for (int64_t row = 0; row < rows; ++row) {
       scales[row] = static_cast<scalar_t>(inv[row]);
       row_shifts[row] = static_cast<scalar_t>(shifts[row]);
     }
     std::vector<double> dots(rows), totals(rows);
-    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
-                                                           int64_t end) {
-      const int64_t at = n * size * channels + begin, row = n * channels + begin;
-      position_grad_sums(gs + at, xs + at, size, channels, end - begin, scales.data() + row,
-                         row_shifts.data() + row, ga + begin, be + begin, bound,
-                         dots.data() + row, totals.data() + row);
-    });
-    std::vector<scalar_t> ps(rows), qs(rows), rs(rows);
-    for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t row = c; row < rows; row += channels) {
-          const auto terms = step_row(row, c, dots[row], totals[row]);
-          ps[row] = terms.p;
-          qs[row] = terms.q;
-          rs[row] = terms.r;
-        }
+    for_sample_ranges(samples, channels * size, [&](int64_t first, int64_t last) {
+      for_sample_channel_blocks(first, last, channels, size, [&](int64_t n, int64_t begin,
+                                                                 int64_t end) {
+        const int64_t at = n * size * channels + begin, row = n * channels + begin;
+        position_grad_sums(gs + at, xs + at, size, channels, end - begin, scales.data() + row,
+                           row_shifts.data() + row, ga + begin, be + begin, bound,
+                           dots.data() + row, totals.data() + row);
+      });
+      for (int64_t row = first * channels; row < last * channels; ++row) {
+        const auto terms = step_row(row, row % channels, dots[row], totals[row]);
+        ps[row] = terms.p;
+        qs[row] = terms.q;
+        rs[row] = terms.r;
       }
-    });
-    for_each_position(samples, channels, size, [&](int64_t n, int64_t at) {
-      const int64_t row = n * channels;
-      grad_input_position(gs + at, xs + at, out + at, channels, scales.data() + row,
-                          row_shifts.data() + row, ga, be, bound, ps.data() + row,
-                          qs.data() + row, rs.data() + row);
+      for_each_position(first, last, channels, size, [&](int64_t n, int64_t at) {
+        const int64_t row = n * channels;
+        grad_input_position(gs + at, xs + at, out + at, channels, scales.data() + row,
+                            row_shifts.data() + row, ga, be, bound, ps.data() + row,
+                            qs.data() + row, rs.data() + row);
+      });
     });
   });
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_grad_affine", [&] {
@@ -875,7 +886,7 @@ void position_channel_moments(const scalar_t* xs, int64_t samples, int64_t chann
   }
   std::vector<scalar_t> center(channels);
   for (int64_t c = 0; c < channels; ++c) center[c] = static_cast<scalar_t>(picked[c] / picks);
-  for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
+  for_sample_channel_blocks(0, samples, channels, size, [&](int64_t n, int64_t begin,
                                                          int64_t end) {
     const int64_t row = n * channels + begin;
     position_power_sums(xs + n * size * channels + begin, size, channels, end - begin,
@@ -986,7 +997,7 @@ void batch_norm_backward_into(const at::Tensor& grad, const at::Tensor& x, bool 
     std::vector<scalar_t> minus_mean(channels);
     for (int64_t c = 0; c < channels; ++c) minus_mean[c] = -ms[c];
     const auto unclamped = std::numeric_limits<scalar_t>::infinity();
-    for_sample_channel_blocks(samples, channels, size, [&](int64_t n, int64_t begin,
+    for_sample_channel_blocks(0, samples, channels, size, [&](int64_t n, int64_t begin,
                                                            int64_t end) {
       const int64_t at = n * size * channels + begin, row = n * channels + begin;
       position_grad_sums(gs + at, xs + at, size, channels, end - begin, ones.data() + begin,
@@ -1015,7 +1026,7 @@ void batch_norm_backward_into(const at::Tensor& grad, const at::Tensor& x, bool 
     grad_bias[c] = static_cast<scalar_t>(total);
   }
   if (by_position) {
-    for_each_position(samples, channels, size, [&](int64_t, int64_t at) {
+    for_each_position(0, samples, channels, size, [&](int64_t, int64_t at) {
       grad_batch_norm_position(gs + at, xs + at, out + at, channels, ms, p.data(), q.data(),
                                r.data());
     });
@@ -1195,7 +1206,7 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
     const scalar_t* xs = x.data_ptr<scalar_t>();
     scalar_t* os = out_rows.data_ptr<scalar_t>();
     if (by_position) {
-      for_each_position(x.size(0), channels, x.size(2), [&](int64_t, int64_t at) {
+      for_each_position(0, x.size(0), channels, x.size(2), [&](int64_t, int64_t at) {
         affine_position(xs + at, os + at, channels, means, alpha.data(), shift.data());
       });
     } else {
