@@ -90,18 +90,20 @@ def kernel():
 
 
 def test_the_compiled_stream_passes_keep_the_channels_last_layout(kernel):
-    # a channels_last activation's (N, C, S) view: channels adjacent, no copy to (N, C, S)
-    x = torch.randn(3, 70, 4, 5).contiguous(memory_format=torch.channels_last).flatten(2)
-    assert x.stride() == (70 * 20, 1, 70)
+    # a channels_last activation: read as the (N, C, S) view whose channels are adjacent, no
+    # copy to (N, C, S); the output and the input gradient in its layout
+    x = torch.randn(3, 70, 4, 5).contiguous(memory_format=torch.channels_last)
     gamma, beta = torch.rand(70) + 0.5, torch.rand(70) - 0.5
     out, record, kept = kernel.online_stream_forward(x, gamma, beta, torch.zeros(70),
                                                      torch.ones(70), 0.9, 1e-5, 1.0)
-    assert out.stride() == x.stride()
-    assert kept is x  # the backward reads x itself, no copy
-    grad_x, _, _ = kernel.online_stream_backward(torch.randn(3, 70, 20), x, gamma, beta, record,
-                                                 torch.zeros(70), torch.zeros(70), 0.9, 0.9, 1e-5,
-                                                 1.0)
-    assert grad_x.stride() == x.stride()
+    assert out.shape == x.shape and out.stride() == x.stride()
+    # the backward reads x itself
+    assert kept.data_ptr() == x.data_ptr() and kept.stride() == (70 * 20, 1, 70)
+    grad_x, _, _ = kernel.online_stream_backward(torch.randn(3, 70, 4, 5), kept, gamma, beta,
+                                                 record, torch.zeros(70), torch.zeros(70), 0.9,
+                                                 0.9, 1e-5, 1.0)
+    assert grad_x.shape == x.shape and grad_x.stride() == x.stride()
+    x = x.flatten(2)
     mean, var = kernel.channel_moments(x.double())
     torch.testing.assert_close(mean, x.double().mean((0, 2)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(var, x.double().var((0, 2), unbiased=False), rtol=1e-12,

@@ -303,38 +303,34 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     one stream, rank k's samples after rank k-1's, and every rank ends with
     the same state.
     """
-    # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
-    # A channels_last x gives a view whose channels are adjacent, which the compiled stream
-    # passes read as it is (the eager path's reshapes copy it).
-    flat = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    work = _in_dtype(x, x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
     weight, bias = _in_dtype(weight, work.dtype), _in_dtype(bias, work.dtype)
     clamp = clamp_val if ecm == "ac" else None
-    layer_scaled = False  # by the compiled step
     with autocast_off(x):
+        kernel = _online_kernel(work) if training and process_group is None else None
+        if kernel is not None:
+            # one compiled call each way, on x as it is (a channels_last layout read and
+            # kept), layer scaling included, no Python in the backward: at batch 1 and 2 the
+            # torch operations of OnlineNormFunction, and its Python, cost more than the passes
+            out = kernel.online_norm_train(
+                work, *_affine_or_identity(weight, bias, work), running_mean, running_var,
+                mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp),
+                ecm == "ls", ls_eps)
+            return _in_dtype(out, x.dtype)
+        # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
+        flat = work.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
         if training:
             ranks = None
             if process_group is not None:
-                ranks = RankSlice.of(work.shape[0], process_group, x.device)
+                ranks = RankSlice.of(flat.shape[0], process_group, x.device)
                 ranks.require_rows("Online Normalization")
-            kernel = _online_kernel(work) if ranks is None else None
-            if kernel is not None:
-                # one compiled call each way, layer scaling included, no Python in the
-                # backward: at batch 1 and 2 the torch operations of OnlineNormFunction, and
-                # its Python, cost more than the passes
-                layer_scaled = ecm == "ls"
-                out = kernel.online_norm_train(
-                    work, *_affine_or_identity(weight, bias, work), running_mean, running_var,
-                    mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp),
-                    layer_scaled, ls_eps)
-            else:
-                out = OnlineNormFunction.apply(work, weight, bias, running_mean, running_var,
-                                               mean_control, correlation_control, alpha_fwd,
-                                               alpha_bkw, eps, clamp, ranks)
+            out = OnlineNormFunction.apply(flat, weight, bias, running_mean, running_var,
+                                           mean_control, correlation_control, alpha_fwd,
+                                           alpha_bkw, eps, clamp, ranks)
         else:
-            inv_std = (running_var.to(work.dtype) + eps).rsqrt()[:, None]
-            y = (work - running_mean.to(work.dtype)[:, None]) * inv_std
+            inv_std = (running_var.to(flat.dtype) + eps).rsqrt()[:, None]
+            y = (flat - running_mean.to(flat.dtype)[:, None]) * inv_std
             out = _affine_clamp(y, weight, bias, clamp)
-        if ecm == "ls" and not layer_scaled:
+        if ecm == "ls":
             out = LayerScale.apply(out, ls_eps)
     return in_memory_format_of(_in_dtype(out, x.dtype).reshape(x.shape), x)

@@ -435,20 +435,39 @@ at::Tensor channel_rows(const char* what, const at::Tensor& t) {
   return t.reshape({t.size(0), t.size(1), -1});
 }
 
-// An uninitialized tensor of (N, C, *) `like`'s shape, in like's memory format where its
-// channel_rows view has the strides of `rows` (like's rows as the passes read them), else
-// contiguous; and that view, which the passes write. The result itself is no view: an
-// in-place operation on a view that an autograd function returns is an error.
-std::pair<at::Tensor, at::Tensor> empty_with_rows(const char* what, const at::Tensor& like,
-                                                  const at::Tensor& rows) {
-  auto out = at::empty_like(like);
-  auto out_rows = channel_rows(what, out);
-  if (out_rows.strides() != rows.strides()) {
-    out = at::empty(like.sizes(), like.options());
-    out_rows = channel_rows(what, out);
+// (N, C, *) `t` as the (N, C, S) view the stream passes read, S = 1 for (N, C): the samples
+// stay the streams' steps (where channel_rows makes them positions).
+at::Tensor stream_rows(const char* what, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2 && t.is_floating_point(), what,
+              ": expected an (N, C, ...) float32 or float64 tensor, got ", t.sizes());
+  int64_t size = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) size *= t.size(d);
+  return t.reshape({t.size(0), t.size(1), size});
+}
+
+// Whether two (N, C, S) tensors lay their elements out alike (strides of size-1 dimensions,
+// which address nothing, aside).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
   }
-  TORCH_INTERNAL_ASSERT(out_rows.strides() == rows.strides() &&
-                        out_rows.data_ptr() == out.data_ptr());
+  return true;
+}
+
+// An uninitialized tensor of (N, C, *) `like`'s shape, in like's memory format where its
+// `rows_of` view has the layout of `rows` (like's rows as the passes read them: contiguous or
+// positions-major), else contiguous; and that view, which the passes write. The result itself
+// is no view: an in-place operation on a view that an autograd function returns is an error.
+template <typename RowsOf>
+std::pair<at::Tensor, at::Tensor> empty_with_rows(const char* what, const at::Tensor& like,
+                                                  const at::Tensor& rows, const RowsOf& rows_of) {
+  auto out = at::empty_like(like);
+  auto out_rows = rows_of(what, out);
+  if (!same_layout(out_rows, rows)) {
+    out = at::empty(like.sizes(), like.options());
+    out_rows = rows_of(what, out);
+  }
+  TORCH_INTERNAL_ASSERT(same_layout(out_rows, rows) && out_rows.data_ptr() == out.data_ptr());
   return {out, out_rows};
 }
 
@@ -649,8 +668,9 @@ at::Tensor empty_record(const at::Tensor& x) {
   return at::empty({kRecordStats, samples, channels}, x.options().dtype(at::kDouble));
 }
 
-// Online Normalization's forward over a batch, the whole of OnlineNormFunction.forward:
-// (out in x's layout, the record, the activation the backward reads); running_mean and
+// Online Normalization's forward over a batch of (N, C, *) x, the whole of
+// OnlineNormFunction.forward: (out, of x's shape and layout; the record; the (N, C, S)
+// activation the backward reads); running_mean and
 // running_var are updated in place. For S > 1 out is the only activation-sized tensor
 // written, and the backward reads x (which BatchNorm saves too) where the specification
 // saves y: one fresh activation-sized buffer less a step. For S = 1 it reads y (see
@@ -659,8 +679,9 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
                                        const at::Tensor& beta_in, at::Tensor running_mean,
                                        at::Tensor running_var, double alpha, double eps,
                                        double limit) {
-  const bool by_position = positions_major(x_in);
-  const auto x = by_position ? x_in : x_in.contiguous(), gamma = gamma_in.contiguous(),
+  const auto rows_in = stream_rows("online stream_forward", x_in);
+  const bool by_position = positions_major(rows_in);
+  const auto x = by_position ? rows_in : rows_in.contiguous(), gamma = gamma_in.contiguous(),
              beta = beta_in.contiguous();
   check_rows("online stream_forward", x, {}, gamma, beta);
   const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2),
@@ -668,7 +689,8 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
   auto mu = read_state("online stream_forward", running_mean, channels);
   auto sigma2 = read_state("online stream_forward", running_var, channels);
   auto record = empty_record(x);
-  auto out = at::empty_like(x), kept_activation = size == 1 ? at::empty_like(x) : x;
+  const auto [out_full, out] = empty_with_rows("online stream_forward", x_in, x, stream_rows);
+  const auto kept_activation = size == 1 ? at::empty_like(x) : x;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_forward", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *ga = gamma.data_ptr<scalar_t>(),
                    *be = beta.data_ptr<scalar_t>();
@@ -742,24 +764,28 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
   });
   write_state(running_mean, mu);
   write_state(running_var, sigma2);
-  return {out, record, kept_activation};
+  return {out_full, record, kept_activation};
 }
 
-// Its backward, the whole of OnlineNormFunction.backward, from what stream_forward kept (x,
-// or y for S = 1, as `x_in`) and its record: (grad_x in x's layout, grad_gamma, grad_beta),
+// Its backward, the whole of OnlineNormFunction.backward, from what stream_forward kept (x's
+// rows, or y for S = 1, as `x`) and its record, given the gradient of its output: (grad_x,
+// of the gradient's shape in x's layout, grad_gamma, grad_beta),
 // the last two (C,) in x's dtype, summed in float64; mean_control (u) and correlation_control
 // (v) are updated in place.
-std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& x,
                                         const at::Tensor& gamma_in, const at::Tensor& beta_in,
                                         const at::Tensor& record_in, at::Tensor mean_control,
                                         at::Tensor correlation_control, double alpha_fwd,
                                         double alpha_bkw, double eps, double limit) {
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
-              "online stream_backward: expected a gradient of x's shape and dtype");
-  const bool by_position = positions_major(x_in);
-  const auto x = by_position ? x_in : x_in.contiguous(), grad = in_layout_of(grad_in, x),
-             gamma = gamma_in.contiguous(), beta = beta_in.contiguous(),
-             record = record_in.contiguous();
+  const auto grad_rows = stream_rows("online stream_backward", grad_in);
+  TORCH_CHECK(x.dim() == 3 && grad_rows.sizes() == x.sizes() &&
+                  grad_in.scalar_type() == x.scalar_type() &&
+                  (positions_major(x) || x.is_contiguous()),
+              "online stream_backward: expected what stream_forward kept, and a gradient of its "
+              "output's shape and dtype");
+  const bool by_position = positions_major(x);
+  const auto grad = in_layout_of(grad_rows, x), gamma = gamma_in.contiguous(),
+             beta = beta_in.contiguous(), record = record_in.contiguous();
   check_rows("online stream_backward", x, {}, gamma, beta);
   const int64_t samples = x.size(0), channels = x.size(1), size = x.size(2),
                 rows = samples * channels;
@@ -862,7 +888,7 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
   });
   write_state(mean_control, u);
   write_state(correlation_control, v);
-  return {grad_x, grad_affine[0], grad_affine[1]};
+  return {grad_x.view(grad_in.sizes()), grad_affine[0], grad_affine[1]};
 }
 
 // Positions-major channel_moments, in one pass: per (sample, channel) sums of the deviations
@@ -1166,7 +1192,7 @@ std::vector<at::Tensor> batch_renorm_forward(const at::Tensor& x_in, const at::T
   check_per_channel("batch_renorm_forward", {weight, bias, running_mean, running_var}, x);
   const int64_t channels = x.size(1);
   at::Tensor out, out_rows;
-  std::tie(out, out_rows) = empty_with_rows("batch_renorm_forward", x_in, x);
+  std::tie(out, out_rows) = empty_with_rows("batch_renorm_forward", x_in, x, channel_rows);
   auto new_mean = at::empty_like(running_mean), new_var = at::empty_like(running_var),
        stats = at::empty({kRenormStats, channels}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_forward", [&] {
@@ -1236,7 +1262,7 @@ std::vector<at::Tensor> batch_renorm_backward(const at::Tensor& grad_in, const a
   const auto grad = in_layout_of(channel_rows("batch_renorm_backward", grad_in), x);
   const int64_t channels = x.size(1);
   at::Tensor grad_x, grad_x_rows;
-  std::tie(grad_x, grad_x_rows) = empty_with_rows("batch_renorm_backward", x_in, x);
+  std::tie(grad_x, grad_x_rows) = empty_with_rows("batch_renorm_backward", x_in, x, channel_rows);
   auto grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_backward", [&] {
     const scalar_t* const stat = stats.data_ptr<scalar_t>();
