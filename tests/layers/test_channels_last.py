@@ -20,6 +20,8 @@ CASES = [
     (OnlineNorm2d, (1, 16, 9, 9), {"ecm": "ls"}),  # batch 1
     (OnlineNorm2d, (3, 16, 5, 5), {"ecm": "ls"}),  # each sample's block scaled in its layout
     (OnlineNorm2d, (4, 16, 5, 5), {"ecm": None, "affine": False}),
+    # 2^18 values a sample: one sample per range of the kernel's positions-major passes
+    (OnlineNorm2d, (3, 64, 64, 64), {}),
     (OnlineNorm3d, (2, 12, 3, 4, 5), {"clamp_val": 1.0}),
     (OnlineNorm3d, (1, 12, 3, 4, 5), {}),
     (BatchRenorm2d, (6, 72, 5, 7), {"r_max": 1.5, "d_max": 0.5}),
