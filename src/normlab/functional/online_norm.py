@@ -295,9 +295,12 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
         u_t = u_{t-1} + \mathrm{mean}(x'_t)
 
     Both are linear recurrences, computed for the whole batch at once with
-    prefix scans in float64. Out of training y uses the running statistics,
-    which stay unchanged. Low-precision inputs are normalized in float32. The
-    output is in x's memory format (channels_last and channels_last_3d kept).
+    prefix scans in float64 (on CPU in one process, by the compiled step's
+    sequential float64 loops instead; for (N, C) inputs its backward reads
+    1 / sqrt(sigma^2 + eps) rounded to x's dtype). Out of training y uses the
+    running statistics, which stay unchanged. Low-precision inputs are
+    normalized in float32. The output is in x's memory format (channels_last
+    and channels_last_3d kept).
 
     With a `process_group` (torch.distributed), the group's global batch is
     one stream, rank k's samples after rank k-1's, and every rank ends with
