@@ -121,3 +121,20 @@ def test_channels_last_batch_statistics_stay_accurate_in_float32_at_a_large_mean
     torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-6, atol=0)
     torch.testing.assert_close(var, x.float().double().var((0, 2, 3), unbiased=False),
                                rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("cls", [OnlineNorm2d, BatchRenorm2d])
+def test_a_dense_input_in_neither_layout_computes_what_its_contiguous_copy_computes(cls, passes):
+    # permuted (N, H, C, W) storage: dense, neither contiguous nor channels_last; the
+    # compiled step reads a contiguous copy of it and writes a fresh contiguous output
+    x = torch.randn(2, 4, 3, 5).permute(0, 2, 1, 3).requires_grad_(True)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    copy_x = x.detach().contiguous().requires_grad_(True)
+    layer = randomized(cls(3))
+    twin = copy.deepcopy(layer)
+    grad = torch.randn(x.shape)
+    out, want = layer(x), twin(copy_x)
+    out.backward(grad)
+    want.backward(grad)
+    close(out, want, 1e-6)
+    close(x.grad, copy_x.grad, 1e-6)

@@ -43,7 +43,7 @@ namespace {
 constexpr int64_t kGrainElements = 32768;  // per parallel task: ~L2-sized, enough to amortize
 constexpr int64_t kSumBlock = 256;  // positions summed in the activation's dtype; see reduce_row
 constexpr int64_t kChannelBlock = 64;  // channels summed together in positions-major sums
-constexpr int64_t kCacheElements = 1 << 18;  // per range of samples read twice; see for_sample_ranges
+constexpr int64_t kCacheElements = 1 << 18;  // a range of samples read twice: for_sample_ranges
 constexpr int64_t kCenterPositions = 16;  // averaged for the center of positions-major moments
 
 // gamma * y + beta, the value the clamp sees; one definition for forward and backward.
@@ -229,8 +229,8 @@ inline BackwardStep backward_step(double leak, double alpha, double dot_mean, do
 // Rows of one position ((N, C) inputs): the forward of sample t over a block of channels,
 // the stream and the row pass in one loop, vectorized over the channels. A row's mean(y) and
 // mean(y^2) are y and y^2: y and 1 / sqrt(sigma2 + eps) are kept for the backward.
-// (Keeping x instead, and rerunning the streams in the backward, took longer: 1.2x the
-// step at (256, 1024), the mean's stream alone 1.1x.)
+// (Keeping x instead, and rerunning both streams, or the mean's alone, in the backward made
+// the step at (256, 1024) ~1.1x slower.)
 template <typename scalar_t>
 void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
                     const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
@@ -462,8 +462,8 @@ template <typename RowsOf>
 std::pair<at::Tensor, at::Tensor> empty_with_rows(const char* what, const at::Tensor& like,
                                                   const at::Tensor& rows, const RowsOf& rows_of) {
   auto out = at::empty_like(like);
-  auto out_rows = rows_of(what, out);
-  if (!same_layout(out_rows, rows)) {
+  auto out_rows = rows_of(what, out);  // a copy, not a view, for some dense layouts
+  if (!same_layout(out_rows, rows) || out_rows.data_ptr() != out.data_ptr()) {
     out = at::empty(like.sizes(), like.options());
     out_rows = rows_of(what, out);
   }
@@ -504,7 +504,8 @@ void for_each_position(int64_t first, int64_t last, int64_t channels, int64_t si
 // outputs, the streams' steps between) finds it in cache the second time.
 template <typename Body>
 void for_sample_ranges(int64_t samples, int64_t sample_values, const Body& body) {
-  const int64_t count = std::max<int64_t>(1, kCacheElements / std::max<int64_t>(sample_values, 1));
+  const int64_t count =
+      std::max<int64_t>(1, kCacheElements / std::max<int64_t>(sample_values, 1));
   for (int64_t first = 0; first < samples; first += count) {
     body(first, std::min(samples, first + count));
   }
@@ -710,7 +711,8 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
     }
     double* kept = record.data_ptr<double>();
     double *inv = kept + kInvStdRecord * rows, *shifts = kept + kShiftRecord * rows,
-           *y_means = kept + kYMeanRecord * rows, *y_square_means = kept + kYSquareMeanRecord * rows;
+           *y_means = kept + kYMeanRecord * rows,
+           *y_square_means = kept + kYSquareMeanRecord * rows;
     // the stream's step at a row, from its sum and sum of squares
     const auto step_row = [&](int64_t row, int64_t c, double sum, double square_sum) {
       const double mean = sum / size, var = std::max(0.0, square_sum / size - mean * mean);
