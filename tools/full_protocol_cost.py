@@ -66,7 +66,7 @@ def measure(config: training.TrainConfig, data_dir, steps: int = STEPS) -> tuple
     model = training.build_model(config).to(training.DTYPES[config.dtype])
     optimizer = training.build_optimizer(model, config)
     _, rebalancer_name = training.split_norm(config.norm)
-    rebalancer = (registry.get(rebalancer_name).build(model, optimizer, **config.rebalancer_kw)
+    rebalancer = (registry.get(rebalancer_name).rebalancer(model, optimizer, **config.rebalancer_kw)
                   if rebalancer_name else None)
     model.train()
     times = []
