@@ -777,8 +777,8 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
 std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& x,
                                         const at::Tensor& gamma_in, const at::Tensor& beta_in,
                                         const at::Tensor& record_in, at::Tensor mean_control,
-                                        at::Tensor correlation_control, double alpha_fwd,
-                                        double alpha_bkw, double eps, double limit) {
+                                        at::Tensor correlation_control, double alpha_bkw,
+                                        double limit) {
   const auto grad_rows = stream_rows("online stream_backward", grad_in);
   TORCH_CHECK(x.dim() == 3 && grad_rows.sizes() == x.sizes() &&
                   grad_in.scalar_type() == x.scalar_type() &&
@@ -816,8 +816,7 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
           const int64_t at = t * channels + begin;  // xs: y here
           backward_sample(gs + at, xs + at, out + at, end - begin, ga + begin, be + begin, bound,
                           leak, alpha_bkw, record.data_ptr<scalar_t>() + at, u.data() + begin,
-                          v.data() + begin,
-                          gga + begin, gbe + begin, masked_grad.data());
+                          v.data() + begin, gga + begin, gbe + begin, masked_grad.data());
         }
       });
       return;
@@ -1367,10 +1366,8 @@ struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepF
                             layer_scale ? out : at::Tensor(), inv_rms});
     ctx->saved_data["mean_control"] = mean_control;
     ctx->saved_data["correlation_control"] = correlation_control;
-    for (const auto& [name, value] : {std::pair{"alpha_fwd", alpha_fwd}, {"alpha_bkw", alpha_bkw},
-                                      {"eps", eps}, {"limit", limit}}) {
-      ctx->saved_data[name] = value;
-    }
+    ctx->saved_data["alpha_bkw"] = alpha_bkw;
+    ctx->saved_data["limit"] = limit;
     return out;
   }
 
@@ -1384,11 +1381,10 @@ struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepF
                                   inv_rms)
                  .as_strided(out.sizes(), out.strides());
     }
-    const auto number = [&](const char* name) { return ctx->saved_data[name].toDouble(); };
     auto gradients = stream_backward(
         grad, saved[0], gamma, saved[2], saved[3], ctx->saved_data["mean_control"].toTensor(),
-        ctx->saved_data["correlation_control"].toTensor(), number("alpha_fwd"),
-        number("alpha_bkw"), number("eps"), number("limit"));
+        ctx->saved_data["correlation_control"].toTensor(),
+        ctx->saved_data["alpha_bkw"].toDouble(), ctx->saved_data["limit"].toDouble());
     gradients = once_differentiable("OnlineNorm", grads[0], std::move(gradients));
     return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(),   at::Tensor(),   at::Tensor(), at::Tensor(),
