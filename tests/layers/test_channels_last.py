@@ -103,7 +103,7 @@ def test_the_compiled_stream_passes_keep_the_channels_last_layout(kernel):
     assert kept.data_ptr() == x.data_ptr() and kept.stride() == (70 * 20, 1, 70)
     grad_x, _, _ = kernel.online_stream_backward(torch.randn(3, 70, 4, 5), kept, gamma, beta,
                                                  record, torch.zeros(70), torch.zeros(70), 0.9,
-                                                 1.0)
+                                                 1.0, 0.9, 1e-5, False)
     assert grad_x.shape == x.shape and grad_x.stride() == x.stride()
     x = x.flatten(2)
     mean, var = kernel.channel_moments(x.double())

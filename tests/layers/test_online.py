@@ -459,14 +459,39 @@ def test_saves_one_activation_sized_tensor_plus_per_sample_channel_scalars(affin
                                                                            for t in saved]
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_the_compiled_step_saves_x_itself_where_the_spec_saves_a_fresh_y(memory_format):
+@pytest.mark.parametrize("cls, x", [
+    (OnlineNorm2d, torch.randn(4, 3, 5, 5)),
+    (OnlineNorm2d, torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)),
+    # (N, C): the backward replays the stream from the state before the batch
+    (OnlineNorm1d, torch.randn(6, 3)),
+])
+def test_the_compiled_step_saves_x_itself_where_the_spec_saves_a_fresh_y(cls, x):
     # one activation-sized buffer fewer written per step (the output only, as BatchNorm)
     if _native.module("activations", openmp=True) is None:
         skip_unless_ci("the compiled activations kernel could not be built on this machine")
-    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=memory_format).requires_grad_(True)
+    x = x.requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        OnlineNorm2d(3)(x)
+        cls(3)(x)
     activations = [t for t in saved if t.numel() == x.numel()]
     assert [t.untyped_storage().data_ptr() for t in activations] == [x.data_ptr()]
+    # beside it, the weight, the bias and the record: for (N, C), two scalars per channel
+    others = sum(t.numel() for t in saved if t.numel() != x.numel())
+    assert others <= 2 * 3 + (2 * 3 if x.dim() == 2 else 4 * x.shape[0] * 3)
+
+
+@pytest.mark.parametrize("ecm", ["ac", "ls", None])
+@pytest.mark.parametrize("cls, x", [
+    (OnlineNorm2d, torch.randn(4, 3, 5, 5)),
+    (OnlineNorm2d, torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)),
+    (OnlineNorm1d, torch.randn(6, 3)),
+])
+def test_the_output_gradient_given_stays_unchanged(cls, x, ecm):
+    # the compiled backward writes grad_x over layer scaling's gradient, its own buffer: never
+    # over the one it is given
+    x = x.requires_grad_(True)
+    grad = torch.randn_like(x)
+    given = grad.clone()
+    cls(3, ecm=ecm)(x).backward(grad)
+    assert torch.equal(grad, given)
+    assert x.grad.data_ptr() != grad.data_ptr()

@@ -296,8 +296,8 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
 
     Both are linear recurrences, computed for the whole batch at once with
     prefix scans in float64 (on CPU in one process, by the compiled step's
-    sequential float64 loops instead; for (N, C) inputs its backward reads
-    1 / sqrt(sigma^2 + eps) rounded to x's dtype). Out of training y uses the
+    sequential float64 loops instead; for (N, C) inputs it computes
+    1 / sqrt(sigma^2 + eps) in x's dtype). Out of training y uses the
     running statistics, which stay unchanged. Low-precision inputs are
     normalized in float32. The output is in x's memory format (channels_last
     and channels_last_3d kept).

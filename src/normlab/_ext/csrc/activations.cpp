@@ -10,9 +10,10 @@
 //   forward:  y = x * scale + shift and out = clamp(gamma * y + beta), one pass;
 //   backward: the clamp's mask is recomputed from y, never stored; one pass sums
 //             g * y and g over each row, one pass writes g * p + q + r * y.
-// The training step (stream_forward/backward) writes only out: its backward recomputes y
-// from x and the row's scale and shift, and runs each channel's rows in turn, the sums, the
-// stream's step and the row's pass in one parallel region (the row still in cache).
+// The training step (stream_forward/backward) writes only out and keeps x, as BatchNorm
+// does: its backward recomputes y from x and the row's scale and shift (for S = 1, from the
+// forward's stream, replayed), and runs each channel's rows in turn, the sums, the stream's
+// step and the row's pass in one parallel region (the row still in cache).
 // `limit` is the clamp's bound (infinity: no clamp).
 //
 // A channels_last (or channels_last_3d) activation reaches here as an (N, C, S) view whose
@@ -193,14 +194,17 @@ void row_power_sums(const scalar_t* x, int64_t size, double* sum, double* square
 
 // The forward stream: sample t (its mean and biased variance over positions) is normalized
 // by the statistics (mu, sigma2) before it, which then take it in. Writes what the backward
-// needs of the sample: 1 / sqrt(sigma2 + eps), mean(y) and mean(y^2).
+// needs of the sample: 1 / sqrt(sigma2 + eps), mean(y) and mean(y^2). The first is computed
+// in `inv_t`: the activation's dtype where nothing but the row's scale reads it (S = 1,
+// where a float64 square root and division per element were a third of the forward).
 struct ForwardStep {
   double inv_std, shift, y_mean, y_square_mean;
 };
 
+template <typename inv_t = double>
 inline ForwardStep forward_step(double alpha, double eps, double mean, double var, double* mu,
                                 double* sigma2) {
-  const double inv_std = 1.0 / std::sqrt(*sigma2 + eps);
+  const double inv_std = inv_t(1) / std::sqrt(static_cast<inv_t>(*sigma2 + eps));
   const double deviation = mean - *mu;
   const ForwardStep step{inv_std, -*mu * inv_std, deviation * inv_std,
                          (var + deviation * deviation) * inv_std * inv_std};
@@ -227,36 +231,47 @@ inline BackwardStep backward_step(double leak, double alpha, double dot_mean, do
 }
 
 // Rows of one position ((N, C) inputs): the forward of sample t over a block of channels,
-// the stream and the row pass in one loop, vectorized over the channels. A row's mean(y) and
-// mean(y^2) are y and y^2: y and 1 / sqrt(sigma2 + eps) are kept for the backward.
-// (Keeping x instead, and rerunning both streams, or the mean's alone, in the backward made
-// the step at (256, 1024) ~1.1x slower.)
+// the stream and the row pass in one loop, vectorized over the channels. Only out is
+// written; the backward replays the stream from the state before the batch (replay_sample).
+// (Keeping y and 1 / sqrt(sigma2 + eps) instead, or the latter alone, made the step at
+// (256, 1024) as fast or ~8% slower: the passes over them cost what the replay does.)
 template <typename scalar_t>
-void forward_sample(const scalar_t* x, scalar_t* y, scalar_t* out, int64_t channels,
-                    const scalar_t* gamma, const scalar_t* beta, scalar_t limit,
-                    double alpha, double eps, double* mu, double* sigma2, scalar_t* inv_std) {
+void forward_sample(const scalar_t* x, scalar_t* out, int64_t channels, const scalar_t* gamma,
+                    const scalar_t* beta, scalar_t limit, double alpha, double eps, double* mu,
+                    double* sigma2) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
-    const ForwardStep step = forward_step(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
-    inv_std[c] = step.inv_std;
-    y[c] = normalized(x[c], static_cast<scalar_t>(step.inv_std),
-                      static_cast<scalar_t>(step.shift));
-    out[c] = output_element(y[c], gamma[c], beta[c], limit);
+    const ForwardStep step = forward_step<scalar_t>(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
+    out[c] = output_element(normalized(x[c], static_cast<scalar_t>(step.inv_std),
+                                       static_cast<scalar_t>(step.shift)),
+                            gamma[c], beta[c], limit);
   }
 }
 
-// ... and its backward: the clamp's mask (into `masked_grad`, a loop of the dtype alone, so
-// that it vectorizes), then the control process and the input gradient in one loop; the
-// weight and bias gradients accumulate.
+// ... the same step replayed in the backward: y and 1 / sqrt(sigma2 + eps) as the forward
+// computed them, and the gradient masked by the clamp (`masked_grad`).
 template <typename scalar_t>
-void backward_sample(const scalar_t* grad, const scalar_t* y, scalar_t* grad_x,
-                     int64_t channels, const scalar_t* gamma, const scalar_t* beta,
-                     scalar_t limit, double leak, double alpha, const scalar_t* inv_std,
-                     double* u, double* v, double* grad_gamma, double* grad_beta,
-                     scalar_t* masked_grad) {
+void replay_sample(const scalar_t* x, const scalar_t* grad, int64_t channels,
+                   const scalar_t* gamma, const scalar_t* beta, scalar_t limit, double alpha,
+                   double eps, double* mu, double* sigma2, scalar_t* y, scalar_t* inv_std,
+                   scalar_t* masked_grad) {
+#pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
+    const ForwardStep step = forward_step<scalar_t>(alpha, eps, x[c], 0.0, mu + c, sigma2 + c);
+    inv_std[c] = static_cast<scalar_t>(step.inv_std);
+    y[c] = normalized(x[c], inv_std[c], static_cast<scalar_t>(step.shift));
     masked_grad[c] = masked(grad[c], affine(gamma[c], y[c], beta[c]), limit);
   }
+}
+
+// ... and the control process and the input gradient in one loop (a loop apart from the
+// replay's: together they did not vectorize); the weight and bias gradients accumulate in
+// the dtype, over blocks of samples (see stream_backward).
+template <typename scalar_t>
+void backward_sample(const scalar_t* masked_grad, const scalar_t* y, scalar_t* grad_x,
+                     int64_t channels, const scalar_t* gamma, double leak, double alpha,
+                     const scalar_t* inv_std, double* u, double* v, scalar_t* grad_gamma,
+                     scalar_t* grad_beta) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t g = masked_grad[c];
@@ -283,6 +298,9 @@ template <typename scalar_t>
 void grad_input_row(const scalar_t* grad, const scalar_t* x, scalar_t* out, int64_t size,
                     scalar_t scale, scalar_t shift, scalar_t gamma, scalar_t beta,
                     scalar_t limit, scalar_t p, scalar_t q, scalar_t r) {
+  // simd: element by element, so it holds where out is grad itself (stream_backward's
+  // overwrite_grad), which a runtime alias check would send to the scalar loop
+#pragma omp simd
   for (int64_t i = 0; i < size; ++i) {
     const scalar_t y = normalized(x[i], scale, shift);
     out[i] = grad_input_element(masked(grad[i], affine(gamma, y, beta), limit), y, p, q, r);
@@ -657,25 +675,22 @@ void write_state(at::Tensor& state, const std::vector<double>& values) {
 // What the stream backward needs of the forward (the "record"). For S > 1, float64 per row
 // (sample, channel): kRecordStats values, 1 / sqrt(sigma2 + eps), the shift -mu / sqrt(sigma2
 // + eps) (y is recomputed from x with both, cast to x's dtype as the forward cast them),
-// mean(y) and mean(y^2). For S = 1, (N, C) in x's dtype: 1 / sqrt(sigma2 + eps) per element,
-// beside y. In float32 that is its rounding (relative 6e-8, the output's own precision) where
-// the specification keeps float64: an activation-sized buffer, whose float64 copy cost the
-// step at (256, 1024) 8% more time and a third more saved memory.
+// mean(y) and mean(y^2). For S = 1, the stream's state before the batch, (2, C) float64: mu,
+// sigma2, from which the backward replays the forward's steps (forward_sample).
 enum RecordStat { kInvStdRecord, kShiftRecord, kYMeanRecord, kYSquareMeanRecord, kRecordStats };
 
 at::Tensor empty_record(const at::Tensor& x) {
   const int64_t samples = x.size(0), channels = x.size(1);
-  if (x.size(2) == 1) return at::empty({samples, channels}, x.options());
+  if (x.size(2) == 1) return at::empty({2, channels}, x.options().dtype(at::kDouble));
   return at::empty({kRecordStats, samples, channels}, x.options().dtype(at::kDouble));
 }
 
 // Online Normalization's forward over a batch of (N, C, *) x, the whole of
 // OnlineNormFunction.forward: (out, of x's shape and layout; the record; the (N, C, S)
-// activation the backward reads); running_mean and
-// running_var are updated in place. For S > 1 out is the only activation-sized tensor
-// written, and the backward reads x (which BatchNorm saves too) where the specification
-// saves y: one fresh activation-sized buffer less a step. For S = 1 it reads y (see
-// forward_sample).
+// activation the backward reads: x's rows); running_mean and running_var are updated in
+// place. out is the only activation-sized tensor written, and the backward reads x (which
+// BatchNorm saves too) where the specification saves y: one fresh activation-sized buffer
+// less a step.
 std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor& gamma_in,
                                        const at::Tensor& beta_in, at::Tensor running_mean,
                                        at::Tensor running_var, double alpha, double eps,
@@ -691,20 +706,20 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
   auto sigma2 = read_state("online stream_forward", running_var, channels);
   auto record = empty_record(x);
   const auto [out_full, out] = empty_with_rows("online stream_forward", x_in, x, stream_rows);
-  const auto kept_activation = size == 1 ? at::empty_like(x) : x;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_forward", [&] {
     const scalar_t *xs = x.data_ptr<scalar_t>(), *ga = gamma.data_ptr<scalar_t>(),
                    *be = beta.data_ptr<scalar_t>();
     scalar_t* os = out.data_ptr<scalar_t>();
     const auto bound = static_cast<scalar_t>(limit);
     if (size == 1) {
-      scalar_t* ys = kept_activation.data_ptr<scalar_t>();
+      double* before = record.data_ptr<double>();
+      std::copy(mu.begin(), mu.end(), before);
+      std::copy(sigma2.begin(), sigma2.end(), before + channels);
       for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
         for (int64_t t = 0; t < samples; ++t) {
           const int64_t at = t * channels + begin;
-          forward_sample(xs + at, ys + at, os + at, end - begin, ga + begin, be + begin, bound,
-                         alpha, eps, mu.data() + begin, sigma2.data() + begin,
-                         record.data_ptr<scalar_t>() + at);
+          forward_sample(xs + at, os + at, end - begin, ga + begin, be + begin, bound, alpha,
+                         eps, mu.data() + begin, sigma2.data() + begin);
         }
       });
       return;
@@ -766,19 +781,23 @@ std::vector<at::Tensor> stream_forward(const at::Tensor& x_in, const at::Tensor&
   });
   write_state(running_mean, mu);
   write_state(running_var, sigma2);
-  return {out_full, record, kept_activation};
+  return {out_full, record, x};
 }
 
 // Its backward, the whole of OnlineNormFunction.backward, from what stream_forward kept (x's
-// rows, or y for S = 1, as `x`) and its record, given the gradient of its output: (grad_x,
-// of the gradient's shape in x's layout, grad_gamma, grad_beta),
-// the last two (C,) in x's dtype, summed in float64; mean_control (u) and correlation_control
-// (v) are updated in place.
+// rows) and its record, given the gradient of its output: (grad_x, of the gradient's shape
+// in x's layout, grad_gamma, grad_beta), the last two (C,) in x's dtype, summed in float64
+// (for S = 1 in x's dtype over blocks of kSumBlock samples, as reduce_row sums positions);
+// mean_control (u) and correlation_control (v) are updated in place. alpha_fwd and eps are
+// the forward's, for its replay at S = 1. With `overwrite_grad` the gradient's buffer is the
+// caller's own and not needed after: grad_x is written over it (each pass reads an element's
+// gradient before it writes the element's grad_x), one fresh activation-sized buffer fewer.
 std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Tensor& x,
                                         const at::Tensor& gamma_in, const at::Tensor& beta_in,
                                         const at::Tensor& record_in, at::Tensor mean_control,
                                         at::Tensor correlation_control, double alpha_bkw,
-                                        double limit) {
+                                        double limit, double alpha_fwd, double eps,
+                                        bool overwrite_grad) {
   const auto grad_rows = stream_rows("online stream_backward", grad_in);
   TORCH_CHECK(x.dim() == 3 && grad_rows.sizes() == x.sizes() &&
                   grad_in.scalar_type() == x.scalar_type() &&
@@ -801,7 +820,7 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
   auto v = read_state("online stream_backward", correlation_control, channels);
   std::vector<double> grad_sums(2 * channels, 0.0);  // of gamma, then of beta
   auto grad_affine = at::empty({2, channels}, x.options());
-  auto grad_x = at::empty_like(x);
+  auto grad_x = overwrite_grad ? grad : at::empty_like(x);
   const double leak = 1 - alpha_bkw;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "online_stream_backward", [&] {
     const scalar_t *gs = grad.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>(),
@@ -810,14 +829,33 @@ std::vector<at::Tensor> stream_backward(const at::Tensor& grad_in, const at::Ten
     scalar_t* out = grad_x.data_ptr<scalar_t>();
     const auto bound = static_cast<scalar_t>(limit);
     if (size == 1) {
+      const double* before = record.data_ptr<double>();
+      std::vector<double> mu(before, before + channels), sigma2(before + channels,
+                                                                before + 2 * channels);
       for_channel_blocks(samples, channels, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> masked_grad(end - begin);
+        const int64_t count = end - begin;
+        // per channel of the block: scratch of one sample, and the block of samples' sums
+        std::vector<scalar_t> ys(count), inv_stds(count), masked_grad(count),
+            block_gamma(count, scalar_t(0)), block_beta(count, scalar_t(0));
+        const auto add_block_sums = [&] {
+          for (int64_t c = 0; c < count; ++c) {
+            gga[begin + c] += block_gamma[c];
+            gbe[begin + c] += block_beta[c];
+          }
+          std::fill(block_gamma.begin(), block_gamma.end(), scalar_t(0));
+          std::fill(block_beta.begin(), block_beta.end(), scalar_t(0));
+        };
         for (int64_t t = 0; t < samples; ++t) {
-          const int64_t at = t * channels + begin;  // xs: y here
-          backward_sample(gs + at, xs + at, out + at, end - begin, ga + begin, be + begin, bound,
-                          leak, alpha_bkw, record.data_ptr<scalar_t>() + at, u.data() + begin,
-                          v.data() + begin, gga + begin, gbe + begin, masked_grad.data());
+          if (t > 0 && t % kSumBlock == 0) add_block_sums();
+          const int64_t at = t * channels + begin;
+          replay_sample(xs + at, gs + at, count, ga + begin, be + begin, bound, alpha_fwd, eps,
+                        mu.data() + begin, sigma2.data() + begin, ys.data(), inv_stds.data(),
+                        masked_grad.data());
+          backward_sample(masked_grad.data(), ys.data(), out + at, count, ga + begin, leak,
+                          alpha_bkw, inv_stds.data(), u.data() + begin, v.data() + begin,
+                          block_gamma.data(), block_beta.data());
         }
+        add_block_sums();
       });
       return;
     }
@@ -1362,12 +1400,14 @@ struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepF
     auto out = results[0];
     at::Tensor inv_rms;  // layer scaling's, in place on out: no fresh activation-sized buffer
     if (layer_scale) inv_rms = layer_scale_forward(sample_rows(out), ls_eps, true)[1];
-    ctx->save_for_backward({results[2], gamma, beta, results[1],  // x (y for S = 1)
+    ctx->save_for_backward({results[2], gamma, beta, results[1],  // x's rows
                             layer_scale ? out : at::Tensor(), inv_rms});
     ctx->saved_data["mean_control"] = mean_control;
     ctx->saved_data["correlation_control"] = correlation_control;
     ctx->saved_data["alpha_bkw"] = alpha_bkw;
     ctx->saved_data["limit"] = limit;
+    ctx->saved_data["alpha_fwd"] = alpha_fwd;
+    ctx->saved_data["eps"] = eps;
     return out;
   }
 
@@ -1376,7 +1416,8 @@ struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepF
     const auto saved = ctx->get_saved_variables();
     const auto &gamma = saved[1], &out = saved[4], &inv_rms = saved[5];
     auto grad = grads[0];
-    if (inv_rms.defined()) {  // layer scaling's gradient, in out's layout
+    const bool own_grad = inv_rms.defined();
+    if (own_grad) {  // layer scaling's gradient, in out's layout, into a buffer of its own
       grad = layer_scale_backward(sample_rows(in_layout_of(grad, out)), sample_rows(out),
                                   inv_rms)
                  .as_strided(out.sizes(), out.strides());
@@ -1384,7 +1425,8 @@ struct OnlineNormStepFunction : public torch::autograd::Function<OnlineNormStepF
     auto gradients = stream_backward(
         grad, saved[0], gamma, saved[2], saved[3], ctx->saved_data["mean_control"].toTensor(),
         ctx->saved_data["correlation_control"].toTensor(),
-        ctx->saved_data["alpha_bkw"].toDouble(), ctx->saved_data["limit"].toDouble());
+        ctx->saved_data["alpha_bkw"].toDouble(), ctx->saved_data["limit"].toDouble(),
+        ctx->saved_data["alpha_fwd"].toDouble(), ctx->saved_data["eps"].toDouble(), own_grad);
     gradients = once_differentiable("OnlineNorm", grads[0], std::move(gradients));
     return {gradients[0], gradients[1], gradients[2], at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(),   at::Tensor(),   at::Tensor(), at::Tensor(),
