@@ -130,6 +130,12 @@ def batch_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         grad, x, weight, None, None, mean, inv_std, True, 0.0, [True, True, True])
 
 
+def in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` in `dtype` (None stays None); as Tensor.to, without its dispatch where nothing
+    changes (at batch 1 each call is felt)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def channels_last_format(x: torch.Tensor) -> torch.memory_format | None:
     """torch.channels_last or channels_last_3d where x is laid out so and not also
     contiguous (its channels or positions one), else None."""

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from .._ext import loader as _native
 from .._ext.loader import tracing as _tracing
+from .aten_helpers import in_dtype
 
 
 def equilibrium_shift_scale(weight: torch.Tensor, input_mean: torch.Tensor,
@@ -152,13 +153,14 @@ class _CompiledEquiNorm(torch.autograd.Function):
     def forward(ctx, weight, input_mean, gain, positions_ratio: float, groups: int,
                 single_pass: bool, kernel):
         rows = weight.reshape(weight.shape[0], weight.shape[1], -1)
-        mean = input_mean.to(weight.dtype).reshape(groups, -1)  # the means each group sees
+        mean = in_dtype(input_mean, weight.dtype).reshape(groups, -1)
         floor_scale = _floor_scale(weight.dtype)
         out, *solved = kernel.forward(rows, mean, gain, positions_ratio, single_pass,
                                       floor_scale)
         guards = solved[-1]
-        for taken, what in zip(guards.t(), (_INPUT_SUM, _CONTRIBUTION)):
-            _warn_degenerate(taken != 0, what)
+        if guards.any():  # one check for the usual case, where neither is degenerate
+            for taken, what in zip(guards.t(), (_INPUT_SUM, _CONTRIBUTION)):
+                _warn_degenerate(taken != 0, what)
         ctx.save_for_backward(rows, mean, gain, *solved)
         ctx.kernel, ctx.single_pass, ctx.floor_scale = kernel, single_pass, floor_scale
         ctx.mean_dtype = input_mean.dtype
@@ -171,5 +173,6 @@ class _CompiledEquiNorm(torch.autograd.Function):
         grad_rows, grad_mean, grad_gain = ctx.kernel.backward(
             grad.reshape(rows.shape), rows, mean, gain, *solved, ctx.single_pass,
             ctx.floor_scale)
-        return (grad_rows.view(grad.shape), grad_mean.flatten().to(ctx.mean_dtype), grad_gain,
+        return (grad_rows.view(grad.shape), in_dtype(grad_mean.flatten(), ctx.mean_dtype),
+                grad_gain,
                 None, None, None, None)

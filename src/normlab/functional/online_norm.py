@@ -15,6 +15,7 @@ from .aten_helpers import (
     autocast_off,
     clamp_backward,
     column_sums,
+    in_dtype,
     in_memory_format_of,
     row_sums,
     scale_shift,
@@ -80,12 +81,6 @@ def _affine_or_identity(weight, bias, like: torch.Tensor) -> tuple[torch.Tensor,
     if weight is not None:
         return weight, bias
     return like.new_ones(like.shape[1]), like.new_zeros(like.shape[1])
-
-
-def _in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """`t` in `dtype` (None stays None); as Tensor.to, without its dispatch where nothing
-    changes (at batch 1 each call is felt)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _bound(clamp_val: float | None) -> float:
@@ -306,8 +301,8 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     one stream, rank k's samples after rank k-1's, and every rank ends with
     the same state.
     """
-    work = _in_dtype(x, x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
-    weight, bias = _in_dtype(weight, work.dtype), _in_dtype(bias, work.dtype)
+    work = in_dtype(x, x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+    weight, bias = in_dtype(weight, work.dtype), in_dtype(bias, work.dtype)
     clamp = clamp_val if ecm == "ac" else None
     with autocast_off(x):
         kernel = _online_kernel(work) if training and process_group is None else None
@@ -319,7 +314,7 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
                 work, *_affine_or_identity(weight, bias, work), running_mean, running_var,
                 mean_control, correlation_control, alpha_fwd, alpha_bkw, eps, _bound(clamp),
                 ecm == "ls", ls_eps)
-            return _in_dtype(out, x.dtype)
+            return in_dtype(out, x.dtype)
         # Explicit sizes: a synced process may hold no sample (reported below, on every rank).
         flat = work.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
         if training:
@@ -336,4 +331,4 @@ def online_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
             out = _affine_clamp(y, weight, bias, clamp)
         if ecm == "ls":
             out = LayerScale.apply(out, ls_eps)
-    return in_memory_format_of(_in_dtype(out, x.dtype).reshape(x.shape), x)
+    return in_memory_format_of(in_dtype(out, x.dtype).reshape(x.shape), x)

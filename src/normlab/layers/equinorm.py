@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from .. import checks, functional
 from ..distributed import RankSlice, Syncable, all_reduce_sum
+from ..functional.aten_helpers import in_dtype
 from ._base import SPATIAL_NAMES, ConvGeometry, SourceWeight, WeightNormalizedLayer
 
 
@@ -114,7 +115,8 @@ class _EquiNorm(nn.Module, WeightNormalizedLayer, Syncable):
             else:
                 input_mean = self._global_input_mean(x, dtype, group)
             with torch.no_grad():
-                self.running_mean.lerp_(input_mean.to(self.running_mean.dtype), self.momentum)
+                self.running_mean.lerp_(in_dtype(input_mean, self.running_mean.dtype),
+                                        self.momentum)
         else:
             input_mean = self.running_mean
         # The gain folds into the weight: the affine costs nothing per activation.
