@@ -179,20 +179,28 @@ def test_the_compiled_passes_compute_what_the_eager_path_computes(cls, shape, kw
         assert_close(got, want, 1e-5)
 
 
-def test_float32_batch_of_1024_is_stable_against_float64_reference():
+@pytest.mark.parametrize("cls, shape", [
+    (OnlineNorm2d, (1024, 4, 3, 3)),
+    # (N, C): 1 / sqrt(sigma2 + eps) in float32, the weight and bias gradients summed in
+    # float32 over blocks of 256 samples
+    (OnlineNorm1d, (1024, 4)),
+])
+def test_float32_batch_of_1024_is_stable_against_float64_reference(cls, shape):
     torch.manual_seed(2)
-    shape = (1024, 4, 3, 3)
-    layer64 = random_layer(OnlineNorm2d, 4, alpha_fwd=0.99, alpha_bkw=0.9)
-    layer32 = OnlineNorm2d(4, alpha_fwd=0.99, alpha_bkw=0.9)
+    layer64 = random_layer(cls, 4, alpha_fwd=0.99, alpha_bkw=0.9)
+    layer32 = cls(4, alpha_fwd=0.99, alpha_bkw=0.9)
     layer32.load_state_dict(layer64.state_dict())
     x = torch.randn(shape, dtype=torch.float64) * 3 + 5
     grad = torch.randn(shape, dtype=torch.float64)
-    ref_out, ref_grad, ref_state, _, _ = reference_stream(layer64, [x], [grad])
+    ref_out, ref_grad, ref_state, ref_weight_grad, ref_bias_grad = reference_stream(
+        layer64, [x], [grad])
     outs, grads_x, state = run_layer(layer32, [x.float()], [grad.float()])
     assert_close(outs[0].double(), ref_out[0], 1e-5)
     assert_close(grads_x[0].double(), ref_grad[0], 1e-5)
     for got, want in zip(state, ref_state):
         assert_close(got.double(), want, 1e-5)
+    assert_close(layer32.weight.grad.double(), ref_weight_grad, 1e-5)
+    assert_close(layer32.bias.grad.double(), ref_bias_grad, 1e-5)
 
 
 def test_float32_moments_stay_accurate_with_a_large_channel_offset():

@@ -195,8 +195,9 @@ void row_power_sums(const scalar_t* x, int64_t size, double* sum, double* square
 // The forward stream: sample t (its mean and biased variance over positions) is normalized
 // by the statistics (mu, sigma2) before it, which then take it in. Writes what the backward
 // needs of the sample: 1 / sqrt(sigma2 + eps), mean(y) and mean(y^2). The first is computed
-// in `inv_t`: the activation's dtype where nothing but the row's scale reads it (S = 1,
-// where a float64 square root and division per element were a third of the forward).
+// in `inv_t`: for S = 1 the activation's dtype, whose value the row's scale and the control
+// process then read (in float32 within a few ulps of the specification's float64 value; a
+// float64 square root and division per element were a third of the forward).
 struct ForwardStep {
   double inv_std, shift, y_mean, y_square_mean;
 };
