@@ -477,7 +477,7 @@ def test_the_compiled_step_saves_x_itself_where_the_spec_saves_a_fresh_y(cls, x)
     # one activation-sized buffer fewer written per step (the output only, as BatchNorm)
     if _native.module("activations", openmp=True) is None:
         skip_unless_ci("the compiled activations kernel could not be built on this machine")
-    x = x.requires_grad_(True)
+    x = x.clone().requires_grad_(True)  # a fresh leaf: the parameter is shared by the runs
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         cls(3)(x)
@@ -497,7 +497,7 @@ def test_the_compiled_step_saves_x_itself_where_the_spec_saves_a_fresh_y(cls, x)
 def test_the_output_gradient_given_stays_unchanged(cls, x, ecm):
     # the compiled backward writes grad_x over layer scaling's gradient, its own buffer: never
     # over the one it is given
-    x = x.requires_grad_(True)
+    x = x.clone().requires_grad_(True)  # a fresh leaf: the parameter is shared by the runs
     grad = torch.randn_like(x)
     given = grad.clone()
     cls(3, ecm=ecm)(x).backward(grad)
