@@ -2,7 +2,7 @@
 // Normalization's, fused (Chiley et al. 2019, arXiv:1905.05894), batch statistics, and Batch
 // Renormalization's training step (Ioffe 2017, arXiv:1702.03275), one call each way.
 //
-// Online Normalization: `OnlineNormFunction` in normlab/functional.py is the
+// Online Normalization: `OnlineNormFunction` in normlab/functional/online_norm.py is the
 // specification; its eager path runs these as torch operations, 4 passes forward after
 // the moments (y, the affine map, the clamp) and 5 backward (the affine map again, the
 // clamp's gradient, the sums, the scaling, the correction along y). Here each row is

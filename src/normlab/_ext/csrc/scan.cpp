@@ -1,6 +1,6 @@
 // The linear recurrence h_t = coef_t h_{t-1} + drive_t along dim 0, as a loop.
 //
-// `functional._linear_scan_eager` in normlab/functional.py is the eager path
+// `_linear_scan_eager` in normlab/functional/online_norm.py is the eager path
 // and the specification: a Hillis-Steele scan, log2(N) rounds of three tensor
 // operations over the whole (N, C) state, which at Online Normalization's
 // (128, 256) shapes costs more than the layer's passes over the activations.
