@@ -39,8 +39,9 @@ def render(folder: str | Path) -> Path:
              f"`{recipe.seed_doc}`: {len(finished)} of the mode's {len(protocol_keys)} runs "
              f"finished. Runs in the database: "
              f"{len(runs)} ({counts['done']} done, {counts['diverged']} diverged, "
-             f"{counts['failed']} failed); compute time {sum(r.wall_time for r in runs):.0f} s "
-             f"summed over runs. Figures over seeds are the median and the interquartile "
+             f"{counts['failed']} failed); wall time {sum(r.wall_time for r in runs):.0f} s "
+             f"summed over runs (each run's own clock, so time it waited on a shared or "
+             f"paused CPU counts too). Figures over seeds are the median and the interquartile "
              f"range (IQR). A verdict needs {MIN_SEEDS} seeds per compared arm "
              f"(\"indicative\" below that); each claim's rule is printed beside it with the "
              f"date it was fixed, and marked where it was set after this mode's runs existed.",
