@@ -326,7 +326,8 @@ def _stored_runs(out: Path) -> int:
 def _reproduce_gated(out: Path, gate: Path, pid_dir: Path) -> subprocess.Popen:
     """`normlab reproduce` on two quick probes, then two that wait while `gate` exists; in a
     session of its own, so that a signal to its process group is a terminal's Ctrl-C."""
-    call = f"sweep_helper.reproduce_main({str(out)!r}, 2, 2, {str(gate)!r}, {str(pid_dir)!r})"
+    call = (f"sweep_helper.reproduce_main({str(out)!r}, 2, 2, {str(gate)!r}, {str(pid_dir)!r}, "
+            f"'--workers', '2')")  # both gated runs at once, whatever CPUs the tests may use
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(HELPER.parent), env["PYTHONPATH"]])
     return subprocess.Popen([sys.executable, "-c", f"import sweep_helper; {call}"], env=env,
@@ -336,7 +337,10 @@ def _reproduce_gated(out: Path, gate: Path, pid_dir: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("signum, exit_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_reproduce_says_what_it_saved_in_one_line_and_exits_at_once(
-        tmp_path, signum, exit_status):
+        tmp_path, monkeypatch, signum, exit_status):
+    monkeypatch.syspath_prepend(HELPER.parent)
+    import sweep_helper
+
     out, gate, pid_dir = tmp_path / "out", tmp_path / "gate", tmp_path / "pids"
     gate.touch()
     pid_dir.mkdir()
@@ -346,7 +350,7 @@ def test_an_interrupted_reproduce_says_what_it_saved_in_one_line_and_exits_at_on
         # both gated runs busy in their workers, and both quick ones stored (a worker starts
         # its next run before the driver has stored the last one: on busy cores, seconds)
         while len(list(pid_dir.iterdir())) < 2 or _stored_runs(out) < 2:
-            assert time.monotonic() < deadline and sweep.poll() is None, sweep.stderr.read()
+            sweep_helper.assert_alive_before(sweep, deadline)
             time.sleep(0.05)
         # Ctrl-C reaches the whole process group, SIGTERM (kill) the command alone
         signalled = time.monotonic()

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,20 @@ POINTS = 5
 
 def points(seed: int) -> list[dict]:
     return [{"point": i, "value": seed * 100 + i} for i in range(POINTS)]
+
+
+def assert_alive_before(process: subprocess.Popen, deadline: float) -> None:
+    """Fails when `process` has exited or the `time.monotonic()` `deadline` has passed,
+    with its stderr, read once the process is killed (a live process's never ends)."""
+    if process.poll() is None and time.monotonic() < deadline:
+        return
+    ended = process.poll() is not None
+    process.kill()
+    try:
+        _, err = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired as held:  # its workers still hold the pipe: what came
+        err = (held.stderr or b"").decode(errors="replace")
+    raise AssertionError(f"{'exited' if ended else 'still waiting at the deadline'}: {err}")
 
 
 def slow_probe(seed: int, seconds: float, pid_dir: str | None = None) -> list[dict]:

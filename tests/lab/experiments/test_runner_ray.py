@@ -168,7 +168,7 @@ def test_ctrl_c_cancels_the_outstanding_tasks_and_the_rerun_completes_the_sweep(
         deadline = time.monotonic() + 120
         # the quick probes stored, the gated ones busy
         while len(busy := [int(p.name) for p in pid_dir.iterdir()]) < 2 or _count(out) < 3:
-            assert time.monotonic() < deadline and driver.poll() is None, driver.stderr.read()
+            sweep_helper.assert_alive_before(driver, deadline)
             time.sleep(0.1)
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=60) == 130, driver.stderr.read()

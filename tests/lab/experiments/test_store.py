@@ -130,7 +130,8 @@ def test_the_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
 def _reproduce(out: Path, gate: Path, pid_dir: Path) -> subprocess.Popen:
     """`normlab reproduce` in a fresh interpreter, on two probes that wait while `gate` exists."""
     pid_dir.mkdir(exist_ok=True)
-    call = f"sweep_helper.reproduce_main({str(out)!r}, 0, 2, {str(gate)!r}, {str(pid_dir)!r})"
+    call = (f"sweep_helper.reproduce_main({str(out)!r}, 0, 2, {str(gate)!r}, {str(pid_dir)!r}, "
+            f"'--workers', '2')")  # both at once, whatever CPUs the tests may use
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HELPER.parent)])}
     return subprocess.Popen([sys.executable, "-c", f"import sweep_helper; {call}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
